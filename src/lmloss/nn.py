@@ -1,0 +1,109 @@
+"""Module forms of the losses, for code that builds its criterion once."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from lmloss._validation import check_loss_options
+from lmloss.reference import Normalize, Reduction, causal_lm_loss
+
+__all__ = ["CausalLMLoss"]
+
+
+class CausalLMLoss(nn.Module):
+    """``lmloss.causal_lm_loss`` as a module; options are fixed at construction.
+
+    Args:
+        shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize:
+            as in :func:`lmloss.causal_lm_loss`.
+        size_average, reduce: PyTorch's deprecated arguments. When either is given
+            they decide ``reduction`` exactly as in ``torch.nn.CrossEntropyLoss``
+            (``reduce=False`` -> ``"none"``; else ``size_average=False`` -> ``"sum"``;
+            else ``"mean"``) and a ``FutureWarning`` says which ``reduction`` to use.
+
+    Shape:
+        - logits: ``[..., T, V]``; labels: ``[..., T]``; token_weights: ``[..., T]``.
+        - output: scalar, or ``[..., T]`` with ``reduction="none"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        shift: bool = True,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        normalize: Normalize = "token",
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _legacy_reduction(size_average, reduce)
+        check_loss_options(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            normalize=normalize,
+        )
+        self.shift = shift
+        self.ignore_index = ignore_index
+        self.reduction: Reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.normalize: Normalize = normalize
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        num_items_in_batch: torch.Tensor | int | float | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of ``logits [..., T, V]`` against ``labels [..., T]``."""
+        return causal_lm_loss(
+            logits,
+            labels,
+            shift=self.shift,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            token_weights=token_weights,
+            normalize=self.normalize,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"shift={self.shift}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"normalize={self.normalize!r}"
+        )
+
+
+def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reduction:
+    """Map PyTorch's deprecated ``size_average``/``reduce`` the way PyTorch does."""
+    for name, value in (("size_average", size_average), ("reduce", reduce)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be None or a bool, got {value!r}")
+    # A missing one defaults to True, as in torch.nn._reduction.legacy_get_string.
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction: Reduction = "none" if not reduce else ("mean" if size_average else "sum")
+    warnings.warn(
+        f"size_average and reduce are deprecated (as in PyTorch); use reduction={reduction!r} instead",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return reduction

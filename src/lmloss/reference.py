@@ -1,0 +1,259 @@
+"""``causal_lm_loss``: next-token cross-entropy on materialized logits.
+
+This is the executable spec of lmloss: every faster backend is tested against it,
+so it favours being obviously right over being fast. It is still careful with
+memory: logits are upcast to float32 one chunk of rows at a time, and when a
+gradient is needed each chunk is recomputed in backward (activation
+checkpointing), so no ``[tokens, vocab]`` float32 copy of the logits ever exists.
+
+How the loss is built, in four steps:
+
+1. *Align*: with ``shift=True`` the targets of positions ``0..T-1`` are
+   ``labels[..., 1:]`` followed by ``ignore_index`` (the last position scores
+   nothing). Token weights are shifted the same way.
+2. *Score*: for every position whose target is not ignored (and whose weight is not
+   zero), the per-token loss ``logsumexp(z) - z[y]`` (+ label smoothing, + z-loss),
+   in float32, on the softcapped logits ``z``. All other positions hold exactly 0.
+3. *Weigh*: multiply by the token weights (1 for a plain loss); with
+   ``normalize="sequence"`` divide each row by its own weight sum.
+4. *Reduce*: sum, or divide the sum by the item count (``num_items_in_batch`` when
+   given). ``reduction="none"`` returns step 3, moved back to label alignment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lmloss._validation import (
+    check_label_range,
+    check_labels,
+    check_loss_options,
+    check_num_items,
+    check_tensor,
+    check_token_weights,
+    value_checks_enabled,
+)
+
+__all__ = ["causal_lm_loss"]
+
+# Upper bound on the bytes of one float32 chunk of logits. Large enough that the
+# chunk loop costs nothing measurable, small enough that a 150k-vocabulary batch
+# never holds a second full-size copy of its logits.
+_CHUNK_BYTES = 256 * 2**20
+
+Reduction = Literal["mean", "sum", "none"]
+Normalize = Literal["token", "sequence"]
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    token_weights: torch.Tensor | None = None,
+    normalize: Normalize = "token",
+) -> torch.Tensor:
+    """Next-token cross-entropy of a causal language model.
+
+    Args:
+        logits: ``[..., T, V]`` scores of any float dtype (e.g. ``[batch, seq_len, vocab]``).
+            The math runs in float32 (float64 for float64 logits).
+        labels: ``[..., T]`` integer token ids, ``ignore_index`` where nothing is trained.
+            With ``shift=True`` these are the model's input ids (masked), as in
+            transformers: position ``t`` is scored against ``labels[..., t+1]``.
+        shift: ``False`` if ``labels`` are already aligned with the positions.
+        ignore_index: label value that is never a target; such targets add nothing
+            to the loss, the count or the gradient.
+        reduction: ``"mean"`` (sum / item count), ``"sum"``, or ``"none"`` (a
+            ``[..., T]`` tensor aligned with ``labels``: entry ``t`` holds the
+            weighted loss of target ``labels[..., t]``, 0 where nothing is scored;
+            its sum always equals the ``"sum"`` reduction).
+        num_items_in_batch: the divisor of ``"mean"``: the number of items (target
+            tokens, weight sum with ``token_weights``, or sequences with
+            ``normalize="sequence"``) in the whole optimizer step, across
+            micro-batches and ranks (see ``lmloss.count_targets``). Default: the
+            count in this call.
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``, in ``[0, 1]``.
+        z_loss: coefficient ``c``; adds ``c * logsumexp(logits) ** 2`` per scored
+            token (PaLM).
+        softcap: ``s`` replaces the logits by ``s * tanh(logits / s)`` (Gemma 2).
+        token_weights: ``[..., T]`` non-negative weights aligned with ``labels``
+            (shifted with them), or a bool/0-1 loss mask. ``"mean"`` then divides by
+            the weight sum of the scored targets.
+        normalize: ``"token"`` (every target token counts once) or ``"sequence"``
+            (each row of ``labels`` is first averaged over its own targets; items
+            are the rows that have a target).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits; ``[..., T]`` for
+        ``reduction="none"``). With no target at
+        all the loss is an exact, finite 0 that stays attached to the graph, and
+        every gradient is zero.
+
+    Raises:
+        ValueError: on a label outside ``[0, V)`` that is not ``ignore_index``
+            (with its position), mismatched shapes or devices, wrong dtypes,
+            unknown options or a bad ``num_items_in_batch``.
+    """
+    check_loss_options(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalize=normalize,
+    )
+    logits = _check_logits(logits)
+    labels = check_labels(labels, logits.shape[:-1])
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    vocab_size = logits.shape[-1]
+    check_label_range(labels, vocab_size, ignore_index)
+    weights = None if token_weights is None else check_token_weights(token_weights, labels)
+    num_items = check_num_items(num_items_in_batch)
+
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    targets, item_weights = _align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=compute_dtype)
+    scored = item_weights != 0
+
+    per_token = _per_token_losses(
+        logits.reshape(-1, vocab_size),
+        targets.reshape(-1),
+        scored.reshape(-1),
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        dtype=compute_dtype,
+    ).view(labels.shape)
+    weighted = per_token * item_weights
+
+    if normalize == "sequence":
+        weighted, item_count = _per_sequence(weighted, item_weights)
+    else:
+        item_count = item_weights.sum()
+
+    if reduction == "none":
+        # Back to label alignment: the loss of target labels[t] sits at t.
+        return F.pad(weighted[..., :-1], (1, 0)) if shift else weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    divisor = item_count if num_items is None else _as_divisor(num_items, item_count)
+    # where() on the divisor (not on the quotient) keeps the all-masked gradient 0, not NaN.
+    return total / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
+
+
+def _check_logits(logits: object) -> torch.Tensor:
+    logits = check_tensor("logits", logits)
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.ndim < 2:
+        raise ValueError(f"logits must have shape [..., T, V] (at least 2-D), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits have a vocabulary dimension of size 0")
+    return logits
+
+
+def _align(
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    shift: bool,
+    ignore_index: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and item weights per *position* (``[..., T]``), 0 weight where unscored."""
+    if shift:
+        # Pad-then-slice keeps [..., T] so the logits need no (copying) slice.
+        targets = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+        if weights is not None:
+            weights = F.pad(weights[..., 1:], (0, 1), value=0.0)
+    else:
+        targets = labels
+    valid = targets != ignore_index
+    item_weights = valid.to(dtype) if weights is None else weights.to(dtype) * valid
+    return targets, item_weights
+
+
+def _per_sequence(weighted: torch.Tensor, item_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide each row by its own weight sum; items are the rows with a target."""
+    row_weight = item_weights.sum(dim=-1, keepdim=True)
+    has_target = row_weight > 0
+    weighted = weighted / torch.where(has_target, row_weight, torch.ones_like(row_weight))
+    return weighted, has_target.sum().to(weighted.dtype)
+
+
+def _as_divisor(num_items: torch.Tensor | float, item_count: torch.Tensor) -> torch.Tensor:
+    divisor = torch.as_tensor(num_items, dtype=item_count.dtype, device=item_count.device)
+    if value_checks_enabled() and bool(divisor == 0) and bool(item_count > 0):
+        raise ValueError(
+            f"num_items_in_batch is 0 but this batch has {float(item_count):g} target item(s): it must count "
+            "every target of the step (see lmloss.count_targets)"
+        )
+    return divisor
+
+
+def _per_token_losses(
+    logits2d: torch.Tensor,
+    targets: torch.Tensor,
+    scored: torch.Tensor,
+    *,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[N]`` losses of ``[N, V]`` logits, computed chunk by chunk; 0 where not ``scored``."""
+    n_rows, vocab_size = logits2d.shape
+    itemsize = torch.finfo(dtype).bits // 8
+    rows = max(1, _CHUNK_BYTES // (vocab_size * itemsize))
+    # With several chunks, recomputing each in backward keeps only the input's own
+    # storage alive instead of a float32 copy of every chunk.
+    recompute = n_rows > rows and torch.is_grad_enabled() and logits2d.requires_grad
+    options = (label_smoothing, z_loss, softcap, dtype)
+    pieces = []
+    for chunk, chunk_targets, chunk_scored in zip(logits2d.split(rows), targets.split(rows), scored.split(rows)):
+        if recompute:
+            piece = checkpoint(_chunk_losses, chunk, chunk_targets, chunk_scored, *options, use_reentrant=False)
+        else:
+            piece = _chunk_losses(chunk, chunk_targets, chunk_scored, *options)
+        pieces.append(piece)
+    if not pieces:  # N == 0: nothing to score, but stay attached to the graph.
+        return logits2d.sum(dim=-1).to(dtype)
+    return torch.cat(pieces)
+
+
+def _chunk_losses(
+    chunk: torch.Tensor,
+    targets: torch.Tensor,
+    scored: torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Per-row loss of one chunk; only scored rows are upcast and computed."""
+    index = scored.nonzero().squeeze(1)
+    every_row = index.numel() == chunk.shape[0]  # the common case: skip the gather and scatter
+    z = (chunk if every_row else chunk.index_select(0, index)).to(dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    targets = targets if every_row else targets.index_select(0, index)
+    loss = lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    if label_smoothing > 0:
+        # F.cross_entropy's smoothing: (1-e)*nll + e * mean over classes of -log p.
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
+    if z_loss > 0:
+        loss = loss + z_loss * lse.square()
+    return loss if every_row else loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)

@@ -1,0 +1,60 @@
+"""lmloss.nn.CausalLMLoss: the module equals the function; legacy arguments map as in PyTorch."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from lmloss import causal_lm_loss
+from lmloss.nn import CausalLMLoss
+
+
+def test_module_equals_function_with_every_option():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 13, generator=g)
+    labels = torch.randint(0, 13, (2, 6), generator=g)
+    weights = torch.rand(2, 6, generator=g)
+    options = dict(label_smoothing=0.1, z_loss=1e-3, softcap=10.0, normalize="sequence", reduction="sum")
+    module = CausalLMLoss(**options)
+    expected = causal_lm_loss(logits, labels, token_weights=weights, **options)
+    torch.testing.assert_close(module(logits, labels, token_weights=weights), expected)
+    torch.testing.assert_close(
+        CausalLMLoss()(logits, labels, num_items_in_batch=40),
+        causal_lm_loss(logits, labels, num_items_in_batch=40),
+    )
+
+
+@pytest.mark.parametrize("size_average, reduce", list(itertools.product([None, True, False], repeat=2)))
+def test_legacy_arguments_map_like_pytorch(size_average, reduce):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = torch.nn.CrossEntropyLoss(size_average=size_average, reduce=reduce).reduction
+    if size_average is None and reduce is None:
+        assert CausalLMLoss().reduction == expected == "mean"
+        return
+    with pytest.warns(FutureWarning, match=f"use reduction='{expected}' instead"):
+        module = CausalLMLoss(size_average=size_average, reduce=reduce, reduction="sum")
+    assert module.reduction == expected
+
+
+def test_legacy_reduction_is_what_the_module_computes():
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    with pytest.warns(FutureWarning):
+        per_token = CausalLMLoss(reduce=False)(logits, labels)
+    assert per_token.shape == labels.shape
+
+
+def test_bad_options_fail_at_construction():
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        CausalLMLoss(reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="size_average must be None or a bool"):
+        CausalLMLoss(size_average=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CausalLMLoss(label_smoothing=-0.1)
+
+
+def test_repr_lists_options():
+    assert "z_loss=0.01" in repr(CausalLMLoss(z_loss=0.01))

@@ -1,0 +1,361 @@
+"""causal_lm_loss against PyTorch's cross_entropy, transformers' loss, worked
+examples with exact answers, and a float64 oracle over random options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lmloss
+from lmloss import causal_lm_loss
+from _truth import logits_with_losses, naive_loss
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def random_batch(shape=(3, 7), vocab=11, ignore_frac=0.3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*shape, vocab, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return logits, labels
+
+
+# --- against torch.nn.functional.cross_entropy (unshifted) -------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("shape", [(3, 7), (13,), (2, 3, 5)])
+def test_matches_torch_cross_entropy_unshifted(reduction, label_smoothing, shape):
+    logits, labels = random_batch(shape, dtype=torch.float64)
+    logits.requires_grad_(True)
+    ours = causal_lm_loss(logits, labels, shift=False, reduction=reduction, label_smoothing=label_smoothing)
+    theirs = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    if reduction == "none":
+        theirs = theirs.view(labels.shape)
+    torch.testing.assert_close(ours, theirs)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), logits)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+# --- against transformers' ForCausalLMLoss -----------------------------------------
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_transformers_causal_lm_loss(num_items, dtype):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits, labels = random_batch((4, 9), vocab=23, seed=1, dtype=dtype)
+    logits.requires_grad_(True)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    theirs = ForCausalLMLoss(logits, labels, vocab_size=23, **kwargs)
+    ours = causal_lm_loss(logits, labels, **kwargs)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_theirs,) = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+# --- worked examples with exact answers ------------------------------------------
+
+
+def worked_micro_batches(vocab=10):
+    """A: labels [-100,5,6,7], losses 1,1,1.  B: labels [-100,-100,-100,8], loss 3."""
+    labels_a = torch.tensor([[-100, 5, 6, 7]])
+    labels_b = torch.tensor([[-100, -100, -100, 8]])
+    # Position t predicts labels[t+1]; the last position predicts nothing (any row).
+    logits_a = logits_with_losses([5, 6, 7, 0], [1.0, 1.0, 1.0, 1.0], vocab)[None]
+    logits_b = logits_with_losses([0, 0, 8, 0], [2.0, 2.0, 3.0, 2.0], vocab)[None]
+    return (logits_a, labels_a), (logits_b, labels_b)
+
+
+def test_worked_example_logits_have_the_losses_they_claim():
+    logits = logits_with_losses([3, 1], [0.25, 4.0], 7)
+    ce = F.cross_entropy(logits, torch.tensor([3, 1]), reduction="none")
+    torch.testing.assert_close(ce, torch.tensor([0.25, 4.0], dtype=torch.float64))
+
+
+def test_gradient_accumulation_worked_example_gives_one_point_five():
+    (logits_a, labels_a), (logits_b, labels_b) = worked_micro_batches()
+    n = lmloss.count_targets(labels_a) + lmloss.count_targets(labels_b)
+    assert int(n) == 4
+    step = causal_lm_loss(logits_a, labels_a, num_items_in_batch=n) + causal_lm_loss(
+        logits_b, labels_b, num_items_in_batch=n
+    )
+    assert math.isclose(float(step), 1.5, rel_tol=1e-12)
+    # The bug this replaces: a mean of micro-batch means.
+    mean_of_means = (causal_lm_loss(logits_a, labels_a) + causal_lm_loss(logits_b, labels_b)) / 2
+    assert math.isclose(float(mean_of_means), 2.0, rel_tol=1e-12)
+
+
+def test_sequence_normalization_worked_example_gives_two():
+    (logits_a, labels_a), (logits_b, labels_b) = worked_micro_batches()
+    logits, labels = torch.cat([logits_a, logits_b]), torch.cat([labels_a, labels_b])
+    assert math.isclose(float(causal_lm_loss(logits, labels, normalize="sequence")), 2.0, rel_tol=1e-12)
+    assert math.isclose(float(causal_lm_loss(logits, labels)), 1.5, rel_tol=1e-12)
+    assert math.isclose(float(causal_lm_loss(logits, labels, normalize="sequence", reduction="sum")), 4.0)
+
+
+def test_count_is_shift_aware():
+    assert int(lmloss.count_targets(torch.tensor([5, 6, 7, 8]))) == 3
+    assert int(lmloss.count_targets(torch.tensor([5, 6, 7, 8]), shift=False)) == 4
+
+
+def test_reduction_none_is_aligned_with_labels():
+    (logits_a, labels_a), _ = worked_micro_batches()
+    per_token = causal_lm_loss(logits_a, labels_a, reduction="none")
+    assert per_token.shape == labels_a.shape
+    torch.testing.assert_close(per_token, torch.tensor([[0.0, 1.0, 1.0, 1.0]], dtype=torch.float64))
+
+
+def test_mask_built_beside_labels_works_on_reduction_none():
+    """MiniMind #51: a mask applied to per-token losses must use reduction='none'."""
+    logits, labels = random_batch((2, 8), ignore_frac=0.0, seed=3)
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, 4:] = True
+    per_token = causal_lm_loss(logits, labels, reduction="none")
+    by_hand = (per_token * mask).sum() / mask.sum()
+    masked_labels = torch.where(mask, labels, torch.full_like(labels, -100))
+    torch.testing.assert_close(by_hand, causal_lm_loss(logits, masked_labels))
+    torch.testing.assert_close(by_hand, causal_lm_loss(logits, labels, token_weights=mask))
+
+
+# --- options against hand formulas -------------------------------------------------
+
+
+def test_z_loss_adds_c_times_lse_squared():
+    logits, labels = random_batch((2, 6), ignore_frac=0.0, seed=4, dtype=torch.float64)
+    lse = torch.logsumexp(logits[:, :-1], dim=-1)
+    expected = causal_lm_loss(logits, labels) + 1e-2 * (lse**2).mean()
+    torch.testing.assert_close(causal_lm_loss(logits, labels, z_loss=1e-2), expected)
+
+
+def test_softcap_is_tanh_capping():
+    logits, labels = random_batch((2, 6), seed=5, dtype=torch.float64)
+    logits = logits * 40
+    expected = causal_lm_loss(30.0 * torch.tanh(logits / 30.0), labels)
+    torch.testing.assert_close(causal_lm_loss(logits, labels, softcap=30.0), expected)
+
+
+def test_token_weights_are_shifted_with_labels_and_normalize_by_weight_sum():
+    logits, labels = random_batch((2, 6), ignore_frac=0.2, seed=6, dtype=torch.float64)
+    weights = torch.rand(2, 6, dtype=torch.float64)
+    per_target = causal_lm_loss(logits, labels, reduction="none")
+    scored = (labels != -100) & (torch.arange(6) > 0)
+    expected = (per_target * weights).sum() / (weights * scored).sum()
+    torch.testing.assert_close(causal_lm_loss(logits, labels, token_weights=weights), expected)
+
+
+def test_float64_stays_float64_and_half_precision_computes_in_float32():
+    logits, labels = random_batch(seed=7, dtype=torch.float64)
+    assert causal_lm_loss(logits, labels).dtype == torch.float64
+    for dtype in (torch.bfloat16, torch.float16):
+        low = logits.to(dtype)
+        got = causal_lm_loss(low, labels)
+        assert got.dtype == torch.float32
+        # The float32 math on the rounded inputs is exact up to float32 rounding.
+        torch.testing.assert_close(got.double(), naive_loss(low, labels), rtol=1e-6, atol=1e-6)
+
+
+# --- nothing to score ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+@pytest.mark.parametrize(
+    "case", ["all_ignored", "single_position", "zero_weights", "num_items_zero", "nan_logits_masked"]
+)
+def test_nothing_to_score_gives_finite_zero_and_zero_gradients(reduction, normalize, case):
+    logits, labels = random_batch((2, 5), seed=8)
+    kwargs = {}
+    if case == "all_ignored":
+        labels = torch.full_like(labels, -100)
+    elif case == "single_position":  # T=1 with shift: the only position has no next token
+        logits, labels = logits[:, :1], labels[:, :1]
+    elif case == "zero_weights":
+        kwargs["token_weights"] = torch.zeros(labels.shape)
+    elif case == "num_items_zero":
+        labels = torch.full_like(labels, -100)
+        kwargs["num_items_in_batch"] = torch.tensor(0)
+    elif case == "nan_logits_masked":  # garbage logits where nothing is trained stay out
+        labels = torch.full_like(labels, -100)
+        logits = torch.full_like(logits, float("nan"))
+    logits.requires_grad_(True)
+    loss = causal_lm_loss(logits, labels, reduction=reduction, normalize=normalize, **kwargs)
+    assert loss.requires_grad and loss.grad_fn is not None
+    assert torch.isfinite(loss).all() and bool((loss == 0).all())
+    loss.sum().backward()
+    assert logits.grad is not None and bool((logits.grad == 0).all())
+
+
+# --- memory: chunked upcast and recompute -----------------------------------------
+
+
+def saved_bytes(fn):
+    """Bytes autograd saves for backward while ``fn`` runs (tensors de-duplicated by storage)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_chunked_path_matches_and_saves_no_float32_copy(monkeypatch):
+    import lmloss.reference as reference
+
+    logits, labels = random_batch((4, 32), vocab=64, ignore_frac=0.0, seed=9, dtype=torch.bfloat16)
+    logits.requires_grad_(True)
+    whole, whole_bytes = saved_bytes(lambda: causal_lm_loss(logits, labels, label_smoothing=0.1, z_loss=1e-3))
+    (g_whole,) = torch.autograd.grad(whole, logits)
+
+    monkeypatch.setattr(reference, "_CHUNK_BYTES", 16 * 64 * 4)  # 16 rows per chunk: 8 chunks
+    chunked, chunked_bytes = saved_bytes(lambda: causal_lm_loss(logits, labels, label_smoothing=0.1, z_loss=1e-3))
+    (g_chunked,) = torch.autograd.grad(chunked, logits)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=0, atol=0)
+    float32_copy = logits.numel() * 4
+    assert whole_bytes >= float32_copy  # one chunk: autograd keeps the float32 upcast
+    # Several chunks: the bf16 input itself plus [tokens]-sized vectors, no [tokens, vocab] float32.
+    assert chunked_bytes - logits.numel() * logits.element_size() < float32_copy / 8
+
+
+# --- bad input --------------------------------------------------------------
+
+
+def test_out_of_range_label_names_value_and_position():
+    logits, labels = random_batch((2, 5), vocab=11)
+    labels[1, 3] = 11
+    with pytest.raises(ValueError, match=r"labels\[1, 3\] = 11 is outside the vocabulary \[0, 11\)"):
+        causal_lm_loss(logits, labels)
+    labels[1, 3] = -5
+    with pytest.raises(ValueError, match=r"labels\[1, 3\] = -5"):
+        causal_lm_loss(logits, labels)
+
+
+def test_value_checks_can_be_switched_off_for_graph_capture():
+    logits, labels = random_batch((2, 5))
+    with lmloss.validation(False):  # no check reads tensor values, so none raises
+        loss = causal_lm_loss(logits, labels, num_items_in_batch=torch.tensor(-4.0))
+    assert loss.shape == ()  # undefined value, but no error and no synchronisation
+    with pytest.raises(ValueError, match="num_items_in_batch must be finite and >= 0"):
+        causal_lm_loss(logits, labels, num_items_in_batch=torch.tensor(-4.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reduction": "avg"}, "reduction='avg' is not supported"),
+        ({"normalize": "row"}, "normalize='row' is not supported"),
+        ({"label_smoothing": 1.5}, "label_smoothing must be in"),
+        ({"z_loss": -1.0}, "z_loss must be"),
+        ({"softcap": 0.0}, "softcap must be"),
+        ({"num_items_in_batch": float("nan")}, "num_items_in_batch must be finite"),
+        ({"num_items_in_batch": torch.tensor(float("inf"))}, "num_items_in_batch must be finite"),
+        ({"num_items_in_batch": -3}, "num_items_in_batch must be finite and >= 0"),
+        ({"num_items_in_batch": torch.tensor([1, 2])}, "must hold one number"),
+        ({"num_items_in_batch": 0}, "num_items_in_batch is 0 but this batch has"),
+        ({"token_weights": torch.ones(2, 4)}, "token_weights has shape"),
+        ({"token_weights": -torch.ones(2, 5)}, "finite and non-negative"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_the_problem(kwargs, message):
+    logits, labels = random_batch((2, 5))
+    with pytest.raises(ValueError, match=message):
+        causal_lm_loss(logits, labels, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "logits, labels, error, message",
+    [
+        (torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long), ValueError, "labels has shape"),
+        (torch.randn(2, 5, 7), torch.zeros(2, 5), ValueError, "labels must be an integer tensor"),
+        (torch.randn(2, 5, 7), torch.zeros(2, 5, dtype=torch.bool), ValueError, "labels must be an integer"),
+        (torch.zeros(2, 5, 7, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), ValueError, "floating"),
+        (torch.randn(7), torch.zeros((), dtype=torch.long), ValueError, "at least 2-D"),
+        ([[0.0]], torch.zeros(1, dtype=torch.long), TypeError, "logits must be a torch.Tensor"),
+    ],
+)
+def test_bad_tensors_raise(logits, labels, error, message):
+    with pytest.raises(error, match=message):
+        causal_lm_loss(logits, labels)
+
+
+def test_unknown_keyword_is_a_type_error():
+    logits, labels = random_batch()
+    with pytest.raises(TypeError):
+        causal_lm_loss(logits, labels, smoothing=0.1)  # type: ignore[call-arg]
+
+
+# --- property tests against the float64 oracle -----------------------------------------
+
+
+@st.composite
+def problems(draw):
+    lead = draw(st.lists(st.integers(1, 3), min_size=0, max_size=2))
+    seq_len = draw(st.integers(1, 9))
+    vocab = draw(st.sampled_from([2, 3, 7, 33, 100]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, seq_len)
+    logits = torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * draw(st.sampled_from([1.0, 8.0]))
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < draw(st.sampled_from([0.0, 0.5, 1.0]))] = -100
+    options = {
+        "shift": draw(st.booleans()),
+        "reduction": draw(st.sampled_from(REDUCTIONS)),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.05, 0.3])),
+        "z_loss": draw(st.sampled_from([0.0, 1e-4, 0.1])),
+        "softcap": draw(st.sampled_from([None, 5.0])),
+        "normalize": draw(st.sampled_from(["token", "sequence"])),
+    }
+    if draw(st.booleans()):
+        weights = torch.rand(shape, generator=g, dtype=torch.float64)
+        options["token_weights"] = weights if draw(st.booleans()) else weights > 0.5
+    if options["reduction"] == "mean" and draw(st.booleans()):
+        options["num_items_in_batch"] = draw(st.sampled_from([1, 7, 1000]))
+    return logits.to(dtype), labels, options
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_property_matches_float64_oracle(problem):
+    logits, labels, options = problem
+    ours = causal_lm_loss(logits, labels, **options)
+    truth = naive_loss(logits, labels, **options)
+    assert ours.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert ours.shape == truth.shape
+    # Same (rounded) inputs, float32 math: float32 rounding is the only difference.
+    tol = 1e-10 if logits.dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(ours.double(), truth, rtol=tol, atol=tol)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_property_gradient_matches_float64_oracle(problem):
+    logits, labels, options = problem
+    logits64 = logits.double().requires_grad_(True)
+    ours = causal_lm_loss(logits64, labels, **options)
+    truth = naive_loss(logits64, labels, **options)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits64, allow_unused=True)
+    (g_truth,) = torch.autograd.grad(truth.sum(), logits64, allow_unused=True)
+    g_truth = torch.zeros_like(logits64) if g_truth is None else g_truth
+    torch.testing.assert_close(g_ours, g_truth, rtol=1e-9, atol=1e-12)
