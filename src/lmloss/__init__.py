@@ -1,21 +1,32 @@
 """lmloss: the loss layer of causal language model training in PyTorch.
 
-The pipeline: ``labels`` (which tokens are trained) -> ``batching`` (padding,
-packing) -> ``reference`` (the loss) -> ``normalize`` (token counts across
-micro-batches and ranks).
+The pipeline, one module each: ``labels`` (which tokens are trained) ->
+``batching`` (padding, packing) -> ``reference`` (the loss on logits) ->
+``normalize`` (token counts across micro-batches and ranks).
 """
 
-from lmloss import nn
+from lmloss import batching, labels, nn
 from lmloss._validation import validation
+from lmloss.batching import PackingCollator, PaddingCollator
+from lmloss.labels import Example, encode_chat, encode_dataset, encode_prompt_completion, mask_token_ids
 from lmloss.normalize import MicroBatch, count_targets, micro_batches
 from lmloss.reference import causal_lm_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Example",
     "MicroBatch",
+    "PackingCollator",
+    "PaddingCollator",
+    "batching",
     "causal_lm_loss",
     "count_targets",
+    "encode_chat",
+    "encode_dataset",
+    "encode_prompt_completion",
+    "labels",
+    "mask_token_ids",
     "micro_batches",
     "nn",
     "validation",

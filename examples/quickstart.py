@@ -1,0 +1,129 @@
+"""lmloss end to end in one minute on a CPU: chats -> labels -> packed batches ->
+loss with correct gradient accumulation -> a falling loss.
+
+Builds everything locally (nothing is downloaded): a byte-level BPE tokenizer with a
+ChatML template trained on the conversations below, and a tiny Qwen2 model from a
+config. Then it fine-tunes with assistant-only labels, packing, and 4 micro-batches
+per optimizer step whose losses are normalized by the target count of the whole step.
+
+    python examples/quickstart.py [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import lmloss
+from lmloss.batching import PackingCollator
+from lmloss.labels import encode_dataset
+
+CHATML = (
+    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+CAPITALS = {
+    "China": "Beijing", "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo",
+    "Spain": "Madrid", "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo",
+}
+
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def conversations() -> list[dict]:
+    """Two-turn chats; only the assistant replies are trained."""
+    chats = []
+    for country, capital in CAPITALS.items():
+        for question in (f"Where is the capital of {country}?", f"What is the capital of {country}?"):
+            chats.append({"messages": [
+                SYSTEM,
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": f"The capital is {capital}."},
+                {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "You are welcome."},
+            ]})
+    return chats
+
+
+def build_tokenizer(chats: list[dict]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the chats themselves, wrapped with a ChatML template."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([m["content"] for c in chats for m in c["messages"]], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_model(vocab_size: int) -> Qwen2ForCausalLM:
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, use_cache=False)
+    return Qwen2ForCausalLM(config)
+
+
+def answer(model, tokenizer, question: str) -> str:
+    prompt = tokenizer.apply_chat_template([SYSTEM, {"role": "user", "content": question}],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    model.train()
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+
+    chats = conversations()
+    tokenizer = build_tokenizer(chats)
+    examples = encode_dataset(chats, tokenizer, mode="assistant")  # labels: assistant turns + <|im_end|>
+    collate = PackingCollator(max_length=128, pad_token_id=tokenizer.pad_token_id)
+    model = build_model(len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    print(f"{len(examples)} conversations, {sum(len(e['input_ids']) for e in examples)} tokens, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"before: Q: Where is the capital of China?  A: {answer(model, tokenizer, 'Where is the capital of China?')!r}")
+
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        random.shuffle(examples)
+        step_batches = [collate(examples[i::args.micro_batches]) for i in range(args.micro_batches)]
+        step_loss = 0.0
+        # Every micro-batch divides its loss sum by the target count of the whole step,
+        # so the accumulated gradient is that of one big batch.
+        for mb in lmloss.micro_batches(step_batches):
+            batch = mb.batch
+            # use_cache=False: transformers detects packed rows from position_ids only without a cache.
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            loss = lmloss.causal_lm_loss(logits, batch["labels"], num_items_in_batch=mb.num_items_in_batch)
+            (loss * mb.loss_scale).backward()
+            step_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 1 or step % 50 == 0:
+            print(f"step {step:3d}  loss {step_loss:.4f}  ({time.perf_counter() - start:.1f} s)")
+
+    print(f"after:  Q: Where is the capital of China?  A: {answer(model, tokenizer, 'Where is the capital of China?')!r}")
+
+
+if __name__ == "__main__":
+    main()
