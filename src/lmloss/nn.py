@@ -7,10 +7,11 @@ import warnings
 import torch
 from torch import nn
 
-from lmloss._validation import check_loss_options
+from lmloss._validation import check_choice, check_int, check_loss_options
+from lmloss.fused import BACKENDS, Backend, linear_cross_entropy
 from lmloss.reference import Normalize, Reduction, causal_lm_loss
 
-__all__ = ["CausalLMLoss"]
+__all__ = ["CausalLMLoss", "LinearCrossEntropyLoss"]
 
 
 class CausalLMLoss(nn.Module):
@@ -90,6 +91,82 @@ class CausalLMLoss(nn.Module):
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
             f"normalize={self.normalize!r}"
         )
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``lmloss.linear_cross_entropy`` as a module: the loss from hidden states and
+    the ``lm_head`` weight without ``[tokens, vocab]`` logits.
+
+    Args:
+        shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
+        backend, chunk_size: as in :func:`lmloss.linear_cross_entropy`.
+
+    Shape:
+        - hidden: ``[..., T, D]``; weight: ``[V, D]``; bias: ``[V]``; labels and
+          token_weights: ``[..., T]``.
+        - output: scalar, or ``[..., T]`` with ``reduction="none"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        shift: bool = True,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        normalize: Normalize = "token",
+        backend: Backend = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_loss_options(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            normalize=normalize,
+        )
+        check_choice("backend", backend, BACKENDS)
+        if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
+        self.options = dict(
+            shift=shift,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            normalize=normalize,
+            backend=backend,
+            chunk_size=chunk_size,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        bias: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | float | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of ``hidden [..., T, D] @ weight[V, D].T + bias`` against ``labels [..., T]``."""
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            num_items_in_batch=num_items_in_batch,
+            token_weights=token_weights,
+            **self.options,  # type: ignore[arg-type]
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reduction:

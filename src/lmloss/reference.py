@@ -22,6 +22,7 @@ How the loss is built, in four steps:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -123,31 +124,70 @@ def causal_lm_loss(
     num_items = check_num_items(num_items_in_batch)
 
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    targets, item_weights = _align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=compute_dtype)
-    scored = item_weights != 0
-
+    plan = plan_targets(
+        labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=compute_dtype
+    )
     per_token = _per_token_losses(
         logits.reshape(-1, vocab_size),
-        targets.reshape(-1),
-        scored.reshape(-1),
+        plan.targets.reshape(-1),
+        (plan.coef != 0).reshape(-1),
         label_smoothing=float(label_smoothing),
         z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap),
         dtype=compute_dtype,
     ).view(labels.shape)
-    weighted = per_token * item_weights
-
-    if normalize == "sequence":
-        weighted, item_count = _per_sequence(weighted, item_weights)
-    else:
-        item_count = item_weights.sum()
-
+    weighted = per_token * plan.coef
     if reduction == "none":
-        # Back to label alignment: the loss of target labels[t] sits at t.
-        return F.pad(weighted[..., :-1], (1, 0)) if shift else weighted
+        return to_label_alignment(weighted, shift)
     total = weighted.sum()
-    if reduction == "sum":
-        return total
+    return total if reduction == "sum" else mean_over_items(total, plan.item_count, num_items)
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """What every backend needs to know about the targets, per *position*.
+
+    Attributes:
+        targets: ``[..., T]`` the target of each position (``ignore_index`` where none).
+        coef: ``[..., T]`` the factor of each position's loss in the sum: its token
+            weight (1 for a plain loss), divided by its row's weight sum under
+            ``normalize="sequence"``; exactly 0 where nothing is scored.
+        item_count: 0-dim, the default divisor of ``"mean"`` (target tokens, weight
+            sum, or rows with a target).
+    """
+
+    targets: torch.Tensor
+    coef: torch.Tensor
+    item_count: torch.Tensor
+
+
+def plan_targets(
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    shift: bool,
+    ignore_index: int,
+    normalize: Normalize,
+    dtype: torch.dtype,
+) -> TargetPlan:
+    """Align targets and weights with positions and fold the normalization into ``coef``."""
+    targets, item_weights = _align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=dtype)
+    if normalize == "sequence":
+        coef, item_count = _per_sequence(item_weights)
+    else:
+        coef, item_count = item_weights, item_weights.sum()
+    return TargetPlan(targets, coef, item_count)
+
+
+def to_label_alignment(per_position: torch.Tensor, shift: bool) -> torch.Tensor:
+    """``reduction="none"`` output: the loss of target ``labels[t]`` sits at ``t``."""
+    return F.pad(per_position[..., :-1], (1, 0)) if shift else per_position
+
+
+def mean_over_items(
+    total: torch.Tensor, item_count: torch.Tensor, num_items: torch.Tensor | float | None
+) -> torch.Tensor:
+    """``total / num_items_in_batch`` (or ``/ item_count``), an exact 0 when there is no item."""
     divisor = item_count if num_items is None else _as_divisor(num_items, item_count)
     # where() on the divisor (not on the quotient) keeps the all-masked gradient 0, not NaN.
     return total / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
@@ -185,12 +225,12 @@ def _align(
     return targets, item_weights
 
 
-def _per_sequence(weighted: torch.Tensor, item_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Divide each row by its own weight sum; items are the rows with a target."""
+def _per_sequence(item_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights divided by their row's weight sum; the items are the rows with a target."""
     row_weight = item_weights.sum(dim=-1, keepdim=True)
     has_target = row_weight > 0
-    weighted = weighted / torch.where(has_target, row_weight, torch.ones_like(row_weight))
-    return weighted, has_target.sum().to(weighted.dtype)
+    coef = item_weights / torch.where(has_target, row_weight, torch.ones_like(row_weight))
+    return coef, has_target.sum().to(item_weights.dtype)
 
 
 def _as_divisor(num_items: torch.Tensor | float, item_count: torch.Tensor) -> torch.Tensor:

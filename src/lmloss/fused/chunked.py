@@ -1,0 +1,335 @@
+"""Pure PyTorch fused linear cross-entropy: chunks of tokens, never ``[N, V]`` logits.
+
+For each chunk of ``c`` tokens the logits ``[c, V]`` are computed into one reused
+float32 buffer, turned into log-probabilities in place, and, when a gradient is
+needed, overwritten in place by the gradient of the loss with respect to the
+logits. That gradient then feeds the two other matrix products (``dh = dz @ W`` and
+``dW += dz^T @ h``) and the buffer moves on to the next chunk. So the whole
+forward+backward costs the three matrix products plus a few passes over one chunk,
+and the memory on top of the inputs and their gradients is one ``[c, V]`` buffer.
+
+With ``reduction="sum"``/``"mean"`` the gradients are complete after the forward
+pass (the loss is linear in them), and backward only scales them by the upstream
+scalar, in place. With ``reduction="none"`` every token has its own upstream
+gradient, so backward recomputes the chunks with those folded in before the
+products (Liger #968 is what goes wrong otherwise).
+
+Ignored targets (coefficient 0) are dropped before any product: their rows cost
+nothing. Finding them is one ``nonzero`` (a host synchronisation on GPU); with
+``lmloss.validation(False)`` they are masked instead, so shapes stay static.
+
+Per-token math on logits ``z`` (after the softcap), target ``y``, log-sum-exp
+``L``, smoothing ``e``, z-loss ``c``, and the token's coefficient ``a``:
+
+    loss = a * ((1-e) * (L - z_y) + e * (L - mean(z)) + c * L^2)
+    dloss/dz = a * ((1 + 2cL) * softmax(z) - (1-e) * onehot(y) - e / V)
+    softcap s: z = s * tanh(r / s), so dz/dr = 1 - (z / s)^2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmloss._validation import value_checks_enabled
+
+__all__ = ["chunked_linear_cross_entropy", "default_chunk_rows"]
+
+# Bytes of the float32 logits chunk that the default chunk size aims for. A CPU
+# matrix product streams the whole weight once per chunk, so chunks much below a
+# few hundred rows turn the products memory-bound (measured in BENCHMARKS.md);
+# chunks much larger only cost memory.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Never fewer rows than this (unless there are fewer tokens): below it the
+# products lose most of their speed whatever the memory saved.
+MIN_CHUNK_ROWS = 64
+# Vocabulary columns per matrix product on CPU (see _logits_into).
+CPU_VOCAB_BLOCK = 16384
+
+
+@dataclass(frozen=True)
+class LossMath:
+    """The per-token options, as plain Python floats."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+
+def default_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int, itemsize: int) -> int:
+    """Rows per chunk: the float32 ``[rows, V]`` buffer fits ``DEFAULT_CHUNK_BYTES``,
+    or the size of the hidden states themselves when those are larger (the logits
+    chunk then costs no more than the input it is computed from)."""
+    budget = max(DEFAULT_CHUNK_BYTES, n_rows * hidden_size * itemsize)
+    rows = max(MIN_CHUNK_ROWS, budget // (4 * vocab_size))
+    return int(max(1, min(n_rows, rows)))
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    math: LossMath,
+    reduce_sum: bool,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms themselves.
+
+    Args:
+        hidden: ``[N, D]`` hidden states (rows are positions).
+        weight: ``[V, D]`` the ``lm_head`` weight; bias: ``[V]`` or None.
+        targets: ``[N]`` target ids; any value where ``coef`` is 0.
+        coef: ``[N]`` float32/float64 factor of each position's loss (0: not scored).
+        math: label smoothing, z-loss, softcap.
+        reduce_sum: return the scalar sum (gradients computed during forward)
+            instead of the ``[N]`` per-position terms (gradients recomputed in backward).
+        chunk_rows: tokens per chunk; default from ``default_chunk_rows``.
+    """
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size())
+    needs = (
+        torch.is_grad_enabled() and hidden.requires_grad,
+        torch.is_grad_enabled() and weight.requires_grad,
+        torch.is_grad_enabled() and bias is not None and bias.requires_grad,
+    )
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, coef, math, reduce_sum, chunk_rows, needs)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        coef: torch.Tensor,
+        math: LossMath,
+        reduce_sum: bool,
+        chunk_rows: int,
+        needs: tuple[bool, bool, bool],
+    ) -> torch.Tensor:
+        rows = _scored_rows(coef)
+        ctx.math, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = math, reduce_sum, chunk_rows, needs
+        if reduce_sum:
+            grads = _Grads.allocate(hidden, weight, bias, needs)
+            losses = _run(hidden, weight, bias, targets, coef, rows, math, chunk_rows, grads)
+            ctx.grads, ctx.consumed = grads, False
+            return losses.sum()
+        losses = _run(hidden, weight, bias, targets, coef, rows, math, chunk_rows, None)
+        ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        if ctx.reduce_sum:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "lmloss linear_cross_entropy: backward was called twice; its gradients are computed in "
+                    "forward and scaled in place, so retain_graph is not supported (use backend='reference')"
+                )
+            ctx.consumed = True
+            # Drop ctx's reference: AccumulateGrad then adopts the buffers instead of copying them.
+            grads, ctx.grads = ctx.grads.scaled_(grad_output), None
+        else:
+            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
+            grads = _Grads.allocate(hidden, weight, bias, ctx.needs)
+            # Fold each token's upstream gradient into its coefficient before the products.
+            upstream = coef * grad_output.to(coef.dtype)
+            _run(hidden, weight, bias, targets, upstream, rows, ctx.math, ctx.chunk_rows, grads)
+            grads = grads.finished()
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
+
+
+@dataclass
+class _Grads:
+    """Gradient buffers; the weight's (and bias') accumulate in float32 or wider."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    weight_dtype: torch.dtype
+    bias_dtype: torch.dtype | None
+
+    @classmethod
+    def allocate(
+        cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]
+    ) -> _Grads:
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        return cls(
+            hidden=torch.zeros_like(hidden) if needs[0] else None,
+            weight=torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None,
+            bias=torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] and bias is not None else None,
+            weight_dtype=weight.dtype,
+            bias_dtype=None if bias is None else bias.dtype,
+        )
+
+    def finished(self) -> _Grads:
+        """Cast the float32 accumulators back to the parameters' dtypes."""
+        if self.weight is not None:
+            self.weight = self.weight.to(self.weight_dtype)
+        if self.bias is not None and self.bias_dtype is not None:
+            self.bias = self.bias.to(self.bias_dtype)
+        return self
+
+    def scaled_(self, scale: torch.Tensor) -> _Grads:
+        """Multiply by the upstream scalar in place (no second gradient-sized buffer)."""
+        for grad in (self.hidden, self.weight, self.bias):
+            if grad is not None:
+                grad.mul_(scale.to(grad.dtype))
+        return self.finished()
+
+
+def _scored_rows(coef: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the scored positions, or None to process every row (static shapes)."""
+    if not value_checks_enabled():
+        return None
+    rows = coef.nonzero().squeeze(1)
+    return None if rows.numel() == coef.numel() else rows
+
+
+def _run(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    rows: torch.Tensor | None,
+    math: LossMath,
+    chunk_rows: int,
+    grads: _Grads | None,
+) -> torch.Tensor:
+    """Loop over chunks of scored rows; returns the ``[N]`` weighted per-position losses."""
+    n_scored = hidden.shape[0] if rows is None else rows.numel()
+    losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
+    buffers = _Buffers(min(chunk_rows, max(n_scored, 1)), weight.shape[0], weight.dtype, coef.dtype, hidden.device)
+    for start in range(0, n_scored, chunk_rows):
+        if rows is None:
+            index: torch.Tensor | slice = slice(start, min(start + chunk_rows, n_scored))
+        else:
+            index = rows[start : start + chunk_rows]
+        chunk_loss = _chunk(hidden[index], weight, bias, targets[index], coef[index], math, buffers, grads, index)
+        losses[index] = chunk_loss
+    return losses
+
+
+class _Buffers:
+    """The reused ``[c, V]`` buffers: float32 logits/gradient, and an input-dtype one
+    for low-precision products (the product's output, then the gradient's copy)."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, compute: torch.dtype, device: torch.device):
+        self.z = torch.empty(rows, vocab, dtype=compute, device=device)
+        self.low = None if dtype == compute else torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.cap: torch.Tensor | None = None
+
+    def cap_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        if self.cap is None:
+            self.cap = torch.empty_like(self.z)
+        return self.cap[: like.shape[0]]
+
+
+def _chunk(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    math: LossMath,
+    buffers: _Buffers,
+    grads: _Grads | None,
+    index: torch.Tensor | slice,
+) -> torch.Tensor:
+    """One chunk: ``[c]`` weighted losses; with ``grads``, accumulate this chunk's gradients."""
+    z = _logits_into(h, weight, bias, buffers)
+    y = torch.where(a != 0, y, torch.zeros_like(y))  # unscored rows (static mode) may hold ignore_index
+    cap = _softcap_(z, math.softcap, buffers) if math.softcap is not None and grads is not None else None
+    if math.softcap is not None and cap is None:
+        z.div_(math.softcap).tanh_().mul_(math.softcap)
+    loss, lse = _log_softmax_(z, y, math)
+    if grads is not None:
+        _gradient_(z, y, a, lse, math, cap)
+        _accumulate(z, h, weight, grads, buffers, index)
+    return torch.where(a != 0, loss * a, torch.zeros_like(loss))
+
+
+def _logits_into(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffers: _Buffers) -> torch.Tensor:
+    """``[c, V]`` logits of the chunk, in the float32 (float64) buffer."""
+    z = buffers.z[: h.shape[0]]
+    out = z if buffers.low is None else buffers.low[: h.shape[0]]
+    # On CPU the BLAS library holds a scratch copy of a product's output: blocks
+    # of the vocabulary keep that scratch small instead of a second [c, V] buffer.
+    block = CPU_VOCAB_BLOCK if h.device.type == "cpu" else weight.shape[0]
+    for start in range(0, weight.shape[0], block):
+        torch.mm(h, weight[start : start + block].t(), out=out[:, start : start + block])
+    if buffers.low is not None:  # low precision: the product in the input dtype, then one upcast
+        z.copy_(out)
+    if bias is not None:
+        z.add_(bias.to(z.dtype))
+    return z
+
+
+def _softcap_(z: torch.Tensor, softcap: float, buffers: _Buffers) -> torch.Tensor:
+    """``z <- s * tanh(z / s)`` in place; returns ``1 - (z/s)^2``, its derivative."""
+    z.div_(softcap).tanh_()
+    derivative = torch.mul(z, z, out=buffers.cap_buffer(z)).neg_().add_(1.0)
+    z.mul_(softcap)
+    return derivative
+
+
+def _log_softmax_(z: torch.Tensor, y: torch.Tensor, math: LossMath) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z <- log_softmax(z)`` in place; returns the unweighted ``[c]`` losses and log-sum-exp."""
+    z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    mean_z = z.mean(dim=1) if math.label_smoothing > 0 else None
+    # Row-wise log-softmax reads each row fully before writing it, so out=z is safe.
+    torch.ops.aten._log_softmax.out(z, 1, False, out=z)
+    log_p_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
+    lse = z_y - log_p_y
+    loss = -log_p_y
+    if mean_z is not None:
+        loss = (1.0 - math.label_smoothing) * loss + math.label_smoothing * (lse - mean_z)
+    if math.z_loss > 0:
+        loss = loss + math.z_loss * lse.square()
+    return loss, lse
+
+
+def _gradient_(
+    z: torch.Tensor, y: torch.Tensor, a: torch.Tensor, lse: torch.Tensor, math: LossMath, cap: torch.Tensor | None
+) -> None:
+    """``z`` (log-probabilities) <- d(sum of a * loss)/d(raw logits), in place."""
+    z.exp_()
+    row_scale = a * (1.0 + 2.0 * math.z_loss * lse) if math.z_loss > 0 else a
+    z.mul_(row_scale.unsqueeze(1))
+    if math.label_smoothing > 0:
+        z.sub_((a * (math.label_smoothing / z.shape[1])).unsqueeze(1))
+    z.scatter_add_(1, y.unsqueeze(1), (-(1.0 - math.label_smoothing) * a).unsqueeze(1).to(z.dtype))
+    if cap is not None:
+        z.mul_(cap)
+
+
+def _accumulate(
+    dz: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    grads: _Grads,
+    buffers: _Buffers,
+    index: torch.Tensor | slice,
+) -> None:
+    """The two products of the backward pass for one chunk, plus the bias gradient."""
+    if buffers.low is not None:  # products in the input dtype, as the naive path does
+        low = buffers.low[: dz.shape[0]]
+        low.copy_(dz)
+    else:
+        low = dz
+    if grads.hidden is not None:
+        grads.hidden[index] = torch.mm(low, weight)
+    if grads.weight is not None:
+        if grads.weight.dtype == h.dtype:
+            grads.weight.addmm_(low.t(), h)
+        else:  # float32 accumulation of a low-precision weight's gradient
+            grads.weight.addmm_(dz.t(), h.to(dz.dtype))
+    if grads.bias is not None:
+        grads.bias += dz.sum(dim=0).to(grads.bias.dtype)

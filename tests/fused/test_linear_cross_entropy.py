@@ -1,0 +1,250 @@
+"""linear_cross_entropy (every backend) against the reference loss in float64.
+
+The truth is ``causal_lm_loss(hidden @ weight.T + bias, ...)`` computed in float64,
+with autograd's own gradients of hidden, weight and bias.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lmloss
+from lmloss import causal_lm_loss, linear_cross_entropy
+from lmloss.nn import LinearCrossEntropyLoss
+
+OPTION_SETS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-2},
+    {"softcap": 4.0},
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 2.5},
+    {"normalize": "sequence"},
+    {"num_items_in_batch": 50},
+    {"shift": False},
+]
+
+
+def problem(lead=(2,), seq_len=7, hidden_size=13, vocab=37, *, bias=True, ignore=0.3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, seq_len, hidden_size, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, vocab, (*lead, seq_len), generator=g)
+    labels[torch.rand(labels.shape, generator=g) < ignore] = -100
+    tensors = [t.to(dtype).requires_grad_(True) if t is not None else None for t in (hidden, weight, b)]
+    return (*tensors, labels)
+
+
+def truth(hidden, weight, bias, labels, upstream=None, **options):
+    """float64 reference loss and autograd gradients of (hidden, weight, bias)."""
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    logits = h @ w.t() + (0 if b is None else b)
+    loss = causal_lm_loss(logits, labels, **options)
+    return loss.detach(), _grads(loss, (h, w, b), upstream)
+
+
+def _grads(loss, inputs, upstream):
+    scalar = (loss * upstream).sum() if upstream is not None else loss.sum()
+    needed = [t for t in inputs if t is not None]
+    got = iter(torch.autograd.grad(scalar, needed))
+    return [None if t is None else next(got) for t in inputs]
+
+
+def check(hidden, weight, bias, labels, *, backend, chunk_size=None, atol=1e-10, **options):
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend, chunk_size=chunk_size, **options)
+    upstream = torch.randn(loss.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if loss.ndim == 0:
+        upstream = upstream.abs() + 0.5  # an upstream scalar that is not 1
+    expected_loss, expected_grads = truth(hidden, weight, bias, labels, upstream, **options)
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=atol, atol=atol)
+    got_grads = _grads(loss.double(), (hidden, weight, bias), upstream)
+    for name, got, want in zip(("hidden", "weight", "bias"), got_grads, expected_grads):
+        if want is not None:
+            assert got.dtype == {"hidden": hidden, "weight": weight, "bias": bias}[name].dtype
+            torch.testing.assert_close(got.double(), want, rtol=atol, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+# --- the grid ------------------------------------------------------------------------
+
+
+# num_items_in_batch only changes the mean, so it is not paired with the other reductions.
+GRID = [(r, o) for r in ("mean", "sum", "none") for o in OPTION_SETS if r == "mean" or "num_items_in_batch" not in o]
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference", "auto"])
+@pytest.mark.parametrize("reduction, options", GRID, ids=lambda v: v if isinstance(v, str) else ",".join(v) or "plain")
+def test_matches_reference_in_float64(backend, reduction, options):
+    hidden, weight, bias, labels = problem()
+    check(hidden, weight, bias, labels, backend=backend, chunk_size=3, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(lead=(), seq_len=1),  # T=1: nothing to score with shift
+        dict(lead=(3,), seq_len=1),
+        dict(lead=(), seq_len=11, vocab=2),  # 2-D hidden [T, D], tiny vocabulary
+        dict(lead=(2, 3), seq_len=4, hidden_size=1, vocab=101),  # 4-D hidden, odd D and V
+        dict(lead=(1,), seq_len=17, hidden_size=33, vocab=257),
+    ],
+    ids=["T1", "batch-T1", "2d-V2", "4d-D1", "V257"],
+)
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_odd_shapes(shape, chunk_size, reduction):
+    hidden, weight, bias, labels = problem(**shape)
+    check(hidden, weight, bias, labels, backend="chunked", chunk_size=chunk_size, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_without_bias_and_with_token_weights(reduction):
+    hidden, weight, bias, labels = problem(bias=False)
+    weights = torch.rand(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    check(hidden, weight, None, labels, backend="chunked", chunk_size=2, reduction=reduction, token_weights=weights)
+    mask = weights > 0.5
+    check(hidden, weight, None, labels, backend="chunked", chunk_size=5, reduction=reduction, token_weights=mask,
+          normalize="sequence")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_finite_zero_and_zero_gradients(reduction):
+    hidden, weight, bias, labels = problem(ignore=1.0)
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend="chunked", reduction=reduction)
+    assert loss.grad_fn is not None and bool((loss == 0).all()) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    for t in (hidden, weight, bias):
+        # Zeros, not None: under DDP every parameter must receive a gradient.
+        assert t.grad is not None and bool((t.grad == 0).all())
+
+
+def test_static_shapes_when_value_checks_are_off():
+    """validation(False): ignored rows are masked instead of dropped, same result."""
+    hidden, weight, bias, labels = problem(seq_len=9, ignore=0.5)
+    with lmloss.validation(False):
+        check(hidden, weight, bias, labels, backend="chunked", chunk_size=4, label_smoothing=0.1, z_loss=1e-3)
+        check(hidden, weight, bias, labels, backend="chunked", chunk_size=4, reduction="none", softcap=3.0)
+
+
+# --- low precision: error no worse than the naive same-dtype path ----------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 10.0}])
+def test_low_precision_error_is_no_worse_than_naive(dtype, options):
+    hidden, weight, bias, labels = problem(lead=(4,), seq_len=64, hidden_size=64, vocab=1000, ignore=0.2,
+                                          seed=5, dtype=dtype)
+    with torch.no_grad():
+        weight.mul_(0.125)
+    loss64, grads64 = truth(hidden, weight, bias, labels, **options)
+
+    def error(loss):
+        got = _grads(loss, (hidden, weight, bias), None)
+        return [abs(float(loss.detach()) - float(loss64)) / float(loss64)] + [
+            float((g.double() - w).norm() / w.norm()) for g, w in zip(got, grads64)
+        ]
+
+    # The naive path: logits in the input dtype, the loss in float32 (what transformers does).
+    naive = error(causal_lm_loss(hidden @ weight.t() + bias, labels, **options))
+    ours = error(linear_cross_entropy(hidden, weight, labels, bias=bias, backend="chunked", chunk_size=50, **options))
+    eps = torch.finfo(dtype).eps
+    for name, n, o in zip(("loss", "hidden", "weight", "bias"), naive, ours):
+        assert o <= 1.25 * n + 4 * eps, f"{name}: lmloss error {o:.2e} vs naive {n:.2e}"
+
+
+# --- autograd behaviour ------------------------------------------------------------------
+
+
+def test_frozen_weight_and_no_grad():
+    hidden, weight, bias, labels = problem(bias=False)
+    weight.requires_grad_(False)  # e.g. LoRA: the lm_head is frozen
+    linear_cross_entropy(hidden, weight, labels, backend="chunked").backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, backend="chunked")
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, truth(hidden, weight, None, labels)[0])
+
+
+def test_second_backward_is_refused_not_wrong():
+    hidden, weight, bias, labels = problem()
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend="chunked")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward was called twice"):
+        loss.backward()
+
+
+def test_reduction_none_supports_a_second_backward():
+    hidden, weight, bias, labels = problem()
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend="chunked", reduction="none")
+    loss.sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    loss.sum().backward()
+    torch.testing.assert_close(hidden.grad, 2 * first)
+
+
+def test_module_form_equals_function():
+    hidden, weight, bias, labels = problem()
+    module = LinearCrossEntropyLoss(label_smoothing=0.1, backend="chunked", chunk_size=2)
+    torch.testing.assert_close(
+        module(hidden, weight, labels, bias=bias),
+        linear_cross_entropy(hidden, weight, labels, bias=bias, label_smoothing=0.1),
+    )
+    assert "chunk_size=2" in repr(module)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda h, w, b, y: (h, w[:, :-1], b, y), "weight must have shape"),
+        (lambda h, w, b, y: (h, w.float(), b, y), "must have the same dtype"),
+        (lambda h, w, b, y: (h, w, b[:-1], y), "bias must have shape"),
+        (lambda h, w, b, y: (h, w, b, y[:, :-1]), "labels has shape"),
+        (lambda h, w, b, y: (h.long(), w, b, y), "hidden must be a floating-point"),
+        (lambda h, w, b, y: (h[0, 0], w, b, y[0, 0]), "at least 2-D"),
+        (lambda h, w, b, y: (h, w, b, y.masked_fill(y == -100, 37)), r"is outside the vocabulary \[0, 37\)"),
+    ],
+)
+def test_bad_input(change, message):
+    hidden, weight, bias, labels = problem()
+    h, w, b, y = change(hidden.detach(), weight.detach(), bias.detach(), labels)
+    with pytest.raises(ValueError, match=message):
+        linear_cross_entropy(h, w, y, bias=b, backend="chunked")
+
+
+def test_bad_options():
+    hidden, weight, bias, labels = problem()
+    with pytest.raises(ValueError, match="backend='triton-fast' is not supported"):
+        linear_cross_entropy(hidden, weight, labels, backend="triton-fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        LinearCrossEntropyLoss(reduction="avg")  # type: ignore[arg-type]
+
+
+# --- property test -----------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lead=st.sampled_from([(), (1,), (3,)]),
+    seq_len=st.integers(1, 9),
+    hidden_size=st.integers(1, 9),
+    vocab=st.integers(2, 70),
+    chunk=st.integers(1, 12),
+    ignore=st.sampled_from([0.0, 0.5, 1.0]),
+    options=st.sampled_from(list(itertools.product(["mean", "sum", "none"], OPTION_SETS[:6]))),
+    seed=st.integers(0, 10_000),
+)
+def test_property_matches_reference(lead, seq_len, hidden_size, vocab, chunk, ignore, options, seed):
+    reduction, extra = options
+    hidden, weight, bias, labels = problem(lead, seq_len, hidden_size, vocab, ignore=ignore, seed=seed)
+    check(hidden, weight, bias, labels, backend="chunked", chunk_size=chunk, reduction=reduction, **extra)
