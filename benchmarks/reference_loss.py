@@ -6,8 +6,9 @@ memory above the inputs for ``lmloss.causal_lm_loss``, transformers'
 bfloat16 logits. The peak includes the gradient of the logits (one ``[tokens,
 vocab]`` bf16 tensor) that every method must return: that is the floor row.
 
-CPU memory is read as the peak resident set size (``ru_maxrss``) of a fresh
-process per method, so each number is that method's own high-water mark.
+CPU memory is read as the peak resident set size of a fresh process per method
+(``lmloss.bench.peak_rss_bytes``), so each number is that method's own high-water
+mark.
 
     python benchmarks/reference_loss.py --tokens 4096 --vocab 151936
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,12 +26,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmloss.bench import peak_rss_bytes
+
 METHODS = ("lmloss", "transformers", "naive_float32")
 
 
 def make_inputs(tokens: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, tokens, vocab, generator=g, dtype=torch.bfloat16)
+    # Filled in place: a float32 temporary would raise the peak before the measured step.
+    logits = torch.empty(1, tokens, vocab, dtype=torch.bfloat16).normal_(generator=g)
     labels = torch.randint(0, vocab, (1, tokens), generator=g)
     labels[:, : tokens // 4] = -100  # a prompt: a quarter of the targets ignored
     return logits.requires_grad_(True), labels
@@ -55,18 +58,13 @@ def loss_fn(method: str, vocab: int):
     raise ValueError(f"unknown method {method!r}")
 
 
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def measure(method: str, tokens: int, vocab: int, repeats: int) -> dict[str, float]:
     """Runs in a fresh process: peak extra memory of one step, then timings."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     logits, labels = make_inputs(tokens, vocab)
     fn = loss_fn(method, vocab)
-    before = max_rss_bytes()
+    before = peak_rss_bytes()
     fn(logits, labels).backward()
-    peak_extra = max_rss_bytes() - before
+    peak_extra = peak_rss_bytes() - before
     times = []
     for i in range(repeats + 1):
         logits.grad = None

@@ -58,3 +58,14 @@ def test_bad_options_fail_at_construction():
 
 def test_repr_lists_options():
     assert "z_loss=0.01" in repr(CausalLMLoss(z_loss=0.01))
+
+
+def test_options_can_be_changed_after_construction():
+    module = CausalLMLoss()
+    module.reduction = "none"
+    logits, labels = torch.randn(1, 3, 7), torch.randint(0, 7, (1, 3))
+    assert module(logits, labels).shape == (1, 3)
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        module.reduction = "avg"
+    module.extra_state = 1  # other attributes are ordinary attributes
+    assert module.extra_state == 1

@@ -359,3 +359,71 @@ def test_property_gradient_matches_float64_oracle(problem):
     (g_truth,) = torch.autograd.grad(truth.sum(), logits64, allow_unused=True)
     g_truth = torch.zeros_like(logits64) if g_truth is None else g_truth
     torch.testing.assert_close(g_ours, g_truth, rtol=1e-9, atol=1e-12)
+
+
+# --- review fixes: graph capture, constants, odd dtypes and shapes ----------------------
+
+
+def aten_ops(fn):
+    """Names of the ATen ops ``fn`` runs (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Log() as log:
+        fn()
+    return log.names
+
+
+def test_no_value_dependent_op_when_value_checks_are_off():
+    logits, labels = random_batch((2, 6), seed=11)
+    logits.requires_grad_(True)
+
+    def step():
+        causal_lm_loss(logits, labels, label_smoothing=0.1).backward()
+
+    assert "nonzero.default" in aten_ops(step)  # the default path drops unscored rows
+    with lmloss.validation(False):
+        ops = aten_ops(step)
+        assert not any(name.startswith(("nonzero", "item", "_local_scalar_dense")) for name in ops), ops
+        torch.testing.assert_close(
+            causal_lm_loss(logits, labels, label_smoothing=0.1), naive_loss(logits, labels, label_smoothing=0.1).float()
+        )
+
+
+def test_token_weights_are_constants():
+    logits, labels = random_batch((2, 6), seed=12)
+    weights = torch.rand(2, 6, requires_grad=True)
+    logits.requires_grad_(True)
+    causal_lm_loss(logits, labels, token_weights=weights).backward()
+    assert weights.grad is None and logits.grad is not None
+
+
+def test_empty_sequences_and_small_integer_labels():
+    logits = torch.randn(2, 0, 5, requires_grad=True)
+    labels = torch.zeros(2, 0, dtype=torch.long)
+    assert causal_lm_loss(logits, labels, reduction="none").shape == (2, 0)
+    loss = causal_lm_loss(logits, labels)
+    assert float(loss.detach()) == 0.0 and loss.grad_fn is not None
+    logits, labels = random_batch((2, 5), ignore_frac=0.0, seed=13)
+    torch.testing.assert_close(causal_lm_loss(logits, labels.to(torch.uint8)), causal_lm_loss(logits, labels))
+    torch.testing.assert_close(causal_lm_loss(logits, labels.to(torch.int16)), causal_lm_loss(logits, labels))
+
+
+def test_numpy_counts_and_strict_shift():
+    import numpy as np
+
+    logits, labels = random_batch((2, 5), seed=14)
+    torch.testing.assert_close(
+        causal_lm_loss(logits, labels, num_items_in_batch=np.int64(7)),
+        causal_lm_loss(logits, labels, num_items_in_batch=7),
+    )
+    with pytest.raises(TypeError, match="shift must be True or False"):
+        causal_lm_loss(logits, labels, shift="no")  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 from collections.abc import Iterator
 
@@ -67,8 +68,18 @@ def check_int(name: str, value: object) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_labels(labels: object, expected_shape: torch.Size | None = None) -> torch.Tensor:
-    """``labels`` must be an integer tensor (not bool) of ``expected_shape`` if given."""
+    """``labels`` must be an integer tensor (not bool) of ``expected_shape`` if given.
+
+    Returns them as int64 unless they are int32 or int64 already (uint8 labels
+    could not even hold ``ignore_index=-100``).
+    """
     labels = check_tensor("labels", labels)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise ValueError(
@@ -79,7 +90,7 @@ def check_labels(labels: object, expected_shape: torch.Size | None = None) -> to
             f"labels has shape {tuple(labels.shape)} but must match the leading dimensions "
             f"of the input, {tuple(expected_shape)}"
         )
-    return labels
+    return labels if labels.dtype in (torch.int32, torch.int64) else labels.long()
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -113,7 +124,8 @@ def check_token_weights(token_weights: object, labels: torch.Tensor) -> torch.Te
         raise ValueError(f"token_weights must be real (float, int or bool), got dtype {weights.dtype}")
     if weights.device != labels.device:
         raise ValueError(f"token_weights is on {weights.device} but labels are on {labels.device}")
-    weights = weights.to(torch.float64 if weights.dtype == torch.float64 else torch.float32)
+    # Detached: weights are constants of the loss (no backend propagates into them).
+    weights = weights.detach().to(torch.float64 if weights.dtype == torch.float64 else torch.float32)
     if value_checks_enabled() and weights.numel() and not bool(((weights >= 0) & weights.isfinite()).all()):
         raise ValueError("token_weights must be finite and non-negative (a weight of 0 masks the token)")
     return weights
@@ -135,15 +147,16 @@ def check_num_items(num_items_in_batch: object) -> torch.Tensor | float | None:
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"num_items_in_batch must be finite and >= 0, got {value}")
         return num_items_in_batch.reshape(())
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
         raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(num_items_in_batch).__name__}")
     if not math.isfinite(num_items_in_batch) or num_items_in_batch < 0:
         raise ValueError(f"num_items_in_batch must be finite and >= 0, got {num_items_in_batch}")
-    return float(num_items_in_batch)
+    return float(num_items_in_batch)  # also numpy scalars
 
 
 def check_loss_options(
     *,
+    shift: object = True,
     ignore_index: object,
     reduction: object,
     label_smoothing: object,
@@ -152,6 +165,7 @@ def check_loss_options(
     normalize: object,
 ) -> None:
     """Options shared by ``causal_lm_loss`` and the fused backends."""
+    check_bool("shift", shift)
     check_int("ignore_index", ignore_index)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("normalize", normalize, NORMALIZATIONS)
@@ -168,5 +182,5 @@ def check_loss_options(
 
 
 def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")

@@ -69,10 +69,10 @@ def make_inputs(tokens: int, head: str, dtype: torch.dtype, device: str, ignored
     return Inputs(hidden.requires_grad_(True), weight.requires_grad_(True), labels)
 
 
-def method_step(method: str, x: Inputs) -> Callable[[], torch.Tensor] | None:
+def method_step(method: str, x: Inputs, chunk_size: int | None = None) -> Callable[[], torch.Tensor] | None:
     """A closure doing one forward+backward and returning the loss; None if unavailable."""
     if method == "floor":
-        return lambda: _floor(x)
+        return _floor(x)
     if method == "naive":
         return lambda: _backward(F.cross_entropy((x.hidden @ x.weight.t()).float(), x.labels))
     if method == "torch":
@@ -83,7 +83,9 @@ def method_step(method: str, x: Inputs) -> Callable[[], torch.Tensor] | None:
     if method == "lmloss":
         from lmloss.fused import linear_cross_entropy
 
-        return lambda: _backward(linear_cross_entropy(x.hidden, x.weight, x.labels, shift=False, backend="chunked"))
+        return lambda: _backward(
+            linear_cross_entropy(x.hidden, x.weight, x.labels, shift=False, backend="chunked", chunk_size=chunk_size)
+        )
     if x.hidden.device.type != "cuda":
         return None
     return _gpu_peer(method, x)
@@ -107,13 +109,23 @@ def _backward(loss: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def _floor(x: Inputs) -> torch.Tensor:
-    """The three products of any exact method: logits, grad of hidden, grad of weight."""
-    with torch.no_grad():
-        z = x.hidden @ x.weight.t()
-        z @ x.weight
-        z.t() @ x.hidden
-    return torch.zeros(())
+def _floor(x: Inputs) -> Callable[[], torch.Tensor]:
+    """The three products of any exact method: logits, grad of hidden, grad of weight.
+
+    Their outputs are allocated once, outside the timed step, so the floor is the
+    arithmetic alone (no page faults of fresh [N, V] buffers).
+    """
+    h, w = x.hidden.detach(), x.weight.detach()
+    z = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
+    dh, dw = torch.empty_like(h), torch.empty_like(w)
+
+    def step() -> torch.Tensor:
+        torch.mm(h, w.t(), out=z)
+        torch.mm(z, w, out=dh)
+        torch.mm(z.t(), h, out=dw)
+        return torch.zeros(())
+
+    return step
 
 
 def _sync(device: str) -> None:
@@ -143,7 +155,7 @@ def peak_extra_bytes(method: str, args: argparse.Namespace) -> float | None:
     """Peak memory above inputs and gradients of one forward+backward."""
     if args.device == "cuda":
         x = make_inputs(args.tokens, args.head, DTYPES[args.dtype], "cuda", args.ignored)
-        step = method_step(method, x)
+        step = method_step(method, x, args.chunk_size)
         if step is None:
             return None
         step()  # warm-up: kernels compiled, workspaces allocated
@@ -162,19 +174,35 @@ def peak_extra_bytes(method: str, args: argparse.Namespace) -> float | None:
 
 def _memory_child(method: str, args: argparse.Namespace) -> None:
     x = make_inputs(args.tokens, args.head, DTYPES[args.dtype], "cpu", args.ignored)
-    step = method_step(method, x)
+    step = method_step(method, x, args.chunk_size)
     if step is None:
         print(json.dumps(None))
         return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    before = peak_rss_bytes()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(peak - before - x.grad_bytes()))
+    print(json.dumps(peak_rss_bytes() - before - x.grad_bytes()))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux's ``VmHWM`` belongs to the process image and starts afresh at ``exec``;
+    ``ru_maxrss`` does not (a child inherits its parent's peak at ``fork``), so a
+    child of a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _shape_args(args: argparse.Namespace) -> list[str]:
     return ["--head", args.head, "--tokens", str(args.tokens), "--dtype", args.dtype, "--device", args.device,
-            "--ignored", str(args.ignored)]
+            "--ignored", str(args.ignored)] + ([] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)])
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +213,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, after one warm-up")
     parser.add_argument("--ignored", type=float, default=0.0, help="share of ignored targets (-100)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument("--chunk-size", type=int, default=None, help="lmloss tokens per chunk (default: automatic)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
 
@@ -200,12 +229,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"lmloss bench: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    # Memory first: each CPU measurement is a fresh process, and the GPU one needs
+    # the allocator free of the timing runs' inputs.
+    memory = {m: None if args.no_memory or m == "floor" else peak_extra_bytes(m, args) for m in methods}
     x = make_inputs(args.tokens, args.head, DTYPES[args.dtype], args.device, args.ignored)
-    steps = {m: s for m in methods if (s := method_step(m, x)) is not None}
+    steps = {m: s for m in methods if (s := method_step(m, x, args.chunk_size)) is not None}
     skipped = [m for m in methods if m not in steps]
     seconds, losses = time_methods(x, steps, args.repeats, args.device)
-    del x
-    memory = {m: None if args.no_memory else peak_extra_bytes(m, args) for m in steps}
     print(_table(args, seconds, losses, memory, skipped))
     return 0
 

@@ -14,7 +14,39 @@ from lmloss.reference import Normalize, Reduction, causal_lm_loss
 __all__ = ["CausalLMLoss", "LinearCrossEntropyLoss"]
 
 
-class CausalLMLoss(nn.Module):
+class _LossModule(nn.Module):
+    """Holds the loss options, checked once at construction, as ``self.options``."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__()
+        check_loss_options(**{k: options[k] for k in _SHARED_CHECKS})
+        self.options = options
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Setting an option (module.reduction = "none") changes what forward uses.
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            updated = {**options, name: value}
+            check_loss_options(**{k: updated[k] for k in _SHARED_CHECKS})
+            options[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> object:
+        # Options read as attributes (module.reduction), like torch.nn losses.
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        return super().__getattr__(name)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+_SHARED_CHECKS = ("shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize")
+
+
+class CausalLMLoss(_LossModule):
     """``lmloss.causal_lm_loss`` as a module; options are fixed at construction.
 
     Args:
@@ -43,10 +75,10 @@ class CausalLMLoss(nn.Module):
         size_average: bool | None = None,
         reduce: bool | None = None,
     ) -> None:
-        super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _legacy_reduction(size_average, reduce)
-        check_loss_options(
+        super().__init__(
+            shift=shift,
             ignore_index=ignore_index,
             reduction=reduction,
             label_smoothing=label_smoothing,
@@ -54,13 +86,6 @@ class CausalLMLoss(nn.Module):
             softcap=softcap,
             normalize=normalize,
         )
-        self.shift = shift
-        self.ignore_index = ignore_index
-        self.reduction: Reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.normalize: Normalize = normalize
 
     def forward(
         self,
@@ -72,28 +97,11 @@ class CausalLMLoss(nn.Module):
     ) -> torch.Tensor:
         """Loss of ``logits [..., T, V]`` against ``labels [..., T]``."""
         return causal_lm_loss(
-            logits,
-            labels,
-            shift=self.shift,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            softcap=self.softcap,
-            token_weights=token_weights,
-            normalize=self.normalize,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"shift={self.shift}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
-            f"normalize={self.normalize!r}"
+            logits, labels, num_items_in_batch=num_items_in_batch, token_weights=token_weights, **self.options
         )
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(_LossModule):
     """``lmloss.linear_cross_entropy`` as a module: the loss from hidden states and
     the ``lm_head`` weight without ``[tokens, vocab]`` logits.
 
@@ -120,19 +128,10 @@ class LinearCrossEntropyLoss(nn.Module):
         backend: Backend = "auto",
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__()
-        check_loss_options(
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            normalize=normalize,
-        )
         check_choice("backend", backend, BACKENDS)
         if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-        self.options = dict(
+        super().__init__(
             shift=shift,
             ignore_index=ignore_index,
             reduction=reduction,
@@ -164,9 +163,6 @@ class LinearCrossEntropyLoss(nn.Module):
             token_weights=token_weights,
             **self.options,  # type: ignore[arg-type]
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reduction:

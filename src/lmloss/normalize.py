@@ -78,8 +78,18 @@ def count_targets(
         count = item_weights.sum()
     count = count.to(dtype)
     if group is not None:
-        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+        count = _all_reduce_sum(count, group)
     return count
+
+
+def _all_reduce_sum(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum over ``group``; NCCL only reduces CUDA tensors, and labels often live on CPU."""
+    if value.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        reduced = value.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+        return reduced.to(value.device)
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,7 @@ def micro_batches(
     ]
     total = torch.stack([c.to(counts[0].device, torch.float64) for c in counts]).sum().to(counts[0].dtype)
     if group is not None:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        total = _all_reduce_sum(total, group)
     scale = float(dist.get_world_size(group)) if group is not None and gradients_averaged else 1.0
     for index, batch in enumerate(step):
         yield MicroBatch(batch, total, scale, index, index == len(step) - 1)

@@ -90,7 +90,8 @@ def causal_lm_loss(
         softcap: ``s`` replaces the logits by ``s * tanh(logits / s)`` (Gemma 2).
         token_weights: ``[..., T]`` non-negative weights aligned with ``labels``
             (shifted with them), or a bool/0-1 loss mask. ``"mean"`` then divides by
-            the weight sum of the scored targets.
+            the weight sum of the scored targets. Weights are constants: no gradient
+            flows into them (as with DFT's detached probabilities).
         normalize: ``"token"`` (every target token counts once) or ``"sequence"``
             (each row of ``labels`` is first averaged over its own targets; items
             are the rows that have a target).
@@ -107,6 +108,7 @@ def causal_lm_loss(
             unknown options or a bad ``num_items_in_batch``.
     """
     check_loss_options(
+        shift=shift,
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
@@ -181,7 +183,9 @@ def plan_targets(
 
 def to_label_alignment(per_position: torch.Tensor, shift: bool) -> torch.Tensor:
     """``reduction="none"`` output: the loss of target ``labels[t]`` sits at ``t``."""
-    return F.pad(per_position[..., :-1], (1, 0)) if shift else per_position
+    if not shift or per_position.shape[-1] == 0:
+        return per_position
+    return F.pad(per_position[..., :-1], (1, 0))
 
 
 def mean_over_items(
@@ -213,7 +217,7 @@ def _align(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets and item weights per *position* (``[..., T]``), 0 weight where unscored."""
-    if shift:
+    if shift and labels.shape[-1] > 0:
         # Pad-then-slice keeps [..., T] so the logits need no (copying) slice.
         targets = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
         if weights is not None:
@@ -282,18 +286,34 @@ def _chunk_losses(
     softcap: float | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Per-row loss of one chunk; only scored rows are upcast and computed."""
+    """Per-row loss of one chunk; only scored rows are upcast and computed.
+
+    With value checks off (graph capture) nothing may depend on tensor values, so
+    every row is computed and the unscored ones are masked instead of skipped.
+    """
+    if not value_checks_enabled():
+        safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
+        loss = _row_losses(chunk.to(dtype), safe_targets, label_smoothing, z_loss, softcap)
+        return torch.where(scored, loss, torch.zeros_like(loss))
     index = scored.nonzero().squeeze(1)
-    every_row = index.numel() == chunk.shape[0]  # the common case: skip the gather and scatter
-    z = (chunk if every_row else chunk.index_select(0, index)).to(dtype)
+    if index.numel() == chunk.shape[0]:  # the common case: skip the gather and scatter
+        return _row_losses(chunk.to(dtype), targets, label_smoothing, z_loss, softcap)
+    z = chunk.index_select(0, index).to(dtype)
+    loss = _row_losses(z, targets.index_select(0, index), label_smoothing, z_loss, softcap)
+    return loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)
+
+
+def _row_losses(
+    z: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss: float, softcap: float | None
+) -> torch.Tensor:
+    """``[n]`` losses of ``[n, V]`` logits (already in the compute dtype)."""
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
-    targets = targets if every_row else targets.index_select(0, index)
     loss = lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)
     if label_smoothing > 0:
         # F.cross_entropy's smoothing: (1-e)*nll + e * mean over classes of -log p.
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
-    return loss if every_row else loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)
+    return loss

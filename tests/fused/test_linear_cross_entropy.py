@@ -248,3 +248,48 @@ def test_property_matches_reference(lead, seq_len, hidden_size, vocab, chunk, ig
     reduction, extra = options
     hidden, weight, bias, labels = problem(lead, seq_len, hidden_size, vocab, ignore=ignore, seed=seed)
     check(hidden, weight, bias, labels, backend="chunked", chunk_size=chunk, reduction=reduction, **extra)
+
+
+# --- review fixes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_autocast_casts_inputs_like_linear_would(backend):
+    hidden, weight, bias, labels = problem(seq_len=9, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend)
+    expected = linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels, bias=bias.bfloat16(),
+                                    backend=backend)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_token_weights_get_no_gradient(backend):
+    hidden, weight, bias, labels = problem()
+    weights = torch.rand(labels.shape, dtype=torch.float64, requires_grad=True)
+    linear_cross_entropy(hidden, weight, labels, bias=bias, token_weights=weights, backend=backend).backward()
+    assert weights.grad is None
+
+
+def test_empty_sequence():
+    hidden, weight, bias, labels = problem(seq_len=0)
+    assert linear_cross_entropy(hidden, weight, labels, backend="chunked", reduction="none").shape == (2, 0)
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend="chunked")
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and bool((weight.grad == 0).all())
+
+
+def test_no_gradient_work_without_grad():
+    """Evaluation: only the logits products run, no gradient products."""
+    from test_chunked import RecordOutputs
+
+    hidden, weight, bias, labels = problem(seq_len=16, bias=False)
+    # 2 rows x 15 targets = 30 scored positions: 8 chunks of at most 4 rows. With a
+    # gradient, each chunk adds dz @ W (mm) to its logits product (and dW's addmm_).
+    for grad_enabled, products in ((False, 8), (True, 16)):
+        recorder = RecordOutputs()
+        with torch.set_grad_enabled(grad_enabled), recorder:
+            linear_cross_entropy(hidden, weight, labels.clamp(min=0), backend="chunked", chunk_size=4)
+        assert len(recorder.products) == products, recorder.products

@@ -89,6 +89,7 @@ def linear_cross_entropy(
         (ignored rows are then masked, not dropped) for CUDA graphs.
     """
     check_loss_options(
+        shift=shift,
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
@@ -97,13 +98,54 @@ def linear_cross_entropy(
         normalize=normalize,
     )
     check_choice("backend", backend, BACKENDS)
-    hidden, weight, bias = _check_linear(hidden, weight, bias)
+    hidden, weight, bias = _check_linear(*_autocast_inputs(hidden, weight, bias))
     labels = check_labels(labels, hidden.shape[:-1])
     if labels.device != hidden.device:
         raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
     if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
 
+    # The products run in the inputs' dtypes, cast above as autocast would have cast
+    # them; autocast itself is off so both backends (and both products) agree.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _dispatch(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            shift=shift,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            token_weights=token_weights,
+            normalize=normalize,
+            backend=backend,
+            chunk_size=chunk_size,
+        )
+
+
+def _dispatch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    shift: bool,
+    ignore_index: int,
+    reduction: Reduction,
+    num_items_in_batch: torch.Tensor | int | float | None,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    token_weights: torch.Tensor | None,
+    normalize: Normalize,
+    backend: str,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Run the chosen backend on checked inputs."""
     if _pick_backend(backend, hidden, weight) == "reference":
         return causal_lm_loss(
             F.linear(hidden, weight, bias),
@@ -137,6 +179,15 @@ def linear_cross_entropy(
     if reduction == "none":
         return to_label_alignment(result.view(labels.shape), shift)
     return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+
+
+def _autocast_inputs(hidden: object, weight: object, bias: object) -> tuple[object, object, object]:
+    """Under autocast, the products take autocast's dtype, as ``F.linear`` would."""
+    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(hidden.device.type)
+    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (hidden, weight, bias)]
+    return cast[0], cast[1], cast[2]
 
 
 def _check_linear(

@@ -36,16 +36,17 @@ from lmloss._validation import value_checks_enabled
 
 __all__ = ["chunked_linear_cross_entropy", "default_chunk_rows"]
 
-# Bytes of the float32 logits chunk that the default chunk size aims for. A CPU
-# matrix product streams the whole weight once per chunk, so chunks much below a
-# few hundred rows turn the products memory-bound (measured in BENCHMARKS.md);
-# chunks much larger only cost memory.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Bytes of the [rows, V] chunk buffers that the default chunk size aims for. The
+# weight is streamed from memory about four times per chunk (two products read
+# it, the third reads and writes its gradient), so small chunks make a CPU run
+# memory-bound: on the Qwen2-0.5B head, 110-row chunks (64 MiB) cost 1.5x the
+# matrix products, 441-row chunks (256 MiB) 1.2x (BENCHMARKS.md).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
 # Never fewer rows than this (unless there are fewer tokens): below it the
 # products lose most of their speed whatever the memory saved.
 MIN_CHUNK_ROWS = 64
 # Vocabulary columns per matrix product on CPU (see _logits_into).
-CPU_VOCAB_BLOCK = 16384
+CPU_VOCAB_BLOCK = 32768
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,16 @@ class LossMath:
     softcap: float | None = None
 
 
-def default_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int, itemsize: int) -> int:
-    """Rows per chunk: the float32 ``[rows, V]`` buffer fits ``DEFAULT_CHUNK_BYTES``,
-    or the size of the hidden states themselves when those are larger (the logits
-    chunk then costs no more than the input it is computed from)."""
+def default_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int, itemsize: int, row_bytes: int = 4) -> int:
+    """Rows per chunk: ``rows * V * row_bytes`` fits ``DEFAULT_CHUNK_BYTES``, or the
+    size of the hidden states themselves when those are larger (the chunk then
+    costs no more memory than the input it is computed from).
+
+    ``row_bytes`` is the bytes per logit of all chunk buffers together: 4 for the
+    float32 buffer, +2 for a bf16/fp16 copy, +4 for the softcap derivative.
+    """
     budget = max(DEFAULT_CHUNK_BYTES, n_rows * hidden_size * itemsize)
-    rows = max(MIN_CHUNK_ROWS, budget // (4 * vocab_size))
+    rows = max(MIN_CHUNK_ROWS, budget // (row_bytes * vocab_size))
     return int(max(1, min(n_rows, rows)))
 
 
@@ -90,7 +95,12 @@ def chunked_linear_cross_entropy(
         chunk_rows: tokens per chunk; default from ``default_chunk_rows``.
     """
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size())
+        row_bytes = 4 * (2 if coef.dtype == torch.float64 else 1)
+        row_bytes += hidden.element_size() if hidden.element_size() < 4 else 0
+        row_bytes += 4 if math.softcap is not None else 0
+        chunk_rows = default_chunk_rows(
+            hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
+        )
     needs = (
         torch.is_grad_enabled() and hidden.requires_grad,
         torch.is_grad_enabled() and weight.requires_grad,
@@ -116,7 +126,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         rows = _scored_rows(coef)
         ctx.math, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = math, reduce_sum, chunk_rows, needs
         if reduce_sum:
-            grads = _Grads.allocate(hidden, weight, bias, needs)
+            # No gradient wanted (evaluation, frozen head and inputs): the loss alone.
+            grads = _Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
             losses = _run(hidden, weight, bias, targets, coef, rows, math, chunk_rows, grads)
             ctx.grads, ctx.consumed = grads, False
             return losses.sum()
@@ -140,47 +151,54 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grads = _Grads.allocate(hidden, weight, bias, ctx.needs)
             # Fold each token's upstream gradient into its coefficient before the products.
             upstream = coef * grad_output.to(coef.dtype)
-            _run(hidden, weight, bias, targets, upstream, rows, ctx.math, ctx.chunk_rows, grads)
+            with torch.autocast(hidden.device.type, enabled=False):  # the recompute matches forward
+                _run(hidden, weight, bias, targets, upstream, rows, ctx.math, ctx.chunk_rows, grads)
             grads = grads.finished()
         return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
 
 
 @dataclass
 class _Grads:
-    """Gradient buffers; the weight's (and bias') accumulate in float32 or wider."""
+    """Gradient buffers in float32 or wider (a low-precision gradient is rounded once,
+    after the upstream scale, not before)."""
 
     hidden: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    weight_dtype: torch.dtype
-    bias_dtype: torch.dtype | None
+    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype | None]
 
     @classmethod
     def allocate(
         cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]
     ) -> _Grads:
-        acc = torch.promote_types(weight.dtype, torch.float32)
+        def zeros(t: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+            if t is None or not needed:
+                return None
+            return torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+
         return cls(
-            hidden=torch.zeros_like(hidden) if needs[0] else None,
-            weight=torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None,
-            bias=torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] and bias is not None else None,
-            weight_dtype=weight.dtype,
-            bias_dtype=None if bias is None else bias.dtype,
+            zeros(hidden, needs[0]),
+            zeros(weight, needs[1]),
+            zeros(bias, needs[2]),
+            (hidden.dtype, weight.dtype, None if bias is None else bias.dtype),
         )
 
     def finished(self) -> _Grads:
-        """Cast the float32 accumulators back to the parameters' dtypes."""
+        """Cast the accumulators back to the inputs' dtypes."""
+        hidden_dtype, weight_dtype, bias_dtype = self.dtypes
+        if self.hidden is not None:
+            self.hidden = self.hidden.to(hidden_dtype)
         if self.weight is not None:
-            self.weight = self.weight.to(self.weight_dtype)
-        if self.bias is not None and self.bias_dtype is not None:
-            self.bias = self.bias.to(self.bias_dtype)
+            self.weight = self.weight.to(weight_dtype)
+        if self.bias is not None and bias_dtype is not None:
+            self.bias = self.bias.to(bias_dtype)
         return self
 
     def scaled_(self, scale: torch.Tensor) -> _Grads:
         """Multiply by the upstream scalar in place (no second gradient-sized buffer)."""
         for grad in (self.hidden, self.weight, self.bias):
             if grad is not None:
-                grad.mul_(scale.to(grad.dtype))
+                grad.mul_(scale.to(grad.dtype))  # float32: the scale is not rounded to bf16
         return self.finished()
 
 
@@ -325,7 +343,7 @@ def _accumulate(
     else:
         low = dz
     if grads.hidden is not None:
-        grads.hidden[index] = torch.mm(low, weight)
+        grads.hidden[index] = torch.mm(low, weight).to(grads.hidden.dtype)
     if grads.weight is not None:
         if grads.weight.dtype == h.dtype:
             grads.weight.addmm_(low.t(), h)
