@@ -292,4 +292,5 @@ def test_no_gradient_work_without_grad():
         recorder = RecordOutputs()
         with torch.set_grad_enabled(grad_enabled), recorder:
             linear_cross_entropy(hidden, weight, labels.clamp(min=0), backend="chunked", chunk_size=4)
-        assert len(recorder.products) == products, recorder.products
+        per_chunk = [shape for shape in recorder.products if shape[0] <= 4]  # not dW's [V, rows] product
+        assert len(per_chunk) == products, recorder.products

@@ -41,9 +41,10 @@ __all__ = ["linear_cross_entropy", "BACKENDS"]
 
 Backend = Literal["auto", "chunked", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "chunked", "reference")
-# Below this many logits (4 MiB in float32) one matrix product and the reference
-# loss are faster than any chunk loop.
-REFERENCE_MAX_LOGITS = 2**20
+# Below this many logits one matrix product and the reference loss beat the chunk
+# loop's fixed costs; above it the chunked backend wins, by 2x already at 2**18
+# (CPU, forward+backward; BENCHMARKS.md, "backend='auto'").
+REFERENCE_MAX_LOGITS = 2**15
 
 
 def linear_cross_entropy(

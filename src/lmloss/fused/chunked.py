@@ -171,20 +171,26 @@ class _Grads:
     def allocate(
         cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]
     ) -> _Grads:
-        def zeros(t: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+        def buffer(t: torch.Tensor | None, needed: bool, fill: bool = True) -> torch.Tensor | None:
             if t is None or not needed:
                 return None
-            return torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+            make = torch.zeros if fill else torch.empty
+            return make(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
 
         return cls(
-            zeros(hidden, needs[0]),
-            zeros(weight, needs[1]),
-            zeros(bias, needs[2]),
+            buffer(hidden, needs[0]),
+            # The weight's gradient is as large as the weight: the first chunk writes it
+            # (no zero-fill pass over it); zeroed only if no chunk ever does.
+            buffer(weight, needs[1], fill=False),
+            buffer(bias, needs[2]),
             (hidden.dtype, weight.dtype, None if bias is None else bias.dtype),
         )
 
+    weight_written: bool = False
+
     def finished(self) -> _Grads:
         """Cast the accumulators back to the inputs' dtypes."""
+        self._zero_unwritten()
         hidden_dtype, weight_dtype, bias_dtype = self.dtypes
         if self.hidden is not None:
             self.hidden = self.hidden.to(hidden_dtype)
@@ -194,8 +200,14 @@ class _Grads:
             self.bias = self.bias.to(bias_dtype)
         return self
 
+    def _zero_unwritten(self) -> None:
+        if self.weight is not None and not self.weight_written:
+            self.weight.zero_()  # no scored row: the gradient is exactly zero
+            self.weight_written = True
+
     def scaled_(self, scale: torch.Tensor) -> _Grads:
         """Multiply by the upstream scalar in place (no second gradient-sized buffer)."""
+        self._zero_unwritten()
         for grad in (self.hidden, self.weight, self.bias):
             if grad is not None:
                 grad.mul_(scale.to(grad.dtype))  # float32: the scale is not rounded to bf16
@@ -345,9 +357,12 @@ def _accumulate(
     if grads.hidden is not None:
         grads.hidden[index] = torch.mm(low, weight).to(grads.hidden.dtype)
     if grads.weight is not None:
-        if grads.weight.dtype == h.dtype:
-            grads.weight.addmm_(low.t(), h)
-        else:  # float32 accumulation of a low-precision weight's gradient
-            grads.weight.addmm_(dz.t(), h.to(dz.dtype))
+        # float32 accumulation: a low-precision weight's gradient takes the float32 dz.
+        left, right = (low, h) if grads.weight.dtype == h.dtype else (dz, h.to(dz.dtype))
+        if grads.weight_written:
+            grads.weight.addmm_(left.t(), right)
+        else:
+            torch.mm(left.t(), right, out=grads.weight)
+            grads.weight_written = True
     if grads.bias is not None:
         grads.bias += dz.sum(dim=0).to(grads.bias.dtype)
