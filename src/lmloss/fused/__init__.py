@@ -106,34 +106,32 @@ def linear_cross_entropy(
     if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
 
+    options = dict(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        token_weights=token_weights,
+        normalize=normalize,
+    )
     # The products run in the inputs' dtypes, cast above as autocast would have cast
     # them; autocast itself is off so both backends (and both products) agree.
     with torch.autocast(hidden.device.type, enabled=False):
-        return _dispatch(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            shift=shift,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            token_weights=token_weights,
-            normalize=normalize,
-            backend=backend,
-            chunk_size=chunk_size,
-        )
+        if _pick_backend(backend, hidden, weight) == "reference":
+            return causal_lm_loss(F.linear(hidden, weight, bias), labels, **options)  # type: ignore[arg-type]
+        return _chunked(hidden, weight, bias, labels, chunk_size, **options)  # type: ignore[arg-type]
 
 
-def _dispatch(
+def _chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
     bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_size: int | None,
+    *,
     shift: bool,
     ignore_index: int,
     reduction: Reduction,
@@ -143,24 +141,8 @@ def _dispatch(
     softcap: float | None,
     token_weights: torch.Tensor | None,
     normalize: Normalize,
-    backend: str,
-    chunk_size: int | None,
 ) -> torch.Tensor:
-    """Run the chosen backend on checked inputs."""
-    if _pick_backend(backend, hidden, weight) == "reference":
-        return causal_lm_loss(
-            F.linear(hidden, weight, bias),
-            labels,
-            shift=shift,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            token_weights=token_weights,
-            normalize=normalize,
-        )
+    """The chunked backend on checked inputs: targets planned as the reference does."""
     check_label_range(labels, weight.shape[0], ignore_index)
     weights = None if token_weights is None else check_token_weights(token_weights, labels)
     num_items = check_num_items(num_items_in_batch)
