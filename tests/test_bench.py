@@ -1,0 +1,49 @@
+"""lmloss bench: one table, peers side by side, the same loss for every method."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lmloss.bench import peak_rss_bytes
+from lmloss.cli import main
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("method", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_bench_prints_one_table_with_matching_losses(capsys):
+    assert main(["bench", "--tokens", "48", "--repeats", "1", "--methods", "floor,naive,lmloss", "--ignored",
+                 "0.25", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# qwen2-0.5b head: N=48, D=896, V=151936, float32, cpu")
+    rows = table_rows(out)
+    assert list(rows) == ["floor", "naive", "lmloss"]
+    assert rows["floor"][1] == "1.00x"
+    losses = {m: float(r[4]) for m, r in rows.items() if m != "floor"}
+    assert losses["lmloss"] == pytest.approx(losses["naive"], rel=1e-5)
+
+
+def test_bench_memory_column_comes_from_fresh_processes(capsys):
+    assert main(["bench", "--tokens", "64", "--repeats", "1", "--methods", "lmloss,naive"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    naive, lmloss = float(rows["naive"][3]), float(rows["lmloss"][3])
+    # naive holds [64, 151936] float32 logits (37 MiB) and, at its peak, at least one more
+    # tensor of that size; lmloss holds one chunk buffer of at most that size.
+    assert naive > 70 and 0 < lmloss < naive
+
+
+def test_bad_method_is_refused():
+    with pytest.raises(SystemExit, match=re.escape("unknown method(s) ['fast']")):
+        main(["bench", "--methods", "lmloss,fast"])
+
+
+def test_peak_rss_is_read():
+    assert peak_rss_bytes() > 10 * 2**20
