@@ -17,18 +17,13 @@ import random
 import shutil
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import lmloss
 from lmloss.batching import PackingCollator
 from lmloss.labels import encode_dataset
 from lmloss.monitor import ConsoleSink, LossMonitor, plot_run, run_dir_sinks
+from lmloss.train.builtin import build_model, build_tokenizer
 
-CHATML = (
-    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 CAPITALS = {
     "China": "Beijing", "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo",
     "Spain": "Madrid", "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo",
@@ -51,27 +46,6 @@ def conversations() -> list[dict]:
                 {"role": "assistant", "content": "You are welcome."},
             ]})
     return chats
-
-
-def build_tokenizer(chats: list[dict]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the chats themselves, wrapped with a ChatML template."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([m["content"] for c in chats for m in c["messages"]], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
-    return tokenizer
-
-
-def build_model(vocab_size: int) -> Qwen2ForCausalLM:
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, use_cache=False)
-    return Qwen2ForCausalLM(config)
 
 
 def answer(model, tokenizer, question: str) -> str:
@@ -104,13 +78,14 @@ def main() -> None:
     random.seed(0)
 
     chats = conversations()
-    tokenizer = build_tokenizer(chats)
+    # A byte-level BPE trained on the chats themselves, with a ChatML template.
+    tokenizer = build_tokenizer([m["content"] for c in chats for m in c["messages"]], vocab_size=400)
     examples = encode_dataset(chats, tokenizer, mode="assistant")  # labels: assistant turns + <|im_end|>
     random.shuffle(examples)
     # Held out: each country's other phrasing is still in training, so the eval loss can fall too.
     train, held_out = examples[4:], examples[:4]
     collate = PackingCollator(max_length=128, pad_token_id=tokenizer.pad_token_id)
-    model = build_model(len(tokenizer))
+    model = build_model(len(tokenizer), "tiny")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     print(f"{len(train)} training and {len(held_out)} held-out conversations, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")

@@ -1,0 +1,231 @@
+"""``lmloss check``: the JSONL reader, ``audit`` and the command, on a real local tokenizer.
+
+Expected numbers are worked out from the tokenizer's own token ids (how many tokens
+the answer is, where the prompt ends), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmloss.check import AuditReport, Record, audit, read_jsonl_records, read_jsonl_samples
+from lmloss.cli import main
+
+QUESTION = "What is the capital of France?"
+ANSWER = "The capital of France is Paris."
+GOOD_CHAT = {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}
+NO_ASSISTANT = {"messages": [{"role": "user", "content": QUESTION}]}
+UNKNOWN_ROLE = {"messages": [{"role": "human", "content": QUESTION}, {"role": "gpt", "content": ANSWER}]}
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _write(path, rows) -> str:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, chatml_tokenizer) -> str:
+    """The ChatML tokenizer saved to disk, as ``--tokenizer`` wants it."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    chatml_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chat_layout(chatml_tokenizer) -> dict[str, int]:
+    """Token counts of GOOD_CHAT, from the rendered text: whole, prompt part, answer part."""
+    full = chatml_tokenizer.apply_chat_template(GOOD_CHAT["messages"], tokenize=False)
+    prompt = chatml_tokenizer.apply_chat_template(GOOD_CHAT["messages"][:1], tokenize=False, add_generation_prompt=True)
+    assert full.startswith(prompt) and full.endswith(ANSWER + "<|im_end|>\n")
+    # The answer is its content plus <|im_end|> (one special token); the final "\n"
+    # is scaffolding. "assistant\n" does not merge with "The" under this BPE.
+    answer = len(_ids(chatml_tokenizer, ANSWER)) + 1
+    return {"total": len(_ids(chatml_tokenizer, full)), "prompt": len(_ids(chatml_tokenizer, prompt)), "answer": answer}
+
+
+# ------------------------------------------------------------------------- reader
+
+
+def test_reader_keeps_line_numbers_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GOOD_CHAT) + "\n\n" + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    records = read_jsonl_records(path)
+    assert [r.line for r in records] == [1, 3]
+    assert records[1].where == f"{path}:3"
+    assert read_jsonl_samples(path) == [GOOD_CHAT, {"prompt": "a", "completion": "b"}]
+
+
+@pytest.mark.parametrize(
+    "lines, line, phrase",
+    [
+        ([json.dumps(GOOD_CHAT), "{not json"], 2, "not valid JSON"),
+        (["[1, 2]"], 1, "expected a JSON object"),
+        ([json.dumps(GOOD_CHAT), json.dumps(GOOD_CHAT), '{"text": "hi"}'], 3, "needs 'messages'"),
+    ],
+)
+def test_reader_names_file_and_line(tmp_path, lines, line, phrase):
+    path = _write(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(ValueError, match=phrase) as info:
+        read_jsonl_samples(path)
+    assert f"bad.jsonl:{line}:" in str(info.value)
+
+
+def test_reader_rejects_an_empty_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n  \n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl has no samples"):
+        read_jsonl_samples(path)
+
+
+# -------------------------------------------------------------------------- audit
+
+
+def test_supervised_fraction_of_a_known_chat(chatml_tokenizer, chat_layout):
+    report = audit([GOOD_CHAT], chatml_tokenizer)
+    assert chat_layout["answer"] == 9  # 8 content tokens + <|im_end|>
+    assert report.lengths == [chat_layout["total"]]
+    assert report.fractions == [pytest.approx(chat_layout["answer"] / chat_layout["total"])]
+    assert report.ok and report.issues == []
+
+
+def test_supervised_fraction_of_prompt_completion(chatml_tokenizer):
+    prompt, completion = "Translate the word cat into French.", "The French word for cat is chat."
+    n_prompt, n_completion = len(_ids(chatml_tokenizer, prompt)), len(_ids(chatml_tokenizer, completion))
+    report = audit([{"prompt": prompt, "completion": completion}], chatml_tokenizer)
+    total = n_prompt + n_completion + 1  # + the EOS, which is a target
+    assert report.lengths == [total]
+    assert report.fractions == [pytest.approx((n_completion + 1) / total)]
+
+
+def test_truncation_no_target_and_cut_answers(chatml_tokenizer, chat_layout):
+    prompt = chat_layout["total"] - chat_layout["answer"] - 1  # tokens before the answer
+    assert prompt == chat_layout["prompt"]
+    samples = [GOOD_CHAT] * 3
+    # Keeping exactly the prompt cuts every target; one more token keeps one target.
+    no_target = audit(samples, chatml_tokenizer, max_length=prompt)
+    assert no_target.count("no_target") == 3 and no_target.count("cut") == 0 and not no_target.ok
+    cut = audit(samples, chatml_tokenizer, max_length=prompt + 1)
+    assert cut.count("cut") == 3 and cut.count("no_target") == 0 and cut.ok
+    assert cut.fractions == [pytest.approx(1 / (prompt + 1))] * 3
+    assert f"{chat_layout['answer'] - 1} of {chat_layout['answer']} targets" in cut.warnings[0].message
+    # The trailing "\n" is not a target: cutting only it cuts no answer.
+    whole = audit(samples, chatml_tokenizer, max_length=chat_layout["total"] - 1)
+    assert whole.issues == []
+
+
+def test_bad_samples_are_reported_not_raised(chatml_tokenizer):
+    records = [Record("x.jsonl", 1, GOOD_CHAT), Record("x.jsonl", 2, NO_ASSISTANT), Record("x.jsonl", 3, UNKNOWN_ROLE)]
+    report = audit(records, chatml_tokenizer)
+    assert report.num_samples == 3 and len(report.lengths) == 1
+    assert [(i.kind, i.where) for i in report.errors] == [("encode", "x.jsonl:2"), ("encode", "x.jsonl:3")]
+    assert "no assistant turn" in report.errors[0].message
+    assert "'human' is not a known role" in report.errors[1].message
+
+
+def test_pretokenized_eos_masked_when_pad_is_eos(plain_tokenizer):
+    eos = plain_tokenizer.eos_token_id
+    assert plain_tokenizer.pad_token_id == eos
+    # The TRL #1623 bug: labels[input_ids == pad] = -100 also masks the answer's EOS.
+    bad = {"input_ids": [5, 6, 7, 8, eos, eos], "labels": [-100, -100, 7, 8, -100, -100]}
+    good = {"input_ids": [5, 6, 7, 8, eos, eos], "labels": [-100, -100, 7, 8, eos, -100]}
+    report = audit([bad, good], plain_tokenizer)
+    assert report.pad_is_eos
+    assert [(i.kind, i.where) for i in report.errors] == [("eos_masked", "sample 0")]
+    assert "position 4" in report.errors[0].message and "pad_token_id == eos_token_id" in report.errors[0].message
+
+
+def test_pretokenized_end_of_turn_masked(chatml_tokenizer):
+    im_end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # An <|im_end|> inside the prompt is rightly masked: only the one after a trained span counts.
+    ok = {"input_ids": [1, 5, im_end, 6, 7, im_end], "labels": [-100, -100, -100, 6, 7, im_end]}
+    bad = {"input_ids": [1, 5, im_end, 6, 7, im_end], "labels": [-100, -100, -100, 6, 7, -100]}
+    report = audit([ok, bad], chatml_tokenizer)
+    assert [(i.kind, i.where) for i in report.errors] == [("eos_masked", "sample 1")]
+
+
+def test_placeholder_target_detected(chatml_tokenizer):
+    image = chatml_tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    sample = {"input_ids": [5, image, image, 8], "labels": [-100, image, image, 8]}
+    report = audit([sample], chatml_tokenizer, ignore_token_ids=[image])
+    assert [i.kind for i in report.errors] == ["placeholder_target"]
+    assert "2 position(s)" in report.errors[0].message
+    # Encoders mask placeholders themselves, so encoded samples never trip this.
+    chat = {"messages": [{"role": "user", "content": "<|image_pad|>Describe the image"},
+                         {"role": "assistant", "content": "A cat<|image_pad|>"}]}  # fmt: skip
+    assert audit([chat], chatml_tokenizer, ignore_token_ids=[image]).issues == []
+
+
+def test_shifted_labels_warn(chatml_tokenizer):
+    report = audit([{"input_ids": [5, 6, 7, 8], "labels": [6, 7, 8, -100]}], chatml_tokenizer)
+    assert [i.kind for i in report.warnings] == ["label_mismatch"] and report.ok
+
+
+def test_histogram_uses_power_of_two_buckets():
+    report = AuditReport(lengths=[1, 3, 4, 17, 64])
+    assert report.histogram() == [(1, 1, 1), (2, 2, 0), (3, 4, 2), (5, 8, 0), (9, 16, 0), (17, 32, 1), (33, 64, 1)]
+
+
+def test_audit_rejects_bad_options(chatml_tokenizer):
+    with pytest.raises(ValueError, match="mode"):
+        audit([], chatml_tokenizer, mode="assistants")
+    with pytest.raises(ValueError, match="max_length"):
+        audit([], chatml_tokenizer, max_length=0)
+    with pytest.raises(TypeError, match="ignore_token_ids"):
+        audit([], chatml_tokenizer, ignore_token_ids="151655")
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_clean_data_exits_zero(tmp_path, tok_dir, capsys):
+    data = _write(tmp_path / "good.jsonl", [GOOD_CHAT, {"prompt": "Hello", "completion": "Hi there."}])
+    assert main(["check", data, "--tokenizer", tok_dir]) == 0
+    out = capsys.readouterr().out
+    assert "2 samples, 2 encoded" in out and "OK: 0 error(s)" in out and "sequence length" in out
+
+
+def test_cli_reports_every_bad_line_and_exits_one(tmp_path, tok_dir, capsys):
+    data = _write(tmp_path / "mixed.jsonl", [GOOD_CHAT, NO_ASSISTANT, UNKNOWN_ROLE, "{oops"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["check", data, str(empty), "--tokenizer", tok_dir]) == 1
+    out = capsys.readouterr().out
+    assert "mixed.jsonl:2: skipped, cannot encode:" in out and "no assistant turn" in out
+    assert "mixed.jsonl:3: skipped, cannot encode:" in out and "not a known role" in out
+    assert "mixed.jsonl:4: not valid JSON" in out
+    assert "empty.jsonl: has no samples" in out
+    assert "5 samples, 1 encoded" in out and "FAILED: 4 error(s)" in out
+
+
+def test_cli_json_and_max_errors(tmp_path, tok_dir, chat_layout, capsys):
+    data = _write(tmp_path / "d.jsonl", [GOOD_CHAT] * 4)
+    argv = ["check", data, "--tokenizer", tok_dir, "--max-length", str(chat_layout["prompt"])]
+    assert main([*argv, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["no_target"] == 4 and report["ok"] is False
+    assert [e["where"] for e in report["errors"]] == [f"{data}:{n}" for n in (1, 2, 3, 4)]
+    assert main([*argv, "--max-errors", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "errors (first 2 of 4):" in out and f"{data}:3" not in out
+
+
+def test_cli_placeholder_ids_option(tmp_path, tok_dir, chatml_tokenizer, capsys):
+    image = chatml_tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    data = _write(tmp_path / "pre.jsonl", [{"input_ids": [5, image, 8], "labels": [-100, image, 8]}])
+    assert main(["check", data, "--tokenizer", tok_dir]) == 0
+    capsys.readouterr()
+    assert main(["check", data, "--tokenizer", tok_dir, "--ignore-token-ids", f"{image},9999"]) == 1
+    assert f"pre.jsonl:1: placeholder token {image} is a target" in capsys.readouterr().out
+
+
+def test_cli_missing_tokenizer_dir(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", [GOOD_CHAT])
+    assert main(["check", data, "--tokenizer", str(tmp_path / "no-such-tokenizer")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-tokenizer" in err and "does not exist" in err
