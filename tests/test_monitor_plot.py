@@ -108,3 +108,24 @@ def test_console_script(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"wrote {tmp_path / 'loss.png'}" in done.stdout
     assert png_size(tmp_path / "loss.png") == (1200, 675)
+
+
+def test_atomic_write_gives_usual_permissions_and_leaves_nothing_on_error(tmp_path):
+    import os
+    import stat
+
+    from lmloss._files import atomic_write
+
+    target = tmp_path / "a.png"
+    atomic_write(target, lambda handle: handle.write(b"png"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0o600
+
+    def fail(handle):
+        handle.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail)
+    assert target.read_bytes() == b"png" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

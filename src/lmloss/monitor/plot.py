@@ -29,12 +29,12 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmloss._files import atomic_write
 from lmloss.monitor.events import Event
 from lmloss.monitor.sinks import METRICS_FILE, RunLog, read_jsonl
 
@@ -376,15 +376,7 @@ def _overview(figure_type: Any, data: RunData, panels: list[str]) -> Any:
 
 def _save(figure: Any, path: Path) -> Path:
     """Render to a temporary file next to ``path``, then move it into place atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png"))
 
 
 def _matplotlib() -> Any:

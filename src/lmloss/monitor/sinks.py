@@ -41,12 +41,12 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from lmloss._files import atomic_write
 from lmloss.monitor.events import Event
 
 __all__ = [
@@ -268,12 +268,12 @@ class CsvSink:
         file.close()
         with open(self.path, newline="", encoding="utf-8") as existing:
             rows = list(csv.DictReader(existing))
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
+        def write(out: Any) -> None:
             writer = csv.DictWriter(out, columns, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
+
+        atomic_write(self.path, write, binary=False)
         self._columns = columns
         self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 (kept open)
         return self._file
