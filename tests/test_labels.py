@@ -803,3 +803,54 @@ def test_random_conversations(request, tokenizer_name, messages):
     every = encode_chat(messages, tokenizer, mode="all")["labels"]
     assert all(a in (IGNORE, b) for a, b in zip(example["labels"], every, strict=True))
     assert encode_chat(messages, tokenizer, mode="everything")["labels"] == example["input_ids"]
+
+
+def test_content_that_repeats_the_adjacent_header_is_the_content_copy(chatml_tokenizer):
+    # Removing either "user\n" (the header's or the content's) gives the same empty
+    # turn; the content is the copy right before <|im_end|>, not the header's.
+    messages = [{"role": "user", "content": "user\n"}, {"role": "assistant", "content": "ok"}]
+    example = encode_chat(messages, chatml_tokenizer, mode="all")
+    ids, labels = example["input_ids"], example["labels"]
+    assert trained_runs(example, chatml_tokenizer) == ["user\n", "ok<|im_end|>"]
+    im_start = chatml_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    im_end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    user_start = [i for i, t in enumerate(ids) if t == im_start][1]
+    user_end = [i for i, t in enumerate(ids) if t == im_end][1]
+    user_targets = [i for i in range(user_start, user_end) if labels[i] != IGNORE]
+    assert user_targets and user_targets[-1] == user_end - 1  # ends right before <|im_end|>
+    assert chatml_tokenizer.decode(ids[user_start : user_targets[0]]) == "<|im_start|>user\n"
+
+
+def test_opening_assistant_content_that_repeats_its_header(chatml_tokenizer):
+    messages = [{"role": "assistant", "content": "assistant\n"}, {"role": "user", "content": "x"}]
+    example = encode_chat(messages, chatml_tokenizer)
+    assert trained_runs(example, chatml_tokenizer) == ["assistant\n<|im_end|>"]
+    oracle = chatml_tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert [lab != IGNORE for lab in example["labels"]] == [bool(m) for m in oracle["assistant_masks"]]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # the end-of-turn marker only after non-final messages
+        "{%- for m in messages -%}{{- m.role + ': ' + m.content -}}"
+        "{%- if not loop.last -%}{{- eos_token + '\\n' -}}{%- endif -%}{%- endfor -%}",
+        # the marker written at the start of the next turn
+        "{%- for m in messages -%}{%- if not loop.first -%}{{- eos_token + '\\n' -}}{%- endif -%}"
+        "{{- m.role + ': ' + m.content -}}{%- endfor -%}",
+    ],
+)
+def test_end_of_turn_marker_written_only_before_the_next_turn_is_trained(template):
+    tokenizer = _fresh(build_plain_tokenizer, template)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Sure"},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    assert trained_runs(encode_chat(messages, tokenizer), tokenizer) == [" Sure<|endoftext|>", " ok"]
+    assert trained_runs(encode_chat(messages, tokenizer, mode="all"), tokenizer) == [
+        " hi", " Sure<|endoftext|>", "x", " ok",
+    ]  # fmt: skip

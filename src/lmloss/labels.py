@@ -593,20 +593,36 @@ def _assistant_span(renderer: _Renderer, i: int) -> tuple[int, int]:
     end = turn_end
     while end > start and renderer.full[end - 1].isspace():
         end -= 1
+    if end == turn_end and i + 1 < len(renderer.messages):
+        # Templates that write the end-of-turn marker only before a following turn
+        # (``{% if not loop.last %}``, or at the start of the next turn) put it after
+        # ``end(i + 1)``: it still ends this reply, so it is a target.
+        eos = getattr(renderer.tokenizer, "eos_token", None)
+        if isinstance(eos, str) and eos and renderer.full.startswith(eos, turn_end):
+            end = turn_end + len(eos)
     return start, end
 
 
 def _content_span(renderer: _Renderer, i: int) -> tuple[int, int] | None:
     """Where message ``i``'s content is in its turn; ``None`` if the content is empty.
 
-    Templates may trim the content (Llama 3 does), so the stripped content is tried
-    too. Short contents can also occur in the scaffolding ("e" in "<|im_end|>");
-    then the occurrence whose removal leaves the rendering of an empty message is
-    the content.
+    First the turn is rendered with a unique marker in place of the content: if
+    putting the content (or, as Llama 3 trims it, the stripped content) back where
+    the marker is gives the real turn, the marker's position is the content's.
+    Otherwise the content is searched for as text; when it occurs several times
+    (short contents also occur in the scaffolding: "e" in "<|im_end|>"), the
+    occurrence whose removal leaves the rendering of an empty message is the
+    content, and a tie is an error rather than a guess.
     """
     turn_start, turn_end = renderer.end(i), renderer.end(i + 1)
     turn = renderer.full[turn_start:turn_end]
     content = renderer.messages[i]["content"]
+    if not content:
+        return None
+    at_marker = _content_by_marker(renderer, i, turn)
+    if at_marker is not None:
+        at, length = at_marker
+        return turn_start + at, turn_start + at + length
     for text in (content, content.strip()):
         if not text:
             return None
@@ -621,13 +637,29 @@ def _content_span(renderer: _Renderer, i: int) -> tuple[int, int] | None:
     )
 
 
+_MARKER = "\x00lmloss-content\x00"
+
+
+def _content_by_marker(renderer: _Renderer, i: int, turn: str) -> tuple[int, int] | None:
+    """``(offset in turn, length)`` of message ``i``'s content found with a marker, or ``None``."""
+    with_marker = _turn_with_content(renderer, i, _MARKER)
+    if with_marker is None or with_marker.count(_MARKER) != 1:
+        return None
+    at = with_marker.index(_MARKER)
+    content = renderer.messages[i]["content"]
+    for text in (content, content.strip()):
+        if text and with_marker.replace(_MARKER, text, 1) == turn:
+            return at, len(text)
+    return None
+
+
 def _empty_content_start(renderer: _Renderer, i: int) -> int:
     """Where the (empty) content of message ``i`` sits: render a marker in its place.
 
     The marker's position counts only if removing it gives back the real turn,
     i.e. the template treats the content as an opaque string.
     """
-    marker = "\x00lmloss-content\x00"
+    marker = _MARKER
     with_marker = _turn_with_content(renderer, i, marker)
     turn = renderer.full[renderer.end(i) : renderer.end(i + 1)]
     if with_marker is not None and with_marker.replace(marker, "", 1) == turn:
@@ -641,12 +673,14 @@ def _empty_content_start(renderer: _Renderer, i: int) -> int:
 def _pick_content(renderer: _Renderer, i: int, turn: str, text: str, hits: list[int]) -> int:
     """Among several occurrences of ``text`` in ``turn``, the one the content fills."""
     empty_turn = _turn_with_content(renderer, i, "")
-    for at in hits:
-        if turn[:at] + turn[at + len(text) :] == empty_turn:
-            return at
-    # Scaffolding mostly comes before the content (role headers), so the last
-    # occurrence is the better guess when the blank rendering does not decide.
-    return hits[-1]
+    matches = [at for at in hits if turn[:at] + turn[at + len(text) :] == empty_turn]
+    if len(matches) == 1:
+        return matches[0]
+    raise ValueError(
+        f"the content of message {i} ({renderer.messages[i]['role']}) occurs {len(hits)} times in its "
+        f"rendered turn {turn!r} and the chat template changes it, so which occurrence is the content "
+        f"cannot be decided; use mode='assistant' or mode='everything'"
+    )
 
 
 def _turn_with_content(renderer: _Renderer, i: int, content: str) -> str | None:
