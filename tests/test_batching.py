@@ -10,6 +10,8 @@ Truths here are independent of the collators: per-sample losses come from
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -477,3 +479,17 @@ BAD_OPTIONS = [
 def test_bad_options_raise(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+@pytest.mark.parametrize("make", [lambda: PaddingCollator(0, max_length=4, truncation=True),
+                                  lambda: PackingCollator(4, 0, truncation=True)])
+def test_truncation_that_empties_a_sample_is_reported(make):
+    collate = make()
+    prompt_only_at_start = {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, -100, -100, 5, 6]}
+    fine = {"input_ids": [1, 2, 3], "labels": [1, 2, 3]}
+    with pytest.warns(UserWarning, match=r"left 1 of 2 samples of this batch with no target \(samples \[0\]\)"):
+        batch = collate([prompt_only_at_start, fine])
+    assert int((batch["labels"][..., 1:] != -100).sum()) == 2  # only the second sample's targets
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # truncation that keeps a target says nothing
+        collate([{"input_ids": [1, 2, 3, 4, 5, 6], "labels": [1, 2, 3, 4, 5, 6]}])

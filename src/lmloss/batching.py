@@ -39,6 +39,7 @@ the device in the training loop.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -376,7 +377,8 @@ def _normalize_batch(
     if len(samples) == 0:
         raise ValueError("cannot collate an empty batch: the list of samples is empty")
     keys = None
-    batch = []
+    batch: list[_Sample] = []
+    emptied: list[int] = []
     for i, sample in enumerate(samples):
         if not isinstance(sample, Mapping):
             raise TypeError(f"sample {i} must be a mapping with 'input_ids', got {type(sample).__name__}")
@@ -393,8 +395,24 @@ def _normalize_batch(
                 f"(not counting {sorted(_OPTIONAL_KEYS)}); every sample in a batch must carry the same keys"
             )
         normalized = _normalize_sample(sample, f"sample {i}", ignore_index)
-        batch.append(_fit_length(normalized, f"sample {i}", max_length, truncation))
+        fitted = _fit_length(normalized, f"sample {i}", max_length, truncation)
+        if fitted is not normalized and _has_target(normalized, ignore_index) and not _has_target(fitted, ignore_index):
+            emptied.append(i)
+        batch.append(fitted)
+    if emptied:
+        # Never train a sample as zero without saying so (TRL #3927).
+        warnings.warn(
+            f"truncation to max_length={max_length} left {len(emptied)} of {len(samples)} samples of this batch "
+            f"with no target (samples {emptied[:10]}); they add nothing to the loss. Filter long samples out, "
+            "or encode with lmloss.labels.encode_dataset(max_length=...), which reports or drops them",
+            stacklevel=3,
+        )
     return batch
+
+
+def _has_target(sample: _Sample, ignore_index: int) -> bool:
+    """Whether some label is a target (position 0 never is, with the shift)."""
+    return bool((sample.labels[1:] != ignore_index).any())
 
 
 def _normalize_sample(sample: Mapping[str, Any], where: str, ignore_index: int) -> _Sample:
