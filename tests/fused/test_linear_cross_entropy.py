@@ -294,3 +294,12 @@ def test_no_gradient_work_without_grad():
             linear_cross_entropy(hidden, weight, labels.clamp(min=0), backend="chunked", chunk_size=4)
         per_chunk = [shape for shape in recorder.products if shape[0] <= 4]  # not dW's [V, rows] product
         assert len(per_chunk) == products, recorder.products
+
+
+def test_weight_changed_in_place_before_backward_is_refused():
+    hidden, weight, bias, labels = problem()
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend="chunked")
+    with torch.no_grad():
+        weight.add_(1.0)  # e.g. optimizer.step() before loss.backward()
+    with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+        loss.backward()

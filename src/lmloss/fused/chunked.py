@@ -130,6 +130,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grads = _Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
             losses = _run(hidden, weight, bias, targets, coef, rows, math, chunk_rows, grads)
             ctx.grads, ctx.consumed = grads, False
+            # The gradients are already made: a weight changed in place before backward
+            # (e.g. optimizer.step() too early) would get stale ones. The weight is a live
+            # parameter, so watching its version counter costs nothing.
+            ctx.weight, ctx.weight_version = weight, weight._version
             return losses.sum()
         losses = _run(hidden, weight, bias, targets, coef, rows, math, chunk_rows, None)
         ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
@@ -144,6 +148,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     "forward and scaled in place, so retain_graph is not supported (use backend='reference')"
                 )
             ctx.consumed = True
+            if ctx.weight._version != ctx.weight_version:
+                raise RuntimeError(
+                    "lmloss linear_cross_entropy: the weight was modified in place between forward and "
+                    "backward; its gradients were computed in forward and would be stale"
+                )
             # Drop ctx's reference: AccumulateGrad then adopts the buffers instead of copying them.
             grads, ctx.grads = ctx.grads.scaled_(grad_output), None
         else:
