@@ -7,8 +7,8 @@ import warnings
 import torch
 from torch import nn
 
-from lmloss._validation import check_choice, check_int, check_loss_options
-from lmloss.fused import BACKENDS, Backend, linear_cross_entropy
+from lmloss._validation import check_loss_options
+from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
 from lmloss.reference import Normalize, Reduction, causal_lm_loss
 
 __all__ = ["CausalLMLoss", "LinearCrossEntropyLoss"]
@@ -128,9 +128,7 @@ class LinearCrossEntropyLoss(_LossModule):
         backend: Backend = "auto",
         chunk_size: int | None = None,
     ) -> None:
-        check_choice("backend", backend, BACKENDS)
-        if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
+        check_backend_options(backend, chunk_size)
         super().__init__(
             shift=shift,
             ignore_index=ignore_index,

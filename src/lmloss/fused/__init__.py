@@ -98,13 +98,11 @@ def linear_cross_entropy(
         softcap=softcap,
         normalize=normalize,
     )
-    check_choice("backend", backend, BACKENDS)
+    check_backend_options(backend, chunk_size)
     hidden, weight, bias = _check_linear(*_autocast_inputs(hidden, weight, bias))
     labels = check_labels(labels, hidden.shape[:-1])
     if labels.device != hidden.device:
         raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
-    if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
 
     options = dict(
         shift=shift,
@@ -162,6 +160,13 @@ def _chunked(
     if reduction == "none":
         return to_label_alignment(result.view(labels.shape), shift)
     return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+
+
+def check_backend_options(backend: object, chunk_size: object) -> None:
+    """``backend`` is one of ``BACKENDS``; ``chunk_size`` is None or a positive int."""
+    check_choice("backend", backend, BACKENDS)
+    if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
 
 
 def _autocast_inputs(hidden: object, weight: object, bias: object) -> tuple[object, object, object]:
