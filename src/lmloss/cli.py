@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lmloss.train.command", "fine-tune a causal LM end to end (built-in model and data by default)"),
     "bench": ("lmloss.bench", "benchmark the loss backends side by side with their peers"),
     "check": ("lmloss.check", "audit a dataset's labels before training"),
     "plot": ("lmloss.monitor.plot", "draw the PNG plots of a run directory"),

@@ -1,0 +1,195 @@
+"""End to end: ``lmloss train`` on a tiny config, its files, resume, kill, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmloss.monitor.sinks import read_jsonl
+from lmloss.train import checkpoint as ckpt
+from lmloss.train.config import TrainConfig
+from lmloss.train.loop import train
+
+# Seconds, not minutes: a tiny Qwen2, a 300-token vocabulary, a dozen steps.
+TINY = dict(model="tiny", vocab_size=300, batch_size=4, grad_accum=2, max_length=96, samples=1, max_new_tokens=3,
+            progress="none", lr=1e-2)
+
+
+def tiny(tmp_path: Path, **changes: object) -> TrainConfig:
+    return TrainConfig(**{**TINY, "output_dir": str(tmp_path / "run"), **changes})
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl").records if r["split"] == "train"}
+
+
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["eval/loss"] for r in read_jsonl(run_dir / "metrics.jsonl").records if r["split"] == "eval"}
+
+
+def test_tiny_run_learns_and_writes_its_files(tmp_path):
+    summary = train(tiny(tmp_path, max_steps=16, eval_every=8, save_every=8), log=lambda _: None)
+    run = tmp_path / "run"
+    assert summary["steps"] == 16
+    assert summary["last_train_loss"] < summary["first_train_loss"] - 1.0
+    assert summary["best_eval_loss"] < summary["first_eval_loss"] - 1.0
+    assert summary["tokens_seen"] > summary["target_tokens_seen"] > 0
+    assert summary["tokens_per_second"] > 0
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in ("first_train_loss", "last_train_loss", "best_eval_loss", "tokens_seen", "tokens_per_second", "events"):
+        assert key in on_disk
+    assert sorted(eval_losses(run)) == [0, 8, 16]  # before training, every 8 steps
+    assert TrainConfig(**json.loads((run / "config.json").read_text())) == tiny(tmp_path, max_steps=16,
+                                                                                eval_every=8, save_every=8)
+    assert (run / "plots" / "loss.png").stat().st_size > 10_000
+    assert "## Answers" in (run / "report.md").read_text()
+    samples = json.loads((run / "samples.json").read_text())
+    assert samples["before"][0]["prompt"] == "Where is the capital of China?"
+    assert len(samples["after"]) == 1
+    assert ckpt.latest_checkpoint(run) == run / "checkpoints" / "step-0000016"
+
+
+def test_checkpoint_is_a_loadable_transformers_model(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train(tiny(tmp_path, max_steps=2), log=lambda _: None)
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    assert model.config.vocab_size == len(tokenizer) == 300
+    state = ckpt.load_trainer_state(path)
+    assert state["step"] == 2 and "optimizer" in state and "monitor" in state
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """4 micro-batches of 2 samples per step = 1 micro-batch of 8 samples (same order)."""
+    small = train(tiny(tmp_path / "a", batch_size=2, grad_accum=4, max_steps=4, packing=False), log=lambda _: None)
+    big = train(tiny(tmp_path / "b", batch_size=8, grad_accum=1, max_steps=4, packing=False), log=lambda _: None)
+    a, b = train_losses(tmp_path / "a" / "run"), train_losses(tmp_path / "b" / "run")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6)
+    assert small["last_train_loss"] == pytest.approx(big["last_train_loss"], rel=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stop after step 6 of 12 (a checkpoint, then the process ends), resume: the losses of
+    steps 7..12 equal those of an uninterrupted run, to the bit (float32, CPU)."""
+    whole = tiny(tmp_path / "whole", max_steps=12, save_every=6, eval_every=4)
+    train(whole, log=lambda _: None)
+    part = tiny(tmp_path / "part", max_steps=12, save_every=6, eval_every=4, keep_checkpoints=5)
+    train(part, log=lambda _: None)
+    run = tmp_path / "part" / "run"
+    # Rewind the run to its step-6 checkpoint, as if it had been killed at step 9.
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step-0000012")
+    (run / "checkpoints" / "latest").write_text("step-0000006\n")
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 99, "split": "tr')  # a line cut mid-write by the kill
+    train(TrainConfig(output_dir=str(run), resume=True, progress="none"), log=lambda _: None)
+    assert train_losses(run) == train_losses(tmp_path / "whole" / "run")
+    assert eval_losses(run) == eval_losses(tmp_path / "whole" / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12
+    assert summary["first_train_loss"] == train_losses(run)[1]
+
+
+def test_resume_refuses_changed_math_and_missing_checkpoint(tmp_path):
+    train(tiny(tmp_path, max_steps=2), log=lambda _: None)
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="--lr"):
+        train(TrainConfig(output_dir=run, resume=True, lr=0.5), log=lambda _: None)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny(tmp_path, max_steps=2), log=lambda _: None)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        train(TrainConfig(output_dir=str(tmp_path / "empty"), resume=True), log=lambda _: None)
+
+
+def test_resume_can_extend_the_run(tmp_path):
+    train(tiny(tmp_path, max_steps=3), log=lambda _: None)
+    summary = train(TrainConfig(output_dir=str(tmp_path / "run"), resume=True, max_steps=5, progress="none"),
+                    log=lambda _: None)
+    assert summary["steps"] == 5
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    train(tiny(tmp_path, max_steps=2), log=lambda _: None)
+    run = tmp_path / "run"
+    before = ckpt.latest_checkpoint(run)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C while the optimizer state is being written
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(output_dir=str(run), resume=True, max_steps=3, progress="none"), log=lambda _: None)
+    assert ckpt.latest_checkpoint(run) == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", before.name]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmloss.cli", "train", *args]
+
+
+def _tiny_flags(run: Path, *extra: str) -> list[str]:
+    return ["--output-dir", str(run), "--model", "tiny", "--vocab-size", "300", "--batch-size", "4",
+            "--grad-accum", "2", "--max-length", "96", "--samples", "0", "--progress", "none", "--lr", "0.01", *extra]
+
+
+def test_killed_run_leaves_no_corrupt_checkpoint_and_resumes_exactly(tmp_path):
+    """SIGKILL a real run while it checkpoints every step; every checkpoint left is
+    complete and loadable, and resuming reproduces the uninterrupted losses."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    flags = ("--max-steps", "40", "--save-every", "1", "--eval-every", "10", "--keep-checkpoints", "3")
+    subprocess.run(_cli(*_tiny_flags(whole, *flags)), check=True, capture_output=True)
+    process = subprocess.Popen(_cli(*_tiny_flags(killed, *flags)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while ckpt.latest_checkpoint(killed) is None or ckpt.latest_checkpoint(killed).name < "step-0000005":
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    root = killed / "checkpoints"
+    for path in root.glob("step-*"):  # under a final name: complete
+        assert ckpt.is_complete(path)
+        torch.load(path / "trainer_state.pt", weights_only=True)
+        from safetensors.torch import load_file
+
+        load_file(path / "model.safetensors")
+    subprocess.run(_cli(*_tiny_flags(killed, "--resume")), check=True, capture_output=True)
+    assert not list(root.glob(".step-*"))  # leftovers of the interrupted save are gone
+    assert train_losses(killed) == train_losses(whole)
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    """2 processes x 2 micro-batches per step (DDP, gloo) = 1 process x 4 micro-batches."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli(*_tiny_flags(one, "--max-steps", "4", "--grad-accum", "4", "--packing")), check=True,
+                   capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "lmloss.cli", "train", *_tiny_flags(two, "--max-steps", "4", "--grad-accum", "2",
+                                                                       "--packing")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = train_losses(one), train_losses(two)
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4)
+    assert eval_losses(two)[4] == pytest.approx(eval_losses(one)[4], rel=1e-4)
+    summary_one = json.loads((one / "summary.json").read_text())
+    summary_two = json.loads((two / "summary.json").read_text())
+    assert summary_two["tokens_seen"] == summary_one["tokens_seen"]
