@@ -37,7 +37,8 @@ token-weighted mean over the global batch (pass each rank's *local* mean loss an
 then holds the same global numbers and detects the same events. Every rank must call
 ``update``/``update_eval``/``flush``/``state_dict``/``close`` the same number of
 times, with the same fields (they are collectives when they flush). Only global rank
-0 writes to the sinks unless ``write_sinks`` says otherwise.
+0 writes to the sinks unless ``write_sinks`` says otherwise. A rank that reports
+``tokens=0`` adds nothing to the losses (its own mean, 0/0, may well be NaN).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from lmloss.monitor._buffer import PendingStep, Scalar, check_scalar, is_on_accelerator, read_pending
+from lmloss.monitor._buffer import PendingStep, Scalar, check_scalar, is_on_accelerator, is_weighted, read_pending
 from lmloss.monitor.detectors import (
     ConvergedDetector,
     ConvergedRule,
@@ -499,7 +501,7 @@ class LossMonitor:
                 if not isinstance(name, str) or not name or "/" in name:
                     raise ValueError(f"terms names must be non-empty strings without '/', got {name!r}")
                 values[f"term/{name}"] = check_scalar(f"terms[{name!r}]", value)
-        return values
+        return values if self.group is None else _without_empty_share(values)
 
     def _writes(self) -> bool:
         if self.write_sinks is not None:
@@ -540,6 +542,30 @@ def _non_finite(step: int, split: str, v: dict[str, float]) -> list[Event]:
     metric = f"{split}/{bad[0][0]}"
     message = f"step {step}: non-finite {split} value(s): {described}"
     return [Event(step, "nan", message, split, metric, bad[0][1], None)]
+
+
+def _without_empty_share(values: dict[str, Scalar]) -> dict[str, Scalar]:
+    """Under a group, a rank with ``tokens == 0`` adds 0 to the token-weighted losses.
+
+    Its local mean is an empty mean, often 0/0 = NaN, and NaN * 0 tokens is still NaN:
+    left as it is, one rank without a target would make the global loss NaN.
+    """
+    tokens = values.get("tokens")
+    if tokens is None:
+        return values
+    return {name: _zero_without_tokens(v, tokens) if is_weighted(name) else v for name, v in values.items()}
+
+
+def _zero_without_tokens(value: Scalar, tokens: Scalar) -> Scalar:
+    if not isinstance(tokens, torch.Tensor) or tokens.device.type == "cpu":
+        # Reading a host number costs no device synchronisation.
+        if float(tokens) > 0:
+            return value
+        return torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0.0
+    # Tokens on an accelerator: decide there, without reading (the flush reads once).
+    value = torch.as_tensor(value, dtype=value.dtype if isinstance(value, torch.Tensor) else torch.float64,
+                            device=tokens.device)
+    return torch.where(tokens > 0, value, torch.zeros_like(value))
 
 
 def _replace(stats: MonitorStats, **changes: Any) -> MonitorStats:

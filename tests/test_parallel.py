@@ -1,0 +1,432 @@
+"""Vocab-parallel cross-entropy on two real gloo processes, against a float64 one-process truth.
+
+One launch runs every case (options x reductions x both entry points x dtypes, uneven
+shards, a shard with no target, an all-masked batch, bad input); the parent process
+computes the truth with PyTorch's own cross_entropy on the full logits
+(``_truth.naive_loss``) and autograd, and compares losses, the hidden-state gradient,
+the concatenated weight-shard gradients and the number of collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _dist import run_gloo
+from _truth import naive_loss
+from lmloss import causal_lm_loss, validation
+from lmloss import parallel
+from lmloss.parallel import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+    vocab_shard_bounds,
+)
+
+V, D, B, T = 23, 8, 2, 6
+SHARDS = [(0, 9), (9, 23)]  # uneven on purpose: 9 and 14 rows
+CHUNK = 4
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
+    "broadcast", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+    "barrier", "gather", "scatter",
+)
+
+
+# --- data and cases -------------------------------------------------------------------------
+
+
+def make_data() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    weight = 1.5 * torch.randn(V, D, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 2] = labels[1, 4] = -100
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    weights[1, 1] = 0.0
+    high = torch.randint(SHARDS[1][0], V, (B, T), generator=g)  # every target on rank 1's shard
+    high[0, 3] = -100
+    custom = labels.clone()
+    custom[custom == -100] = -1
+    return {
+        "hidden": hidden, "weight": weight, "weights": weights,
+        "upstream": torch.randn(B, T, generator=g, dtype=torch.float64),
+        "labels/default": labels, "labels/high": high, "labels/custom": custom,
+        "labels/masked": torch.full((B, T), -100),
+    }
+
+
+OPTION_SETS: list[dict[str, Any]] = [
+    {},
+    {"shift": False},
+    {"label_smoothing": 0.1},
+    {"z_loss": 0.02},
+    {"softcap": 2.0},
+    {"token_weights": "weights"},
+    {"normalize": "sequence"},
+    {"num_items_in_batch": 37.0},
+    {"ignore_index": -1, "labels": "custom"},
+    {"label_smoothing": 0.2, "z_loss": 0.05, "softcap": 3.0, "token_weights": "weights", "normalize": "sequence",
+     "num_items_in_batch": 5},
+]
+ALL_ON = OPTION_SETS[-1]
+
+
+def make_cases() -> list[dict[str, Any]]:
+    cases = []
+    for reduction in ("mean", "sum", "none"):
+        for i, options in enumerate(OPTION_SETS):
+            for api in ("linear", "logits"):
+                layout = "given" if i % 2 else "gathered"
+                cases.append({"api": api, "reduction": reduction, "options": options, "layout": layout,
+                              "dtype": torch.float64, "chunk": CHUNK if i % 3 else None})
+        for api in ("linear", "logits"):
+            cases.append({"api": api, "reduction": reduction, "options": ALL_ON, "layout": "gathered",
+                          "dtype": torch.float32, "chunk": CHUNK})
+            cases.append({"api": api, "reduction": reduction, "options": ALL_ON, "layout": "given",
+                          "dtype": torch.bfloat16, "chunk": CHUNK})
+            cases.append({"api": api, "reduction": reduction, "options": {"labels": "high", "label_smoothing": 0.1},
+                          "layout": "given", "dtype": torch.float64, "chunk": CHUNK})
+            cases.append({"api": api, "reduction": reduction, "options": {"labels": "masked", "z_loss": 0.1},
+                          "layout": "given", "dtype": torch.float64, "chunk": CHUNK})
+            cases.append({"api": api, "reduction": reduction, "options": {"labels": "masked"},
+                          "layout": "gathered", "dtype": torch.float32, "chunk": None})
+            cases.append({"api": api, "reduction": reduction, "options": ALL_ON, "layout": "given",
+                          "dtype": torch.float64, "chunk": CHUNK, "static": True})
+    # Rank 0 holds no row at all (an extreme of uneven shards).
+    for api in ("linear", "logits"):
+        cases.append({"api": api, "reduction": "mean", "options": {"label_smoothing": 0.1, "z_loss": 0.01},
+                      "layout": "gathered", "dtype": torch.float64, "chunk": CHUNK, "shards": [(0, 0), (0, V)]})
+    # Uneven shards with the default chunk size must still run the same number of chunks.
+    cases.append({"api": "linear", "reduction": "mean", "options": {}, "layout": "given", "dtype": torch.float64,
+                  "chunk": None, "tiny_budget": True})
+    return cases
+
+
+def resolve(options: dict[str, Any], data: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Labels and loss options of a case (weights in float64: the losses take them as constants)."""
+    kwargs = {k: v for k, v in options.items() if k != "labels"}
+    if kwargs.get("token_weights") == "weights":
+        kwargs["token_weights"] = data["weights"]
+    return data[f"labels/{options.get('labels', 'default')}"], kwargs
+
+
+# --- the worker: two ranks, one shard each ---------------------------------------------------
+
+
+class CollectiveCounter:
+    """Counts the outermost torch.distributed collective calls (a wrapper calling another counts once)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._depth = 0
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> CollectiveCounter:
+        for name in COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is not None:
+                self._saved[name] = original
+                setattr(dist, name, self._wrap(name, original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+    def _wrap(self, name: str, original: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self._depth == 0:
+                self.calls.append(name)
+            self._depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def take(self) -> list[str]:
+        calls, self.calls = self.calls, []
+        return calls
+
+
+def _run_case(case: dict[str, Any], data: dict[str, torch.Tensor], rank: int, counter: CollectiveCounter) -> dict:
+    start, stop = case.get("shards", SHARDS)[rank]
+    dtype = case["dtype"]
+    labels, kwargs = resolve(case["options"], data)
+    layout = {"vocab_start": start, "vocab_size": V} if case["layout"] == "given" else {}
+    hidden = data["hidden"].to(dtype).clone().requires_grad_()
+    # The logits form sizes its chunks locally: a tiny budget gives 6-row chunks on rank 0
+    # and 4-row chunks on rank 1 (it gathers once per call whatever the chunks).
+    chunk_bytes = 4 * 14 * 8 if case["chunk"] else parallel._CHUNK_BYTES
+    min_rows = parallel._MIN_CHUNK_ROWS
+    if case.get("tiny_budget"):
+        # The fused form's default chunk then follows from the hidden states' own size:
+        # 12 rows * 8 * 8 bytes over 8 bytes * ceil(23 / 2) columns = 8 rows on *both* ranks.
+        chunk_bytes, min_rows = 1, 1
+    counter.take()
+    with validation(not case.get("static", False)), mock.patch.object(parallel, "_CHUNK_BYTES", chunk_bytes), \
+            mock.patch.object(parallel, "_MIN_CHUNK_ROWS", min_rows):
+        if case["api"] == "linear":
+            shard = data["weight"][start:stop].to(dtype).clone().requires_grad_()
+            loss = vocab_parallel_linear_cross_entropy(
+                hidden, shard, labels, group=dist.group.WORLD, reduction=case["reduction"],
+                chunk_size=case["chunk"], **layout, **kwargs)
+        else:
+            full = (data["hidden"] @ data["weight"].T).to(dtype)
+            shard = full[..., start:stop].clone().requires_grad_()
+            loss = vocab_parallel_cross_entropy(
+                shard, labels, group=dist.group.WORLD, reduction=case["reduction"], **layout, **kwargs)
+    forward_calls = counter.take()
+    if case["reduction"] == "none":
+        (loss * data["upstream"].to(dtype)).sum().backward()
+    else:
+        loss.backward()
+    return {
+        "loss": loss.detach(), "dtype": loss.dtype, "requires_grad": loss.requires_grad,
+        "hidden_grad": hidden.grad, "shard_grad": shard.grad,
+        "forward_calls": forward_calls, "backward_calls": counter.take(),
+    }
+
+
+def _errors(data: dict[str, torch.Tensor], rank: int) -> list[str]:
+    """Bad input raises on every rank alike (so no rank waits in a collective for the other)."""
+    start, stop = SHARDS[rank]
+    hidden, shard = data["hidden"], data["weight"][start:stop]
+    labels = data["labels/default"].clone()
+    labels[1, 2] = V
+    attempts = [
+        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, labels, group=None),
+        # rank 1 claims to start at 10: a gap at row 9, seen by both after the gather
+        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
+                                                    vocab_start=start if rank == 0 else 10),
+        lambda: vocab_parallel_cross_entropy(hidden @ shard.T, data["labels/default"], group=None, vocab_size=V + 1),
+        lambda: vocab_parallel_linear_cross_entropy(hidden, shard.float(), data["labels/default"], group=None,
+                                                    vocab_start=start, vocab_size=V),
+        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
+                                                    vocab_start=start, vocab_size=V, chunk_size=0),
+    ]
+    messages = []
+    for attempt in attempts:
+        try:
+            attempt()
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
+def _worker(rank: int, world_size: int, data: dict[str, torch.Tensor], cases: list[dict[str, Any]]) -> dict:
+    errors = _errors(data, rank)
+    with CollectiveCounter() as counter:
+        results = [_run_case(case, data, rank, counter) for case in cases]
+    return {"errors": errors, "results": results}
+
+
+# --- the truth ---------------------------------------------------------------------------------
+
+
+def truth(case: dict[str, Any], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float64 loss and gradients of the full problem, on the inputs rounded to the case's dtype."""
+    labels, kwargs = resolve(case["options"], data)
+    hidden = data["hidden"].to(case["dtype"]).double().clone().requires_grad_()
+    weight = data["weight"].to(case["dtype"]).double().clone().requires_grad_()
+    if case["api"] == "linear":
+        logits = hidden @ weight.T
+    else:
+        logits = (data["hidden"] @ data["weight"].T).to(case["dtype"]).double().clone().requires_grad_()
+    logits.retain_grad()
+    loss = naive_loss(logits, labels, reduction=case["reduction"], **kwargs)
+    spec = causal_lm_loss(logits.detach(), labels, reduction=case["reduction"], **kwargs)
+    torch.testing.assert_close(spec, loss, rtol=1e-12, atol=1e-12)  # the spec agrees with the truth here
+    if case["reduction"] == "none":
+        (loss * data["upstream"]).sum().backward()
+    else:
+        loss.backward()
+    return {"loss": loss.detach(), "hidden": hidden.grad, "weight": weight.grad, "logits": logits.grad}
+
+
+def scored_rows(case: dict[str, Any], data: dict[str, torch.Tensor]) -> int:
+    """Positions with a target and a non-zero weight: the rows the chunk loop visits."""
+    labels, kwargs = resolve(case["options"], data)
+    if case.get("static"):
+        return labels.numel()
+    ignore = kwargs.get("ignore_index", -100)
+    weights = kwargs.get("token_weights", torch.ones(labels.shape, dtype=torch.float64))
+    if kwargs.get("shift", True):
+        labels, weights = labels[:, 1:], weights[:, 1:]
+    return int(((labels != ignore) & (weights != 0)).sum())
+
+
+def expected_calls(case: dict[str, Any], data: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    n = scored_rows(case, data)
+    layout = [gather] if case["layout"] == "gathered" else []
+    if case["api"] == "logits":
+        return layout + ([gather] if n else []), []
+    # The default chunk holds every row of these tiny inputs, or 8 rows under a tiny budget.
+    chunk = case["chunk"] or (8 if case.get("tiny_budget") else B * T)
+    return layout + [gather] * math.ceil(n / chunk), ["all_reduce"] if n else []
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The truth runs on tiny tensors: a second OpenMP thread on a busy 2-core machine
+    only spins (cross_entropy went from 50 us to 70 ms per call)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def launched() -> tuple[dict, list[dict], list[dict]]:
+    data, cases = make_data(), make_cases()
+    return data, cases, run_gloo(_worker, 2, data, cases)
+
+
+def _tolerance(case: dict[str, Any]) -> dict[str, float]:
+    return {"rtol": 1e-10, "atol": 1e-12} if case["dtype"] == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
+
+
+@pytest.mark.distributed
+def test_every_option_matches_the_one_process_truth(launched):
+    data, cases, ranks = launched
+    assert len(cases) > 80
+    for i, case in enumerate(cases):
+        if case["dtype"] == torch.bfloat16:
+            continue  # see the next test
+        expected = truth(case, data)
+        got = [r["results"][i] for r in ranks]
+        where = f"case {i}: {case}"
+        for result in got:
+            assert result["dtype"] == (torch.float64 if case["dtype"] == torch.float64 else torch.float32), where
+            assert result["requires_grad"], where
+            torch.testing.assert_close(result["loss"].double(), expected["loss"], **_tolerance(case), msg=where)
+        if case["api"] == "linear":
+            for result in got:  # the full hidden gradient on every rank: all-reduced inside
+                torch.testing.assert_close(result["hidden_grad"].double(), expected["hidden"], **_tolerance(case),
+                                           msg=where)
+            weight_grad = torch.cat([r["shard_grad"] for r in got]).double()
+            torch.testing.assert_close(weight_grad, expected["weight"], **_tolerance(case), msg=where)
+        else:
+            logits_grad = torch.cat([r["shard_grad"] for r in got], dim=-1).double()
+            torch.testing.assert_close(logits_grad, expected["logits"], **_tolerance(case), msg=where)
+
+
+def naive_same_dtype(case: dict[str, Any], data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain path in the case's dtype: products in that dtype, then ``causal_lm_loss``."""
+    labels, kwargs = resolve(case["options"], data)
+    dtype = case["dtype"]
+    hidden = data["hidden"].to(dtype).clone().requires_grad_()
+    weight = data["weight"].to(dtype).clone().requires_grad_()
+    if case["api"] == "linear":
+        logits = hidden @ weight.T
+    else:
+        logits = (data["hidden"] @ data["weight"].T).to(dtype).clone().requires_grad_()
+    logits.retain_grad()
+    loss = causal_lm_loss(logits, labels, reduction=case["reduction"], **kwargs)
+    if case["reduction"] == "none":
+        (loss * data["upstream"].to(dtype)).sum().backward()
+    else:
+        loss.backward()
+    return {"loss": loss.detach(), "hidden": hidden.grad, "weight": weight.grad, "logits": logits.grad}
+
+
+@pytest.mark.distributed
+def test_bfloat16_is_no_worse_than_the_naive_bfloat16_path(launched):
+    """The tolerance rule: the error against the float64 truth stays within that of the plain
+    same-dtype computation (bf16 products, float32 loss math), plus a small margin."""
+    data, cases, ranks = launched
+    low = [i for i, c in enumerate(cases) if c["dtype"] == torch.bfloat16]
+    assert len(low) == 6
+    for i in low:
+        case, expected, naive = cases[i], truth(cases[i], data), naive_same_dtype(cases[i], data)
+        got = [r["results"][i] for r in ranks]
+        if case["api"] == "linear":
+            pairs = [("loss", got[0]["loss"]), ("hidden", got[0]["hidden_grad"]), ("hidden", got[1]["hidden_grad"]),
+                     ("weight", torch.cat([r["shard_grad"] for r in got]))]
+        else:
+            pairs = [("loss", got[0]["loss"]), ("logits", torch.cat([r["shard_grad"] for r in got], dim=-1))]
+        assert all(r["dtype"] == torch.float32 for r in got)  # float32 math, float32 loss
+        for name, ours in pairs:
+            ours_error = float((ours.double() - expected[name]).abs().max())
+            naive_error = float((naive[name].double() - expected[name]).abs().max())
+            scale = float(expected[name].abs().max())
+            assert ours_error <= 2 * naive_error + 1e-3 * scale, (i, case, name, ours_error, naive_error)
+
+
+@pytest.mark.distributed
+def test_all_masked_batches_are_an_attached_zero_with_zero_gradients(launched):
+    data, cases, ranks = launched
+    masked = [i for i, c in enumerate(cases) if c["options"].get("labels") == "masked"]
+    assert len(masked) == 12
+    for i in masked:
+        for rank in ranks:
+            result = rank["results"][i]
+            assert result["requires_grad"] and not result["loss"].isnan().any()
+            assert float(result["loss"].abs().sum()) == 0.0
+            assert float(result["shard_grad"].abs().sum()) == 0.0
+            assert result["hidden_grad"] is None or float(result["hidden_grad"].abs().sum()) == 0.0
+
+
+@pytest.mark.distributed
+def test_a_rank_that_owns_no_target_still_gets_its_gradient(launched):
+    data, cases, ranks = launched
+    high = [i for i, c in enumerate(cases) if c["options"].get("labels") == "high"]
+    assert high and int((data["labels/high"][data["labels/high"] >= 0] < SHARDS[1][0]).sum()) == 0
+    for i in high:
+        # Rank 0 holds none of the targets, yet its rows get the softmax part of the gradient.
+        assert float(ranks[0]["results"][i]["shard_grad"].abs().sum()) > 0.0
+
+
+@pytest.mark.distributed
+def test_number_of_collectives_per_call(launched):
+    data, cases, ranks = launched
+    for i, case in enumerate(cases):
+        forward, backward = expected_calls(case, data)
+        for rank in ranks:
+            assert rank["results"][i]["forward_calls"] == forward, (i, case)
+            assert rank["results"][i]["backward_calls"] == backward, (i, case)
+    # Every option, 4-token chunks, layout gathered: 10 positions - 2 ignored - 1 zero weight = 7 scored
+    # rows, so 1 layout gather + 2 chunk gathers in forward and 1 all-reduce in backward.
+    big = next(i for i, c in enumerate(cases) if c["options"] is ALL_ON and c["dtype"] == torch.float32
+               and c["api"] == "linear" and c["reduction"] == "mean")
+    assert len(ranks[0]["results"][big]["forward_calls"]) == 1 + math.ceil(scored_rows(cases[big], data) / CHUNK) == 3
+    assert ranks[0]["results"][big]["backward_calls"] == ["all_reduce"]
+
+
+@pytest.mark.distributed
+def test_bad_input_raises_on_every_rank(launched):
+    _, _, ranks = launched
+    for rank in ranks:
+        label, gap, total, dtype, chunk = rank["errors"]
+        assert "labels[1, 2] = 23 is outside the vocabulary [0, 23)" in label
+        assert "must tile [0, V) without gap or overlap: rank 1 starts at 10" in gap
+        assert "vocab_size=24 but the shards of the group add up to 23" in total
+        assert "must have the same dtype" in dtype
+        assert "chunk_size must be >= 1" in chunk
+
+
+def test_vocab_shard_bounds_tile_the_vocabulary():
+    assert [vocab_shard_bounds(23, 2, r) for r in range(2)] == [(0, 12), (12, 23)]
+    assert [vocab_shard_bounds(10, 4, r) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert [vocab_shard_bounds(2, 3, r) for r in range(3)] == [(0, 1), (1, 2), (2, 2)]
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        vocab_shard_bounds(10, 2, 2)
+
+
+def test_without_torch_distributed_the_error_says_so():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="need torch.distributed initialized"):
+        vocab_parallel_linear_cross_entropy(
+            torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), group=None
+        )
