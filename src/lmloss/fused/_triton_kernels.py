@@ -1,0 +1,371 @@
+"""Triton kernels of the fused linear cross-entropy (``lmloss.fused.triton`` launches them).
+
+Three kernels share the per-logit math through small ``@jit`` helpers:
+
+- ``row_loss_grad_kernel`` (speed mode): one program per row of a logits chunk that
+  a vendor matrix product already wrote. Sweep 1 reads the row block by block and
+  keeps an online max and sum of exponentials (float32), the target logit and the
+  sum of the logits; sweep 2 overwrites the row with the gradient of the loss with
+  respect to the raw logits.
+- ``lowmem_forward_kernel`` / ``lowmem_backward_kernel`` (memory mode): the logits
+  exist only as ``[BLOCK_M, BLOCK_V]`` tiles of ``h @ W^T`` in registers. Forward
+  writes per-row partial log-sum-exp statistics (one set per vocabulary split);
+  backward recomputes each tile, forms its gradient and adds ``dz @ W`` into ``dh``
+  and ``dz^T @ h`` into ``dW`` with float32 atomics (as Cut Cross-Entropy does).
+
+Per-logit math (``z`` after the softcap, ``L`` the row's log-sum-exp, ``e`` the label
+smoothing, ``c`` the z-loss coefficient, ``g`` the row's gradient factor)::
+
+    loss    = (1 - e) * (L - z_y) + e * (L - sum(z) / V) + c * L^2
+    dloss/dz = g * ((1 + 2cL) * softmax(z) - (1 - e) * onehot(y) - e / V)
+    softcap s: z = s * tanh(r / s), dz/dr = 1 - tanh^2 = 4t / (1 + t)^2, t = exp(-2|r|/s)
+
+Interpreter: with ``TRITON_INTERPRET=1`` in the environment *before* ``triton`` is
+imported, these kernels run on CPU tensors under the Triton interpreter (Triton's own
+``tl.max``/``tl.sum``/``tl.zeros`` are ``@jit`` functions, interpreted only when the
+variable was set at import: the mode is per process). Only Triton 3.6 language
+features are used. The interpreter multiplies bf16 operands of ``tl.dot`` as raw bits
+(Triton 3.7), so under it ``DOT_IN_FP32`` widens them first: exact, since a product
+of two bf16 numbers fits a float32.
+"""
+
+# No `from __future__ import annotations` here: Triton reads the tl.constexpr annotations.
+import triton
+import triton.language as tl
+
+
+# --- shared per-logit math -------------------------------------------------------------
+
+
+@triton.jit
+def _softcap(r, softcap):
+    """``(s * tanh(r / s), d/dr of it)``; tanh from one exp, stable for any ``|r|``."""
+    t = tl.exp(-2.0 * tl.abs(r) / softcap)
+    magnitude = (1.0 - t) / (1.0 + t)
+    capped = softcap * tl.where(r < 0, -magnitude, magnitude)
+    derivative = 4.0 * t / ((1.0 + t) * (1.0 + t))
+    return capped, derivative
+
+
+@triton.jit
+def _logit_grad(
+    z,
+    derivative,
+    is_target,
+    g,
+    lse,
+    inv_vocab,
+    label_smoothing,
+    z_loss,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """``g * d(loss)/d(raw logit)``; ``g`` and ``lse`` broadcast against ``z``."""
+    p = tl.exp(z - lse)
+    if HAS_Z_LOSS:
+        p = p * (1.0 + 2.0 * z_loss * lse)
+    if HAS_SMOOTHING:
+        dz = g * (p - tl.where(is_target, 1.0 - label_smoothing, 0.0) - label_smoothing * inv_vocab)
+    else:
+        dz = g * (p - tl.where(is_target, 1.0, 0.0))
+    if HAS_SOFTCAP:
+        dz = dz * derivative
+    return dz
+
+
+@triton.jit
+def _online_lse(m, s, z, axis: tl.constexpr):
+    """Fold a block ``z`` (masked entries ``-inf``) into the running max ``m`` and sum ``s``.
+
+    A block with no finite entry (a padding tile) leaves ``m``/``s`` unchanged: the
+    shift falls back to 0 where the new max is still ``-inf``, so no ``inf - inf``.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if axis == 1:
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis)
+    else:
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis)
+    return m_new, s
+
+
+# --- speed mode: the loss and gradient of a logits chunk, in place ------------------------
+
+
+@triton.jit
+def row_loss_grad_kernel(
+    Z,
+    DZ,
+    BIAS,
+    Y,
+    G,
+    LOSS,
+    stride_z,
+    stride_dz,
+    V,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row of ``Z [c, V]`` (raw logits, bias not yet added).
+
+    Writes ``LOSS[row]`` (the unweighted loss) and, with ``COMPUTE_GRAD``,
+    ``DZ[row, :] = G[row] * dloss/dZ[row, :]`` (``DZ`` may be ``Z`` itself: every
+    element is read in sweep 2 before it is overwritten).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    z_row = Z + row * stride_z
+    y = tl.load(Y + row)
+    inv_vocab = 1.0 / V
+    # Python floats become float32 scalars carried through the loop (as in Liger's kernel).
+    m = float("-inf")
+    s = 0.0
+    target = 0.0
+    total = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z, _ = _softcap(z, softcap)
+        target += tl.sum(tl.where(cols == y, z, 0.0), 0)
+        if HAS_SMOOTHING:
+            total += tl.sum(tl.where(mask, z, 0.0), 0)
+        m, s = _online_lse(m, s, tl.where(mask, z, float("-inf")), 0)
+    lse = m + tl.log(s)
+    loss = lse - target
+    if HAS_SMOOTHING:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - total * inv_vocab)
+    if HAS_Z_LOSS:
+        loss += z_loss * lse * lse
+    tl.store(LOSS + row, loss)
+    if COMPUTE_GRAD:
+        g = tl.load(G + row).to(tl.float32)
+        dz_row = DZ + row * stride_dz
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+            derivative = z  # unused unless HAS_SOFTCAP
+            if HAS_SOFTCAP:
+                z, derivative = _softcap(z, softcap)
+            dz = _logit_grad(
+                z, derivative, cols == y, g, lse, inv_vocab, label_smoothing, z_loss,
+                HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+            )  # fmt: skip
+            tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+# --- memory mode: logits tiles that never leave the chip ----------------------------------
+
+
+@triton.jit
+def _row_block(ROWS, n_rows, pid_m, HAS_ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Compact indices ``[BLOCK_M]`` of this program's rows, their mask, and their rows of ``H``."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < n_rows
+    if HAS_ROWS:
+        rows = tl.load(ROWS + offs_m, mask=row_mask, other=0).to(tl.int64)
+    else:
+        rows = offs_m.to(tl.int64)
+    return offs_m, row_mask, rows
+
+
+@triton.jit
+def _logits_tile(
+    H,
+    W,
+    BIAS,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    D,
+    stride_h,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """``[BLOCK_M, BLOCK_V]`` float32 tile of ``H[rows] @ W[cols]^T + BIAS[cols]``."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    w_rows = cols.to(tl.int64) * stride_w  # int64: V * D may pass 2**31
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        h = tl.load(H + rows[:, None] * stride_h + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(W + w_rows[:, None] + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def lowmem_forward_kernel(
+    H,
+    W,
+    BIAS,
+    ROWS,
+    Y,
+    PART_MAX,
+    PART_SUM,
+    PART_TARGET,
+    PART_TOTAL,
+    n_rows,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    softcap,
+    blocks_per_split,
+    HAS_BIAS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """Grid ``(row blocks, splits)``: split ``j`` visits vocabulary blocks ``j, j+S, j+2S, ...``.
+
+    Writes, at ``[j, i]`` for compact row ``i``: the running max and sum of
+    ``exp(z - max)`` over the split's columns, the target logit if it lies there
+    (else 0), and the sum of the logits (label smoothing). ``Y`` is compact.
+    """
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_m, row_mask, rows = _row_block(ROWS, n_rows, pid_m, HAS_ROWS, BLOCK_M)
+    y = tl.load(Y + offs_m, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    target = tl.zeros((BLOCK_M,), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    for i in range(0, blocks_per_split):
+        cols = (i * n_splits + split) * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logits_tile(
+            H, W, BIAS, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
+            HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
+        )  # fmt: skip
+        if HAS_SOFTCAP:
+            z, _ = _softcap(z, softcap)
+        target += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        if HAS_SMOOTHING:
+            total += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        m, s = _online_lse(m, s, tl.where(col_mask[None, :], z, float("-inf")), 1)
+    out = split * n_rows + offs_m
+    tl.store(PART_MAX + out, m, mask=row_mask)
+    tl.store(PART_SUM + out, s, mask=row_mask)
+    tl.store(PART_TARGET + out, target, mask=row_mask)
+    if HAS_SMOOTHING:
+        tl.store(PART_TOTAL + out, total, mask=row_mask)
+
+
+@triton.jit
+def lowmem_backward_kernel(
+    H,
+    W,
+    BIAS,
+    ROWS,
+    Y,
+    G,
+    LSE,
+    DH,
+    DW,
+    DB,
+    n_rows,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    stride_dh,
+    stride_dw,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    NEED_DH: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """Grid ``(row blocks, vocabulary blocks)``: recompute one logits tile, form its
+    gradient ``dz`` (``G`` and ``LSE`` per compact row), and add ``dz @ W`` to
+    ``DH[rows]``, ``dz^T @ H[rows]`` to ``DW[cols]`` and ``sum(dz)`` to ``DB[cols]``
+    (float32 buffers, atomic adds: other programs update the same rows and columns).
+    """
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_m, row_mask, rows = _row_block(ROWS, n_rows, pid_m, HAS_ROWS, BLOCK_M)
+    y = tl.load(Y + offs_m, mask=row_mask, other=-1)
+    g = tl.load(G + offs_m, mask=row_mask, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    z = _logits_tile(
+        H, W, BIAS, rows, row_mask, cols, col_mask, D, stride_h, stride_w,
+        HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_IN_FP32,
+    )  # fmt: skip
+    derivative = z  # unused unless HAS_SOFTCAP
+    if HAS_SOFTCAP:
+        z, derivative = _softcap(z, softcap)
+    dz = _logit_grad(
+        z, derivative, cols[None, :] == y[:, None], g[:, None], lse[:, None], 1.0 / V, label_smoothing, z_loss,
+        HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+    )  # fmt: skip
+    # Padding rows and columns (and rows with g = 0) contribute exactly nothing.
+    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    if NEED_DB:
+        tl.atomic_add(DB + cols, tl.sum(dz, 0), mask=col_mask)
+    # The two products take dz in the inputs' dtype (tensor cores for bf16), float32 out.
+    dz_in = dz.to(W.dtype.element_ty)
+    if DOT_IN_FP32:
+        dz_in = dz_in.to(tl.float32)
+    w_rows = cols.to(tl.int64) * stride_w  # int64: V * D may pass 2**31
+    dw_rows = cols.to(tl.int64) * stride_dw
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        if NEED_DH:
+            w = tl.load(W + w_rows[:, None] + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_IN_FP32:
+                w = w.to(tl.float32)
+            dh = tl.dot(dz_in, w, input_precision=DOT_PRECISION)
+            dh_ptr = DH + rows[:, None] * stride_dh + ds[None, :]
+            tl.atomic_add(dh_ptr, dh, mask=row_mask[:, None] & d_mask[None, :])
+        if NEED_DW:
+            h = tl.load(H + rows[:, None] * stride_h + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_IN_FP32:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION)
+            dw_ptr = DW + dw_rows[:, None] + ds[None, :]
+            tl.atomic_add(dw_ptr, dw, mask=col_mask[:, None] & d_mask[None, :])

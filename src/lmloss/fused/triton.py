@@ -1,0 +1,613 @@
+"""Triton backends of ``linear_cross_entropy``: ``"triton"`` (speed) and ``"triton-lowmem"`` (memory).
+
+Both follow the contract of :func:`lmloss.causal_lm_loss` on ``hidden @ weight.T + bias``
+and share the target planning of the chunked backend (``plan_targets``: shift,
+ignore_index, token weights, sequence normalization folded into one coefficient per
+position). They differ in where the ``[tokens, vocab]`` logits live:
+
+``"triton"`` (Liger-style): chunks of tokens; each chunk's logits come from the vendor
+matrix product (cuBLAS; on CUDA with bf16/fp16 inputs ``torch.mm(..., out_dtype=float32)``
+when this PyTorch has it, so the logits are not rounded), then ONE Triton kernel per
+chunk computes every row's loss (online log-sum-exp in float32, target logit, logit
+sum, z-loss, softcap) and, in a second sweep of the row, overwrites the chunk buffer
+with the gradient of the logits (in the inputs' dtype, computed in float32). Two more
+products give ``dh = dz @ W`` and ``dW += dz^T @ h`` (float32 accumulation). With
+``reduction="sum"``/``"mean"`` the gradients are complete after forward and backward
+only scales them; with ``"none"`` backward recomputes the chunks with each token's
+upstream gradient folded in (Liger #968).
+
+``"triton-lowmem"`` (Cut Cross-Entropy-style): logits exist only as register tiles.
+Forward writes per-row log-sum-exp statistics (``O(tokens)`` memory); backward
+recomputes the tiles and accumulates ``dh`` and ``dW`` with float32 atomics. Memory on
+top of inputs and gradients: float32 ``dh``/``dW`` accumulators and a few ``[tokens]``
+vectors. Backward may run more than once (``retain_graph`` works).
+
+Ignored targets. With value checks on (the default) the scored rows are found with
+one ``nonzero`` (a host synchronisation on GPU) and only they enter the products:
+the speed mode gathers them chunk by chunk, the memory mode reads them through an
+index vector. Under ``lmloss.validation(False)`` nothing synchronises: every row is
+computed and the unscored ones get a zero coefficient (static shapes, for CUDA graphs
+and ``torch.compile``). A device-side compaction (a sort that moves scored rows
+first) would avoid the sync but not the work: the number of chunks, and so the size
+of the products, would still have to be read on the host, so it buys nothing here.
+
+On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1``
+set before ``triton`` is imported; slow, for tests): otherwise a ``ValueError``.
+float64 inputs use the chunked backend (the kernels compute in float32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+import triton
+
+from lmloss._validation import check_label_range, check_num_items, check_token_weights, value_checks_enabled
+from lmloss.fused.chunked import LossMath, chunked_linear_cross_entropy, default_chunk_rows
+from lmloss.reference import Normalize, Reduction, mean_over_items, plan_targets, to_label_alignment
+
+__all__ = [
+    "TRITON_BACKENDS",
+    "triton_linear_cross_entropy",
+    "triton_rows_linear_cross_entropy",
+    "lowmem_rows_linear_cross_entropy",
+    "interpreting",
+    "kernels_for",
+    "tiles_for",
+    "math_constexprs",
+]
+
+TRITON_BACKENDS: tuple[str, ...] = ("triton", "triton-lowmem")
+
+# aten::mm.dtype / addmm.dtype (bf16 in, float32 out) exist on CUDA from PyTorch 2.8 on.
+_HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
+def triton_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_size: int | None,
+    *,
+    lowmem: bool = False,
+    shift: bool,
+    ignore_index: int,
+    reduction: Reduction,
+    num_items_in_batch: torch.Tensor | int | float | None,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    token_weights: torch.Tensor | None,
+    normalize: Normalize,
+    **other_options: Any,
+) -> torch.Tensor:
+    """The ``"triton"`` (``lowmem=False``) or ``"triton-lowmem"`` backend on checked inputs.
+
+    Called by ``lmloss.linear_cross_entropy`` exactly like its chunked backend, after
+    it has checked shapes, dtypes and options (and turned autocast off).
+
+    Args:
+        hidden: ``[..., T, D]`` hidden states; weight: ``[V, D]``; bias: ``[V]`` or None.
+        labels: ``[..., T]`` integer labels.
+        chunk_size: tokens per chunk of the speed mode (default from a memory budget);
+            the memory mode has no chunks and ignores it.
+        lowmem: ``True`` for ``"triton-lowmem"``.
+        shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
+        softcap, token_weights, normalize: as in :func:`lmloss.causal_lm_loss`.
+        other_options: options newer than these backends, accepted only at a value
+            that turns them off (``token_loss="ce"``; otherwise False, 0 or None).
+
+    Returns:
+        A float32 scalar, or ``[..., T]`` aligned with ``labels`` for ``reduction="none"``
+        (float64 for float64 inputs).
+    """
+    _refuse_unsupported(other_options)
+    if hidden.dtype != torch.float64:
+        kernels_for(hidden.device)  # fail fast where the kernels cannot run
+    check_label_range(labels, weight.shape[0], ignore_index)
+    weights = None if token_weights is None else check_token_weights(token_weights, labels)
+    num_items = check_num_items(num_items_in_batch)
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    plan = plan_targets(labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=dtype)
+    math = LossMath(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, plan.targets.reshape(-1), plan.coef.reshape(-1))
+    reduce_sum = reduction != "none"
+    if dtype == torch.float64:
+        # The kernels compute in float32; float64 (a CPU test dtype) keeps its precision.
+        result = chunked_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
+    elif lowmem:
+        result = lowmem_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum)
+    else:
+        result = triton_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
+    if reduction == "none":
+        return to_label_alignment(result.view(labels.shape), shift)
+    return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+
+
+def _refuse_unsupported(options: dict[str, Any]) -> None:
+    """Options the kernels do not compute yet are refused unless they are off.
+
+    ``token_loss`` (DFT/focal weights) is off at ``"ce"``; its ``focal_gamma`` is then
+    unused (the caller has already refused a gamma without a focal ``token_loss``).
+    Any other, newer option is off at None, False or 0.
+    """
+    options = dict(options)
+    token_loss = options.pop("token_loss", "ce")
+    options.pop("focal_gamma", None)
+    if token_loss != "ce":
+        raise ValueError(
+            f"token_loss={token_loss!r} is not supported by the triton backends yet; use backend='chunked' "
+            "or backend='reference'"
+        )
+    for name, value in options.items():
+        if value is not None and value is not False and value != 0:
+            raise ValueError(
+                f"{name}={value!r} is not supported by the triton backends yet; use backend='chunked' "
+                "or backend='reference'"
+            )
+
+
+# --- kernels, compiled or interpreted -------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels under its interpreter in this process.
+
+    The interpreter is chosen once per process, by ``TRITON_INTERPRET=1`` set before
+    ``triton`` is imported: Triton's own library functions (``tl.max``, ``tl.sum``)
+    are made interpreted or compiled at that import.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton.language.zeros, InterpretedFunction)
+
+
+def kernels_for(device: torch.device) -> ModuleType:
+    """The kernel module, after checking that its kernels can run on ``device``."""
+    if device.type == "cpu" and not interpreting():
+        raise ValueError(
+            "backend='triton'/'triton-lowmem' runs on CUDA tensors; on CPU only under the Triton interpreter "
+            "(TRITON_INTERPRET=1 set before triton is first imported, for tests). Use backend='chunked' on CPU"
+        )
+    from lmloss.fused import _triton_kernels
+
+    return _triton_kernels
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One lowmem kernel's tile ``[block_m rows, block_v columns]``, stepping ``block_d``
+    over the hidden size, and its launch options."""
+
+    block_m: int
+    block_v: int
+    block_d: int
+    warps: int
+    stages: int
+
+    def constexprs(self, dtype: torch.dtype) -> dict[str, Any]:
+        """The kernel's tile arguments for inputs of ``dtype``."""
+        return dict(
+            BLOCK_M=self.block_m,
+            BLOCK_V=self.block_v,
+            BLOCK_D=self.block_d,
+            # float32 inputs: true float32 products (Triton's default would be TF32, unlike torch).
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            DOT_IN_FP32=interpreting(),  # the interpreter's bf16 tl.dot is wrong (see _triton_kernels)
+        )
+
+    def launch(self) -> dict[str, int]:
+        return dict(num_warps=self.warps, num_stages=self.stages)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes of every kernel.
+
+    ``row_block_v``/``row_warps``: the speed-mode row kernel's vocabulary block.
+    ``forward``/``backward``: the memory-mode kernels' tiles.
+    """
+
+    row_block_v: int
+    row_warps: int
+    forward: Tile
+    backward: Tile
+
+
+def tiles_for(vocab: int, interpret: bool) -> Tiles:
+    """The block sizes. The interpreter gets small blocks, so that tests on tiny shapes
+    still cross block boundaries (several vocabulary and hidden blocks per row).
+
+    GPU: chosen so that ``ptxas`` reports no (forward) or little (backward, 136 bytes)
+    register spilling for sm_90 with every option on; not yet timed on hardware.
+    """
+    if interpret:
+        small = Tile(block_m=16, block_v=32, block_d=16, warps=1, stages=1)
+        return Tiles(row_block_v=32, row_warps=1, forward=small, backward=small)
+    return Tiles(
+        row_block_v=min(triton.next_power_of_2(vocab), 16384),  # a 128k-256k row in a few blocks
+        row_warps=16,
+        forward=Tile(block_m=128, block_v=128, block_d=32, warps=8, stages=3),
+        backward=Tile(block_m=128, block_v=128, block_d=32, warps=16, stages=3),
+    )
+
+
+def math_constexprs(math: LossMath, bias: bool) -> dict[str, bool]:
+    """The option flags every kernel takes (each kernel compiles only what it uses)."""
+    return dict(
+        HAS_BIAS=bias,
+        HAS_SMOOTHING=math.label_smoothing > 0,
+        HAS_Z_LOSS=math.z_loss > 0,
+        HAS_SOFTCAP=math.softcap is not None,
+    )
+
+
+def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    grad = torch.is_grad_enabled()
+    return (
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+        grad and bias is not None and bias.requires_grad,
+    )
+
+
+def _scored_rows(coef: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the scored positions, or None to compute every row (static shapes)."""
+    if not value_checks_enabled():
+        return None
+    rows = coef.nonzero().squeeze(1)
+    return None if rows.numel() == coef.numel() else rows
+
+
+class _Grads:
+    """float32 gradient accumulators, cast to the inputs' dtypes once at the end."""
+
+    def __init__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]
+    ):
+        def zeros(t: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+            return None if t is None or not needed else torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+
+        self.hidden, self.weight, self.bias = zeros(hidden, needs[0]), zeros(weight, needs[1]), zeros(bias, needs[2])
+        self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+    def finished(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+        """The gradients, times the upstream scalar ``scale`` (in float32, before rounding)."""
+        out = []
+        for grad, dtype in zip((self.hidden, self.weight, self.bias), self.dtypes):
+            if grad is not None and scale is not None:
+                grad.mul_(scale.to(torch.float32))
+            out.append(None if grad is None or dtype is None else grad.to(dtype))
+        return tuple(out)
+
+
+def _loss_of_stats(
+    lse: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None, vocab: int, math: LossMath
+) -> torch.Tensor:
+    """``[n]`` losses from the ``[n]`` log-sum-exps, target logits and logit sums (softcapped)."""
+    loss = lse - target
+    if total is not None:
+        loss = (1.0 - math.label_smoothing) * loss + math.label_smoothing * (lse - total / vocab)
+    if math.z_loss > 0:
+        loss = loss + math.z_loss * lse.square()
+    return loss
+
+
+# --- speed mode ---------------------------------------------------------------------------
+
+
+def triton_rows_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    math: LossMath,
+    reduce_sum: bool,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Speed mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
+
+    Args:
+        hidden: ``[N, D]`` float32/bf16/fp16 hidden states; weight: ``[V, D]``; bias: ``[V]`` or None.
+        targets: ``[N]`` target ids (any value where ``coef`` is 0).
+        coef: ``[N]`` float32 factor of each row's loss; 0 means not scored.
+        math: label smoothing, z-loss, softcap.
+        reduce_sum: the scalar sum, with gradients made during forward.
+        chunk_rows: rows per chunk; default from ``default_chunk_rows``.
+    """
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    wide = _wide_logits(hidden)
+    if chunk_rows is None:
+        row_bytes = (4 + hidden.element_size()) if wide else hidden.element_size()
+        chunk_rows = default_chunk_rows(
+            hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
+        )
+    needs = _needs(hidden, weight, bias)
+    return _TritonRows.apply(hidden, weight, bias, targets, coef, math, reduce_sum, chunk_rows, needs)
+
+
+def _wide_logits(hidden: torch.Tensor) -> bool:
+    """Whether the chunk's logits are a float32 product of low-precision inputs (CUDA only)."""
+    return _HAS_OUT_DTYPE and hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
+
+
+class _TritonRows(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        coef: torch.Tensor,
+        math: LossMath,
+        reduce_sum: bool,
+        chunk_rows: int,
+        needs: tuple[bool, bool, bool],
+    ) -> torch.Tensor:
+        rows = _scored_rows(coef)
+        ctx.math, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = math, reduce_sum, chunk_rows, needs
+        if not reduce_sum:
+            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
+            return _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, None)
+        grads = _Grads(hidden, weight, bias, needs) if any(needs) else None
+        losses = _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, grads)
+        # Gradients made now go stale if the weight changes before backward (an early
+        # optimizer.step()): its version counter tells.
+        ctx.grads, ctx.weight, ctx.weight_version = grads, weight, weight._version
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        if ctx.reduce_sum:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "lmloss linear_cross_entropy (triton): backward was called twice; the gradients are made in "
+                    "forward and consumed by the first backward (use backend='triton-lowmem' for retain_graph)"
+                )
+            if ctx.weight._version != ctx.weight_version:
+                raise RuntimeError(
+                    "lmloss linear_cross_entropy (triton): the weight was modified in place between forward and "
+                    "backward; its gradients were computed in forward and would be stale"
+                )
+            grads, ctx.grads = ctx.grads, None
+            dh, dw, db = grads.finished(grad_output)
+        else:
+            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
+            grads = _Grads(hidden, weight, bias, ctx.needs)
+            upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
+            _run_chunks(hidden, weight, bias, targets, coef, upstream, rows, ctx.math, ctx.chunk_rows, grads)
+            dh, dw, db = grads.finished()
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def _run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    g: torch.Tensor,
+    rows: torch.Tensor | None,
+    math: LossMath,
+    chunk_rows: int,
+    grads: _Grads | None,
+) -> torch.Tensor:
+    """``[N]`` weighted losses (``coef`` * loss); with ``grads``, add each chunk's gradients
+    of ``sum(g * loss)``."""
+    n_scored = hidden.shape[0] if rows is None else rows.numel()
+    losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    chunk = _Chunk(min(chunk_rows, max(n_scored, 1)), weight, grads is not None, _wide_logits(hidden))
+    for start in range(0, n_scored, chunk_rows):
+        if rows is None:
+            index: torch.Tensor | slice = slice(start, min(start + chunk_rows, n_scored))
+        else:
+            index = rows[start : start + chunk_rows]
+        a = coef[index]
+        loss = chunk.run(hidden[index], weight, bias, targets[index], g[index], math, grads, index)
+        losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
+    return losses
+
+
+class _Chunk:
+    """The reused ``[c, V]`` buffers of a chunk and the work done on one chunk.
+
+    ``z`` holds the logits (float32 when the product can write float32, else the
+    inputs' dtype); ``dz`` the gradient in the inputs' dtype, the same buffer as ``z``
+    unless ``z`` is the wider float32 one.
+    """
+
+    def __init__(self, rows: int, weight: torch.Tensor, with_grad: bool, wide: bool):
+        vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+        self.z = torch.empty(rows, vocab, dtype=torch.float32 if wide else dtype, device=device)
+        self.dz = torch.empty(rows, vocab, dtype=dtype, device=device) if wide and with_grad else self.z
+        self.wide = wide
+        self.kernels = kernels_for(device)
+        self.tiles = tiles_for(vocab, interpreting())
+
+    def run(
+        self,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        y: torch.Tensor,
+        g: torch.Tensor,
+        math: LossMath,
+        grads: _Grads | None,
+        index: torch.Tensor | slice,
+    ) -> torch.Tensor:
+        """Unweighted ``[c]`` losses of the chunk; with ``grads``, accumulate its gradients."""
+        c, vocab = h.shape[0], weight.shape[0]
+        z, dz = self.z[:c], self.dz[:c]
+        if self.wide:
+            torch.mm(h, weight.t(), out_dtype=torch.float32, out=z)
+        else:
+            torch.mm(h, weight.t(), out=z)
+        loss = torch.empty(c, dtype=torch.float32, device=h.device)
+        self.kernels.row_loss_grad_kernel[(c,)](
+            z, dz, z if bias is None else bias, y, g.to(torch.float32), loss,
+            z.stride(0), dz.stride(0), vocab,
+            math.label_smoothing, math.z_loss, 1.0 if math.softcap is None else math.softcap,
+            **math_constexprs(math, bias is not None), COMPUTE_GRAD=grads is not None,
+            BLOCK_V=self.tiles.row_block_v, num_warps=self.tiles.row_warps,
+        )  # fmt: skip
+        if grads is not None:
+            _accumulate(dz, h, weight, grads, index, self.wide)
+        return loss
+
+
+def _accumulate(
+    dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grads: _Grads, index: torch.Tensor | slice, wide: bool
+) -> None:
+    """``dh[index] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)``, all accumulated in float32."""
+    if grads.hidden is not None:
+        if wide:
+            grads.hidden[index] = torch.mm(dz, weight, out_dtype=torch.float32)
+        else:
+            grads.hidden[index] = torch.mm(dz, weight).to(torch.float32)
+    if grads.weight is not None:
+        if wide:  # bf16 operands, float32 accumulator: cuBLAS adds into it directly
+            torch.addmm(grads.weight, dz.t(), h, out_dtype=torch.float32, out=grads.weight)
+        elif dz.dtype == torch.float32:
+            grads.weight.addmm_(dz.t(), h)
+        else:  # low precision without a float32-output product: widen the operands
+            grads.weight.addmm_(dz.t().to(torch.float32), h.to(torch.float32))
+    if grads.bias is not None:
+        grads.bias += dz.sum(dim=0, dtype=torch.float32)
+
+
+# --- memory mode --------------------------------------------------------------------------
+
+
+def lowmem_rows_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    math: LossMath,
+    reduce_sum: bool,
+) -> torch.Tensor:
+    """Memory mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
+
+    Arguments as :func:`triton_rows_linear_cross_entropy` (no chunks). The gradients
+    are made in backward by recomputing the logits tiles.
+    """
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    needs = _needs(hidden, weight, bias)
+    return _LowMem.apply(hidden, weight, bias, targets, coef, math, reduce_sum, needs)
+
+
+class _LowMem(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        coef: torch.Tensor,
+        math: LossMath,
+        reduce_sum: bool,
+        needs: tuple[bool, bool, bool],
+    ) -> torch.Tensor:
+        rows = _scored_rows(coef)
+        y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
+        lse, loss = _lowmem_forward(hidden, weight, bias, rows, y, math)
+        weighted = torch.where(a != 0, loss * a, torch.zeros_like(loss))
+        losses = weighted if rows is None else weighted.new_zeros(hidden.shape[0]).index_copy_(0, rows, weighted)
+        ctx.math, ctx.reduce_sum, ctx.needs = math, reduce_sum, needs
+        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse)
+        return losses.sum() if reduce_sum else losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        hidden, weight, bias, rows, y, a, lse = ctx.saved_tensors
+        grads = _Grads(hidden, weight, bias, ctx.needs)
+        if any(ctx.needs) and y.numel() > 0:
+            upstream = grad_output.to(torch.float32)
+            if not ctx.reduce_sum and rows is not None:
+                upstream = upstream[rows]
+            g = (a * upstream).contiguous()  # each scored row's factor of d(loss)
+            _lowmem_backward(hidden, weight, bias, rows, y, g, lse, ctx.math, grads)
+        dh, dw, db = grads.finished()
+        return dh, dw, db, None, None, None, None, None
+
+
+def _lowmem_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    y: torch.Tensor,
+    math: LossMath,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n]`` log-sum-exp and unweighted loss of the ``n`` rows (compact order)."""
+    n, vocab = y.numel(), weight.shape[0]
+    tile = tiles_for(vocab, interpreting()).forward
+    splits, per_split = _vocab_splits(hidden.device, n, vocab, tile)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
+    if n > 0:
+        flags = math_constexprs(math, bias is not None)
+        del flags["HAS_Z_LOSS"]  # added after the kernel, from the log-sum-exp
+        kernels_for(hidden.device).lowmem_forward_kernel[(triton.cdiv(n, tile.block_m), splits)](
+            hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y,
+            part[0], part[1], part[2], part[3],
+            n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
+            1.0 if math.softcap is None else math.softcap, per_split,
+            **flags, HAS_ROWS=rows is not None, **tile.constexprs(hidden.dtype), **tile.launch(),
+        )  # fmt: skip
+    # Merge the splits: every split saw at least one column, so each max is finite.
+    top = part[0].amax(dim=0)
+    lse = top + torch.log((part[1] * torch.exp(part[0] - top)).sum(dim=0))
+    total = part[3].sum(dim=0) if math.label_smoothing > 0 else None
+    return lse, _loss_of_stats(lse, part[2].sum(dim=0), total, vocab, math)
+
+
+def _vocab_splits(device: torch.device, n: int, vocab: int, tile: Tile) -> tuple[int, int]:
+    """``(splits, vocabulary blocks per split)``: enough programs to fill the GPU when
+    the row blocks alone are few; every split gets at least one block."""
+    blocks = triton.cdiv(vocab, tile.block_v)
+    if device.type == "cuda" and not interpreting():
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(programs, max(1, triton.cdiv(n, tile.block_m)))
+    else:
+        splits = 2  # the interpreter (tests): exercise the merge of splits
+    splits = max(1, min(splits, blocks))
+    return splits, triton.cdiv(blocks, splits)
+
+
+def _lowmem_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    y: torch.Tensor,
+    g: torch.Tensor,
+    lse: torch.Tensor,
+    math: LossMath,
+    grads: _Grads,
+) -> None:
+    """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically)."""
+    n, vocab = y.numel(), weight.shape[0]
+    tile = tiles_for(vocab, interpreting()).backward
+    dummy = lse  # any float32 tensor stands in for an absent gradient buffer
+    dh, dw, db = grads.hidden, grads.weight, grads.bias
+    grid = (triton.cdiv(n, tile.block_m), triton.cdiv(vocab, tile.block_v))
+    kernels_for(hidden.device).lowmem_backward_kernel[grid](
+        hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y, g, lse,
+        dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
+        n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
+        0 if dh is None else dh.stride(0), 0 if dw is None else dw.stride(0),
+        math.label_smoothing, math.z_loss, 1.0 if math.softcap is None else math.softcap,
+        **math_constexprs(math, bias is not None), HAS_ROWS=rows is not None,
+        NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
+        **tile.constexprs(hidden.dtype), **tile.launch(),
+    )  # fmt: skip
