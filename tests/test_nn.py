@@ -69,3 +69,39 @@ def test_options_can_be_changed_after_construction():
         module.reduction = "avg"
     module.extra_state = 1  # other attributes are ordinary attributes
     assert module.extra_state == 1
+
+
+def test_token_loss_options_in_both_modules():
+    from lmloss import linear_cross_entropy
+    from lmloss.nn import LinearCrossEntropyLoss
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 13, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 13, (2, 6), generator=g)
+    # DFT by its formula on the materialized logits: CE times the detached target probability.
+    z, y = logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    torch.testing.assert_close(CausalLMLoss(token_loss="dft")(logits, labels), (ce * torch.exp(-ce)).mean())
+    module = CausalLMLoss(token_loss="focal", focal_gamma=1.5, reduction="sum")
+    torch.testing.assert_close(module(logits, labels), (ce * (1 - torch.exp(-ce)) ** 1.5).sum())
+    assert "token_loss='focal'" in repr(module) and "focal_gamma=1.5" in repr(module)
+
+    hidden, weight = torch.randn(2, 6, 4, generator=g), torch.randn(13, 4, generator=g)
+    linear = LinearCrossEntropyLoss(token_loss="focal_attached", backend="chunked", chunk_size=3)
+    torch.testing.assert_close(
+        linear(hidden, weight, labels),
+        linear_cross_entropy(hidden, weight, labels, token_loss="focal_attached", backend="reference"),
+    )
+
+
+def test_token_loss_options_are_checked_together():
+    with pytest.raises(ValueError, match="focal_gamma=3.0 is only used with"):
+        CausalLMLoss(focal_gamma=3.0)
+    with pytest.raises(ValueError, match="focal_gamma must be a finite number >= 0"):
+        CausalLMLoss(token_loss="focal", focal_gamma=-1.0)
+    module = CausalLMLoss(token_loss="focal", focal_gamma=3.0)
+    with pytest.raises(ValueError, match="only used with"):
+        module.token_loss = "ce"  # gamma would silently do nothing
+    module.focal_gamma = None
+    module.token_loss = "dft"
+    assert module.options["token_loss"] == "dft"

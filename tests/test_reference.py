@@ -427,3 +427,169 @@ def test_numpy_counts_and_strict_shift():
     )
     with pytest.raises(TypeError, match="shift must be True or False"):
         causal_lm_loss(logits, labels, shift="no")  # type: ignore[arg-type]
+
+
+# --- DFT and focal token losses against their formulas written out ------------------------
+
+
+def direct_token_loss(logits, labels, token_loss, gamma=2.0, *, shift=True, reduction="mean", label_smoothing=0.0,
+                      z_loss=0.0, softcap=None, token_weights=None, normalize="token", num_items_in_batch=None):
+    """DFT / focal on materialized float64 logits, the formulas of the papers written out:
+    ce = cross_entropy(z, y) (smoothed as PyTorch smooths), p = softmax(z)[y];
+    DFT: ce * p.detach() (Wu et al. 2025, TRL dft_loss); focal: ce * (1 - p)**gamma,
+    detached or not (Lin et al. 2017); + z_loss * logsumexp(z)**2 unweighted."""
+    z = logits.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    w_tok = torch.ones(labels.shape, dtype=torch.float64) if token_weights is None else token_weights.double()
+    y = labels
+    if shift:
+        z, y, w_tok = z[..., :-1, :], labels[..., 1:], w_tok[..., 1:]
+    valid = y != -100
+    safe_y = torch.where(valid, y, torch.zeros_like(y))
+    ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), safe_y.reshape(-1), reduction="none",
+                         label_smoothing=label_smoothing).view(y.shape)
+    p = torch.softmax(z, dim=-1).gather(-1, safe_y.unsqueeze(-1)).squeeze(-1)
+    weight = {
+        "dft": lambda: p.detach(),
+        "focal": lambda: (1 - p).detach() ** gamma,
+        "focal_attached": lambda: (1 - p) ** gamma,
+    }[token_loss]()
+    per = weight * ce + z_loss * torch.logsumexp(z, dim=-1) ** 2
+    w_tok = w_tok * valid
+    per = torch.where(w_tok > 0, per * w_tok, torch.zeros_like(per))
+    items = w_tok.sum()
+    if normalize == "sequence":
+        rows = w_tok.sum(-1, keepdim=True)
+        per = torch.where(rows > 0, per / rows.clamp_min(1e-300), torch.zeros_like(per))
+        items = (rows > 0).sum()
+    if reduction == "none":
+        return F.pad(per, (1, 0)) if shift else per  # back to label alignment
+    if reduction == "sum":
+        return per.sum()
+    divisor = items if num_items_in_batch is None else num_items_in_batch
+    return per.sum() / divisor if float(divisor) > 0 else per.sum() * 0.0
+
+
+TOKEN_LOSSES = [("dft", None), ("focal", 2.0), ("focal", 0.5), ("focal_attached", 2.0), ("focal_attached", 0.5)]
+TOKEN_LOSS_OPTIONS = [
+    {},
+    {"shift": False},
+    {"label_smoothing": 0.1},
+    {"softcap": 3.0},
+    {"z_loss": 1e-2},
+    {"token_weights": "random"},
+    {"normalize": "sequence", "token_weights": "mask"},
+    {"num_items_in_batch": 40},
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 2.0, "token_weights": "random", "normalize": "sequence"},
+]
+
+
+def _materialize_weights(options, shape):
+    options = dict(options)
+    kind = options.get("token_weights")
+    if kind is not None:
+        weights = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+        options["token_weights"] = weights if kind == "random" else weights > 0.4
+    return options
+
+
+# num_items_in_batch only changes the mean, so it is not paired with the other reductions.
+TOKEN_LOSS_GRID = [
+    (r, o) for r in REDUCTIONS for o in TOKEN_LOSS_OPTIONS if r == "mean" or "num_items_in_batch" not in o
+]
+
+
+@pytest.mark.parametrize("token_loss, gamma", TOKEN_LOSSES, ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "reduction, options", TOKEN_LOSS_GRID, ids=lambda v: v if isinstance(v, str) else ",".join(v) or "plain"
+)
+def test_token_loss_matches_direct_formula_with_gradients(token_loss, gamma, reduction, options):
+    logits, labels = random_batch((3, 7), vocab=11, seed=20, dtype=torch.float64)
+    logits = (logits * 2.0).requires_grad_(True)  # spread the probabilities (weights far from 1)
+    options = _materialize_weights(options, labels.shape)
+    ours = causal_lm_loss(logits, labels, reduction=reduction, token_loss=token_loss, focal_gamma=gamma, **options)
+    truth = direct_token_loss(logits, labels, token_loss, 2.0 if gamma is None else gamma, reduction=reduction,
+                              **options)
+    assert ours.shape == truth.shape
+    torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
+    upstream = torch.rand(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+    (g_ours,) = torch.autograd.grad((ours * upstream).sum(), logits)
+    (g_truth,) = torch.autograd.grad((truth * upstream).sum(), logits)
+    torch.testing.assert_close(g_ours, g_truth, rtol=1e-10, atol=1e-12)
+
+
+def test_dft_worked_example_divides_by_target_count():
+    """Targets with CE 1, 2, 3: DFT = (1 e^-1 + 2 e^-2 + 3 e^-3) / 3 (TRL and LLaMA-Factory
+    divide by the number of targets, not by the sum of the probabilities)."""
+    labels = torch.tensor([[-100, 5, 6, 7]])
+    logits = logits_with_losses([5, 6, 7, 0], [1.0, 2.0, 3.0, 9.0], 10)[None].requires_grad_(True)
+    loss = causal_lm_loss(logits, labels, token_loss="dft")
+    by_hand = (1 * math.exp(-1) + 2 * math.exp(-2) + 3 * math.exp(-3)) / 3
+    assert math.isclose(float(loss.detach()), by_hand, rel_tol=1e-12)
+    # The detached probability only rescales the CE gradient: p_t * (softmax - onehot) / 3 per row.
+    (grad,) = torch.autograd.grad(loss, logits)
+    z = logits.detach()[0, :3]
+    onehot = F.one_hot(torch.tensor([5, 6, 7]), 10).double()
+    p = torch.tensor([math.exp(-1), math.exp(-2), math.exp(-3)], dtype=torch.float64)
+    torch.testing.assert_close(grad[0, :3], p[:, None] * (torch.softmax(z, -1) - onehot) / 3)
+    assert bool((grad[0, 3] == 0).all())
+    # Focal with gamma = 1: sum of (1 - e^-L) * L over the three targets, by hand.
+    focal = causal_lm_loss(logits, labels, token_loss="focal", focal_gamma=1.0, reduction="sum")
+    assert math.isclose(float(focal.detach()), sum((1 - math.exp(-x)) * x for x in (1.0, 2.0, 3.0)), rel_tol=1e-12)
+
+
+def test_focal_gamma_zero_is_cross_entropy():
+    logits, labels = random_batch((2, 6), seed=22, dtype=torch.float64)
+    for token_loss in ("focal", "focal_attached"):
+        torch.testing.assert_close(
+            causal_lm_loss(logits, labels, token_loss=token_loss, focal_gamma=0.0, label_smoothing=0.1),
+            causal_lm_loss(logits, labels, label_smoothing=0.1),
+        )
+
+
+def test_focal_attached_is_finite_when_the_target_is_certain():
+    """p_t rounds to 1: (1 - p)^gamma has an infinite derivative at 0 for gamma < 1."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [200.0, 0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[-100, 0]])
+    for gamma in (0.5, 1.0, 2.0):
+        loss = causal_lm_loss(logits, labels, shift=False, token_loss="focal_attached", focal_gamma=gamma,
+                              label_smoothing=0.1)
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.isfinite(loss) and bool(torch.isfinite(grad).all())
+        assert float(loss.detach()) == 0.0  # the weight (1 - 1)^gamma is exactly 0
+
+
+@pytest.mark.parametrize("token_loss", ["dft", "focal", "focal_attached"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_token_loss_all_masked_is_attached_zero(token_loss, reduction):
+    logits, labels = random_batch((2, 5), seed=23)
+    logits.requires_grad_(True)
+    loss = causal_lm_loss(logits, torch.full_like(labels, -100), token_loss=token_loss, reduction=reduction)
+    assert loss.grad_fn is not None and bool((loss == 0).all()) and bool(torch.isfinite(loss).all())
+    loss.sum().backward()
+    assert bool((logits.grad == 0).all())
+
+
+def test_token_loss_in_low_precision_computes_in_float32():
+    logits, labels = random_batch((2, 6), seed=24, dtype=torch.bfloat16)
+    got = causal_lm_loss(logits, labels, token_loss="dft")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), direct_token_loss(logits, labels, "dft"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"token_loss": "poly"}, ValueError, "token_loss='poly' is not supported"),
+        ({"focal_gamma": 2.0}, ValueError, "focal_gamma=2.0 is only used with token_loss='focal'"),
+        ({"token_loss": "dft", "focal_gamma": 1.0}, ValueError, "only used with"),
+        ({"token_loss": "focal", "focal_gamma": -1.0}, ValueError, "focal_gamma must be a finite number >= 0"),
+        ({"token_loss": "focal", "focal_gamma": float("inf")}, ValueError, "finite"),
+        ({"token_loss": "focal", "focal_gamma": True}, TypeError, "focal_gamma must be a number"),
+    ],
+)
+def test_bad_token_loss_options(kwargs, error, message):
+    logits, labels = random_batch()
+    with pytest.raises(error, match=message):
+        causal_lm_loss(logits, labels, **kwargs)

@@ -23,6 +23,10 @@ import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 NORMALIZATIONS = ("token", "sequence")
+# Per-token loss forms: plain cross-entropy, DFT (CE times the detached target
+# probability) and focal weighting (CE times (1 - p)^gamma, detached or not).
+TOKEN_LOSSES = ("ce", "dft", "focal", "focal_attached")
+DEFAULT_FOCAL_GAMMA = 2.0
 
 _state = threading.local()
 
@@ -163,6 +167,8 @@ def check_loss_options(
     z_loss: object,
     softcap: object,
     normalize: object,
+    token_loss: object = "ce",
+    focal_gamma: object = None,
 ) -> None:
     """Options shared by ``causal_lm_loss`` and the fused backends."""
     check_bool("shift", shift)
@@ -179,6 +185,29 @@ def check_loss_options(
         _check_real("softcap", softcap)
         if not (math.isfinite(softcap) and softcap > 0.0):  # type: ignore[arg-type, operator]
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    resolve_focal_gamma(token_loss, focal_gamma)
+
+
+def resolve_focal_gamma(token_loss: object, focal_gamma: object) -> float:
+    """Check ``token_loss`` and ``focal_gamma`` together; returns the gamma to use.
+
+    ``focal_gamma`` belongs to the focal forms only: given with any other
+    ``token_loss`` it would silently do nothing, so it is refused. ``None`` means
+    ``DEFAULT_FOCAL_GAMMA`` for the focal forms (0.0, unused, for the others).
+    """
+    check_choice("token_loss", token_loss, TOKEN_LOSSES)
+    focal = token_loss in ("focal", "focal_attached")
+    if focal_gamma is None:
+        return DEFAULT_FOCAL_GAMMA if focal else 0.0
+    if not focal:
+        raise ValueError(
+            f"focal_gamma={focal_gamma!r} is only used with token_loss='focal' or 'focal_attached', "
+            f"but token_loss={token_loss!r}; leave focal_gamma=None"
+        )
+    _check_real("focal_gamma", focal_gamma)
+    if not (math.isfinite(focal_gamma) and focal_gamma >= 0.0):  # type: ignore[arg-type, operator]
+        raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma}")
+    return float(focal_gamma)  # type: ignore[arg-type]
 
 
 def _check_real(name: str, value: object) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from lmloss._validation import check_loss_options
 from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
-from lmloss.reference import Normalize, Reduction, causal_lm_loss
+from lmloss.reference import Normalize, Reduction, TokenLoss, causal_lm_loss
 
 __all__ = ["CausalLMLoss", "LinearCrossEntropyLoss"]
 
@@ -43,15 +43,25 @@ class _LossModule(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-_SHARED_CHECKS = ("shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize")
+_SHARED_CHECKS = (
+    "shift",
+    "ignore_index",
+    "reduction",
+    "label_smoothing",
+    "z_loss",
+    "softcap",
+    "normalize",
+    "token_loss",
+    "focal_gamma",
+)
 
 
 class CausalLMLoss(_LossModule):
     """``lmloss.causal_lm_loss`` as a module; options are fixed at construction.
 
     Args:
-        shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize:
-            as in :func:`lmloss.causal_lm_loss`.
+        shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
+        token_loss, focal_gamma: as in :func:`lmloss.causal_lm_loss`.
         size_average, reduce: PyTorch's deprecated arguments. When either is given
             they decide ``reduction`` exactly as in ``torch.nn.CrossEntropyLoss``
             (``reduce=False`` -> ``"none"``; else ``size_average=False`` -> ``"sum"``;
@@ -72,6 +82,8 @@ class CausalLMLoss(_LossModule):
         z_loss: float = 0.0,
         softcap: float | None = None,
         normalize: Normalize = "token",
+        token_loss: TokenLoss = "ce",
+        focal_gamma: float | None = None,
         size_average: bool | None = None,
         reduce: bool | None = None,
     ) -> None:
@@ -85,6 +97,8 @@ class CausalLMLoss(_LossModule):
             z_loss=z_loss,
             softcap=softcap,
             normalize=normalize,
+            token_loss=token_loss,
+            focal_gamma=focal_gamma,
         )
 
     def forward(
@@ -107,7 +121,8 @@ class LinearCrossEntropyLoss(_LossModule):
 
     Args:
         shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
-        backend, chunk_size: as in :func:`lmloss.linear_cross_entropy`.
+        token_loss, focal_gamma, backend, chunk_size: as in
+            :func:`lmloss.linear_cross_entropy`.
 
     Shape:
         - hidden: ``[..., T, D]``; weight: ``[V, D]``; bias: ``[V]``; labels and
@@ -125,6 +140,8 @@ class LinearCrossEntropyLoss(_LossModule):
         z_loss: float = 0.0,
         softcap: float | None = None,
         normalize: Normalize = "token",
+        token_loss: TokenLoss = "ce",
+        focal_gamma: float | None = None,
         backend: Backend = "auto",
         chunk_size: int | None = None,
     ) -> None:
@@ -137,6 +154,8 @@ class LinearCrossEntropyLoss(_LossModule):
             z_loss=z_loss,
             softcap=softcap,
             normalize=normalize,
+            token_loss=token_loss,
+            focal_gamma=focal_gamma,
             backend=backend,
             chunk_size=chunk_size,
         )

@@ -12,8 +12,9 @@ How the loss is built, in four steps:
    ``labels[..., 1:]`` followed by ``ignore_index`` (the last position scores
    nothing). Token weights are shifted the same way.
 2. *Score*: for every position whose target is not ignored (and whose weight is not
-   zero), the per-token loss ``logsumexp(z) - z[y]`` (+ label smoothing, + z-loss),
-   in float32, on the softcapped logits ``z``. All other positions hold exactly 0.
+   zero), the per-token loss ``logsumexp(z) - z[y]`` (+ label smoothing), times the
+   DFT or focal weight of the token if asked for, + z-loss, in float32, on the
+   softcapped logits ``z``. All other positions hold exactly 0.
 3. *Weigh*: multiply by the token weights (1 for a plain loss); with
    ``normalize="sequence"`` divide each row by its own weight sum.
 4. *Reduce*: sum, or divide the sum by the item count (``num_items_in_batch`` when
@@ -36,6 +37,7 @@ from lmloss._validation import (
     check_num_items,
     check_tensor,
     check_token_weights,
+    resolve_focal_gamma,
     value_checks_enabled,
 )
 
@@ -48,6 +50,7 @@ _CHUNK_BYTES = 256 * 2**20
 
 Reduction = Literal["mean", "sum", "none"]
 Normalize = Literal["token", "sequence"]
+TokenLoss = Literal["ce", "dft", "focal", "focal_attached"]
 
 
 def causal_lm_loss(
@@ -63,6 +66,8 @@ def causal_lm_loss(
     softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
     normalize: Normalize = "token",
+    token_loss: TokenLoss = "ce",
+    focal_gamma: float | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of a causal language model.
 
@@ -95,6 +100,28 @@ def causal_lm_loss(
         normalize: ``"token"`` (every target token counts once) or ``"sequence"``
             (each row of ``labels`` is first averaged over its own targets; items
             are the rows that have a target).
+        token_loss: the per-token loss form, with ``p_t = exp(-(logsumexp(z) - z[y]))``
+            the probability of the target under the (softcapped) logits:
+
+            - ``"ce"``: plain cross-entropy.
+            - ``"dft"``: Dynamic Fine-Tuning (Wu et al. 2025, TRL ``loss_type="dft"``,
+              LLaMA-Factory ``use_dft_loss``): the cross-entropy times the *detached*
+              ``p_t``. ``"mean"`` still divides by the usual item count (target
+              tokens or ``num_items_in_batch``), not by the sum of ``p_t``, as TRL
+              and LLaMA-Factory do.
+            - ``"focal"``: the cross-entropy times the *detached* weight
+              ``(1 - p_t) ** focal_gamma`` (a token weighting: the gradient is the
+              CE gradient, rescaled).
+            - ``"focal_attached"``: the focal loss of Lin et al. (2017),
+              ``-(1 - p_t) ** gamma * log p_t``, differentiated through the weight too.
+
+            The weight multiplies the label-smoothed cross-entropy (the weight
+            itself always uses the hard target's ``p_t``; TRL and LLaMA-Factory
+            have no smoothing with DFT) and the ``token_weights``. The z-loss term
+            is *not* weighted: it regularizes the log-normalizer, whatever the
+            target's probability.
+        focal_gamma: ``gamma >= 0`` of the focal forms (default 2.0); refused with
+            any other ``token_loss``. ``gamma = 0`` is plain cross-entropy.
 
     Returns:
         A float32 scalar (float64 for float64 logits; ``[..., T]`` for
@@ -116,6 +143,7 @@ def causal_lm_loss(
         softcap=softcap,
         normalize=normalize,
     )
+    gamma = resolve_focal_gamma(token_loss, focal_gamma)
     logits = _check_logits(logits)
     labels = check_labels(labels, logits.shape[:-1])
     if labels.device != logits.device:
@@ -136,6 +164,8 @@ def causal_lm_loss(
         label_smoothing=float(label_smoothing),
         z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap),
+        token_loss=token_loss,
+        focal_gamma=gamma,
         dtype=compute_dtype,
     ).view(labels.shape)
     weighted = per_token * plan.coef
@@ -256,6 +286,8 @@ def _per_token_losses(
     z_loss: float,
     softcap: float | None,
     dtype: torch.dtype,
+    token_loss: str = "ce",
+    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """``[N]`` losses of ``[N, V]`` logits, computed chunk by chunk; 0 where not ``scored``."""
     n_rows, vocab_size = logits2d.shape
@@ -264,7 +296,7 @@ def _per_token_losses(
     # With several chunks, recomputing each in backward keeps only the input's own
     # storage alive instead of a float32 copy of every chunk.
     recompute = n_rows > rows and torch.is_grad_enabled() and logits2d.requires_grad
-    options = (label_smoothing, z_loss, softcap, dtype)
+    options = (label_smoothing, z_loss, softcap, dtype, token_loss, focal_gamma)
     pieces = []
     for chunk, chunk_targets, chunk_scored in zip(logits2d.split(rows), targets.split(rows), scored.split(rows)):
         if recompute:
@@ -285,35 +317,69 @@ def _chunk_losses(
     z_loss: float,
     softcap: float | None,
     dtype: torch.dtype,
+    token_loss: str = "ce",
+    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Per-row loss of one chunk; only scored rows are upcast and computed.
 
     With value checks off (graph capture) nothing may depend on tensor values, so
     every row is computed and the unscored ones are masked instead of skipped.
     """
+    options = (label_smoothing, z_loss, softcap, token_loss, focal_gamma)
     if not value_checks_enabled():
         safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
-        loss = _row_losses(chunk.to(dtype), safe_targets, label_smoothing, z_loss, softcap)
+        loss = _row_losses(chunk.to(dtype), safe_targets, *options)
         return torch.where(scored, loss, torch.zeros_like(loss))
     index = scored.nonzero().squeeze(1)
     if index.numel() == chunk.shape[0]:  # the common case: skip the gather and scatter
-        return _row_losses(chunk.to(dtype), targets, label_smoothing, z_loss, softcap)
+        return _row_losses(chunk.to(dtype), targets, *options)
     z = chunk.index_select(0, index).to(dtype)
-    loss = _row_losses(z, targets.index_select(0, index), label_smoothing, z_loss, softcap)
+    loss = _row_losses(z, targets.index_select(0, index), *options)
     return loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)
 
 
 def _row_losses(
-    z: torch.Tensor, targets: torch.Tensor, label_smoothing: float, z_loss: float, softcap: float | None
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    token_loss: str = "ce",
+    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """``[n]`` losses of ``[n, V]`` logits (already in the compute dtype)."""
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
-    loss = lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    nll = lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    loss = nll
     if label_smoothing > 0:
         # F.cross_entropy's smoothing: (1-e)*nll + e * mean over classes of -log p.
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
+    if token_loss != "ce":
+        loss = loss * target_weight(-nll, token_loss, focal_gamma)
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
     return loss
+
+
+def target_weight(log_p: torch.Tensor, token_loss: str, focal_gamma: float) -> torch.Tensor:
+    """The DFT or focal weight of each token from ``[n]`` target log-probabilities.
+
+    ``"dft"``: ``p``; ``"focal"``: ``(1 - p) ** gamma``, both detached;
+    ``"focal_attached"``: ``(1 - p) ** gamma`` with its gradient.
+    """
+    if token_loss == "dft":
+        return log_p.detach().exp()
+    # 1 - p via expm1 keeps its precision when p is close to 1 (the tokens focal
+    # weighting is about); the clamp guards a log_p rounded above 0.
+    q = torch.clamp(-torch.expm1(log_p), min=0.0)
+    if token_loss == "focal":
+        return q.detach().pow(focal_gamma)
+    if focal_gamma == 0:
+        return torch.ones_like(q)
+    # d q^gamma / dq is infinite at q = 0 for gamma < 1; take the weight's limit 0
+    # there, with a zero gradient (the chunked backend does the same).
+    positive = q > 0
+    safe = torch.where(positive, q, torch.ones_like(q))
+    return torch.where(positive, safe.pow(focal_gamma), torch.zeros_like(q))

@@ -48,8 +48,10 @@ def record(backend, reduction="mean", **kwargs):
 
 
 def test_no_tensor_of_tokens_times_vocab():
-    for reduction in ("mean", "none"):
-        recorder, n_by_v = record("chunked", reduction, chunk_size=16)
+    cases = [("mean", {}), ("none", {}), ("mean", {"token_loss": "dft"}),
+             ("none", {"token_loss": "focal_attached", "label_smoothing": 0.1})]
+    for reduction, extra in cases:
+        recorder, n_by_v = record("chunked", reduction, chunk_size=16, **extra)
         largest = max(recorder.shapes, key=lambda item: torch.Size(item[1]).numel())
         assert torch.Size(largest[1]).numel() <= 16 * 500, largest
     # The recorder sees the full logits of the reference path, so the bound above can fail.

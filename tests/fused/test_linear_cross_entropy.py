@@ -84,6 +84,62 @@ def test_matches_reference_in_float64(backend, reduction, options):
     check(hidden, weight, bias, labels, backend=backend, chunk_size=3, reduction=reduction, **options)
 
 
+TOKEN_LOSSES = [
+    {"token_loss": "dft"},
+    {"token_loss": "focal"},
+    {"token_loss": "focal", "focal_gamma": 0.5},
+    {"token_loss": "focal_attached", "focal_gamma": 1.5},
+    {"token_loss": "focal_attached", "focal_gamma": 0.5},
+]
+TOKEN_LOSS_OPTIONS = [
+    {},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 2.5},
+    {"normalize": "sequence", "shift": False},
+]
+
+
+# The reference backend only forwards the options: one option set is enough for it.
+TOKEN_LOSS_GRID = [
+    (backend, options)
+    for options in TOKEN_LOSS_OPTIONS
+    for backend in ("chunked", "reference")
+    if backend == "chunked" or options is TOKEN_LOSS_OPTIONS[1]
+]
+
+
+@pytest.mark.parametrize("token_loss", TOKEN_LOSSES, ids=lambda o: "-".join(map(str, o.values())))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "backend, options", TOKEN_LOSS_GRID, ids=lambda v: v if isinstance(v, str) else ",".join(v) or "plain"
+)
+def test_token_losses_match_reference_in_float64(backend, token_loss, reduction, options):
+    """DFT/focal weights are made in the chunk from its log-sum-exp and folded into the gradient."""
+    hidden, weight, bias, labels = problem(seed=4)
+    with torch.no_grad():
+        hidden.mul_(2.0)  # sharper distributions: weights spread over (0, 1)
+    check(hidden, weight, bias, labels, backend=backend, chunk_size=3, reduction=reduction, **token_loss, **options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_token_losses_with_token_weights_and_static_shapes(reduction):
+    hidden, weight, bias, labels = problem(seq_len=9, ignore=0.4, seed=6)
+    weights = torch.rand(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    for options in ({"token_loss": "dft"}, {"token_loss": "focal_attached", "focal_gamma": 2.0}):
+        check(hidden, weight, bias, labels, backend="chunked", chunk_size=4, reduction=reduction,
+              token_weights=weights, num_items_in_batch=30, **options)
+        with lmloss.validation(False):  # ignored rows masked instead of dropped
+            check(hidden, weight, bias, labels, backend="chunked", chunk_size=4, reduction=reduction,
+                  label_smoothing=0.1, **options)
+
+
+def test_token_loss_all_ignored_gives_zero_gradients():
+    hidden, weight, bias, labels = problem(ignore=1.0)
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend="chunked", token_loss="focal_attached")
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and loss.grad_fn is not None
+    assert all(bool((t.grad == 0).all()) for t in (hidden, weight, bias))
+
+
 @pytest.mark.parametrize(
     "shape",
     [
@@ -228,6 +284,10 @@ def test_bad_options():
         linear_cross_entropy(hidden, weight, labels, chunk_size=0)
     with pytest.raises(ValueError, match="reduction='avg'"):
         LinearCrossEntropyLoss(reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="focal_gamma=3.0 is only used with"):
+        linear_cross_entropy(hidden, weight, labels, backend="chunked", focal_gamma=3.0)
+    with pytest.raises(ValueError, match="token_loss='poly' is not supported"):
+        linear_cross_entropy(hidden, weight, labels, token_loss="poly")  # type: ignore[arg-type]
 
 
 # --- property test -----------------------------------------------------------------------
@@ -242,12 +302,14 @@ def test_bad_options():
     chunk=st.integers(1, 12),
     ignore=st.sampled_from([0.0, 0.5, 1.0]),
     options=st.sampled_from(list(itertools.product(["mean", "sum", "none"], OPTION_SETS[:6]))),
+    token_loss=st.sampled_from([{}, *TOKEN_LOSSES]),
     seed=st.integers(0, 10_000),
 )
-def test_property_matches_reference(lead, seq_len, hidden_size, vocab, chunk, ignore, options, seed):
+def test_property_matches_reference(lead, seq_len, hidden_size, vocab, chunk, ignore, options, token_loss, seed):
     reduction, extra = options
     hidden, weight, bias, labels = problem(lead, seq_len, hidden_size, vocab, ignore=ignore, seed=seed)
-    check(hidden, weight, bias, labels, backend="chunked", chunk_size=chunk, reduction=reduction, **extra)
+    check(hidden, weight, bias, labels, backend="chunked", chunk_size=chunk, reduction=reduction, **extra,
+          **token_loss)
 
 
 # --- review fixes --------------------------------------------------------------------------

@@ -130,9 +130,10 @@ def options_of(case: Case, token_weights: torch.Tensor | None) -> dict:
 
 
 def call(case: Case, mode: str, hidden, weight, bias, labels, token_weights) -> torch.Tensor:
+    """Through the public entry point, so that the backend names are wired too."""
     with lmloss.validation(not case.static):
-        return triton_linear_cross_entropy(
-            hidden, weight, bias, labels, case.chunk_size, lowmem=mode == "triton-lowmem",
+        return lmloss.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, backend=mode, chunk_size=case.chunk_size,
             **options_of(case, token_weights),
         )  # fmt: skip
 

@@ -19,11 +19,19 @@ nothing. Finding them is one ``nonzero`` (a host synchronisation on GPU); with
 ``lmloss.validation(False)`` they are masked instead, so shapes stay static.
 
 Per-token math on logits ``z`` (after the softcap), target ``y``, log-sum-exp
-``L``, smoothing ``e``, z-loss ``c``, and the token's coefficient ``a``:
+``L``, smoothing ``e``, z-loss ``c``, the token's coefficient ``a``, and its
+DFT/focal weight ``w`` (1 for plain cross-entropy):
 
-    loss = a * ((1-e) * (L - z_y) + e * (L - mean(z)) + c * L^2)
-    dloss/dz = a * ((1 + 2cL) * softmax(z) - (1-e) * onehot(y) - e / V)
+    ce = (1-e) * (L - z_y) + e * (L - mean(z))
+    loss = a * (w * ce + c * L^2)
+    dloss/dz = a * ((w + 2cL + k) * softmax(z) - ((1-e) * w + k) * onehot(y) - w * e / V)
     softcap s: z = s * tanh(r / s), so dz/dr = 1 - (z / s)^2
+
+The weight comes from the target log-probability ``log p_y`` that the in-place
+log-softmax already yields (no extra pass over the vocabulary): DFT ``w = p_y``,
+focal ``w = (1 - p_y)^gamma``, both detached (``k = 0``). For the attached focal
+loss, ``dw/dz = gamma (1-p_y)^(gamma-1) p_y (softmax(z) - onehot(y))``, which adds
+``k = gamma (1-p_y)^(gamma-1) p_y ce`` to both terms.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ class LossMath:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
+    token_loss: str = "ce"  # "ce", "dft", "focal" or "focal_attached"
+    focal_gamma: float = 0.0
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int, itemsize: int, row_bytes: int = 4) -> int:
@@ -288,9 +298,9 @@ def _chunk(
     cap = _softcap_(z, math.softcap, buffers) if math.softcap is not None and grads is not None else None
     if math.softcap is not None and cap is None:
         z.div_(math.softcap).tanh_().mul_(math.softcap)
-    loss, lse = _log_softmax_(z, y, math)
+    loss, lse, w, k = _log_softmax_(z, y, math)
     if grads is not None:
-        _gradient_(z, y, a, lse, math, cap)
+        _gradient_(z, y, a, lse, math, cap, w, k)
         _accumulate(z, h, weight, grads, buffers, index)
     return torch.where(a != 0, loss * a, torch.zeros_like(loss))
 
@@ -319,8 +329,14 @@ def _softcap_(z: torch.Tensor, softcap: float, buffers: _Buffers) -> torch.Tenso
     return derivative
 
 
-def _log_softmax_(z: torch.Tensor, y: torch.Tensor, math: LossMath) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z <- log_softmax(z)`` in place; returns the unweighted ``[c]`` losses and log-sum-exp."""
+def _log_softmax_(
+    z: torch.Tensor, y: torch.Tensor, math: LossMath
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``z <- log_softmax(z)`` in place.
+
+    Returns the ``[c]`` losses before the coefficient ``a``, the log-sum-exp, and the
+    DFT/focal weight ``w`` and gradient term ``k`` (None when not used).
+    """
     z_y = z.gather(1, y.unsqueeze(1)).squeeze(1)
     mean_z = z.mean(dim=1) if math.label_smoothing > 0 else None
     # Row-wise log-softmax reads each row fully before writing it, so out=z is safe.
@@ -330,21 +346,59 @@ def _log_softmax_(z: torch.Tensor, y: torch.Tensor, math: LossMath) -> tuple[tor
     loss = -log_p_y
     if mean_z is not None:
         loss = (1.0 - math.label_smoothing) * loss + math.label_smoothing * (lse - mean_z)
+    w, k = _token_weight(log_p_y, loss, math)
+    if w is not None:
+        loss = loss * w
     if math.z_loss > 0:
-        loss = loss + math.z_loss * lse.square()
-    return loss, lse
+        loss = loss + math.z_loss * lse.square()  # not weighted by w (see causal_lm_loss)
+    return loss, lse, w, k
+
+
+def _token_weight(
+    log_p_y: torch.Tensor, ce: torch.Tensor, math: LossMath
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """DFT/focal weight ``w`` of each row and, for the attached focal loss, ``k``."""
+    if math.token_loss == "ce":
+        return None, None
+    p = log_p_y.exp()
+    if math.token_loss == "dft":
+        return p, None
+    q = torch.clamp(-torch.expm1(log_p_y), min=0.0)  # 1 - p, precise near p = 1
+    if math.focal_gamma == 0:
+        return torch.ones_like(q), None
+    w = q.pow(math.focal_gamma)
+    if math.token_loss != "focal_attached":
+        return w, None
+    # dw/dp is infinite at p = 1 for gamma < 1; the reference takes the limit 0 there.
+    k = math.focal_gamma * q.pow(math.focal_gamma - 1.0) * p * ce
+    return w, torch.where(q > 0, k, torch.zeros_like(k))
 
 
 def _gradient_(
-    z: torch.Tensor, y: torch.Tensor, a: torch.Tensor, lse: torch.Tensor, math: LossMath, cap: torch.Tensor | None
+    z: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    lse: torch.Tensor,
+    math: LossMath,
+    cap: torch.Tensor | None,
+    w: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
 ) -> None:
-    """``z`` (log-probabilities) <- d(sum of a * loss)/d(raw logits), in place."""
+    """``z`` (log-probabilities) <- d(sum of a * loss)/d(raw logits), in place.
+
+    ``w`` is the (detached) DFT/focal weight of each row, folded in here so that the
+    products that follow carry it; ``k`` the attached focal loss's extra term.
+    """
     z.exp_()
-    row_scale = a * (1.0 + 2.0 * math.z_loss * lse) if math.z_loss > 0 else a
+    aw = a if w is None else a * w
+    row_scale = aw + 2.0 * math.z_loss * a * lse if math.z_loss > 0 else aw
+    onehot = (1.0 - math.label_smoothing) * aw
+    if k is not None:
+        row_scale, onehot = row_scale + a * k, onehot + a * k
     z.mul_(row_scale.unsqueeze(1))
     if math.label_smoothing > 0:
-        z.sub_((a * (math.label_smoothing / z.shape[1])).unsqueeze(1))
-    z.scatter_add_(1, y.unsqueeze(1), (-(1.0 - math.label_smoothing) * a).unsqueeze(1).to(z.dtype))
+        z.sub_((aw * (math.label_smoothing / z.shape[1])).unsqueeze(1))
+    z.scatter_add_(1, y.unsqueeze(1), (-onehot).unsqueeze(1).to(z.dtype))
     if cap is not None:
         z.mul_(cap)
 

@@ -98,7 +98,7 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 def remove_partials(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Delete what an interrupted save left behind (temporary directories only)."""
     root = Path(run_dir) / CHECKPOINTS
-    leftovers = [p for p in root.glob(f".step-*") if p.is_dir()] if root.is_dir() else []
+    leftovers = [p for p in root.glob(".step-*") if p.is_dir()] if root.is_dir() else []
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers

@@ -1,0 +1,501 @@
+"""Knowledge distillation: match a teacher's next-token distribution.
+
+Per scored position (the targets of ``causal_lm_loss``: ``labels != ignore_index``,
+shifted the same way), with student logits ``s``, teacher logits ``t``, the
+temperature ``tau`` and the mixing weight ``alpha``:
+
+    kd   = tau^2 * KL(softmax(t / tau) || softmax(s / tau))      (Hinton et al. 2015)
+    loss = alpha * kd + (1 - alpha) * CE(s, label)               (CE at temperature 1)
+
+The ``tau^2`` keeps the gradient's scale independent of ``tau``: ``d kd / d s =
+tau * (softmax(s / tau) - softmax(t / tau))``. Token weights, ``normalize`` and the
+reductions (``num_items_in_batch`` included) work exactly as in
+:func:`lmloss.causal_lm_loss`: the divisor of ``"mean"`` is the number of target
+tokens of the step, whatever ``alpha``.
+
+Two entry points:
+
+- :func:`distillation_loss` on logits: rows are upcast to float32 one chunk at a
+  time (and recomputed in backward), so no float32 copy of the ``[N, V]`` logits exists.
+- :func:`linear_distillation_loss` from the hidden states and ``lm_head`` weights of
+  both models: chunk by chunk, neither model's ``[N, V]`` logits ever exist, and the
+  student's gradients are made during the forward pass (as in the chunked
+  cross-entropy backend, whose buffers and products it shares).
+
+The teacher never gets a gradient: its logits are constants of the loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from lmloss._validation import (
+    _check_real,
+    check_label_range,
+    check_labels,
+    check_loss_options,
+    check_num_items,
+    check_token_weights,
+    value_checks_enabled,
+)
+from lmloss.fused import _autocast_inputs, _check_linear, check_backend_options
+from lmloss.fused.chunked import (
+    _accumulate,
+    _Buffers,
+    _Grads,
+    _logits_into,
+    _scored_rows,
+    default_chunk_rows,
+)
+from lmloss.reference import (
+    _CHUNK_BYTES,
+    Normalize,
+    Reduction,
+    TargetPlan,
+    _check_logits,
+    mean_over_items,
+    plan_targets,
+    to_label_alignment,
+)
+__all__ = ["distillation_loss", "linear_distillation_loss"]
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    shift: bool = True,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    token_weights: torch.Tensor | None = None,
+    normalize: Normalize = "token",
+) -> torch.Tensor:
+    """Forward KL from the teacher to the student, ``tau^2``-scaled, on the target positions.
+
+    Args:
+        student_logits: ``[..., T, V]`` student scores, any float dtype (math in float32).
+        teacher_logits: ``[..., T, V]`` teacher scores (same shape; no gradient flows into them).
+        labels: ``[..., T]`` as for :func:`lmloss.causal_lm_loss`: they choose the
+            scored positions (and give the hard targets when ``alpha < 1``).
+        temperature: ``tau > 0``; both distributions are ``softmax(logits / tau)``.
+        alpha: weight of the distillation term in ``alpha * kd + (1 - alpha) * ce``,
+            in ``[0, 1]``; 1 (default) is pure distillation.
+        shift, ignore_index, reduction, num_items_in_batch, token_weights, normalize:
+            as in :func:`lmloss.causal_lm_loss`.
+
+    Returns:
+        A float32 scalar (float64 for float64 student logits), or ``[..., T]``
+        aligned with ``labels`` for ``reduction="none"``. No target: an exact 0
+        attached to the graph.
+    """
+    check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
+    student_logits = _check_logits(student_logits)
+    teacher_logits = _check_teacher_logits(teacher_logits, student_logits)
+    labels = check_labels(labels, student_logits.shape[:-1])
+    if labels.device != student_logits.device:
+        raise ValueError(f"labels are on {labels.device} but student_logits are on {student_logits.device}")
+    vocab_size = student_logits.shape[-1]
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    plan, num_items = _plan(labels, token_weights, vocab_size, num_items_in_batch, shift, ignore_index, normalize,
+                            dtype)
+    per_token = _per_token_kd(
+        student_logits.reshape(-1, vocab_size),
+        teacher_logits.detach().reshape(-1, vocab_size),
+        plan.targets.reshape(-1),
+        (plan.coef != 0).reshape(-1),
+        float(temperature),
+        float(alpha),
+        dtype,
+    ).view(labels.shape)
+    return _reduce(per_token * plan.coef, plan, num_items, reduction, shift)
+
+
+def linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    shift: bool = True,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    num_items_in_batch: torch.Tensor | int | float | None = None,
+    token_weights: torch.Tensor | None = None,
+    normalize: Normalize = "token",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`distillation_loss` of ``student_hidden @ student_weight.T + student_bias``
+    against ``teacher_hidden @ teacher_weight.T + teacher_bias``, without either
+    model's ``[tokens, vocab]`` logits.
+
+    Args:
+        student_hidden: ``[..., T, D]`` the student's final hidden states.
+        student_weight: ``[V, D]`` the student's ``lm_head`` weight (same dtype as its hidden states).
+        teacher_hidden: ``[..., T, D_t]`` the teacher's final hidden states (``D_t`` may differ from ``D``).
+        teacher_weight: ``[V, D_t]`` the teacher's ``lm_head`` weight (same vocabulary ``V``).
+        labels: ``[..., T]`` as for :func:`lmloss.causal_lm_loss`.
+        student_bias, teacher_bias: ``[V]`` optional ``lm_head`` biases.
+        temperature, alpha, shift, ignore_index, reduction, num_items_in_batch,
+        token_weights, normalize: as in :func:`distillation_loss`.
+        chunk_size: tokens per chunk; default from a memory budget
+            (``lmloss.fused.chunked.default_chunk_rows``).
+
+    Returns:
+        As :func:`distillation_loss`. Gradients flow into the student's hidden
+        states, weight and bias only. With ``"mean"``/``"sum"`` they are computed
+        in forward, so ``backward`` may run once per call (no ``retain_graph``).
+    """
+    check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
+    check_backend_options("chunked", chunk_size)
+    h, w, b = _check_linear(*_autocast_inputs(student_hidden, student_weight, student_bias), prefix="student_")
+    th, tw, tb = _check_linear(*_autocast_inputs(teacher_hidden, teacher_weight, teacher_bias), prefix="teacher_")
+    _check_teacher_head(h, w, th, tw)
+    labels = check_labels(labels, h.shape[:-1])
+    if labels.device != h.device:
+        raise ValueError(f"labels are on {labels.device} but student_hidden is on {h.device}")
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    plan, num_items = _plan(labels, token_weights, w.shape[0], num_items_in_batch, shift, ignore_index, normalize,
+                            dtype)
+    teacher = tuple(None if t is None else t.detach() for t in (th, tw, tb))
+    with torch.autocast(h.device.type, enabled=False):
+        result = _linear_kd(
+            h.reshape(-1, h.shape[-1]),
+            w,
+            b,
+            teacher[0].reshape(-1, th.shape[-1]),  # type: ignore[union-attr]
+            teacher[1],  # type: ignore[arg-type]
+            teacher[2],
+            plan.targets.reshape(-1),
+            plan.coef.reshape(-1),
+            float(temperature),
+            float(alpha),
+            reduction != "none",
+            chunk_size,
+        )
+    if reduction == "none":
+        return to_label_alignment(result.view(labels.shape), shift)
+    return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+
+
+# --- checks and shared steps ------------------------------------------------------------
+
+
+def check_distill_options(
+    temperature: object, alpha: object, shift: object, ignore_index: object, reduction: object, normalize: object
+) -> None:
+    """The options of both distillation losses; raises ``ValueError``/``TypeError``."""
+    check_loss_options(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=None,
+        normalize=normalize,
+    )
+    _check_real("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    _check_real("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:  # type: ignore[operator]
+        raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}")
+
+
+def _check_teacher_logits(teacher_logits: object, student_logits: torch.Tensor) -> torch.Tensor:
+    teacher_logits = _check_logits(teacher_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher_logits.shape)} but student_logits has shape "
+            f"{tuple(student_logits.shape)}; the two models must score the same positions over the same vocabulary"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits are on {teacher_logits.device} but student_logits are on "
+                         f"{student_logits.device}")
+    return teacher_logits
+
+
+def _check_teacher_head(h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Tensor) -> None:
+    if th.shape[:-1] != h.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden has shape {tuple(th.shape)} but student_hidden has shape {tuple(h.shape)}; "
+            "all dimensions but the last (the hidden size) must match"
+        )
+    if tw.shape[0] != w.shape[0]:
+        raise ValueError(
+            f"teacher_weight has a vocabulary of {tw.shape[0]} but student_weight of {w.shape[0]}; "
+            "distillation needs the same vocabulary"
+        )
+    if th.device != h.device:
+        raise ValueError(f"teacher_hidden is on {th.device} but student_hidden is on {h.device}")
+
+
+def _plan(
+    labels: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    vocab_size: int,
+    num_items_in_batch: object,
+    shift: bool,
+    ignore_index: int,
+    normalize: Normalize,
+    dtype: torch.dtype,
+) -> tuple[TargetPlan, torch.Tensor | float | None]:
+    check_label_range(labels, vocab_size, ignore_index)
+    weights = None if token_weights is None else check_token_weights(token_weights, labels)
+    num_items = check_num_items(num_items_in_batch)
+    plan = plan_targets(labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=dtype)
+    return plan, num_items
+
+
+def _reduce(
+    weighted: torch.Tensor, plan: TargetPlan, num_items: torch.Tensor | float | None, reduction: str, shift: bool
+) -> torch.Tensor:
+    if reduction == "none":
+        return to_label_alignment(weighted, shift)
+    total = weighted.sum()
+    return total if reduction == "sum" else mean_over_items(total, plan.item_count, num_items)
+
+
+# --- on logits ------------------------------------------------------------------------------
+
+
+def _per_token_kd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor,
+    scored: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``[N]`` per-row losses of ``[N, V]`` student and teacher logits, chunk by chunk."""
+    n_rows, vocab_size = student.shape
+    # Two float32 chunks (student and teacher) live at once.
+    rows = max(1, _CHUNK_BYTES // (2 * vocab_size * (torch.finfo(dtype).bits // 8)))
+    recompute = n_rows > rows and torch.is_grad_enabled() and student.requires_grad
+    pieces = []
+    for s, t, y, keep in zip(student.split(rows), teacher.split(rows), targets.split(rows), scored.split(rows)):
+        args = (s, t, y, keep, temperature, alpha, dtype)
+        pieces.append(checkpoint(_kd_chunk, *args, use_reentrant=False) if recompute else _kd_chunk(*args))
+    if not pieces:  # N == 0: nothing to score, still attached to the graph
+        return student.sum(dim=-1).to(dtype)
+    return torch.cat(pieces)
+
+
+def _kd_chunk(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor,
+    scored: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """One chunk's losses; only scored rows are upcast (all rows, masked, with value checks off)."""
+    if not value_checks_enabled():
+        y = torch.where(scored, targets, torch.zeros_like(targets))
+        loss = _kd_rows(student.to(dtype), teacher.to(dtype), y, temperature, alpha)
+        return torch.where(scored, loss, torch.zeros_like(loss))
+    index = scored.nonzero().squeeze(1)
+    if index.numel() == student.shape[0]:  # the common case: skip the gather and scatter
+        return _kd_rows(student.to(dtype), teacher.to(dtype), targets, temperature, alpha)
+    s, t = student.index_select(0, index).to(dtype), teacher.index_select(0, index).to(dtype)
+    loss = _kd_rows(s, t, targets.index_select(0, index), temperature, alpha)
+    return loss.new_zeros(student.shape[0]).index_copy(0, index, loss)
+
+
+def _kd_rows(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    """``[n]`` losses ``alpha * tau^2 * KL(p_t || p_s) + (1 - alpha) * CE`` of ``[n, V]`` logits."""
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    p = log_p.exp()
+    # A teacher may mask tokens with -inf logits (p = 0): they add 0, not 0 * inf = NaN.
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    loss = temperature**2 * terms.sum(dim=-1)
+    if alpha == 1.0:
+        return loss
+    ce = torch.logsumexp(s, dim=-1) - s.gather(1, y.unsqueeze(1)).squeeze(1)
+    return alpha * loss + (1.0 - alpha) * ce
+
+
+# --- from hidden states ---------------------------------------------------------------------
+
+
+def _linear_kd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    t_hidden: torch.Tensor,
+    t_weight: torch.Tensor,
+    t_bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    reduce_sum: bool,
+    chunk_rows: int | None,
+) -> torch.Tensor:
+    """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms, from ``[N, D]`` rows."""
+    if chunk_rows is None:
+        compute = coef.element_size()
+        # float32 student, teacher and scratch chunks, plus low-precision product outputs.
+        row_bytes = 3 * compute + sum(t.element_size() for t in (hidden, t_hidden) if t.element_size() < compute)
+        chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(),
+                                        row_bytes)
+    grad = torch.is_grad_enabled()
+    needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
+             grad and bias is not None and bias.requires_grad)
+    teacher = (t_hidden, t_weight, t_bias)
+    return _LinearDistillation.apply(hidden, weight, bias, teacher, targets, coef,
+                                     (temperature, alpha), reduce_sum, chunk_rows, needs)
+
+
+class _LinearDistillation(torch.autograd.Function):
+    """Student gradients made in forward (sum/mean) or recomputed with the upstream
+    gradient folded in (``reduction="none"``), as in the chunked cross-entropy."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        targets: torch.Tensor,
+        coef: torch.Tensor,
+        options: tuple[float, float],
+        reduce_sum: bool,
+        chunk_rows: int,
+        needs: tuple[bool, bool, bool],
+    ) -> torch.Tensor:
+        rows = _scored_rows(coef)
+        ctx.options, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = options, reduce_sum, chunk_rows, needs
+        if reduce_sum:
+            grads = _Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
+            losses = _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, grads)
+            ctx.grads, ctx.consumed = grads, False
+            ctx.weight, ctx.weight_version = weight, weight._version  # stale-gradient guard
+            return losses.sum()
+        ctx.teacher = teacher  # constants: held as they are, no version tracking needed
+        ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
+        return _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, None)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        if ctx.reduce_sum:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "lmloss linear_distillation_loss: backward was called twice; its gradients are computed in "
+                    "forward, so retain_graph is not supported"
+                )
+            ctx.consumed = True
+            if ctx.weight._version != ctx.weight_version:
+                raise RuntimeError(
+                    "lmloss linear_distillation_loss: the student weight was modified in place between forward "
+                    "and backward; its gradients were computed in forward and would be stale"
+                )
+            grads, ctx.grads = ctx.grads.scaled_(grad_output), None
+        else:
+            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
+            grads = _Grads.allocate(hidden, weight, bias, ctx.needs)
+            upstream = coef * grad_output.to(coef.dtype)  # each token's upstream gradient
+            with torch.autocast(hidden.device.type, enabled=False):
+                _run(hidden, weight, bias, ctx.teacher, targets, upstream, rows, ctx.options, ctx.chunk_rows, grads)
+            grads = grads.finished()
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None, None
+
+
+def _run(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    rows: torch.Tensor | None,
+    options: tuple[float, float],
+    chunk_rows: int,
+    grads: _Grads | None,
+) -> torch.Tensor:
+    """Loop over chunks of scored rows; returns the ``[N]`` weighted per-position losses."""
+    t_hidden, t_weight, t_bias = teacher
+    n_scored = hidden.shape[0] if rows is None else rows.numel()
+    losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
+    size = min(chunk_rows, max(n_scored, 1))
+    student_buffers = _Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
+    teacher_buffers = _Buffers(size, weight.shape[0], t_weight.dtype, coef.dtype, hidden.device)
+    for start in range(0, n_scored, chunk_rows):
+        if rows is None:
+            index: torch.Tensor | slice = slice(start, min(start + chunk_rows, n_scored))
+        else:
+            index = rows[start : start + chunk_rows]
+        h, a = hidden[index], coef[index]
+        zs = _logits_into(h, weight, bias, student_buffers)
+        zt = _logits_into(t_hidden[index], t_weight, t_bias, teacher_buffers)
+        loss = _kd_chunk_(zs, zt, targets[index], a, *options, want_grad=grads is not None)
+        if grads is not None:
+            _accumulate(zs, h, weight, grads, student_buffers, index)
+        losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
+    return losses
+
+
+def _kd_chunk_(
+    zs: torch.Tensor,
+    zt: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    *,
+    want_grad: bool,
+) -> torch.Tensor:
+    """``[c]`` unweighted losses of one chunk; with ``want_grad``, ``zs`` <- d(sum a*loss)/d zs.
+
+    Works in place on both ``[c, V]`` logits buffers (``zt`` is consumed) plus one
+    scratch chunk. With ``q = softmax(zs/tau)``, ``p = softmax(zt/tau)`` and
+    ``s1 = softmax(zs)``, the gradient is
+    ``a * (alpha * tau * (q - p) + (1 - alpha) * (s1 - onehot(y)))``.
+    """
+    y = torch.where(a != 0, y, torch.zeros_like(y))  # unscored rows (static mode) may hold ignore_index
+    tau, hard = temperature, 1.0 - alpha
+    ce = lse1 = None
+    if hard > 0:
+        lse1 = torch.logsumexp(zs, dim=1)
+        ce = lse1 - zs.gather(1, y.unsqueeze(1)).squeeze(1)
+    if tau != 1.0:
+        zs.div_(tau)
+        zt.div_(tau)
+    z_y = zs.gather(1, y.unsqueeze(1)).squeeze(1) if hard > 0 and tau != 1.0 else None
+    torch.ops.aten._log_softmax.out(zs, 1, False, out=zs)  # log q
+    torch.ops.aten._log_softmax.out(zt, 1, False, out=zt)  # log p
+    scratch = torch.sub(zt, zs)  # log p - log q
+    zt.exp_()  # p
+    loss = tau**2 * scratch.mul_(zt).sum(dim=1)
+    if ce is not None:
+        loss = alpha * loss + hard * ce
+    if not want_grad:
+        return loss
+    if z_y is not None:
+        # s1 = exp(zs - lse1) with zs = tau * (log q + lse_tau) and lse_tau = z_y - log q_y.
+        shift = tau * (z_y - zs.gather(1, y.unsqueeze(1)).squeeze(1)) - lse1  # type: ignore[operator]
+        torch.mul(zs, tau, out=scratch).add_(shift.unsqueeze(1)).exp_()
+    soft = a * (alpha * tau)
+    # At tau = 1, s1 is q itself: its CE coefficient joins the distillation one.
+    zs.exp_().mul_((soft + a * hard if hard > 0 and tau == 1.0 else soft).unsqueeze(1))
+    zs.sub_(zt.mul_(soft.unsqueeze(1)))
+    if hard > 0:
+        if tau != 1.0:
+            zs.add_(scratch.mul_((a * hard).unsqueeze(1)))
+        zs.scatter_add_(1, y.unsqueeze(1), (-(a * hard)).unsqueeze(1).to(zs.dtype))
+    return loss
