@@ -18,5 +18,6 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The main job: lmloss train on its built-in default (a small Qwen2 on built-in chats, CPU, ~2 min).
 train: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/lmloss train --overwrite --output-dir runs/train

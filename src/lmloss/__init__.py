@@ -3,20 +3,28 @@
 The pipeline, one module each: ``labels`` (which tokens are trained) ->
 ``batching`` (padding, packing) -> ``reference`` (the loss on logits) and
 ``fused`` (the loss from hidden states, without logits) ->
-``normalize`` (token counts across micro-batches and ranks).
+``normalize`` (token counts across micro-batches and ranks) -> ``parallel``
+(vocab-parallel loss) -> ``multitask`` (several loss terms, weighting, curricula),
+``distill`` (knowledge distillation) and ``grounding`` (boxes as tokens).
+``monitor`` watches the loss; ``integrations.transformers`` plugs lmloss into
+transformers models and ``Trainer``; ``train`` is the ``lmloss train`` command.
 """
 
-from lmloss import batching, fused, labels, nn
+from lmloss import batching, distill, fused, grounding, labels, multitask, nn, parallel
 from lmloss._validation import validation
 from lmloss.batching import PackingCollator, PaddingCollator
+from lmloss.distill import distillation_loss, linear_distillation_loss
 from lmloss.fused import linear_cross_entropy
 from lmloss.labels import Example, encode_chat, encode_dataset, encode_prompt_completion, mask_token_ids
+from lmloss.multitask import CompositeLoss
 from lmloss.normalize import MicroBatch, count_targets, micro_batches
+from lmloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from lmloss.reference import causal_lm_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompositeLoss",
     "Example",
     "MicroBatch",
     "PackingCollator",
@@ -24,15 +32,23 @@ __all__ = [
     "batching",
     "causal_lm_loss",
     "count_targets",
+    "distill",
+    "distillation_loss",
     "encode_chat",
     "encode_dataset",
     "encode_prompt_completion",
     "fused",
+    "grounding",
     "labels",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "mask_token_ids",
     "micro_batches",
+    "multitask",
     "nn",
+    "parallel",
     "validation",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
     "__version__",
 ]
