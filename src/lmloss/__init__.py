@@ -10,7 +10,7 @@ The pipeline, one module each: ``labels`` (which tokens are trained) ->
 transformers models and ``Trainer``; ``train`` is the ``lmloss train`` command.
 """
 
-from lmloss import batching, distill, fused, grounding, labels, multitask, nn, parallel
+from lmloss import batching, distill, fused, grounding, integrations, labels, multitask, nn, parallel
 from lmloss._validation import validation
 from lmloss.batching import PackingCollator, PaddingCollator
 from lmloss.distill import distillation_loss, linear_distillation_loss
@@ -39,6 +39,7 @@ __all__ = [
     "encode_prompt_completion",
     "fused",
     "grounding",
+    "integrations",
     "labels",
     "linear_cross_entropy",
     "linear_distillation_loss",

@@ -1,0 +1,11 @@
+"""Integrations of lmloss with training libraries.
+
+- ``lmloss.integrations.transformers``: the fused loss inside a transformers
+  model's own ``forward`` (``apply``/``remove``) and a ``compute_loss_func`` for
+  ``transformers.Trainer`` (``trainer_loss``).
+
+Each integration imports its library only when it is imported itself, so
+``import lmloss`` never needs transformers.
+"""
+
+__all__: list[str] = []
