@@ -334,3 +334,19 @@ def test_teacher_with_masked_tokens():
     log_q = torch.log_softmax(student.detach(), -1)[..., 4:]
     torch.testing.assert_close(loss.detach(), (p * (p.log() - log_q)).sum(-1))
     assert bool(torch.isfinite(grad).all())
+
+
+def test_linear_teacher_with_a_masked_token_is_finite_and_equals_the_logits_version():
+    """A teacher bias of -inf (a banned token, p = 0) adds 0 to the KL, not NaN."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(2, 5, 4, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
+    tb = torch.zeros(9, dtype=torch.float64)
+    tb[-1] = float("-inf")
+    labels = torch.randint(0, 8, (2, 5), generator=g)
+    want = distillation_loss(h @ w.T, th @ tw.T + tb, labels, temperature=2.0)
+    got = linear_distillation_loss(h, w, th, tw, labels, teacher_bias=tb, temperature=2.0)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want)
+

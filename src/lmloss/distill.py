@@ -481,7 +481,8 @@ def _kd_chunk_(
     torch.ops.aten._log_softmax.out(zt, 1, False, out=zt)  # log p
     scratch = torch.sub(zt, zs)  # log p - log q
     zt.exp_()  # p
-    loss = tau**2 * scratch.mul_(zt).sum(dim=1)
+    # p * (log p - log q) where the teacher masks a token (p = 0, log p = -inf) is 0, not NaN.
+    loss = tau**2 * scratch.mul_(zt).masked_fill_(zt == 0, 0.0).sum(dim=1)
     if ce is not None:
         loss = alpha * loss + hard * ce
     if not want_grad:

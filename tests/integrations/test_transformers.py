@@ -145,6 +145,27 @@ def test_loss_and_gradients_equal_transformers_own(name, num_items):
     assert want.loss.item() > 0.1 and (num_items is None or abs(got.loss.item() - want.loss.item()) < 1)
 
 
+def test_dft_option_equals_the_direct_formula():
+    """token_loss="dft": CE times the detached target probability, / the target count."""
+    model = text_model("qwen2-tied")
+    batch = text_batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits.double()
+    z, y = logits[:, :-1].reshape(-1, V), batch["labels"][:, 1:].reshape(-1)
+    keep = y != -100
+    ce = F.cross_entropy(z[keep], y[keep], reduction="none")
+    want = (ce * torch.exp(-ce)).sum() / keep.sum()
+    lmloss_hf.apply(model, token_loss="dft")
+    got = model(**batch).loss
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    loss_func = lmloss_hf.trainer_loss(token_loss="dft")
+    lmloss_hf.remove(model)
+    torch.testing.assert_close(loss_func(model(input_ids=batch["input_ids"]), batch["labels"]).double(), want,
+                               rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="focal_gamma"):
+        lmloss_hf.apply(model, focal_gamma=1.0)
+
+
 @pytest.mark.parametrize("version", ["2", "2.5"])
 def test_qwen2_vl_placeholders_are_never_targets_and_num_items_is_honoured(version):
     model = vl_model(version=version)

@@ -122,6 +122,22 @@ def test_dwa_averages_what_combine_saw_over_the_period():
     assert list(dwa.weights.values()) == pytest.approx(_dwa_by_hand([2.0, 1.0], [1.0, 1.1], 1.0), rel=1e-6)
 
 
+def test_dwa_under_a_curriculum_measures_the_task_loss_not_its_schedule():
+    """A ramping weight must not look like a rising loss (nor a zero weight like a zero loss)."""
+    from lmloss.multitask import CompositeLoss, LinearSchedule
+
+    dwa = DynamicWeightAverage(["a", "b"], temperature=1.0)
+    losses = {"a": 2.0, "b": 1.0}
+    composite = CompositeLoss({n: (lambda b, o, n=n: torch.tensor(losses[n])) for n in losses},
+                              weights={"b": LinearSchedule(0.0, 1.0, 0, 4)}, weighting=dwa)
+    for step in range(4):
+        composite(None, None, step=step)
+        if step % 2 == 1:
+            dwa.update()
+    # Constant task losses: both rates are 1, so the lambdas stay equal (and nothing raised at weight 0).
+    assert list(dwa.weights.values()) == pytest.approx([1.0, 1.0])
+
+
 def test_dwa_checkpoint_mid_period():
     dwa = DynamicWeightAverage(["a", "b"])
     dwa.update({"a": 2.0, "b": 1.0})

@@ -193,3 +193,13 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     summary_one = json.loads((one / "summary.json").read_text())
     summary_two = json.loads((two / "summary.json").read_text())
     assert summary_two["tokens_seen"] == summary_one["tokens_seen"]
+
+
+def test_loss_options_and_bf16_reach_the_loss(tmp_path):
+    """token_loss="dft" scales each token by p < 1, so its first loss is below plain CE's;
+    bfloat16 autocast, padding and token budgets run end to end."""
+    common = dict(max_steps=2, eval_every=2, packing=False, batch_tokens=300)
+    ce = train(tiny(tmp_path / "ce", **common), log=lambda _: None)
+    dft = train(tiny(tmp_path / "dft", token_loss="dft", precision="bfloat16", **common), log=lambda _: None)
+    assert 0 < dft["first_train_loss"] < 0.1 * ce["first_train_loss"]  # p is about 1/300 at random init
+    assert dft["first_eval_loss"] == pytest.approx(ce["first_eval_loss"], rel=2e-2)  # eval: plain CE (bf16 here)

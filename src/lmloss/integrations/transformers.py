@@ -74,7 +74,7 @@ from torch import nn
 
 from lmloss._validation import check_bool, check_int, check_loss_options, value_checks_enabled
 from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
-from lmloss.reference import causal_lm_loss
+from lmloss.reference import TokenLoss, causal_lm_loss
 
 __all__ = ["apply", "is_applied", "placeholder_token_ids", "remove", "trainer_loss"]
 
@@ -100,6 +100,8 @@ def apply(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    token_loss: TokenLoss = "ce",
+    focal_gamma: float | None = None,
     ignore_token_ids: Iterable[int] | None = None,
     backend: Backend = "auto",
     chunk_size: int | None = None,
@@ -112,7 +114,8 @@ def apply(
             ...; any model whose forward calls ``get_output_embeddings()``, a plain
             ``torch.nn.Linear``, on the final hidden states), or a PEFT model wrapping one.
         ignore_index: label value that is not a target.
-        label_smoothing, z_loss: as in :func:`lmloss.causal_lm_loss`.
+        label_smoothing, z_loss, token_loss, focal_gamma: as in :func:`lmloss.causal_lm_loss`
+            (``token_loss="dft"``: Dynamic Fine-Tuning).
         ignore_token_ids: token ids that are never targets. Default: the placeholder ids
             of the config (:func:`placeholder_token_ids`); ``()`` for none.
         backend, chunk_size: as in :func:`lmloss.linear_cross_entropy`.
@@ -149,6 +152,8 @@ def apply(
         z_loss=z_loss,
         softcap=None,
         normalize="token",
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
     )
     check_backend_options(backend, chunk_size)
     check_bool("eval_logits", eval_logits)
@@ -157,7 +162,8 @@ def apply(
     scale, softcap = _logit_transform(target)
     state = _Fused(
         head=head,
-        loss_options=dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss)),
+        loss_options=dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                          token_loss=token_loss, focal_gamma=focal_gamma),
         fused_options=dict(backend=backend, chunk_size=chunk_size),
         scale=scale,
         softcap=softcap,
@@ -217,6 +223,8 @@ def trainer_loss(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    token_loss: TokenLoss = "ce",
+    focal_gamma: float | None = None,
     ignore_token_ids: Iterable[int] = (),
 ) -> Callable[..., torch.Tensor]:
     """A ``compute_loss_func`` for ``transformers.Trainer``: lmloss on the model's logits.
@@ -237,7 +245,8 @@ def trainer_loss(
     not a dependency).
 
     Args:
-        ignore_index, label_smoothing, z_loss: as in :func:`lmloss.causal_lm_loss`.
+        ignore_index, label_smoothing, z_loss, token_loss, focal_gamma: as in
+            :func:`lmloss.causal_lm_loss`.
         ignore_token_ids: ids never counted as targets (e.g. ``placeholder_token_ids(model)``);
             make the collator mask them too, so that ``Trainer``'s count agrees.
 
@@ -251,9 +260,12 @@ def trainer_loss(
         z_loss=z_loss,
         softcap=None,
         normalize="token",
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
     )
     ids = _check_token_ids(ignore_token_ids)
-    options = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss))
+    options = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                   token_loss=token_loss, focal_gamma=focal_gamma)
 
     def loss_func(outputs: Any, labels: torch.Tensor | None, num_items_in_batch: Any = None) -> torch.Tensor:
         if labels is None:

@@ -13,6 +13,8 @@ With the default ``FixedWeights()`` that is ``sum_i weight_i(step) * L_i``.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -198,7 +200,11 @@ class CompositeLoss(nn.Module):
             self.weighting.check_terms(self.names)
         kept = {name: loss for name, loss in raw.items() if name not in skipped}
         scaled = {name: loss if scales[name] == 1.0 else loss * scales[name] for name, loss in kept.items()}
-        total, strategy_weights = self.weighting.combine(scaled)
+        if "unscaled" in inspect.signature(self.weighting.combine).parameters:
+            # Loss-rate strategies (DWA) must see the task's loss, not loss x its schedule.
+            total, strategy_weights = self.weighting.combine(scaled, unscaled=kept)
+        else:
+            total, strategy_weights = self.weighting.combine(scaled)
         weights = {}
         for name in raw:
             factor = strategy_weights[name] * scales[name] if name in kept else torch.zeros(())

@@ -255,12 +255,14 @@ class DynamicWeightAverage(nn.Module):
     def check_terms(self, names: Sequence[str]) -> None:
         _check_same_terms("DynamicWeightAverage", self.names, names)
 
-    def combine(self, losses: Losses) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def combine(self, losses: Losses, *, unscaled: Losses | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``unscaled``: the terms before any curriculum weight (``CompositeLoss`` passes
+        them): the rate of change DWA measures is the task's, not its schedule's."""
         _check_known("DynamicWeightAverage", self.names, losses)
         weights = {name: self._lambdas[self.names.index(name)] for name in losses}
         total = _weighted_sum(losses, weights)
         if self.training:
-            for name, loss in losses.items():
+            for name, loss in (unscaled if unscaled is not None else losses).items():
                 self._sums[name] = self._sums.get(name, 0.0) + loss.detach().double()
                 self._counts[name] = self._counts.get(name, 0) + 1
         return total, {n: torch.tensor(w, dtype=torch.float32, device=total.device) for n, w in weights.items()}

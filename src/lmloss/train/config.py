@@ -22,7 +22,7 @@ BUILTIN_DATA_EPOCHS = 15.0  # the built-in set is small and regular: 15 passes t
 DEFAULT_EPOCHS = 3.0
 PRECISIONS = ("float32", "bfloat16")
 MASKING = ("assistant", "all", "last_assistant", "everything")
-TOKEN_LOSSES = ("ce", "dft", "focal")
+TOKEN_LOSSES = ("ce", "dft", "focal", "focal_attached")
 
 
 def _opt(default: Any, help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
@@ -99,7 +99,8 @@ class TrainConfig:
     normalize: str = _opt("token", "token: mean over the step's target tokens; sequence: mean of per-sequence means",
                           group="loss", choices=("token", "sequence"))
     token_loss: str = _opt("ce", "ce: cross-entropy; dft: scaled by the detached target probability; focal: "
-                           "scaled by (1 - p)^gamma", group="loss", choices=TOKEN_LOSSES)
+                           "scaled by the detached (1 - p)^gamma; focal_attached: focal loss of Lin et al.", group="loss",
+                           choices=TOKEN_LOSSES)
     focal_gamma: float = _opt(2.0, "gamma of --token-loss focal", group="loss")
     loss_backend: str = _opt("auto", "linear cross-entropy backend (auto, chunked, reference)", group="loss")
     chunk_size: int | None = _opt(None, "rows per chunk of the fused loss (default: from a memory budget)",
@@ -224,8 +225,8 @@ def check_config(c: TrainConfig) -> None:
         raise ValueError(f"--softcap must be a positive number, got {c.softcap}")
     if c.max_grad_norm is not None and not (math.isfinite(c.max_grad_norm) and c.max_grad_norm >= 0):
         raise ValueError(f"--max-grad-norm must be a finite number >= 0, got {c.max_grad_norm}")
-    if c.focal_gamma != 2.0 and c.token_loss != "focal":
-        raise ValueError("--focal-gamma is only used with --token-loss focal")
+    if c.focal_gamma != 2.0 and c.token_loss not in ("focal", "focal_attached"):
+        raise ValueError("--focal-gamma is only used with --token-loss focal or focal_attached")
     if c.train_on_prompt and c.masking not in ("assistant", "everything"):
         raise ValueError(f"--train-on-prompt and --masking {c.masking} conflict: --train-on-prompt means "
                          f"--masking everything")

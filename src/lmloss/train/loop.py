@@ -209,7 +209,7 @@ class Trainer:
             options["softcap"] = softcap
         if c.token_loss != "ce":
             options["token_loss"] = c.token_loss
-            if c.token_loss == "focal":
+            if c.token_loss in ("focal", "focal_attached"):
                 options["focal_gamma"] = c.focal_gamma
         return options
 
