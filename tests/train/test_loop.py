@@ -203,3 +203,27 @@ def test_loss_options_and_bf16_reach_the_loss(tmp_path):
     dft = train(tiny(tmp_path / "dft", token_loss="dft", precision="bfloat16", **common), log=lambda _: None)
     assert 0 < dft["first_train_loss"] < 0.1 * ce["first_train_loss"]  # p is about 1/300 at random init
     assert dft["first_eval_loss"] == pytest.approx(ce["first_eval_loss"], rel=2e-2)  # eval: plain CE (bf16 here)
+
+
+def test_sequence_normalization_is_per_sample_when_packed(tmp_path):
+    """normalize="sequence": a mean of per-sample means, whether samples are packed or padded."""
+    common = dict(max_steps=2, normalize="sequence", batch_size=6, grad_accum=2)
+    packed = train_losses_of(tmp_path / "p", packing=True, **common)
+    padded = train_losses_of(tmp_path / "q", packing=False, **common)
+    tokens = train_losses_of(tmp_path / "t", packing=True, **{**common, "normalize": "token"})
+    assert packed[1] == pytest.approx(padded[1], rel=1e-5)
+    assert packed[2] == pytest.approx(padded[2], rel=1e-4)
+    assert abs(tokens[1] - packed[1]) > 1e-3  # the two normalizations do differ here
+
+
+def train_losses_of(path: Path, **changes: object) -> dict[int, float]:
+    train(tiny(path, **changes), log=lambda _: None)
+    return train_losses(path / "run")
+
+
+def test_empty_epoch_and_zero_clip_norm(tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 plus 2?", "completion": " 4"}) + "\n")
+    with pytest.raises(ValueError, match="epoch 0 has no sample"):
+        train(tiny(tmp_path, data=[f"{data}:0.4"], eval_fraction=0.0, max_steps=1), log=lambda _: None)
+    assert TrainConfig(max_grad_norm=0).max_grad_norm is None  # 0 means no clipping, not zero gradients

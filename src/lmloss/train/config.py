@@ -128,6 +128,8 @@ class TrainConfig:
                          choices=("auto", "rich", "tqdm", "plain", "none"), math_=False)
 
     def __post_init__(self) -> None:
+        if self.max_grad_norm == 0:
+            self.max_grad_norm = None  # "0 or none: no clipping" (clipping to 0 would zero every gradient)
         check_config(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,7 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_flag(group: argparse._ArgumentGroup, f: Any) -> None:
     flag = f"--{_flag(f.name)}"
     default = f.default if f.default is not MISSING else f.default_factory()
-    help_text = f"{f.metadata['help']} (default: {_show(default)})"
+    help_text = f.metadata["help"]
+    if "default" not in help_text:  # some helps explain a default that depends on other options
+        help_text += f" (default: {_show(default)})"
     common: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
     kind = str(f.type)
     if kind == "bool":
@@ -381,8 +385,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < the ``--config`` file < the flags given."""
     values = load_config_file(args.config) if "config" in args else {}
     values.update({k: v for k, v in vars(args).items() if k != "config"})
-    if values.get("max_grad_norm") == 0:
-        values["max_grad_norm"] = None
     where = f"config file {args.config!r}" if "config" in args else "options"
     return TrainConfig.from_values(values, where)
 

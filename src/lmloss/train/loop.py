@@ -37,7 +37,8 @@ from lmloss.train import checkpoint as ckpt
 from lmloss.train.config import BUILTIN_DATA_EPOCHS, BUILTIN_MODELS, DEFAULT_EPOCHS, TrainConfig
 from lmloss.train.data import (DataReport, TrainData, encode_records, epoch_micro_batches, load_records, prompts_of,
                                texts_of)
-from lmloss.train.modeling import LossModel, correct_targets, head_of, load_model, load_tokenizer, model_softcap
+from lmloss.train.modeling import (LossModel, correct_targets, head_of, load_model, load_tokenizer, logit_transform,
+                                   per_sample_weights)
 from lmloss.train.report import generate_answers, summarize, write_report, write_summary
 
 __all__ = ["Trainer", "train"]
@@ -72,6 +73,7 @@ class Processes:
             dist.barrier(self.group)
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over processes (``value`` must be on this process's device: NCCL)."""
         if self.group is None:
             return value
         value = value.clone()
@@ -85,6 +87,8 @@ def _start_processes(device_option: str) -> tuple[Processes, torch.device]:
     device = _device(device_option, local_rank if world > 1 else None)
     if world <= 1:
         return Processes(), device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts: one GPU per process
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD), device
@@ -189,7 +193,8 @@ class Trainer:
         self.data = TrainData(train, [s.weight for s in sources], evaluation, prompts, report)
         self.model = load_model(source if self.resume_from else c.model, len(self.tokenizer)).to(self.device)
         self.model.train()
-        self.loss_model = LossModel(self.model, self._loss_options())
+        self.scale, self.model_softcap = logit_transform(self.model)
+        self.loss_model = LossModel(self.model, self._loss_options(), scale=self.scale)
         self.step_model: nn.Module = self.loss_model
         if self.procs.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -202,9 +207,11 @@ class Trainer:
 
     def _loss_options(self) -> dict[str, Any]:
         c = self.config
-        options: dict[str, Any] = dict(label_smoothing=c.label_smoothing, z_loss=c.z_loss, normalize=c.normalize,
+        # Packed rows hold several samples: "sequence" becomes per-sample weights (see _batches).
+        normalize = "token" if self._per_sample_weights else c.normalize
+        options: dict[str, Any] = dict(label_smoothing=c.label_smoothing, z_loss=c.z_loss, normalize=normalize,
                                        backend=c.loss_backend, chunk_size=c.chunk_size)
-        softcap = c.softcap if c.softcap is not None else model_softcap(self.model)
+        softcap = c.softcap if c.softcap is not None else self.model_softcap
         if softcap is not None:
             options["softcap"] = softcap
         if c.token_loss != "ce":
@@ -212,6 +219,10 @@ class Trainer:
             if c.token_loss in ("focal", "focal_attached"):
                 options["focal_gamma"] = c.focal_gamma
         return options
+
+    @property
+    def _per_sample_weights(self) -> bool:
+        return self.config.normalize == "sequence" and self.config.packing
 
     def _collator(self) -> Callable[[list[Example]], dict[str, Any]]:
         pad = self.tokenizer.pad_token_id
@@ -223,7 +234,7 @@ class Trainer:
         c = self.config
         if c.max_steps is not None:
             return c.max_steps
-        per_epoch = len(epoch_micro_batches(self.data, c, 0)) / self.per_step
+        per_epoch = self._epoch_size(0) / self.per_step
         epochs = c.epochs if c.epochs is not None else DEFAULT_EPOCHS if c.data else BUILTIN_DATA_EPOCHS
         return max(1, math.ceil(epochs * per_epoch))
 
@@ -239,12 +250,19 @@ class Trainer:
 
     def _stream(self, index: int) -> list[Example]:
         epoch = 0
-        while True:
-            batches = self._epoch(epoch)
-            if index < len(batches):
-                return batches[index]
-            index -= len(batches)
+        while index >= self._epoch_size(epoch):
+            index -= self._epoch_size(epoch)
             epoch += 1
+        return self._epoch(epoch)[index]
+
+    def _epoch_size(self, epoch: int) -> int:
+        sizes = self.__dict__.setdefault("_sizes", {})
+        if epoch not in sizes:
+            sizes[epoch] = len(self._epoch(epoch))
+            if sizes[epoch] == 0:
+                raise ValueError(f"epoch {epoch} has no sample: the mix weights leave nothing to train "
+                                 f"(a weight below 1 on a file with few samples?)")
+        return sizes[epoch]
 
     def _epoch(self, epoch: int) -> list[list[Example]]:
         cache = self.__dict__.setdefault("_epochs", {})
@@ -303,15 +321,19 @@ class Trainer:
 
     def _batches(self, examples: list[list[Example]]) -> Iterator[dict[str, torch.Tensor]]:
         for group in examples:
-            batch = self.collate(group)
-            yield {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            batch = {k: v for k, v in self.collate(group).items() if isinstance(v, torch.Tensor)}
+            if self._per_sample_weights:
+                batch["token_weights"] = per_sample_weights(batch["labels"], batch["position_ids"])
+            yield {k: v.to(self.device) for k, v in batch.items()}
 
     def _train_step(self, step: int) -> None:
         began = time.perf_counter()
         examples = self._step_micro_batches(step)
         batches = list(self._batches(examples))
         total = torch.zeros((), device=self.device)
-        for mb in lmloss.micro_batches(batches, group=self.procs.group, normalize=self.config.normalize):
+        weights_key = "token_weights" if self._per_sample_weights else None
+        normalize = self.loss_model.loss_options["normalize"]
+        for mb in lmloss.micro_batches(batches, group=self.procs.group, normalize=normalize, weights_key=weights_key):
             # DDP: synchronise gradients once, in the backward of the step's last micro-batch.
             skip_sync = not mb.is_last and self.procs.world > 1
             with self.step_model.no_sync() if skip_sync else contextlib.nullcontext():
@@ -327,7 +349,7 @@ class Trainer:
         total = self.procs.sum(total)
         inputs = sum(len(ex["input_ids"]) for group in examples for ex in group)
         targets = self._step_targets(batches)
-        self.counters["tokens_seen"] += int(self.procs.sum(torch.tensor(inputs)).item())
+        self.counters["tokens_seen"] += int(self.procs.sum(torch.tensor(inputs, device=self.device)).item())
         self.counters["target_tokens_seen"] += targets
         self.counters["train_seconds"] += time.perf_counter() - began
         self.monitor.update(step, loss=total, tokens=targets, grad_norm=grad_norm,
@@ -335,7 +357,7 @@ class Trainer:
 
     def _step_targets(self, batches: list[dict[str, torch.Tensor]]) -> int:
         count = sum(int(lmloss.count_targets(b["labels"]).item()) for b in batches)
-        return int(self.procs.sum(torch.tensor(count)).item())
+        return int(self.procs.sum(torch.tensor(count, device=self.device)).item())
 
     def _clip(self) -> torch.Tensor:
         norm = self.config.max_grad_norm
@@ -356,9 +378,9 @@ class Trainer:
                 for i in range(0, len(self.data.eval), self.config.batch_size)][self.procs.rank::self.procs.world]
         for batch in self._batches(mine):
             with self._autocast():
-                hidden = self.loss_model.hidden_states(batch)
                 head = head_of(self.model)
-                loss = lmloss.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=head.bias,
+                hidden, bias = self.loss_model.scaled(self.loss_model.hidden_states(batch), head.bias)
+                loss = lmloss.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=bias,
                                                    reduction="sum", softcap=self.loss_model.loss_options.get("softcap"))
             sums[0] += loss.double()
             sums[1] += lmloss.count_targets(batch["labels"]).double()

@@ -93,10 +93,13 @@ def head_of(model: nn.Module) -> nn.Linear:
     return head
 
 
-def model_softcap(model: nn.Module) -> float | None:
-    """Gemma 2 style final-logit soft-capping from the model config, if any."""
-    value = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return float(value) if value else None
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """``(scale, softcap)`` such that the model's logits are ``softcap(scale * (h W^T + b))``:
+    Gemma 2's final-logit soft-capping, Cohere's and Granite's logit scales (also when
+    nested in a multimodal ``text_config``)."""
+    from lmloss.integrations.transformers import _logit_transform
+
+    return _logit_transform(model)
 
 
 class LossModel(nn.Module):
@@ -107,10 +110,11 @@ class LossModel(nn.Module):
     :func:`lmloss.linear_cross_entropy`.
     """
 
-    def __init__(self, model: nn.Module, loss_options: Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, loss_options: Mapping[str, Any], *, scale: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.loss_options = dict(loss_options)
+        self.scale = scale  # the model's own logit scale (Cohere, Granite): applied to the hidden states
 
     def hidden_states(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[B, T, D]`` last hidden states."""
@@ -122,8 +126,36 @@ class LossModel(nn.Module):
                 **overrides: Any) -> torch.Tensor:
         head = head_of(self.model)
         options = {**self.loss_options, **overrides}
-        return lmloss.linear_cross_entropy(self.hidden_states(batch), head.weight, batch["labels"], bias=head.bias,
+        if "token_weights" in batch:
+            options["token_weights"] = batch["token_weights"]
+        hidden, bias = self.scaled(self.hidden_states(batch), head.bias)
+        return lmloss.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=bias,
                                            num_items_in_batch=num_items_in_batch, **options)
+
+    def scaled(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``scale * (h W^T + b)`` as ``(scale h) W^T + scale b``."""
+        if self.scale == 1.0:
+            return hidden, bias
+        return hidden * self.scale, None if bias is None else bias * self.scale
+
+
+def per_sample_weights(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """``[R, L]`` token weights that make a token mean a mean of per-*sample* means in packed rows.
+
+    A packed row holds several samples (each starts where ``position_ids`` is 0); every
+    target of a sample with ``n`` targets gets weight ``1 / n``, so the weighted sum over a
+    step is the sum of per-sample means and the weight sum is the number of samples
+    with a target. Weights are aligned with ``labels`` (the weight of target ``labels[t]``).
+    """
+    starts = (position_ids == 0).reshape(-1)
+    sample = starts.long().cumsum(0) - 1  # sample index of every position, over the flattened rows
+    is_target = (labels.reshape(-1) != IGNORE_INDEX)
+    # Position 0 of a row is never a target under the shift (and a packing collator masks
+    # every sample's first label), so nothing predicts across a sample boundary.
+    is_target[::labels.shape[-1]] = False
+    counts = torch.bincount(sample, weights=is_target.double(), minlength=int(sample.max()) + 1)
+    weights = torch.where(is_target, 1.0 / counts[sample].clamp_min(1.0), torch.zeros((), dtype=torch.float64))
+    return weights.float().view_as(labels)
 
 
 @torch.no_grad()
