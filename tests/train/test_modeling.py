@@ -40,7 +40,7 @@ def test_per_sample_weights_by_hand():
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1]])
     labels = torch.tensor([[-100, 5, 6, 7, -100, 8, -100], [-100, 9, -100, 9, 9, -100, -100]])
     w = per_sample_weights(labels, position_ids)
-    third, half = 1 / 3, 1 / 2
+    third = 1 / 3
     want = torch.tensor([[0, third, third, third, 0, 1, 0], [0, third, 0, third, third, 0, 0]])
     torch.testing.assert_close(w, want.float())
     assert w.sum().item() == pytest.approx(3.0)  # three samples with a target
