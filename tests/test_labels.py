@@ -495,6 +495,24 @@ def test_tool_calls_are_trained_and_merged_tool_results_need_assistant_mode():
         encode_chat(messages, tokenizer, tools=tools, mode="all")
 
 
+def test_tool_call_turn_with_none_content_and_tool_role_aliases():
+    """content=None (OpenAI tool calls) encodes as ''; ipython/function turns are tool turns, not trained."""
+    tokenizer = _fresh(build_chatml_tokenizer, TOOL_TEMPLATE)
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    base = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "It is sunny."}]
+    want = encode_chat(base, tokenizer)
+    none_content = [dict(m, content=None) if m.get("tool_calls") else m for m in base]
+    assert encode_chat(none_content, tokenizer) == want
+    for role in ("ipython", "function"):
+        renamed = [dict(m, role=role) if m["role"] == "tool" else m for m in base]
+        # Trained: the call and the final reply, never the tool's output.
+        assert trained_runs(encode_chat(renamed, tokenizer), tokenizer) == trained_runs(want, tokenizer)
+    assert trained_runs(want, tokenizer)[-1] == "It is sunny.<|im_end|>" and len(trained_runs(want, tokenizer)) == 2
+
+
 def test_conversation_that_opens_with_the_assistant(chatml_tokenizer):
     messages = [{"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Hi"}]
     example = encode_chat(messages, chatml_tokenizer)

@@ -97,7 +97,8 @@ TruncationSide = Literal["right", "left"]
 #: The values of ``mode`` in :func:`encode_chat`.
 CHAT_MODES: tuple[str, ...] = ("assistant", "all", "last_assistant", "everything")
 #: Message roles :func:`encode_chat` accepts.
-KNOWN_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
+# "ipython" (Llama 3.1 tool output) and "function" (OpenAI's legacy tool role) are tool turns.
+KNOWN_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
 _ON_EMPTY = ("warn", "drop", "error")
 _TRUNCATION_SIDES = ("right", "left")
 # apply_chat_template arguments that encode_chat sets itself.
@@ -431,6 +432,7 @@ def encode_chat(
     """
     mode = _resolve_mode(mode, mask_history, train_on_prompt)  # type: ignore[assignment]
     options = _common_options(max_length, truncation_side, ignore_index, ignore_token_ids)
+    messages = _none_content_as_empty(messages)
     _check_messages(messages, mode)
     renderer = _Renderer(tokenizer, messages, tools, chat_template_kwargs)
     if mode == "everything":
@@ -439,6 +441,16 @@ def encode_chat(
     spans = _trained_spans(renderer, mode)
     ids, trained = _tokens_in_spans(tokenizer, renderer.full, spans)
     return _finish(ids, trained, options)
+
+
+def _none_content_as_empty(messages: Any) -> Any:
+    """OpenAI-style tool-call turns carry ``"content": None`` (only those: elsewhere None is
+    an error); templates treat it like ``""``
+    (both falsy), and so does the labelling (which needs a string to locate)."""
+    if not isinstance(messages, (list, tuple)):
+        return messages
+    return [dict(m, content="") if isinstance(m, Mapping) and m.get("content", "") is None and m.get("tool_calls")
+            else m for m in messages]
 
 
 def _check_messages(messages: object, mode: str) -> None:

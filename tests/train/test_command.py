@@ -57,3 +57,16 @@ def test_local_model_directory_and_prompt_completion_data(tmp_path, capsys):
     assert summary["steps"] == 3 and summary["first_eval_loss"] is not None
     samples = json.loads((run / "samples.json").read_text())
     assert samples["after"][0]["prompt"].startswith("What is")
+
+
+def test_resume_refuses_a_flag_set_to_its_default_that_differs_from_the_run(tmp_path, capsys):
+    """--lr 0.003 is the default, but the run was made with 0.01: set explicitly, it differs."""
+    run = tmp_path / "run"
+    flags = ["train", "--output-dir", str(run), "--model", "tiny", "--vocab-size", "300", "--max-steps", "1",
+             "--batch-size", "2", "--grad-accum", "1", "--samples", "0", "--progress", "none", "--eval-every", "1"]
+    assert main([*flags, "--lr", "0.01"]) == 0
+    assert main(["train", "--output-dir", str(run), "--resume", "--lr", "0.003"]) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert main(["train", "--output-dir", str(run), "--resume", "--max-steps", "2", "--progress", "none"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2

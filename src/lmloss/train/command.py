@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmloss.train.config import add_arguments, config_from_args
+from lmloss.train.config import add_arguments, config_from_args, given_options
 
 EPILOG = """\
 examples:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         from lmloss.train.loop import train  # torch/transformers: only once the options are valid
 
-        train(config)
+        train(config, given=given_options(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"lmloss train: error: {err}", file=sys.stderr)
         return 2

@@ -47,9 +47,15 @@ CONFIG_FILE = "config.json"
 BUILTIN_PROMPT = [{"role": "user", "content": "Where is the capital of China?"}]
 
 
-def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``lmloss train`` with ``config``; returns the summary (also in ``summary.json``)."""
-    return Trainer(config, log=log).run()
+def train(config: TrainConfig, *, log: Callable[[str], None] = print,
+          given: set[str] | None = None) -> dict[str, Any]:
+    """Run ``lmloss train`` with ``config``; returns the summary (also in ``summary.json``).
+
+    ``given``: the option names the user set (the command line passes them); on
+    ``resume`` those are compared with the saved run. ``None``: the options that differ
+    from their defaults.
+    """
+    return Trainer(config, log=log, given=given).run()
 
 
 # ----------------------------------------------------------------------------- processes
@@ -117,12 +123,13 @@ def _device(option: str, local_rank: int | None) -> torch.device:
 class Trainer:
     """Sets up a run from a :class:`TrainConfig` and runs it; see :func:`train`."""
 
-    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print) -> None:
+    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print,
+                 given: set[str] | None = None) -> None:
         self.procs, self.device = _start_processes(config.device)
         self.log = log if self.procs.main else (lambda _: None)
         self.run_dir = Path(config.output_dir)
         self.resume_from = self._prepare_run_dir(config)
-        self.config = self._resumed_config(config) if self.resume_from else config
+        self.config = self._resumed_config(config, given) if self.resume_from else config
         self.counters: dict[str, float] = {"tokens_seen": 0, "target_tokens_seen": 0, "train_seconds": 0.0}
 
     # --- run directory ----------------------------------------------------------------
@@ -148,25 +155,24 @@ class Trainer:
         self.procs.barrier()
         return None
 
-    def _resumed_config(self, given: TrainConfig) -> TrainConfig:
-        """The run's saved config; flags may change only what does not change the math
-        (and the length of the run)."""
+    def _resumed_config(self, given: TrainConfig, names: set[str] | None) -> TrainConfig:
+        """The run's saved config; the options set now may change only what does not
+        change the math (and the length of the run)."""
         saved = TrainConfig.from_values(json.loads((self.run_dir / CONFIG_FILE).read_text()), str(self.run_dir))
         changeable = {f.name for f in fields(TrainConfig) if not f.metadata["math"]} | {"max_steps", "epochs"}
-        defaults = TrainConfig(output_dir=given.output_dir)
-        changed = [f.name for f in fields(TrainConfig)
-                   if f.name not in changeable and getattr(given, f.name) != getattr(defaults, f.name)
-                   and getattr(given, f.name) != getattr(saved, f.name)]
+        if names is None:
+            defaults = TrainConfig(output_dir=given.output_dir)
+            names = {f.name for f in fields(TrainConfig) if getattr(given, f.name) != getattr(defaults, f.name)}
+        changed = sorted(n for n in names - changeable if getattr(given, n) != getattr(saved, n))
         if changed:
             raise ValueError(f"--resume continues the saved run; these options differ from it: "
                              f"{', '.join('--' + n.replace('_', '-') for n in changed)} (see {CONFIG_FILE})")
         values = saved.to_dict()
-        for name in changeable:
-            if getattr(given, name) != getattr(defaults, name):
-                values[name] = getattr(given, name)
-        if given.max_steps is not None:
+        for name in names & changeable:
+            values[name] = getattr(given, name)
+        if "max_steps" in names and given.max_steps is not None:
             values["epochs"] = None
-        elif given.epochs is not None:
+        elif "epochs" in names and given.epochs is not None:
             values["max_steps"] = None
         values["resume"], values["overwrite"] = True, False
         return TrainConfig.from_values(values)
