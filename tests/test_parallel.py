@@ -1,15 +1,19 @@
 """Vocab-parallel cross-entropy on two real gloo processes, against a float64 one-process truth.
 
 One launch runs every case (options x reductions x both entry points x dtypes, uneven
-shards, a shard with no target, an all-masked batch, bad input); the parent process
-computes the truth with PyTorch's own cross_entropy on the full logits
-(``_truth.naive_loss``) and autograd, and compares losses, the hidden-state gradient,
-the concatenated weight-shard gradients and the number of collectives.
+shards, a shard with no target, an all-masked batch, DFT and focal token losses, bad
+input, bad input on one rank only); the parent process computes the truth with
+PyTorch's own cross_entropy on the full logits (``_truth.naive_loss``) and autograd,
+or, for the DFT/focal forms, with ``lmloss.causal_lm_loss`` on the full float64 logits
+(whose token losses tests/test_reference.py checks against the papers' formulas), and
+compares losses, the hidden-state gradient, the concatenated weight-shard gradients,
+the logits-shard gradients and the number of collectives.
 """
 
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any
 from unittest import mock
 
@@ -74,6 +78,23 @@ OPTION_SETS: list[dict[str, Any]] = [
      "num_items_in_batch": 5},
 ]
 ALL_ON = OPTION_SETS[-1]
+# DFT and focal token losses, alone and with every option that interacts with the weight
+# (smoothing: the weight uses the hard target's p; z-loss: not weighted; softcap: p of the
+# capped logits; token weights and normalization: multiply on top).
+TOKEN_LOSS_SETS: list[dict[str, Any]] = [
+    {"token_loss": "dft"},
+    {"token_loss": "dft", "label_smoothing": 0.1, "z_loss": 0.02, "softcap": 3.0, "token_weights": "weights"},
+    {"token_loss": "focal"},
+    {"token_loss": "focal", "focal_gamma": 0.5, "label_smoothing": 0.2, "token_weights": "weights",
+     "normalize": "sequence", "num_items_in_batch": 5},
+    {"token_loss": "focal_attached"},
+    {"token_loss": "focal_attached", "focal_gamma": 1.5, "label_smoothing": 0.1, "z_loss": 0.05, "softcap": 2.0,
+     "token_weights": "weights", "shift": False},
+    {"token_loss": "focal_attached", "focal_gamma": 0.5, "normalize": "sequence", "ignore_index": -1,
+     "labels": "custom"},
+    {"token_loss": "focal_attached", "focal_gamma": 0.0, "label_smoothing": 0.1},
+]
+ATTACHED_ALL_ON = TOKEN_LOSS_SETS[5]
 
 
 def make_cases() -> list[dict[str, Any]]:
@@ -97,6 +118,21 @@ def make_cases() -> list[dict[str, Any]]:
                           "layout": "gathered", "dtype": torch.float32, "chunk": None})
             cases.append({"api": api, "reduction": reduction, "options": ALL_ON, "layout": "given",
                           "dtype": torch.float64, "chunk": CHUNK, "static": True})
+    for reduction in ("mean", "sum", "none"):
+        for i, options in enumerate(TOKEN_LOSS_SETS):
+            for api in ("linear", "logits"):
+                cases.append({"api": api, "reduction": reduction, "options": options,
+                              "layout": "given" if i % 2 else "gathered", "dtype": torch.float64,
+                              "chunk": CHUNK if i % 3 else None})
+        for api in ("linear", "logits"):
+            cases.append({"api": api, "reduction": reduction, "options": ATTACHED_ALL_ON, "layout": "gathered",
+                          "dtype": torch.float32, "chunk": CHUNK})
+            cases.append({"api": api, "reduction": reduction, "options": ATTACHED_ALL_ON, "layout": "given",
+                          "dtype": torch.float64, "chunk": CHUNK, "static": True})
+            # Rank 0 owns no target: it gets only the softmax parts of the w and k terms.
+            cases.append({"api": api, "reduction": reduction,
+                          "options": {"labels": "high", "token_loss": "focal_attached", "label_smoothing": 0.1},
+                          "layout": "given", "dtype": torch.float64, "chunk": CHUNK})
     # Rank 0 holds no row at all (an extreme of uneven shards).
     for api in ("linear", "logits"):
         cases.append({"api": api, "reduction": "mean", "options": {"label_smoothing": 0.1, "z_loss": 0.01},
@@ -221,11 +257,81 @@ def _errors(data: dict[str, torch.Tensor], rank: int) -> list[str]:
     return messages
 
 
+# Bad input on ONE rank: (what, bad rank, the bad rank's error, collectives of the call on
+# every rank). Each call passes the bad argument on one rank and the right one elsewhere.
+ONE_RANK_BAD = [
+    ("linear/gathered: a float32 shard", 1, "must have the same dtype", 1),
+    ("linear/given: a shard with the wrong D", 1, "weight_shard must have shape [V_r, D]", 1),
+    ("linear/given: a shard on another device", 0, "weight_shard is on meta but hidden is on cpu", 1),
+    ("linear/given: a shard that does not fit", 1, "does not fit in a vocabulary of vocab_size=23", 1),
+    ("linear/gathered: a weight that is not a tensor", 0, "weight_shard must be a torch.Tensor", 1),
+    ("logits/given: wrong leading shape", 0, "leading dimensions must match labels", 1),
+    ("logits/gathered: integer logits", 1, "must be a floating-point tensor", 1),
+    ("logits/given: integer logits, reduction none", 1, "must be a floating-point tensor", 1),
+]
+BAD_TIMEOUT_S = 30  # a regression (one rank waiting for the other) fails after this instead of hanging
+
+
+def _one_rank_bad_calls(data: dict[str, torch.Tensor], rank: int, group: Any) -> dict[str, Any]:
+    start, stop = SHARDS[rank]
+    hidden, labels, masked = data["hidden"], data["labels/default"], data["labels/masked"]
+    shard = data["weight"][start:stop]
+    logits = (hidden @ data["weight"].T)[..., start:stop]
+    given = {"vocab_start": start, "vocab_size": V}
+
+    def linear(bad: int, bad_shard: Any, **kwargs: Any) -> torch.Tensor:
+        mine = bad_shard if rank == bad else shard
+        return vocab_parallel_linear_cross_entropy(hidden, mine, kwargs.pop("labels", labels), group=group,
+                                                   chunk_size=CHUNK, **kwargs)
+
+    def logits_ce(bad: int, bad_logits: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(bad_logits if rank == bad else logits, labels, group=group, **kwargs)
+
+    no_fit = {"vocab_start": start + 1 if rank == 1 else start, "vocab_size": V}
+    return {
+        ONE_RANK_BAD[0][0]: lambda: linear(1, shard.float(), token_loss="focal"),
+        ONE_RANK_BAD[1][0]: lambda: linear(1, shard[:, :-1], **given),
+        ONE_RANK_BAD[2][0]: lambda: linear(0, shard.to("meta"), token_loss="dft", **given),
+        ONE_RANK_BAD[3][0]: lambda: linear(1, shard, **no_fit),
+        ONE_RANK_BAD[4][0]: lambda: linear(0, shard.tolist()),
+        ONE_RANK_BAD[5][0]: lambda: logits_ce(0, logits[:, :-1], **given),
+        ONE_RANK_BAD[6][0]: lambda: logits_ce(1, logits.long()),
+        ONE_RANK_BAD[7][0]: lambda: logits_ce(1, logits.long(), reduction="none", **given),
+        # Documented corners: with no scored token and the layout given there is no collective
+        # at all (only the bad rank raises, nobody waits) ...
+        "masked/given": lambda: linear(1, shard.float(), labels=masked, **given),
+        # ... and value checks off: the flag is still read on CPU collectives (no device sync).
+        "static/given": lambda: _static(lambda: linear(1, shard.float(), **given)),
+        # The group is still in step afterwards: a good call on it.
+        "good": lambda: linear(-1, shard, token_loss="focal_attached"),
+    }
+
+
+def _static(call: Any) -> torch.Tensor:
+    with validation(False):
+        return call()
+
+
+def _one_rank_bad(data: dict[str, torch.Tensor], rank: int) -> dict[str, Any]:
+    """Every call with bad input on one rank, on a group with a timeout (no hang on regression)."""
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=BAD_TIMEOUT_S))
+    outcomes = {}
+    with CollectiveCounter() as counter:
+        for name, call in _one_rank_bad_calls(data, rank, group).items():
+            try:
+                outcome: Any = call().detach()
+            except ValueError as error:
+                outcome = str(error)
+            outcomes[name] = (outcome, counter.take())
+    return outcomes
+
+
 def _worker(rank: int, world_size: int, data: dict[str, torch.Tensor], cases: list[dict[str, Any]]) -> dict:
     errors = _errors(data, rank)
+    one_rank_bad = _one_rank_bad(data, rank)
     with CollectiveCounter() as counter:
         results = [_run_case(case, data, rank, counter) for case in cases]
-    return {"errors": errors, "results": results}
+    return {"errors": errors, "one_rank_bad": one_rank_bad, "results": results}
 
 
 # --- the truth ---------------------------------------------------------------------------------
@@ -241,9 +347,14 @@ def truth(case: dict[str, Any], data: dict[str, torch.Tensor]) -> dict[str, torc
     else:
         logits = (data["hidden"] @ data["weight"].T).to(case["dtype"]).double().clone().requires_grad_()
     logits.retain_grad()
-    loss = naive_loss(logits, labels, reduction=case["reduction"], **kwargs)
-    spec = causal_lm_loss(logits.detach(), labels, reduction=case["reduction"], **kwargs)
-    torch.testing.assert_close(spec, loss, rtol=1e-12, atol=1e-12)  # the spec agrees with the truth here
+    if kwargs.get("token_loss", "ce") == "ce":
+        loss = naive_loss(logits, labels, reduction=case["reduction"], **kwargs)
+        spec = causal_lm_loss(logits.detach(), labels, reduction=case["reduction"], **kwargs)
+        torch.testing.assert_close(spec, loss, rtol=1e-12, atol=1e-12)  # the spec agrees with the truth here
+    else:
+        # DFT/focal: the spec in float64 on the full logits, differentiated by autograd
+        # (tests/test_reference.py checks it against the papers' formulas written out).
+        loss = causal_lm_loss(logits, labels, reduction=case["reduction"], **kwargs)
     if case["reduction"] == "none":
         (loss * data["upstream"]).sum().backward()
     else:
@@ -405,6 +516,71 @@ def test_number_of_collectives_per_call(launched):
 
 
 @pytest.mark.distributed
+def test_every_token_loss_is_covered(launched):
+    """The DFT/focal cases of the first test: every form, every reduction, both entry points,
+    each with smoothing, softcap and token weights somewhere, in float64 and float32."""
+    _, cases, _ = launched
+    seen = {(c["options"].get("token_loss"), c["reduction"], c["api"]) for c in cases}
+    for form in ("dft", "focal", "focal_attached"):
+        for reduction in ("mean", "sum", "none"):
+            for api in ("linear", "logits"):
+                assert (form, reduction, api) in seen
+        mixed = [c["options"] for c in cases if c["options"].get("token_loss") == form]
+        assert any("label_smoothing" in o and "token_weights" in o for o in mixed), form
+    assert any(c["options"].get("token_loss") == "focal_attached" and c["dtype"] == torch.float32 for c in cases)
+
+
+@pytest.mark.distributed
+def test_the_token_loss_forms_are_told_apart_by_these_data(launched):
+    """The data distinguish every form from plain CE well beyond the tolerance, so the
+    comparison with the truth would catch an ignored ``token_loss``."""
+    data, cases, ranks = launched
+    plain = float(truth({"api": "logits", "reduction": "sum", "options": {}, "dtype": torch.float64}, data)["loss"])
+    checked = set()
+    for i, case in enumerate(cases):
+        form = case["options"].get("token_loss")
+        if case["options"] == {"token_loss": form} and case["reduction"] == "sum":
+            assert abs(float(ranks[0]["results"][i]["loss"]) - plain) > 1e-3 * plain, (i, case)
+            checked.add(form)
+    assert checked == {"dft", "focal", "focal_attached"}
+
+
+@pytest.mark.distributed
+def test_bad_input_on_one_rank_raises_the_same_error_on_every_rank(launched):
+    """The bad rank's flag travels in the call's first collective (the layout gather, or the
+    first statistics gather when the layout is given): one collective, as for good input."""
+    _, _, ranks = launched
+    gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+    for name, bad, detail, calls in ONE_RANK_BAD:
+        for rank, result in enumerate(ranks):
+            message, made = result["one_rank_bad"][name]
+            assert isinstance(message, str), (name, rank, message)
+            assert f"bad input on rank {bad} of the group" in message, (name, rank, message)
+            assert "every rank of the group raises" in message, (name, rank, message)
+            if rank == bad:
+                assert detail in message, (name, message)
+            else:
+                assert "that rank's own error says what is wrong" in message, (name, message)
+            assert made == [gather] * calls, (name, rank, made)
+
+
+@pytest.mark.distributed
+def test_bad_input_on_one_rank_corners(launched):
+    data, _, ranks = launched
+    good, bad = ranks[0]["one_rank_bad"], ranks[1]["one_rank_bad"]
+    # No scored token, layout given: no collective anywhere; only the bad rank can know.
+    assert float(good["masked/given"][0]) == 0.0 and good["masked/given"][1] == []
+    assert "must have the same dtype" in bad["masked/given"][0] and bad["masked/given"][1] == []
+    # Value checks off: gloo's CPU tensors can be read without a device sync, so both raise.
+    assert "bad input on rank 1" in good["static/given"][0] and "must have the same dtype" in bad["static/given"][0]
+    # The group is still in step: a good call afterwards gives the truth on both ranks.
+    logits = data["hidden"] @ data["weight"].T
+    expected = causal_lm_loss(logits, data["labels/default"], token_loss="focal_attached")
+    for rank in ranks:
+        torch.testing.assert_close(rank["one_rank_bad"]["good"][0], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.distributed
 def test_bad_input_raises_on_every_rank(launched):
     _, _, ranks = launched
     for rank in ranks:
@@ -412,7 +588,7 @@ def test_bad_input_raises_on_every_rank(launched):
         assert "labels[1, 2] = 23 is outside the vocabulary [0, 23)" in label
         assert "must tile [0, V) without gap or overlap: rank 1 starts at 10" in gap
         assert "vocab_size=24 but the shards of the group add up to 23" in total
-        assert "must have the same dtype" in dtype
+        assert "must have the same dtype" in dtype and "bad input on ranks 0, 1" in dtype
         assert "chunk_size must be >= 1" in chunk
 
 

@@ -12,7 +12,19 @@ the loss only needs four numbers from each rank's slice ``z_r`` of the logits:
 and then, identically on every rank,
 
     M = max_r m_r     lse = M + log(sum_r s_r * exp(m_r - M))     z_y = sum_r t_r
-    loss = (1-e) * (lse - z_y) + e * (lse - sum_r u_r / V) + c * lse**2
+    ce = (1-e) * (lse - z_y) + e * (lse - sum_r u_r / V)
+    loss = w * ce + c * lse**2
+
+where ``w`` is 1 for plain cross-entropy, or the DFT/focal weight of the token
+(``token_loss``): with ``p = exp(z_y - lse)`` the target probability, DFT ``w = p``,
+focal ``w = (1 - p)^gamma``. ``p`` is known on every rank once the statistics are
+combined, so the weight costs no collective. Its gradient is folded into each row's
+coefficients (``a`` the token's coefficient, ``s`` the global softmax):
+
+    d loss / dz = a * ((w + 2c*lse + k) * s - ((1-e) * w + k) * onehot(y) - w * e / V)
+
+with ``k = gamma * (1-p)^(gamma-1) * p * ce`` for ``"focal_attached"`` (the weight's
+own derivative, Lin et al. 2017) and ``k = 0`` for the detached forms.
 
 **Collectives.** The four numbers of a chunk of ``c`` tokens travel in *one*
 all-gather of a ``[c, 4]`` tensor and every rank combines them locally. The
@@ -41,12 +53,33 @@ gradient is the local one of ``logits_shard``.
 Every rank must call with the same hidden states, labels, options and chunk size
 (the number of chunks, and so of collectives, follows from them), as in any
 tensor-parallel region.
+
+**Bad input on one rank** (a shard of the wrong dtype, device or shape, a shard that
+does not fit ``vocab_size``) must not leave the other ranks waiting in a collective
+for it. Each rank checks its own inputs locally, then tells the others in the first
+collective of the call, without any extra one:
+
+* the layout all-gather (when ``vocab_start``/``vocab_size`` are not both given)
+  carries a third number per rank, a bad-input flag;
+* otherwise the bad rank joins the first statistics all-gather with a marked block
+  (a negative sum of exponentials, which no real shard yields).
+
+Every rank then raises the same ``ValueError`` naming the bad rank(s); the bad rank's
+message also says what is wrong. Inputs that are the same on every rank (options,
+labels, hidden states, token weights) are checked before that and fail alike
+everywhere without communication. Two corners remain: with no scored token and the
+layout given, a call has no collective at all, so only the bad rank raises (nobody
+waits); and under ``lmloss.validation(False)`` with CUDA collectives (NCCL) the good
+ranks cannot read the flag of the statistics gather without a host synchronisation,
+so they go on with NaN statistics while the bad rank raises (its exit then ends the
+job under torchrun). With gloo (CPU tensors) the flag is read whatever the setting.
 """
 
 from __future__ import annotations
 
 import math as _math
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -59,9 +92,19 @@ from lmloss._validation import (
     check_num_items,
     check_tensor,
     check_token_weights,
+    resolve_focal_gamma,
     value_checks_enabled,
 )
-from lmloss.reference import Normalize, Reduction, TargetPlan, mean_over_items, plan_targets, to_label_alignment
+from lmloss.reference import (
+    Normalize,
+    Reduction,
+    TargetPlan,
+    TokenLoss,
+    mean_over_items,
+    plan_targets,
+    target_weight,
+    to_label_alignment,
+)
 
 __all__ = [
     "vocab_parallel_linear_cross_entropy",
@@ -74,6 +117,8 @@ __all__ = [
 # single-process chunked backend: large enough for fast products).
 _CHUNK_BYTES = 256 * 2**20
 _MIN_CHUNK_ROWS = 64
+# A sum of exponentials is never negative: a bad rank's statistics carry this instead.
+_BAD_INPUT_MARK = -1.0
 
 
 # --- the vocabulary layout ----------------------------------------------------------------
@@ -130,11 +175,23 @@ def vocab_layout(
     shard_size = check_int("shard_size", shard_size)
     if vocab_start is not None:
         check_int("vocab_start", vocab_start)
-    mine = torch.tensor([-1 if vocab_start is None else vocab_start, shard_size], dtype=torch.int64)
+    return _gather_layout(shard_size, group, vocab_start, None)
+
+
+def _gather_layout(
+    shard_size: int, group: dist.ProcessGroup | None, vocab_start: int | None, problem: str | None
+) -> tuple[int, int]:
+    """One all-gather of ``(start, size, bad-input flag)`` per rank; raises on every rank alike."""
+    mine = torch.tensor(
+        [-1 if vocab_start is None else vocab_start, shard_size, int(problem is not None)], dtype=torch.int64
+    )
     world = dist.get_world_size(group)
-    gathered = torch.empty(world * 2, dtype=torch.int64, device=_collective_device(group))
+    gathered = torch.empty(world * 3, dtype=torch.int64, device=_collective_device(group))
     _all_gather(gathered, mine.to(gathered.device), group)
-    starts, sizes = (gathered.view(world, 2).cpu().T.tolist())
+    starts, sizes, flags = gathered.view(world, 3).cpu().T.tolist()
+    flagged = [r for r in range(world) if flags[r]]
+    if flagged:
+        raise _together_error(flagged, problem)
     in_order = 0
     for r in range(world):  # ranks without a start follow the previous ones
         if starts[r] < 0:
@@ -159,24 +216,67 @@ def _check_tiling(starts: list[int], sizes: list[int]) -> None:
 
 
 def _resolve_layout(
-    group: dist.ProcessGroup | None, shard_size: int, vocab_start: int | None, vocab_size: int | None
-) -> _Layout:
+    group: dist.ProcessGroup | None,
+    shard_size: int,
+    vocab_start: int | None,
+    vocab_size: int | None,
+    problem: str | None,
+) -> tuple[_Layout, str | None]:
+    """The layout, and this rank's bad-input message (``None`` if its input is fine).
+
+    When the layout is gathered, a bad input on any rank raises here on every rank.
+    When it is given, a bad input comes back to the caller, which tells the other
+    ranks in the first statistics gather (:func:`_fail_together`).
+    """
     _check_initialized(group)
     if vocab_size is not None:
         check_int("vocab_size", vocab_size)
+    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
+        problem = problem or f"vocab_start must be an int or None, got {vocab_start!r}"
+        vocab_start = 0
     if vocab_start is None or vocab_size is None:
-        start, total = vocab_layout(shard_size, group=group, vocab_start=vocab_start)
+        start, total = _gather_layout(shard_size, group, vocab_start, problem)
         if vocab_size is not None and vocab_size != total:
             raise ValueError(f"vocab_size={vocab_size} but the shards of the group add up to {total} rows")
         vocab_start, vocab_size = start, total
-    check_int("vocab_start", vocab_start)
     # Given both, nothing is gathered, so only this rank's own shard can be checked.
-    if vocab_size < 1 or vocab_start < 0 or vocab_start + shard_size > vocab_size:
-        raise ValueError(
+    elif problem is None and (vocab_size < 1 or vocab_start < 0 or vocab_start + shard_size > vocab_size):
+        problem = (
             f"this rank's shard, rows [{vocab_start}, {vocab_start + shard_size}), does not fit in a "
             f"vocabulary of vocab_size={vocab_size}"
         )
-    return _Layout(group, dist.get_world_size(group), vocab_start, shard_size, vocab_size)
+    layout = _Layout(group, dist.get_world_size(group), vocab_start, shard_size, max(vocab_size, 1))
+    return layout, problem
+
+
+def _together_error(flagged: list[int], problem: str | None) -> ValueError:
+    """The same error on every rank once the bad-input flags of all ranks are known.
+
+    ``problem`` is this rank's own finding (``None`` on the good ranks).
+    """
+    where = f"rank {flagged[0]}" if len(flagged) == 1 else "ranks " + ", ".join(map(str, flagged))
+    message = f"vocab-parallel loss: bad input on {where} of the group"
+    if problem is not None:
+        message += f": {problem}"
+    else:
+        message += " (that rank's own error says what is wrong)"
+    return ValueError(message + "; every rank of the group raises this, so that none waits in a collective")
+
+
+def _fail_together(problem: str, first_rows: int, layout: _Layout, device: torch.device) -> NoReturn:
+    """Join the other ranks' first statistics gather with a marked block, then raise.
+
+    ``first_rows`` is the row count of that gather, known from the replicated labels;
+    with none there is no collective to join and nobody waits.
+    """
+    rank = dist.get_rank(layout.group)
+    if first_rows == 0 or layout.world_size == 1:
+        raise _together_error([rank], problem)
+    marked = torch.full((first_rows, 4), _math.nan, dtype=torch.float64, device=device)
+    marked[:, 1] = _BAD_INPUT_MARK
+    gathered = _gather_stats(marked, layout, first=False)
+    flagged = (gathered[:, 0, 1] < 0).nonzero().flatten().tolist()
+    raise _together_error(flagged or [rank], problem)
 
 
 def _check_initialized(group: dist.ProcessGroup | None) -> None:
@@ -206,13 +306,27 @@ def _all_gather(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup 
     gather(out, mine.contiguous().view(-1), group=group)
 
 
-def _gather_stats(stats: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """``[c, 4]`` local statistics -> ``[P, c, 4]`` statistics of every rank."""
+def _gather_stats(stats: torch.Tensor, layout: _Layout, *, first: bool) -> torch.Tensor:
+    """``[c, 4]`` local statistics -> ``[P, c, 4]`` float64 statistics of every rank.
+
+    They travel in float64 whatever the compute dtype: the exchange then does not
+    depend on a per-rank dtype (logits shards may differ), and ``P * c * 4`` numbers
+    are tiny next to a ``[c, V_r]`` chunk. On the ``first`` gather of a call, a block
+    marked by a bad rank (:func:`_fail_together`) makes every rank raise.
+    """
+    wide = stats.to(torch.float64)
     if layout.world_size == 1:
-        return stats.unsqueeze(0)
-    out = stats.new_empty(layout.world_size * stats.numel())
-    _all_gather(out, stats, layout.group)
-    return out.view(layout.world_size, *stats.shape)
+        return wide.unsqueeze(0)
+    out = wide.new_empty(layout.world_size * wide.numel())
+    _all_gather(out, wide, layout.group)
+    out = out.view(layout.world_size, *stats.shape)
+    # Reading the flag is one small host synchronisation per call on a GPU, so it waits
+    # for value checks there; on the CPU (gloo) it costs nothing and is always done.
+    if first and (value_checks_enabled() or out.device.type == "cpu"):
+        flagged = (out[:, 0, 1] < 0).nonzero().flatten().tolist()
+        if flagged:
+            raise _together_error(flagged, None)
+    return out
 
 
 # --- the math of one chunk ----------------------------------------------------------------
@@ -223,6 +337,18 @@ class _Math:
     label_smoothing: float
     z_loss: float
     softcap: float | None
+    token_loss: str = "ce"  # "ce", "dft", "focal" or "focal_attached"
+    focal_gamma: float = 0.0
+
+    @property
+    def weighted(self) -> bool:
+        """Whether each token's cross-entropy is scaled by a DFT/focal weight ``w``."""
+        return self.token_loss != "ce"
+
+    @property
+    def attached(self) -> bool:
+        """Whether the weight's own derivative (the term ``k``) enters the gradient."""
+        return self.token_loss == "focal_attached" and self.focal_gamma != 0
 
 
 def _local_targets(y: torch.Tensor, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,24 +384,57 @@ def _local_stats_(z: torch.Tensor, y_local: torch.Tensor, own: torch.Tensor, mat
     return torch.stack([peak, z.sum(dim=1), target, total], dim=1)
 
 
-def _combine(gathered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[P, c, 4]`` statistics -> global log-sum-exp, target logit, sum of logits (each ``[c]``)."""
+def _combine(gathered: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[P, c, 4]`` statistics -> global log-sum-exp, target logit, sum of logits (each ``[c]``, ``dtype``)."""
     peaks = gathered[..., 0]
     peak = peaks.amax(dim=0)
     lse = peak + (gathered[..., 1] * torch.exp(peaks - peak)).sum(dim=0).log()
-    return lse, gathered[..., 2].sum(dim=0), gathered[..., 3].sum(dim=0)
+    return lse.to(dtype), gathered[..., 2].sum(dim=0).to(dtype), gathered[..., 3].sum(dim=0).to(dtype)
 
 
-def _token_loss(
-    lse: torch.Tensor, z_y: torch.Tensor, sum_z: torch.Tensor, math: _Math, vocab_size: int
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Terms:
+    """Per-token results of the combine step (each ``[c]``).
+
+    ``w`` is the DFT/focal weight (None for plain cross-entropy) and ``k`` the
+    attached focal loss's gradient term (None otherwise); backward needs both.
+    """
+
+    loss: torch.Tensor
+    w: torch.Tensor | None
+    k: torch.Tensor | None
+
+
+def _token_loss(lse: torch.Tensor, z_y: torch.Tensor, sum_z: torch.Tensor, math: _Math, vocab_size: int) -> _Terms:
     """The per-token loss from global statistics, as ``causal_lm_loss`` defines it."""
-    loss = lse - z_y
+    nll = lse - z_y
+    ce = nll
     if math.label_smoothing > 0:
-        loss = (1.0 - math.label_smoothing) * loss + math.label_smoothing * (lse - sum_z / vocab_size)
+        ce = (1.0 - math.label_smoothing) * nll + math.label_smoothing * (lse - sum_z / vocab_size)
+    w = k = None
+    loss = ce
+    if math.weighted:
+        # The weight uses the hard target's probability, as the reference does.
+        w = target_weight(-nll, math.token_loss, math.focal_gamma)
+        loss = ce * w
+        if math.attached:
+            k = _focal_term(nll, ce, math.focal_gamma)
     if math.z_loss > 0:
-        loss = loss + math.z_loss * lse.square()
-    return loss
+        loss = loss + math.z_loss * lse.square()  # not weighted: it regularizes the normalizer
+    return _Terms(loss, w, k)
+
+
+def _focal_term(nll: torch.Tensor, ce: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``k = gamma (1-p)^(gamma-1) p ce``: ``d w / dz = k / ce * (softmax - onehot(y))``.
+
+    0 where ``p`` rounds to 1 (the weight's limit, as the reference takes it), which
+    also keeps ``(1-p)^(gamma-1)`` finite for ``gamma < 1``.
+    """
+    p = torch.exp(-nll)
+    q = torch.clamp(-torch.expm1(-nll), min=0.0)  # 1 - p, precise near p = 1
+    positive = q > 0
+    safe = torch.where(positive, q, torch.ones_like(q))
+    return torch.where(positive, gamma * safe.pow(gamma - 1.0) * p * ce, torch.zeros_like(q))
 
 
 def _logit_grad_(
@@ -285,6 +444,8 @@ def _logit_grad_(
     y_local: torch.Tensor,
     own: torch.Tensor,
     a: torch.Tensor,
+    w: torch.Tensor | None,
+    k: torch.Tensor | None,
     math: _Math,
     vocab_size: int,
     cap: torch.Tensor | None,
@@ -292,17 +453,19 @@ def _logit_grad_(
     """``z`` (holding ``exp(z - ref)``) <- d(sum of a * loss)/d(raw logits of this shard).
 
     ``to_softmax[i] = exp(ref_i - lse_i)`` turns row ``i`` into the global softmax;
-    then ``a * ((1 + 2c*lse) * softmax - (1-e) * onehot(y) - e / V)``, times the
-    softcap derivative.
+    then ``a * ((w + 2c*lse + k) * softmax - ((1-e) * w + k) * onehot(y) - w * e / V)``
+    (``w = 1``, ``k = 0`` for plain cross-entropy), times the softcap derivative.
     """
-    scale = a * to_softmax
-    if math.z_loss > 0:
-        scale = scale * (1.0 + 2.0 * math.z_loss * lse)
-    z.mul_(scale.unsqueeze(1))
+    aw = a if w is None else a * w
+    row_scale = aw + 2.0 * math.z_loss * a * lse if math.z_loss > 0 else aw
+    onehot = (1.0 - math.label_smoothing) * aw
+    if k is not None:
+        row_scale, onehot = row_scale + a * k, onehot + a * k
+    z.mul_((row_scale * to_softmax).unsqueeze(1))
     if math.label_smoothing > 0:
-        z.sub_((a * (math.label_smoothing / vocab_size)).unsqueeze(1))
+        z.sub_((aw * (math.label_smoothing / vocab_size)).unsqueeze(1))
     if z.shape[1] > 0:  # the one-hot term lives on the rank that owns the target
-        hit = torch.where(own, -(1.0 - math.label_smoothing) * a, torch.zeros_like(a))
+        hit = torch.where(own, -onehot, torch.zeros_like(onehot))
         z.scatter_add_(1, y_local.unsqueeze(1), hit.unsqueeze(1).to(z.dtype))
     if cap is not None:
         z.mul_(cap)
@@ -359,6 +522,36 @@ class _Grads:
         return tuple(out)
 
 
+@dataclass
+class _RowTerms:
+    """``[N]`` per-row results kept for backward: log-sum-exp, and ``w``/``k`` when used."""
+
+    lse: torch.Tensor
+    w: torch.Tensor | None
+    k: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, like: torch.Tensor, math: _Math) -> _RowTerms:
+        def buffer(needed: bool) -> torch.Tensor | None:
+            return torch.zeros_like(like) if needed else None
+
+        return cls(torch.zeros_like(like), buffer(math.weighted), buffer(math.attached))
+
+    def store(self, index: torch.Tensor | slice, lse: torch.Tensor, terms: _Terms) -> None:
+        self.lse[index] = lse
+        if self.w is not None and terms.w is not None:
+            self.w[index] = terms.w
+        if self.k is not None and terms.k is not None:
+            self.k[index] = terms.k
+
+    def rows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        return self.lse[index], _at(self.w, index), _at(self.k, index)
+
+
+def _at(values: torch.Tensor | None, index: torch.Tensor | slice) -> torch.Tensor | None:
+    return None if values is None else values[index]
+
+
 def _fused_loop(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -369,35 +562,36 @@ def _fused_loop(
     math: _Math,
     chunk_rows: int,
     grads: _Grads | None,
-    saved_lse: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunks of scored rows: ``[N]`` weighted losses and ``[N]`` global log-sum-exp.
+    saved: _RowTerms | None = None,
+) -> tuple[torch.Tensor, _RowTerms]:
+    """Chunks of scored rows: ``[N]`` weighted losses and the per-row terms of backward.
 
-    With ``saved_lse`` (backward of ``reduction="none"``) the statistics are known:
+    With ``saved`` (backward of ``reduction="none"``) the statistics are known:
     no collective, only the gradients (``coef`` then holds the upstream gradients).
     """
     losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
-    lse_all = torch.zeros_like(losses)
-    for index in _chunks(hidden.shape[0], rows, chunk_rows):
+    kept = _RowTerms.zeros(losses, math)
+    for i, index in enumerate(_chunks(hidden.shape[0], rows, chunk_rows)):
         h, y, a = hidden[index], targets[index], coef[index]
         z = torch.mm(h, weight.t()).to(coef.dtype)  # products in the inputs' dtype, math in float32+
         cap = _softcap_(z, math.softcap, derivative=grads is not None)
         y_local, own = _local_targets(y, layout)
-        if saved_lse is None:
+        if saved is None:
             stats = _local_stats_(z, y_local, own, math)
-            lse, z_y, sum_z = _combine(_gather_stats(stats, layout))
-            loss = _token_loss(lse, z_y, sum_z, math, layout.vocab_size)
-            losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
-            lse_all[index] = lse
+            lse, z_y, sum_z = _combine(_gather_stats(stats, layout, first=i == 0), coef.dtype)
+            terms = _token_loss(lse, z_y, sum_z, math, layout.vocab_size)
+            losses[index] = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
+            kept.store(index, lse, terms)
+            w, k = terms.w, terms.k
             to_softmax = torch.exp(stats[:, 0] - lse)
         else:
-            lse = saved_lse[index]
+            lse, w, k = saved.rows(index)
             z.sub_(lse.unsqueeze(1)).exp_()
             to_softmax = torch.ones_like(lse)
         if grads is not None:
-            _logit_grad_(z, to_softmax, lse, y_local, own, a, math, layout.vocab_size, cap)
+            _logit_grad_(z, to_softmax, lse, y_local, own, a, w, k, math, layout.vocab_size, cap)
             _accumulate(z, h, weight, grads, index)
-    return losses, lse_all
+    return losses, kept
 
 
 def _accumulate(
@@ -433,8 +627,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             losses, _ = _fused_loop(hidden, weight, targets, coef, rows, layout, math, chunk_rows, grads)
             ctx.grads, ctx.weight, ctx.weight_version = grads, weight, weight._version
             return losses.sum()
-        losses, lse = _fused_loop(hidden, weight, targets, coef, rows, layout, math, chunk_rows, None)
-        ctx.save_for_backward(hidden, weight, targets, coef, rows, lse)
+        losses, kept = _fused_loop(hidden, weight, targets, coef, rows, layout, math, chunk_rows, None)
+        ctx.save_for_backward(hidden, weight, targets, coef, rows, kept.lse, kept.w, kept.k)
         return losses
 
     @staticmethod
@@ -453,11 +647,12 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             d_hidden, d_weight = grads.finish(grad_output, ctx.layout, ctx.any_row)
         else:
-            hidden, weight, targets, coef, rows, lse = ctx.saved_tensors
+            hidden, weight, targets, coef, rows, lse, w, k = ctx.saved_tensors
             grads = _Grads.allocate(hidden, weight, ctx.needs)
             upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
+            saved = _RowTerms(lse, w, k)
             with torch.autocast(hidden.device.type, enabled=False):
-                _fused_loop(hidden, weight, targets, upstream, rows, ctx.layout, ctx.math, ctx.chunk_rows, grads, lse)
+                _fused_loop(hidden, weight, targets, upstream, rows, ctx.layout, ctx.math, ctx.chunk_rows, grads, saved)
             d_hidden, d_weight = grads.finish(None, ctx.layout, ctx.any_row)
         return d_hidden, d_weight, None, None, None, None, None, None, None
 
@@ -479,6 +674,8 @@ def vocab_parallel_linear_cross_entropy(
     softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
     normalize: Normalize = "token",
+    token_loss: TokenLoss = "ce",
+    focal_gamma: float | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``linear_cross_entropy(hidden, W, labels)`` with ``W`` sharded by vocabulary over ``group``.
@@ -497,8 +694,9 @@ def vocab_parallel_linear_cross_entropy(
             that the shards tile the vocabulary; pass both (``lmloss.parallel.vocab_layout``
             once) to skip it.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
-        softcap, token_weights, normalize: exactly as in :func:`lmloss.causal_lm_loss`
-            on the full logits (label smoothing and the z-loss cover the full vocabulary).
+        softcap, token_weights, normalize, token_loss, focal_gamma: exactly as in
+            :func:`lmloss.causal_lm_loss` on the full logits (label smoothing, the
+            z-loss and the DFT/focal target probability cover the full vocabulary).
         chunk_size: tokens per chunk (one all-gather each); default from a 256 MiB
             budget for a ``[chunk, V / P]`` float32 buffer. Must be the same on every rank.
 
@@ -512,18 +710,26 @@ def vocab_parallel_linear_cross_entropy(
     Raises:
         ValueError: as :func:`lmloss.causal_lm_loss` (checked against the full
             vocabulary), on shards that do not fit the vocabulary, or when
-            ``torch.distributed`` is not initialized.
+            ``torch.distributed`` is not initialized. A bad ``weight_shard`` (or
+            ``vocab_start``) on one rank raises on every rank (see the module doc).
     """
-    _check_options(shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize, chunk_size)
-    hidden, weight_shard = _check_shard_linear(*_autocast_inputs(hidden, weight_shard))
+    gamma = _check_options(shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
+                           token_loss, focal_gamma, chunk_size)
+    hidden, weight_shard = _autocast_inputs(hidden, weight_shard)
+    hidden = _check_hidden(hidden)
     labels = _check_labels_on(labels, hidden.shape[:-1], hidden.device)
-    layout = _resolve_layout(group, weight_shard.shape[0], vocab_start, vocab_size)
+    # Everything above is replicated (fails alike everywhere); the shard is this rank's own.
+    problem = _weight_problem(hidden, weight_shard)
+    shard_rows = 0 if problem is not None else weight_shard.shape[0]
+    layout, problem = _resolve_layout(group, shard_rows, vocab_start, vocab_size, problem)
     plan, num_items = _plan(labels, token_weights, num_items_in_batch, layout, hidden.dtype,
                             shift=shift, ignore_index=ignore_index, normalize=normalize)
-    math = _Math(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    math = _Math(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), token_loss, gamma)
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
         chunk_size = _default_chunk_rows(hidden2d, layout, plan.coef.dtype)
+    if problem is not None:
+        _fail_together(problem, _first_gather_rows(plan.coef, chunk_size), layout, labels.device)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight_shard.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -553,7 +759,7 @@ class _VocabParallelCE(torch.autograd.Function):
         rows = _scored_rows(coef)
         chunks = _chunks(logits.shape[0], rows, chunk_rows)
         losses = torch.zeros(logits.shape[0], dtype=coef.dtype, device=logits.device)
-        lse_all = torch.zeros_like(losses)
+        kept = _RowTerms.zeros(losses, math)
         if chunks:
             # Local statistics of every chunk first, then one all-gather for all of them:
             # nothing here needs the global numbers before the end.
@@ -562,29 +768,31 @@ class _VocabParallelCE(torch.autograd.Function):
                 z = logits[index].to(coef.dtype, copy=True)
                 _softcap_(z, math.softcap, derivative=False)
                 stats.append(_local_stats_(z, *_local_targets(targets[index], layout), math))
-            lse, z_y, sum_z = _combine(_gather_stats(torch.cat(stats), layout))
+            lse, z_y, sum_z = _combine(_gather_stats(torch.cat(stats), layout, first=True), coef.dtype)
             scored = slice(None) if rows is None else rows
             a = coef[scored]
-            loss = _token_loss(lse, z_y, sum_z, math, layout.vocab_size)
-            losses[scored] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
-            lse_all[scored] = lse
+            terms = _token_loss(lse, z_y, sum_z, math, layout.vocab_size)
+            losses[scored] = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
+            kept.store(scored, lse, terms)
         ctx.layout, ctx.math, ctx.chunk_rows = layout, math, chunk_rows
-        ctx.save_for_backward(logits, targets, coef, rows, lse_all)
+        ctx.save_for_backward(logits, targets, coef, rows, kept.lse, kept.w, kept.k)
         return losses
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        logits, targets, coef, rows, lse_all = ctx.saved_tensors
+        logits, targets, coef, rows, lse_all, w_all, k_all = ctx.saved_tensors
+        saved = _RowTerms(lse_all, w_all, k_all)
         grad = torch.zeros_like(logits)
         upstream = coef * grad_output.to(coef.dtype)
         math, layout = ctx.math, ctx.layout
         for index in _chunks(logits.shape[0], rows, ctx.chunk_rows):
             z = logits[index].to(coef.dtype, copy=True)
             cap = _softcap_(z, math.softcap, derivative=True)
-            lse = lse_all[index]
+            lse, w, k = saved.rows(index)
             z.sub_(lse.unsqueeze(1)).exp_()  # the global softmax, from the saved log-sum-exp
             y_local, own = _local_targets(targets[index], layout)
-            _logit_grad_(z, torch.ones_like(lse), lse, y_local, own, upstream[index], math, layout.vocab_size, cap)
+            _logit_grad_(z, torch.ones_like(lse), lse, y_local, own, upstream[index], w, k, math, layout.vocab_size,
+                         cap)
             grad[index] = z.to(grad.dtype)
         return grad, None, None, None, None, None
 
@@ -605,6 +813,8 @@ def vocab_parallel_cross_entropy(
     softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
     normalize: Normalize = "token",
+    token_loss: TokenLoss = "ce",
+    focal_gamma: float | None = None,
 ) -> torch.Tensor:
     """``causal_lm_loss(logits, labels)`` where each rank holds a vocabulary slice of the logits.
 
@@ -614,26 +824,33 @@ def vocab_parallel_cross_entropy(
         labels: ``[..., T]`` *global* token ids, the same on every rank.
         group, vocab_start, vocab_size: as in :func:`vocab_parallel_linear_cross_entropy`.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
-        softcap, token_weights, normalize: exactly as in :func:`lmloss.causal_lm_loss`
-            on the full ``[..., T, V]`` logits.
+        softcap, token_weights, normalize, token_loss, focal_gamma: exactly as in
+            :func:`lmloss.causal_lm_loss` on the full ``[..., T, V]`` logits.
 
     Returns:
         As :func:`lmloss.causal_lm_loss`, the same on every rank. Backward gives
         ``logits_shard`` its own gradient (no collective): reducing the gradient of
         whatever produced the shard (replicated hidden states) is the producer's job.
+
+    Raises:
+        ValueError: as :func:`vocab_parallel_linear_cross_entropy`; a bad
+            ``logits_shard`` on one rank raises on every rank.
     """
-    _check_options(shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize, None)
-    logits_shard = check_tensor("logits_shard", logits_shard)
-    if not logits_shard.is_floating_point() or logits_shard.ndim < 2:
-        raise ValueError(
-            f"logits_shard must be a floating-point tensor of shape [..., T, V_r], got dtype "
-            f"{logits_shard.dtype} and shape {tuple(logits_shard.shape)}"
-        )
-    labels = _check_labels_on(labels, logits_shard.shape[:-1], logits_shard.device)
-    layout = _resolve_layout(group, logits_shard.shape[-1], vocab_start, vocab_size)
-    plan, num_items = _plan(labels, token_weights, num_items_in_batch, layout, logits_shard.dtype,
+    gamma = _check_options(shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
+                           token_loss, focal_gamma, None)
+    labels = check_labels(labels)
+    if labels.ndim < 1:
+        raise ValueError("labels must have shape [..., T] (at least 1-D), got a 0-D tensor")
+    # Labels are replicated (fail alike everywhere); the logits shard is this rank's own.
+    problem = _logits_problem(logits_shard, labels)
+    shard_columns = 0 if problem is not None else logits_shard.shape[-1]
+    layout, problem = _resolve_layout(group, shard_columns, vocab_start, vocab_size, problem)
+    dtype = torch.float32 if problem is not None else logits_shard.dtype
+    plan, num_items = _plan(labels, token_weights, num_items_in_batch, layout, dtype,
                             shift=shift, ignore_index=ignore_index, normalize=normalize)
-    math = _Math(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if problem is not None:  # the forward gathers the statistics of every scored row at once
+        _fail_together(problem, _first_gather_rows(plan.coef, max(1, labels.numel())), layout, labels.device)
+    math = _Math(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), token_loss, gamma)
     # Explicit row count: an empty shard ([..., T, 0]) leaves -1 ambiguous.
     logits2d = logits_shard.reshape(labels.numel(), logits_shard.shape[-1])
     itemsize = torch.finfo(plan.coef.dtype).bits // 8
@@ -699,12 +916,31 @@ def _check_options(
     z_loss: object,
     softcap: object,
     normalize: object,
+    token_loss: object,
+    focal_gamma: object,
     chunk_size: object,
-) -> None:
+) -> float:
+    """Replicated options; returns the focal gamma to use."""
     check_loss_options(shift=shift, ignore_index=ignore_index, reduction=reduction,
                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, normalize=normalize)
+    gamma = resolve_focal_gamma(token_loss, focal_gamma)
     if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
+    return gamma
+
+
+def _first_gather_rows(coef: torch.Tensor, chunk_rows: int) -> int:
+    """Rows of the first statistics gather of a call (0: the call gathers nothing).
+
+    Follows the forward's own chunking of the replicated ``coef``, so a bad rank
+    can join exactly the gather the good ranks make.
+    """
+    flat = coef.reshape(-1)
+    chunks = _chunks(flat.shape[0], _scored_rows(flat), chunk_rows)
+    if not chunks:
+        return 0
+    first = chunks[0]
+    return len(range(flat.shape[0])[first]) if isinstance(first, slice) else first.numel()
 
 
 def _check_labels_on(labels: object, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -723,21 +959,46 @@ def _autocast_inputs(hidden: object, weight: object) -> tuple[object, object]:
     return cast[0], cast[1]
 
 
-def _check_shard_linear(hidden: object, weight: object) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_hidden(hidden: object) -> torch.Tensor:
     hidden = check_tensor("hidden", hidden)
-    weight = check_tensor("weight_shard", weight)
     if not hidden.is_floating_point() or hidden.ndim < 2:
         raise ValueError(
             f"hidden must be a floating-point tensor of shape [..., T, D], got dtype {hidden.dtype} "
             f"and shape {tuple(hidden.shape)}"
         )
+    return hidden
+
+
+def _weight_problem(hidden: torch.Tensor, weight: object) -> str | None:
+    """What is wrong with this rank's ``weight_shard`` (``None``: nothing)."""
+    if not isinstance(weight, torch.Tensor):
+        return f"weight_shard must be a torch.Tensor, got {type(weight).__name__}"
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
+        return (
             f"weight_shard must have shape [V_r, D] with D = hidden.shape[-1] = {hidden.shape[-1]} "
             f"(rows of an lm_head.weight), got shape {tuple(weight.shape)}"
         )
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight_shard ({weight.dtype}) must have the same dtype")
+        return f"hidden ({hidden.dtype}) and weight_shard ({weight.dtype}) must have the same dtype"
     if weight.device != hidden.device:
-        raise ValueError(f"weight_shard is on {weight.device} but hidden is on {hidden.device}")
-    return hidden, weight
+        return f"weight_shard is on {weight.device} but hidden is on {hidden.device}"
+    return None
+
+
+def _logits_problem(logits: object, labels: torch.Tensor) -> str | None:
+    """What is wrong with this rank's ``logits_shard`` (``None``: nothing)."""
+    if not isinstance(logits, torch.Tensor):
+        return f"logits_shard must be a torch.Tensor, got {type(logits).__name__}"
+    if not logits.is_floating_point() or logits.ndim < 2:
+        return (
+            f"logits_shard must be a floating-point tensor of shape [..., T, V_r], got dtype "
+            f"{logits.dtype} and shape {tuple(logits.shape)}"
+        )
+    if logits.shape[:-1] != labels.shape:
+        return (
+            f"logits_shard has shape {tuple(logits.shape)} but its leading dimensions must match labels, "
+            f"{tuple(labels.shape)}"
+        )
+    if logits.device != labels.device:
+        return f"logits_shard is on {logits.device} but labels are on {labels.device}"
+    return None
