@@ -13,8 +13,9 @@ implementation on the same inputs:
 Implementations: ``naive`` (full logits, float32 upcast, ``F.cross_entropy``: what
 transformers does), ``torch`` (``torch.nn.functional.linear_cross_entropy`` with its
 chunking options, where the installed PyTorch has it), ``lmloss`` (``backend=
-"chunked"``), ``liger`` and ``cce`` (Liger Kernel, Cut Cross-Entropy: when
-installed and on CUDA), and ``floor``: the three matrix products alone.
+"chunked"``), ``lmloss-triton`` and ``lmloss-lowmem`` (the Triton backends, on CUDA),
+``liger`` and ``cce`` (Liger Kernel, Cut Cross-Entropy: when installed and on CUDA),
+and ``floor``: the three matrix products alone.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ HEADS = {  # name -> (hidden size D, vocabulary V)
     "llama3-8b": (4096, 128_256),
     "gemma2-2b": (2304, 256_000),
 }
-METHODS = ("floor", "naive", "torch", "lmloss", "liger", "cce")
+METHODS = ("floor", "naive", "torch", "lmloss", "lmloss-triton", "lmloss-lowmem", "liger", "cce")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,7 +89,23 @@ def method_step(method: str, x: Inputs, chunk_size: int | None = None) -> Callab
         )
     if x.hidden.device.type != "cuda":
         return None
+    if method in ("lmloss-triton", "lmloss-lowmem"):
+        return _triton(method, x, chunk_size)
     return _gpu_peer(method, x)
+
+
+def _triton(method: str, x: Inputs, chunk_size: int | None) -> Callable[[], torch.Tensor] | None:
+    """lmloss's Triton backends (CUDA only; None where triton is not installed)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    from lmloss.fused import linear_cross_entropy
+
+    backend = "triton" if method == "lmloss-triton" else "triton-lowmem"
+    return lambda: _backward(
+        linear_cross_entropy(x.hidden, x.weight, x.labels, shift=False, backend=backend, chunk_size=chunk_size)
+    )
 
 
 def _gpu_peer(method: str, x: Inputs) -> Callable[[], torch.Tensor] | None:
