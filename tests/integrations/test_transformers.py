@@ -484,3 +484,10 @@ def test_trainer_loss_masks_placeholders_and_refuses_a_fused_output():
         loss_func(transformers.modeling_outputs.CausalLMOutput(loss=got), labels)
     assert lmloss_hf.placeholder_token_ids(vl_model()) == (IMAGE, VIDEO)
     assert lmloss_hf.placeholder_token_ids(text_model("llama")) == ()
+
+
+def test_reachable_from_the_top_level_package():
+    """The README's one line: ``lmloss.integrations.transformers.apply(model)``."""
+    import lmloss
+
+    assert lmloss.integrations.transformers.apply is lmloss_hf.apply

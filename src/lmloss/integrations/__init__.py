@@ -9,3 +9,12 @@ Each integration imports its library only when it is imported itself, so
 """
 
 __all__: list[str] = []
+
+
+def __getattr__(name: str) -> object:
+    # ``lmloss.integrations.transformers`` works without an explicit import, still lazily.
+    if name == "transformers":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.transformers")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
