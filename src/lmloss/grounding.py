@@ -17,7 +17,8 @@ text a geometry, in four parts that follow the pipeline:
    finite gradients) for degenerate boxes.
 3. *Positions*: :func:`find_box_targets` finds the positions of a ``[B, T]`` batch
    whose next-token targets are box coordinates (digit tokens inside
-   ``<|box_start|>...<|box_end|>``, or bin tokens), with the same shift as
+   ``<|box_start|>...<|box_end|>``, digit tokens of the pixel integers in a
+   Qwen2.5-VL ``"bbox_2d": [...]`` list, or bin tokens), with the same shift as
    :func:`lmloss.causal_lm_loss`.
 4. *Losses*: the expected value of each coordinate under the model's distribution
    over the digit or bin tokens (:func:`expected_bin_coordinate`,
@@ -26,8 +27,9 @@ text a geometry, in four parts that follow the pipeline:
    tokens (a gather and a ``[K, D] @ [D, n_values]`` product), and
    :func:`grounding_loss` adds the terms to :func:`lmloss.linear_cross_entropy`.
 
-All box losses work in normalized ``[0, 1]`` coordinates, in float32 (float64 stays
-float64), whatever the input dtype.
+All box losses work in normalized ``[0, 1]`` coordinates (Qwen2.5-VL pixels are
+divided by the image size given to :func:`find_box_targets`), in float32 (float64
+stays float64), whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import math
 import numbers
 import re
 import string
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -335,22 +337,27 @@ def _parse_qwen25_vl(text: str, issues: _Issues, image_size: tuple[int, int] | N
         span_keys = [k for k in keys if start <= k < end]
         if span_keys:
             covered.append((start, end))
-            groups.extend(_bbox_entries(value, span_keys, start, text, issues, image_size))
+            groups.extend(_bbox_entries(value, start, end, text, issues, image_size))
         i = end
     _report_uncovered(keys, covered, failures, issues)
     return groups
 
 
 def _bbox_entries(
-    value: Any, keys: list[int], start: int, text: str, issues: _Issues, image_size: tuple[int, int] | None
+    value: Any, start: int, end: int, text: str, issues: _Issues, image_size: tuple[int, int] | None
 ) -> Iterator[GroundedPhrase]:
-    """One GroundedPhrase per object with a ``"bbox_2d"``, in document order."""
+    """One GroundedPhrase per object with a ``"bbox_2d"``, in the text order of that key.
+
+    ``value`` was decoded from ``text[start:end]``; each object is reported at the
+    ``{`` that opens it (found by scanning the text, so a parent whose key follows a
+    nested object's is not given the nested object's offset).
+    """
     entries = list(_dicts_with_bbox(value))
+    owners = _bbox_key_owners(text, start, end)
     for n, entry in enumerate(entries):
-        # The n-th such object is the n-th key in the text (JSON keeps document order).
-        key_at = keys[n] if len(keys) == len(entries) else start
-        at = text.rfind("{", start, key_at + 1)
-        at = start if at < 0 else at
+        # Both lists follow the text order of the keys; they differ in length only for
+        # JSON that Python reads differently (e.g. a key written twice in one object).
+        at = owners[n] if len(owners) == len(entries) else start
         box, problem = _json_box(entry, image_size)
         if problem is not None:
             issues.add(at, _json_end(text, at), problem)
@@ -367,15 +374,64 @@ def _json_end(text: str, start: int) -> int:
 
 
 def _dicts_with_bbox(value: Any) -> Iterator[dict[str, Any]]:
+    """The objects holding ``"bbox_2d"``, in the text order of that key.
+
+    An object is yielded where its key stands among its siblings: after the nested
+    objects written before the key, before those written after it (decoded JSON
+    objects keep the text order of their keys).
+    """
     if isinstance(value, dict):
-        if "bbox_2d" in value:
-            yield value
-        for item in value.values():
+        for key, item in value.items():
+            if key == "bbox_2d":
+                yield value
             if isinstance(item, (dict, list)):
                 yield from _dicts_with_bbox(item)
     elif isinstance(value, list):
         for item in value:
             yield from _dicts_with_bbox(item)
+
+
+def _bbox_key_owners(text: str, start: int, end: int) -> list[int]:
+    """Offsets of the ``{`` of each object with a ``"bbox_2d"`` key in valid JSON ``text[start:end]``.
+
+    In the text order of the keys, one per object (a repeated key counts once, as
+    in the decoded object), matching :func:`_dicts_with_bbox`.
+    """
+    owners: list[int] = []
+    stack: list[int] = []  # offsets of the open containers
+    i = start
+    while i < end:
+        char = text[i]
+        if char == '"':
+            close = _string_end(text, i)
+            if stack and text[stack[-1]] == "{" and stack[-1] not in owners and _is_bbox_key(text, i, close):
+                owners.append(stack[-1])
+            i = close
+            continue
+        if char in "[{":
+            stack.append(i)
+        elif char in "]}" and stack:
+            stack.pop()
+        i += 1
+    return owners
+
+
+def _string_end(text: str, quote: int) -> int:
+    """The offset just after the JSON string that opens at ``quote``."""
+    i = quote + 1
+    while i < len(text) and text[i] != '"':
+        i += 2 if text[i] == "\\" else 1
+    return i + 1
+
+
+def _is_bbox_key(text: str, start: int, end: int) -> bool:
+    """Whether the string ``text[start:end]`` is a ``"bbox_2d"`` key (followed by ``:``)."""
+    if json.loads(text[start:end]) != "bbox_2d":
+        return False
+    colon = end
+    while colon < len(text) and text[colon].isspace():
+        colon += 1
+    return colon < len(text) and text[colon] == ":"
 
 
 def _json_box(entry: dict[str, Any], image_size: tuple[int, int] | None) -> tuple[Box | None, str | None]:
@@ -814,9 +870,11 @@ class BoxTokenIds:
 
     Attributes:
         kind: ``"digits"`` (Qwen2-VL: each coordinate written as decimal digits, one
-            digit per token, inside ``box_start_id ... box_end_id``) or ``"bins"``
+            digit per token, inside ``box_start_id ... box_end_id``), ``"json"``
+            (Qwen2.5-VL: ``"bbox_2d": [x1, y1, x2, y2]`` in absolute pixels, each
+            number written as decimal digits, one digit per token) or ``"bins"``
             (one location token per coordinate, 4 consecutive tokens per box).
-        value_ids: the ids of the digits ``0..9`` (digits) or of bins ``0..n-1``.
+        value_ids: the ids of the digits ``0..9`` (digits, json) or of bins ``0..n-1``.
         box_start_id, box_end_id: the box delimiters (digits only).
         grid_size: digits: the coordinate grid (1000 for Qwen2-VL); the normalized
             coordinate is ``number / grid_size``.
@@ -824,25 +882,33 @@ class BoxTokenIds:
             (e.g. ``"12"``, ``" 5"``); such a token inside a box is an error,
             because the per-digit expectation needs one digit per token.
         order: bins: ``"xyxy"`` or ``"yxyx"`` (PaliGemma).
+        token_text: json: the text of a token id (e.g. its decoded string). The
+            ``"bbox_2d"`` key is tokenized differently in different contexts
+            (``{"`` + ``bbox`` or `` "`` + ``bbox``), so it is found in the text of the
+            row, not by matching ids.
     """
 
-    kind: Literal["digits", "bins"]
+    kind: Literal["digits", "json", "bins"]
     value_ids: tuple[int, ...]
     box_start_id: int | None = None
     box_end_id: int | None = None
     grid_size: int = QWEN2_VL_GRID
     merged_digit_ids: frozenset[int] = frozenset()
     order: Literal["xyxy", "yxyx"] = "xyxy"
+    token_text: Callable[[int], str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_choice("kind", self.kind, ("digits", "bins"))
+        check_choice("kind", self.kind, ("digits", "json", "bins"))
         _check_order(self.order)
         ids = tuple(self.value_ids)
         if len(set(ids)) != len(ids) or not all(isinstance(i, int) and i >= 0 for i in ids):
             raise ValueError(f"value_ids must be distinct non-negative token ids, got {ids!r}")
-        if self.kind == "digits":
-            if len(ids) != 10:
-                raise ValueError(f"digits need the 10 token ids of '0'..'9', got {len(ids)}")
+        if self.kind in ("digits", "json") and len(ids) != 10:
+            raise ValueError(f"{self.kind} needs the 10 token ids of '0'..'9', got {len(ids)}")
+        if self.kind == "json":
+            if not callable(self.token_text):
+                raise ValueError("json needs token_text (token id -> its text) to find the \"bbox_2d\" keys")
+        elif self.kind == "digits":
             if self.box_start_id is None or self.box_end_id is None:
                 raise ValueError("digits need box_start_id and box_end_id (the box delimiters)")
             if {self.box_start_id, self.box_end_id} & set(ids):
@@ -865,6 +931,16 @@ class BoxTokenIds:
                    frozenset(int(i) for i in merged_digit_ids))
 
     @classmethod
+    def json_digits(cls, digit_ids: Sequence[int], token_text: Mapping[int, str] | Callable[[int], str]) -> BoxTokenIds:
+        """Qwen2.5-VL JSON boxes: digit tokens (ids of ``'0'..'9'`` in order) and the text of every token.
+
+        ``token_text`` maps a token id to its text: a dict, or a function such as
+        ``lambda i: tokenizer.decode([i])`` (:meth:`from_tokenizer` builds a cached one).
+        """
+        text_of = _MappingText(token_text) if isinstance(token_text, Mapping) else token_text
+        return cls("json", tuple(int(i) for i in digit_ids), token_text=text_of)
+
+    @classmethod
     def bins(cls, bin_ids: Sequence[int], *, order: Literal["xyxy", "yxyx"] = "xyxy") -> BoxTokenIds:
         """Location tokens, ``bin_ids[k]`` being bin ``k``."""
         return cls("bins", tuple(int(i) for i in bin_ids), order=order)
@@ -873,7 +949,7 @@ class BoxTokenIds:
     def from_tokenizer(
         cls,
         tokenizer: Any,
-        fmt: Literal["qwen2-vl", "bins"] = "qwen2-vl",
+        fmt: Format = "qwen2-vl",
         *,
         num_bins: int | None = None,
         pattern: str = DEFAULT_BIN_PATTERN,
@@ -882,19 +958,56 @@ class BoxTokenIds:
         """Look the ids up in a transformers tokenizer (its vocabulary must hold them).
 
         "qwen2-vl": ``<|box_start|>``, ``<|box_end|>`` and the digits, each of which
-        must encode to one token (as Qwen2's pre-tokenizer guarantees). "bins":
-        ``pattern.format(k)`` for ``k < num_bins``, each one token.
+        must encode to one token (as Qwen2's pre-tokenizer guarantees). "qwen2.5-vl":
+        the digits, and ``tokenizer.decode([id])`` (cached) as the text of a token; a
+        coordinate digit that shares its token with other characters is reported by
+        :func:`find_box_targets`. "bins": ``pattern.format(k)`` for ``k < num_bins``,
+        each one token.
         """
-        check_choice("fmt", fmt, ("qwen2-vl", "bins"))
+        check_choice("fmt", fmt, FORMATS)
         if fmt == "bins":
             _bin_affixes(pattern)
             names = [pattern.format(k) for k in range(_check_num_bins(num_bins))]
             return cls.bins([_single_token_id(tokenizer, name) for name in names], order=order)
         digits = [_single_token_id(tokenizer, str(d)) for d in range(10)]
+        if fmt == "qwen2.5-vl":
+            return cls.json_digits(digits, _DecodedText(tokenizer))
         vocab = tokenizer.get_vocab()
         merged = [i for tok, i in vocab.items() if i not in digits and any(c in "0123456789" for c in tok)]
         return cls.digits(digits, _single_token_id(tokenizer, BOX_START), _single_token_id(tokenizer, BOX_END),
                           merged_digit_ids=merged)
+
+
+class _DecodedText:
+    """``token id -> text`` through ``tokenizer.decode``, cached (a batch repeats its ids).
+
+    A byte-level token that holds part of a multi-byte character decodes to U+FFFD:
+    the row's text then differs from the decoded row there, but never in the ASCII
+    of the ``"bbox_2d": [...]`` structure.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self.cache[token_id] = text
+        return text
+
+
+class _MappingText:
+    """``token id -> text`` from a dict; an unknown id is a ``ValueError`` that names it."""
+
+    def __init__(self, texts: Mapping[int, str]) -> None:
+        self.texts = texts
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.texts:
+            raise ValueError(f"token id {token_id} is not in token_text (it must give the text of every id)")
+        return self.texts[token_id]
 
 
 def _single_token_id(tokenizer: Any, text: str) -> int:
@@ -927,6 +1040,9 @@ class BoxTargets:
         tokens: the token ids used.
         shape: ``(B, T)`` of the batch.
         shift: the alignment convention the positions follow.
+        divisor: ``[K]`` float32, digits and json: what a coordinate's number is
+            divided by to normalize it (the grid size; the image width for x, height
+            for y); ``None`` means ``tokens.grid_size``. Unused for bins.
     """
 
     positions: torch.Tensor
@@ -939,6 +1055,7 @@ class BoxTargets:
     tokens: BoxTokenIds
     shape: tuple[int, int]
     shift: bool
+    divisor: torch.Tensor | None = None
 
     @property
     def num_boxes(self) -> int:
@@ -947,7 +1064,8 @@ class BoxTargets:
     def to(self, device: torch.device | str) -> BoxTargets:
         """A copy with every tensor on ``device``."""
         moved = {name: getattr(self, name).to(device) for name in _TARGET_TENSORS}
-        return BoxTargets(**moved, tokens=self.tokens, shape=self.shape, shift=self.shift)
+        divisor = None if self.divisor is None else self.divisor.to(device)
+        return BoxTargets(**moved, tokens=self.tokens, shape=self.shape, shift=self.shift, divisor=divisor)
 
 
 _TARGET_TENSORS = ("positions", "box_index", "coord_index", "value_index", "place", "target_boxes", "row_index")
@@ -961,11 +1079,22 @@ def find_box_targets(
     shift: bool = True,
     ignore_index: int = -100,
     on_error: Literal["raise", "skip"] = "raise",
+    image_size: tuple[float, float] | Sequence[tuple[float, float]] | torch.Tensor | None = None,
 ) -> BoxTargets:
     """Find the positions whose next-token targets are box coordinates.
 
     Runs in Python on the CPU: call it when the batch is built (collator, data
     loader), not in the training step.
+
+    Qwen2.5-VL (``tokens.kind == "json"``): the coordinates are the digits of the 4
+    integers of each ``"bbox_2d": [x1, y1, x2, y2]`` list (numbers of any length),
+    found in the text of the row (the tokens' texts joined). They are pixels of the
+    image as the model saw it, so ``image_size`` is required and the target boxes
+    are normalized by it (x by the width, y by the height), as the other formats
+    are: the box losses then mean the same in every format and at every
+    resolution (in pixels, the L1 term would grow with the image and swamp the
+    cross-entropy and the GIoU term at NExT-Chat's weights; GIoU itself does not
+    care), and :func:`box_loss` divides the expected numbers by the same sizes.
 
     Args:
         labels: ``[B, T]`` labels as for :func:`lmloss.causal_lm_loss` (input ids with
@@ -982,6 +1111,10 @@ def find_box_targets(
             wrong number of coordinates, a merged digit token, a coordinate beyond
             the grid, reversed corners, or only some of its coordinates trained.
             A box with no trained coordinate (e.g. in the prompt) is not a target.
+        image_size: json only, required: ``(width, height)`` in pixels of the image
+            the coordinates refer to (for Qwen2.5-VL, the resized model input, not
+            the original file), one pair for the whole batch or one per row
+            (``[B, 2]``). A coordinate beyond it is a malformed box.
 
     Returns:
         :class:`BoxTargets` on the device of ``labels``.
@@ -995,14 +1128,40 @@ def find_box_targets(
         raise TypeError(f"tokens must be a BoxTokenIds, got {type(tokens).__name__}")
     check_bool("shift", shift)
     check_choice("on_error", on_error, ("raise", "skip"))
+    sizes = _row_image_sizes(image_size, tokens.kind, labels.shape[0])
     rows_labels = labels.tolist()
     rows_ids = rows_labels if input_ids is None else input_ids.tolist()
-    builder = _TargetBuilder(tokens, shift, ignore_index, on_error == "raise", labels.shape[1])
+    builder = _TargetBuilder(tokens, shift, ignore_index, on_error == "raise", labels.shape[1], sizes)
     for b, (ids, labs) in enumerate(zip(rows_ids, rows_labels)):
-        spans = _digit_boxes(ids, tokens) if tokens.kind == "digits" else _bin_boxes(ids, tokens)
-        for span in spans:
+        for span in _spans(ids, tokens, ignore_index):
             builder.add(b, span, labs)
     return builder.build(labels.device, (labels.shape[0], labels.shape[1]))
+
+
+def _spans(ids: list[int], tokens: BoxTokenIds, ignore_index: int) -> Iterator[_Span]:
+    if tokens.kind == "digits":
+        return _digit_boxes(ids, tokens)
+    if tokens.kind == "json":
+        return _json_boxes(ids, tokens, ignore_index)
+    return _bin_boxes(ids, tokens)
+
+
+def _row_image_sizes(image_size: object, kind: str, rows: int) -> list[tuple[float, float]] | None:
+    """One ``(width, height)`` per row for json tokens; None (and nothing given) otherwise."""
+    if kind != "json":
+        if image_size is not None:
+            raise ValueError(f"image_size is for Qwen2.5-VL pixel boxes (json tokens), not {kind} tokens")
+        return None
+    if image_size is None:
+        raise ValueError("Qwen2.5-VL boxes are in pixels: find_box_targets needs image_size=(width, height)")
+    sizes = image_size.tolist() if isinstance(image_size, torch.Tensor) else image_size
+    if isinstance(sizes, (tuple, list)) and len(sizes) == 2 and all(isinstance(v, numbers.Real) for v in sizes):
+        sizes = [sizes] * rows
+    if not isinstance(sizes, (tuple, list)) or len(sizes) != rows:
+        raise ValueError(
+            f"image_size must be (width, height) or one such pair per row ({rows} rows), got {image_size!r}"
+        )
+    return [_check_image_size(size, required=True) for size in sizes]  # type: ignore[misc]
 
 
 @dataclass
@@ -1076,13 +1235,87 @@ def _bin_boxes(ids: list[int], tokens: BoxTokenIds) -> Iterator[_Span]:
         t = end
 
 
+_JSON_KEY = re.compile(r'"bbox_2d"\s*:\s*')
+_JSON_NUMBERS = re.compile(r"\s*([0-9]+)\s*,\s*([0-9]+)\s*,\s*([0-9]+)\s*,\s*([0-9]+)\s*")
+
+
+def _json_boxes(ids: list[int], tokens: BoxTokenIds, ignore_index: int) -> Iterator[_Span]:
+    """Each ``"bbox_2d": [...]`` of a row, found in the row's text (the tokens' texts joined).
+
+    Read from labels, an ``ignore_index`` column has no text: it stands as a NUL
+    character, which no box structure can cross.
+    """
+    digits = set(tokens.value_ids)
+    if not digits.intersection(ids):
+        return  # no digit, no box: spare the row's text
+    pieces = ["\0" if i == ignore_index else tokens.token_text(i) for i in ids]  # type: ignore[misc]
+    text = "".join(pieces)
+    owner = [t for t, piece in enumerate(pieces) for _ in piece]  # character -> column
+    for key in _JSON_KEY.finditer(text):
+        start = owner[key.start()]
+        if text[key.end() : key.end() + 1] != "[":
+            yield _Span(start, owner[key.end() - 1] + 1, [], '"bbox_2d" is not followed by a list [x1, y1, x2, y2]')
+            continue
+        close = _list_end(text, key.end())
+        if close is None:
+            yield _Span(start, len(ids), [], 'unclosed "bbox_2d" list (no "]" before the end of the row)')
+            continue
+        yield _json_span(text[key.end() + 1 : close], key.end() + 1, start, owner[close] + 1, pieces, owner, ids,
+                         digits)
+
+
+def _list_end(text: str, opening: int) -> int | None:
+    """Offset of the ``]`` that closes the flat list opened at ``opening``, or None if cut off."""
+    for i in range(opening + 1, len(text)):
+        if text[i] == "]":
+            return i
+        if text[i] in "[{}":
+            return None  # another structure starts: this list was never closed
+    return None
+
+
+def _json_span(
+    content: str, at: int, start: int, end: int, pieces: list[str], owner: list[int], ids: list[int], digits: set[int]
+) -> _Span:
+    """The digit columns of ``[x1, y1, x2, y2]``, whose inside ``content`` starts at character ``at``."""
+    match = _JSON_NUMBERS.fullmatch(content)
+    if match is None:
+        items = [item.strip() for item in content.split(",")] if content.strip() else []
+        bad = [item for item in items if not re.fullmatch("[0-9]+", item)]
+        problem = (f"coordinate {bad[0]!r} is not a non-negative integer written in digits" if bad
+                   else f'expected 4 coordinates in "bbox_2d" [x1, y1, x2, y2], found {len(items)}')
+        return _Span(start, end, [], problem)
+    numbers: list[list[int]] = []
+    for k in range(1, 5):
+        columns = [owner[at + c] for c in range(match.start(k), match.end(k))]
+        for col in columns:
+            # The number's digits must be the digit tokens: a token such as " 5" or
+            # "12" cannot be scored digit by digit.
+            if ids[col] not in digits:
+                problem = (f"token id {ids[col]} in column {col} is {pieces[col]!r}, not one digit token; "
+                           "the expected-number loss needs one digit per token")
+                return _Span(start, end, [], problem)
+        numbers.append(columns)
+    return _Span(start, end, numbers)
+
+
 class _TargetBuilder:
     """Accumulates the boxes of a batch into the flat lists of :class:`BoxTargets`."""
 
-    def __init__(self, tokens: BoxTokenIds, shift: bool, ignore_index: int, strict: bool, width: int) -> None:
+    def __init__(
+        self,
+        tokens: BoxTokenIds,
+        shift: bool,
+        ignore_index: int,
+        strict: bool,
+        width: int,
+        sizes: list[tuple[float, float]] | None,
+    ) -> None:
         self.tokens, self.shift, self.ignore, self.strict, self.width = tokens, shift, ignore_index, strict, width
+        self.sizes = sizes  # json: (width, height) of each row's image
         self.value_of = {tok: k for k, tok in enumerate(tokens.value_ids)}
         self.cols: dict[str, list[int]] = {k: [] for k in ("pos", "box", "coord", "value", "place")}
+        self.divisors: list[float] = []
         self.boxes: list[list[float]] = []
         self.rows: list[int] = []
 
@@ -1107,42 +1340,55 @@ class _TargetBuilder:
         if any(v < 0 for coord in values for v in coord):
             self.fail(b, span.start, "labels disagree with input_ids at a coordinate token")
             return
-        raw, upper, where = self._raw_box(values)
+        raw, upper, where = self._raw_box(values, b)
         problem = _box_problem(raw, upper, where)
         if problem is not None:
             self.fail(b, span.start, problem)
             return
-        self._record(b, span, values, self._normalized(raw))
+        self._record(b, span, values, raw)
 
     def _is_target(self, col: int, labs: list[int]) -> bool:
         return labs[col] != self.ignore and (col >= 1 or not self.shift)
 
-    def _raw_box(self, values: list[list[int]]) -> tuple[list[float], tuple[float, float], str]:
-        """The box in the tokens' own units (bin indices or grid numbers), xyxy."""
+    def _raw_box(self, values: list[list[int]], b: int) -> tuple[list[float], tuple[float, float], str]:
+        """The box in the tokens' own units (bin indices, grid numbers or pixels), xyxy."""
         if self.tokens.kind == "bins":
             n = len(self.tokens.value_ids)
             box = [float(coord[0]) for coord in values]
             box = box if self.tokens.order == "xyxy" else [box[1], box[0], box[3], box[2]]
             return box, (n - 1, n - 1), f"{n} bins"
-        grid = self.tokens.grid_size
         box = [float(int("".join(map(str, coord)))) for coord in values]
+        if self.tokens.kind == "json":
+            width, height = self.sizes[b]  # type: ignore[index]
+            return box, (width, height), f"a {width:g}x{height:g} image"
+        grid = self.tokens.grid_size
         return box, (grid, grid), f"the 0-{grid} grid"
 
-    def _normalized(self, raw: list[float]) -> list[float]:
-        if self.tokens.kind == "bins":
-            return [(v + 0.5) / len(self.tokens.value_ids) for v in raw]  # bin centres
-        return [v / self.tokens.grid_size for v in raw]
+    def _divisors(self, b: int) -> tuple[float, float, float, float]:
+        """What each of x1, y1, x2, y2 is divided by to land in [0, 1] (digits and json)."""
+        if self.tokens.kind == "json":
+            width, height = self.sizes[b]  # type: ignore[index]
+            return (width, height, width, height)
+        grid = float(self.tokens.grid_size)
+        return (grid, grid, grid, grid)
 
-    def _record(self, b: int, span: _Span, values: list[list[int]], box: list[float]) -> None:
+    def _record(self, b: int, span: _Span, values: list[list[int]], raw: list[float]) -> None:
         m = len(self.boxes)
         order = (0, 1, 2, 3) if self.tokens.order == "xyxy" else (1, 0, 3, 2)
+        digits = self.tokens.kind != "bins"
+        divisors = self._divisors(b) if digits else (1.0, 1.0, 1.0, 1.0)
         for slot, (coord_cols, coord_values) in enumerate(zip(span.coords, values)):
             for j, (col, value) in enumerate(zip(coord_cols, coord_values)):
                 self.cols["pos"].append(b * self.width + (col - 1 if self.shift else col))
                 self.cols["box"].append(m)
                 self.cols["coord"].append(order[slot])
                 self.cols["value"].append(value)
-                self.cols["place"].append(len(coord_cols) - 1 - j if self.tokens.kind == "digits" else 0)
+                self.cols["place"].append(len(coord_cols) - 1 - j if digits else 0)
+                self.divisors.append(divisors[order[slot]])
+        if digits:
+            box = [v / d for v, d in zip(raw, divisors)]
+        else:
+            box = [(v + 0.5) / len(self.tokens.value_ids) for v in raw]  # bin centres
         self.boxes.append(box)
         self.rows.append(b)
 
@@ -1152,8 +1398,9 @@ class _TargetBuilder:
 
         boxes = torch.tensor(self.boxes, dtype=torch.float32, device=device).reshape(-1, 4)
         c = self.cols
+        divisor = torch.tensor(self.divisors, dtype=torch.float32, device=device)
         return BoxTargets(longs(c["pos"]), longs(c["box"]), longs(c["coord"]), longs(c["value"]),
-                          longs(c["place"]), boxes, longs(self.rows), self.tokens, shape, self.shift)
+                          longs(c["place"]), boxes, longs(self.rows), self.tokens, shape, self.shift, divisor)
 
 
 # -------------------------------------------------------- expected coordinates
@@ -1298,7 +1545,8 @@ def _pred_boxes(z: torch.Tensor, targets: BoxTargets, temperature: float, straig
                                straight_through)
     else:
         digits = torch.arange(10, dtype=z.dtype, device=z.device)
-        scale = 10.0 ** targets.place.to(z) / tokens.grid_size
+        divisor = tokens.grid_size if targets.divisor is None else targets.divisor.to(z)
+        scale = 10.0 ** targets.place.to(z) / divisor
         contrib = _expectation(z, digits, temperature, straight_through) * scale
     slots = targets.box_index.to(z.device) * 4 + targets.coord_index.to(z.device)
     # index_add sums the digits of a number into its coordinate (and is a copy for bins).

@@ -281,3 +281,116 @@ def test_gradnorm_misuse_is_refused():
         GradNorm(["t1", "t2"], model.shared, initial_weights={"t1": 0.0, "t2": 1.0})
     with pytest.raises(ValueError, match="require grad"):
         GradNorm(["t1", "t2"], torch.ones(3))
+
+
+def test_uncertainty_leaves_out_the_regularizer_of_a_term_weighted_zero():
+    strategy = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        strategy.log_vars.copy_(torch.tensor([0.3, -0.5]))
+    la = torch.tensor(0.0, requires_grad=True)  # a term already multiplied by its weight 0
+    lb = torch.tensor(3.0, requires_grad=True)
+    total, weights = strategy.combine({"a": la, "b": lb}, scales={"a": 0.0, "b": 1.0})
+    # Only b counts: 0.5 exp(0.5) * 3 + 0.5 * (-0.5); a keeps neither its 0 nor 0.5 * s_a.
+    assert total.item() == pytest.approx(0.5 * math.exp(0.5) * 3.0 - 0.25, rel=1e-6)
+    assert weights["a"].item() == pytest.approx(0.5 * math.exp(-0.3), rel=1e-6)
+    total.backward()
+    # ds_a = 0 exactly (without scales it would be 0.5); ds_b = -0.5 exp(0.5) * 3 + 0.5.
+    expected = torch.tensor([0.0, -0.5 * math.exp(0.5) * 3.0 + 0.5])
+    torch.testing.assert_close(strategy.log_vars.grad, expected, rtol=1e-6, atol=0)
+    assert la.grad.item() == pytest.approx(0.5 * math.exp(-0.3), rel=1e-6)  # the term stays in the graph
+
+
+def test_uncertainty_under_a_curriculum_does_not_drift_while_the_weight_is_zero():
+    from lmloss.multitask import CompositeLoss, LinearSchedule
+
+    strategy = UncertaintyWeighting(["text", "box"])
+    composite = CompositeLoss({"text": lambda b, o: torch.tensor(2.0), "box": lambda b, o: torch.tensor(4.0)},
+                              weights={"box": LinearSchedule(0.0, 1.0, 5, 7)}, weighting=strategy)
+    optimizer = torch.optim.SGD(strategy.parameters(), lr=1.0)
+    for step in range(5):  # box weight 0 at steps 0..4
+        optimizer.zero_grad()
+        composite(None, None, step=step).total.backward()
+        optimizer.step()
+    # s_box never moved (it would be -2.5 after 5 steps of gradient 0.5); s_text did.
+    assert strategy.log_vars[1].item() == 0.0
+    assert strategy.log_vars[0].item() != 0.0
+    optimizer.zero_grad()
+    result = composite(None, None, step=6)  # weight 0.5: the term is on
+    result.total.backward()
+    # d/ds_box of 0.5 exp(-s) (0.5 * 4) + 0.5 s at s = 0: -0.5 * 2 + 0.5
+    assert strategy.log_vars.grad[1].item() == pytest.approx(-0.5, rel=1e-6)
+    assert result.weights["box"].item() == pytest.approx(0.5 * 0.5, rel=1e-6)  # schedule x 0.5 exp(-0)
+
+
+class Linear:
+    """Terms ``L = p * theta + q`` on one shared scalar ``theta = 1``: value ``p + q``, gradient ``p``."""
+
+    def __init__(self):
+        self.theta = torch.nn.Parameter(torch.tensor([1.0]))
+
+    def losses(self, **terms):
+        return {name: (p * self.theta + q).sum() for name, (p, q) in terms.items()}
+
+
+def test_gradnorm_defers_l0_of_a_term_that_starts_at_zero():
+    model = Linear()
+    gradnorm = GradNorm(["a", "b"], model.theta)
+    # Step 1: L_a = 2 (grad 2), L_b = 0 (grad 3): b (a box loss without boxes) has no L_b(0) yet.
+    # L_a(0) = 2 -> ratio_a = 1; ratio_b = 1 (neutral); r = [1, 1]. G = [1*2, 1*3], mean 2.5,
+    # target [2.5, 2.5]; L_grad = 0.5 + 0.5 = 1; dL/dw = [-2, +3]. SGD 0.1: [1.2, 0.7] -> x 2/1.9.
+    l_grad = gradnorm.update(model.losses(a=(2.0, 0.0), b=(3.0, -3.0)), lr=0.1)
+    assert l_grad.item() == pytest.approx(1.0, rel=1e-6) and not gradnorm.last_step_skipped
+    torch.testing.assert_close(gradnorm.weights.detach(), torch.tensor([24 / 19, 14 / 19]))
+    assert gradnorm.initial_losses_recorded == {"a": True, "b": False}
+    assert gradnorm.state_dict()["_extra_state"]["initial_losses"] == [2.0, None]
+
+    # Step 2: L_a = 1 (grad 1), L_b = 2 (grad 4): L_b(0) = 2 now. ratios [1/2, 1], mean 3/4,
+    # r = [2/3, 4/3]. G = [24/19 * 1, 14/19 * 4] = [24/19, 56/19], mean 40/19.
+    w = [24 / 19, 14 / 19]
+    g = [w[0] * 1, w[1] * 4]
+    target = [40 / 19 * (2 / 3) ** 1.5, 40 / 19 * (4 / 3) ** 1.5]  # 1.1460, 3.2413
+    assert g[0] > target[0] and g[1] < target[1]  # so dL/dw_a = +1 * 1, dL/dw_b = -1 * 4
+    expected_l_grad = (g[0] - target[0]) + (target[1] - g[1])
+    stepped = [w[0] - 0.1 * 1, w[1] + 0.1 * 4]
+    l_grad = gradnorm.update(model.losses(a=(1.0, 0.0), b=(4.0, -2.0)), lr=0.1)
+    assert l_grad.item() == pytest.approx(expected_l_grad, rel=1e-5)
+    expected_w = torch.tensor([v * 2 / sum(stepped) for v in stepped])
+    torch.testing.assert_close(gradnorm.weights.detach(), expected_w)
+    assert gradnorm.state_dict()["_extra_state"]["initial_losses"] == [2.0, 2.0]
+    # A checkpoint taken while a term is deferred restores the deferral.
+    restored = GradNorm(["a", "b"], model.theta)
+    restored.load_state_dict(_round_trip(GradNorm(["a", "b"], model.theta).state_dict()))
+    assert restored.initial_losses_recorded == {"a": False, "b": False}
+
+
+def test_gradnorm_skips_the_weight_update_when_the_mean_ratio_is_zero_or_not_finite():
+    model = Linear()
+    gradnorm = GradNorm(["a", "b"], model.theta, initial_losses={"a": 2.0, "b": 3.0})
+    optimizer = torch.optim.Adam(gradnorm.parameters(), lr=0.1)
+    gradnorm.update(model.losses(a=(2.0, 0.0), b=(3.0, 0.0)), optimizer=optimizer)  # Adam has momentum now
+    before = gradnorm.weights.detach().clone()
+    # Every term 0: ratios [0, 0], mean 0, r = 0/0. Skipped: weights exactly as they were
+    # (no Adam step either: its momentum would have moved them), L_grad reported as 0.
+    for zero_or_nan in [dict(a=(2.0, -2.0), b=(3.0, -3.0)), dict(a=(2.0, float("nan")), b=(3.0, 0.0))]:
+        l_grad = gradnorm.update(model.losses(**zero_or_nan), optimizer=optimizer)
+        assert gradnorm.last_step_skipped and l_grad.item() == 0.0
+        assert torch.equal(gradnorm.weights.detach(), before) and gradnorm.weights.grad is None
+    # By hand: weight_backward leaves no gradient, so an optimizer step skips the weights.
+    gradnorm.weight_backward(model.losses(a=(2.0, -2.0), b=(3.0, -3.0)))
+    optimizer.step()
+    assert torch.equal(gradnorm.weights.detach(), before)
+    gradnorm.combine(model.losses(a=(1.0, 0.0), b=(1.0, 0.0)))  # no pending renormalize
+    # The next ordinary step updates again.
+    gradnorm.update(model.losses(a=(2.0, 0.0), b=(3.0, 0.0)), optimizer=optimizer)
+    assert not gradnorm.last_step_skipped and not torch.equal(gradnorm.weights.detach(), before)
+    # All zero before any L_i(0) is known is not a skip: every ratio is neutral (1).
+    fresh = GradNorm(["a", "b"], model.theta)
+    fresh.update(model.losses(a=(2.0, -2.0), b=(3.0, -3.0)), lr=0.1)
+    assert not fresh.last_step_skipped and fresh.initial_losses_recorded == {"a": False, "b": False}
+    torch.testing.assert_close(fresh.weights.detach(), torch.tensor([24 / 19, 14 / 19]))  # as step 1 above
+    with pytest.raises(ValueError, match="GradNorm needs losses >= 0"):
+        fresh.weight_backward(model.losses(a=(1.0, -2.0), b=(1.0, 0.0)))
+    # A NaN term is a skip even before it has an L_i(0) (a neutral ratio would hide it).
+    fresh.update(model.losses(a=(2.0, 0.0), b=(3.0, float("nan"))), lr=0.1)
+    assert fresh.last_step_skipped and fresh.initial_losses_recorded == {"a": True, "b": False}
+    assert torch.isfinite(fresh.weights).all()

@@ -101,6 +101,12 @@ class CompositeLoss(nn.Module):
 
     Terms that are ``nn.Module``\\ s are registered as submodules (``self.term_modules``),
     so ``.to(device)`` and ``state_dict()`` include them.
+
+    Note: a strategy whose ``combine`` takes ``scales=`` gets each term's weight at
+    this step. ``UncertaintyWeighting`` uses it to leave the ``0.5 * s_i`` of a term
+    weighted 0 out of the total (else its log-variance would drift down without
+    bound while a schedule holds the term at 0, and the term would come back with a
+    huge weight); see its docstring.
     """
 
     def __init__(
@@ -200,11 +206,15 @@ class CompositeLoss(nn.Module):
             self.weighting.check_terms(self.names)
         kept = {name: loss for name, loss in raw.items() if name not in skipped}
         scaled = {name: loss if scales[name] == 1.0 else loss * scales[name] for name, loss in kept.items()}
-        if "unscaled" in inspect.signature(self.weighting.combine).parameters:
+        accepts = inspect.signature(self.weighting.combine).parameters
+        extra: dict[str, Any] = {}
+        if "unscaled" in accepts:
             # Loss-rate strategies (DWA) must see the task's loss, not loss x its schedule.
-            total, strategy_weights = self.weighting.combine(scaled, unscaled=kept)
-        else:
-            total, strategy_weights = self.weighting.combine(scaled)
+            extra["unscaled"] = kept
+        if "scales" in accepts:
+            # UncertaintyWeighting must not learn a term that its weight switches off.
+            extra["scales"] = {name: scales[name] for name in kept}
+        total, strategy_weights = self.weighting.combine(scaled, **extra)
         weights = {}
         for name in raw:
             factor = strategy_weights[name] * scales[name] if name in kept else torch.zeros(())

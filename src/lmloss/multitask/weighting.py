@@ -165,6 +165,16 @@ class UncertaintyWeighting(nn.Module):
     ``torch.optim.AdamW([*model.parameters(), *weighting.parameters()])``; they train
     jointly with the model on the same total (usually without weight decay).
 
+    **A term weighted 0** (e.g. a curriculum ``Schedule`` that starts at 0) gives
+    ``0.5 * exp(-s_i) * 0 + 0.5 * s_i``: only the regularizer is left, its gradient
+    is a constant ``0.5``, and ``s_i`` would drift down without bound, so that the
+    term would start with a huge weight ``exp(-s_i)`` when the schedule turns it on.
+    ``combine(losses, scales=...)`` therefore leaves out the ``0.5 * s_i`` of every
+    term whose scale is 0: its ``s_i`` gets no gradient and keeps its value (weight
+    decay, if the optimizer applies it, still moves it). ``CompositeLoss`` passes the
+    scales of its term weights. With a scale ``c > 0`` the fixed point is
+    ``s_i = log(c * L_i)``, so a schedule's scale is absorbed into ``s_i`` over time.
+
     Args:
         names: the term names, in a fixed order.
         init_log_var: starting ``s_i`` (0.0: every weight starts at 0.5).
@@ -179,14 +189,20 @@ class UncertaintyWeighting(nn.Module):
     def check_terms(self, names: Sequence[str]) -> None:
         _check_same_terms("UncertaintyWeighting", self.names, names)
 
-    def combine(self, losses: Losses) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def combine(
+        self, losses: Losses, *, scales: Mapping[str, float] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``scales``: name -> the factor already applied to the term (its curriculum
+        weight; ``CompositeLoss`` passes them). A term with scale 0 keeps its weighted
+        part (an exact 0, still in the graph) but not its ``0.5 * s_i``."""
         _check_known("UncertaintyWeighting", self.names, losses)
         dtype = _math_dtype(losses)
         parts, weights = [], {}
         for name, loss in losses.items():
             s = self.log_vars[self.names.index(name)].to(dtype)
             weight = 0.5 * torch.exp(-s)
-            parts.append(weight * loss.to(dtype) + 0.5 * s)
+            switched_off = scales is not None and scales.get(name, 1.0) == 0
+            parts.append(weight * loss.to(dtype) + (0.0 if switched_off else 0.5 * s))
             weights[name] = weight.detach().float()
         return torch.stack(parts).sum(), weights
 
@@ -351,9 +367,23 @@ class GradNorm(nn.Module):
     ``grad_w L_grad`` updates the weights only; then ``w <- K * w / sum(w)``. The
     model trains on ``total = sum_i w_i * L_i`` with the weights held constant
     (``combine`` detaches them, so the model's backward leaves ``weights.grad``
-    alone). ``L_i(0)`` are the losses of the first ``weight_backward`` call unless
-    given as ``initial_losses``. Since ``w_i > 0``, ``G_i = w_i * ||grad_W L_i||``:
-    one gradient per term, no double backward.
+    alone). Since ``w_i > 0``, ``G_i = w_i * ||grad_W L_i||``: one gradient per
+    term, no double backward.
+
+    **L_i(0)** is the first *positive* value of term ``i`` seen by
+    ``weight_backward`` (unless given as ``initial_losses``). A term can be exactly
+    0 at first (a box loss on a batch without boxes, a term switched off by its
+    curriculum); until it has been positive once its ratio is taken as 1
+    (``L_i / L_i(0)`` is unknown, so the term counts as training at the average
+    rate: neutral), and it gets its ``L_i(0)`` at its first positive value.
+    ``initial_losses_recorded`` tells which terms have one.
+
+    **Skipped steps.** When the mean ratio ``mean_j(L_j / L_j(0))`` is 0 (every
+    term is 0 at this step) or not finite (a NaN or infinite term), ``r_i`` is
+    undefined: ``weight_backward`` leaves the weights alone for that step (it
+    sets ``weights.grad`` to None, which optimizers skip, and ``update`` takes no
+    step), returns 0 and sets ``last_step_skipped``. A negative term is an error:
+    GradNorm's ratios assume losses >= 0.
 
     **Call order**, once per optimizer step::
 
@@ -376,7 +406,8 @@ class GradNorm(nn.Module):
         alpha: the restoring force ``alpha`` (1.5; 0 pulls all ``G_i`` together).
         initial_weights: name -> starting weight (> 0), rescaled to sum to ``K``;
             default 1 each.
-        initial_losses: name -> ``L_i(0)`` (> 0); default: recorded at the first step.
+        initial_losses: name -> ``L_i(0)`` (> 0) for every term; default: each term's
+            first positive value.
         min_weight: weights are clamped to at least this before renormalizing, so a
             large step cannot make a weight negative (which would ascend its loss).
     """
@@ -401,8 +432,11 @@ class GradNorm(nn.Module):
             raise ValueError(f"min_weight must be > 0, got {self.min_weight}")
         start = self._positive("initial_weights", initial_weights) if initial_weights else [1.0] * len(self.names)
         self.weights = nn.Parameter(torch.tensor(start, dtype=torch.float32))
-        self._initial = self._positive("initial_losses", initial_losses) if initial_losses else None
+        # L_i(0) per term; None until the term has been positive once.
+        given = self._positive("initial_losses", initial_losses) if initial_losses else None
+        self._initial: list[float | None] = list(given) if given else [None] * len(self.names)
         self._needs_renormalize = False
+        self.last_step_skipped = False
         self.renormalize()
 
     @staticmethod
@@ -422,6 +456,11 @@ class GradNorm(nn.Module):
 
     def check_terms(self, names: Sequence[str]) -> None:
         _check_same_terms("GradNorm", self.names, names)
+
+    @property
+    def initial_losses_recorded(self) -> dict[str, bool]:
+        """Name -> whether the term has its ``L_i(0)`` (it has been positive once)."""
+        return {name: value is not None for name, value in zip(self.names, self._initial)}
 
     def combine(self, losses: Losses) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _check_known("GradNorm", self.names, losses)
@@ -464,22 +503,51 @@ class GradNorm(nn.Module):
                 attached to the graph (``CompositeResult.terms``). Every term is needed.
 
         Returns:
-            The detached 0-dim ``L_grad``.
+            The detached 0-dim ``L_grad`` (0 when the step is skipped: see the class).
+
+        The term values are read on the host (one sync per call) to record ``L_i(0)``
+        and to decide whether the step is skipped.
         """
         _check_same_terms("GradNorm.weight_backward", self.names, losses)
         current = torch.stack([losses[n].detach().reshape(()).float() for n in self.names]).to(self.weights.device)
-        if self._initial is None:
-            self._initial = self._positive("initial_losses", dict(zip(self.names, current.tolist())))
+        ratios = self._ratios(current.tolist())
+        mean_ratio = math.fsum(ratios) / len(ratios)
+        self.last_step_skipped = not (math.isfinite(mean_ratio) and mean_ratio > 0)
+        if self.last_step_skipped:
+            # r_i = ratio / mean is 0/0 or NaN: no target to pull the weights towards.
+            self.weights.grad = None
+            self._needs_renormalize = False
+            return self.weights.new_zeros(())
         norms = self._term_gradient_norms(losses)
         gradient_norms = self.weights * norms  # G_i, differentiable in w_i
-        ratio = current / torch.tensor(self._initial, dtype=torch.float32, device=current.device)
-        rate = ratio / ratio.mean()
+        rate = torch.tensor(ratios, dtype=torch.float32, device=current.device) / mean_ratio
         target = (gradient_norms.mean() * rate**self.alpha).detach()
         l_grad = (gradient_norms - target).abs().sum()
         (grad,) = torch.autograd.grad(l_grad, self.weights)
         self.weights.grad = grad
         self._needs_renormalize = True
         return l_grad.detach()
+
+    def _ratios(self, current: list[float]) -> list[float]:
+        """``L_i / L_i(0)`` per term, recording ``L_i(0)`` at a term's first positive value.
+
+        A term without ``L_i(0)`` yet has ratio 1 (neutral); a non-finite term gives a
+        non-finite ratio (and the step is skipped), a negative one is an error.
+        """
+        negative = [n for n, value in zip(self.names, current) if value < 0]
+        if negative:
+            values = {n: current[self.names.index(n)] for n in negative}
+            raise ValueError(f"GradNorm needs losses >= 0 (its ratios L_i / L_i(0) are rates), got {values}")
+        ratios = []
+        for i, value in enumerate(current):
+            if not math.isfinite(value):
+                ratios.append(value)  # even before its L_i(0): this step cannot be used
+                continue
+            if self._initial[i] is None and value > 0:
+                self._initial[i] = value
+            initial = self._initial[i]
+            ratios.append(1.0 if initial is None else value / initial)
+        return ratios
 
     def renormalize(self) -> None:
         """``w <- K * w / sum(w)`` after clamping to ``min_weight``; call after each weight step."""
@@ -506,6 +574,8 @@ class GradNorm(nn.Module):
         if optimizer is not None and not any(p is self.weights for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("the optimizer given to GradNorm.update does not hold gradnorm.weights")
         l_grad = self.weight_backward(losses)
+        if self.last_step_skipped:
+            return l_grad  # weights unchanged (no optimizer step: Adam would still move them)
         if optimizer is not None:
             optimizer.step()
         else:
@@ -523,7 +593,7 @@ class GradNorm(nn.Module):
             "names": list(self.names),
             "alpha": self.alpha,
             "min_weight": self.min_weight,
-            "initial_losses": None if self._initial is None else list(self._initial),
+            "initial_losses": list(self._initial),  # None for a term not yet positive
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -532,5 +602,8 @@ class GradNorm(nn.Module):
         self.alpha = float(state["alpha"])
         self.min_weight = float(state["min_weight"])
         initial = state["initial_losses"]
-        self._initial = None if initial is None else [float(v) for v in initial]
+        if initial is None:  # saved before any step by an older version
+            initial = [None] * len(self.names)
+        self._initial = [None if v is None else float(v) for v in initial]
         self._needs_renormalize = False
+        self.last_step_skipped = False
