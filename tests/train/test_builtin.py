@@ -62,3 +62,14 @@ def test_bad_arguments():
         build_model(300, "huge")
     with pytest.raises(ValueError, match="vocab_size must be an int >= 300"):
         build_tokenizer(["a b c"], vocab_size=10)
+
+
+def test_split_digits_makes_one_token_per_digit():
+    texts = ["The box is at 135, 2048 and 7."] * 20
+    whole = build_tokenizer(texts, vocab_size=300)
+    split = build_tokenizer(texts, vocab_size=300, split_digits=True)
+    assert any(len(whole.decode([i])) > 1 and whole.decode([i]).strip().isdigit()
+               for i in whole("135 2048", add_special_tokens=False).input_ids)
+    pieces = [split.decode([i]) for i in split("135 2048", add_special_tokens=False).input_ids]
+    assert [p.strip() for p in pieces if p.strip()] == list("1352048")
+    assert split.decode(split("135 2048").input_ids) == "135 2048"

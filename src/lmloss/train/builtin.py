@@ -41,11 +41,12 @@ def builtin_conversations() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 512) -> Any:
+def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, split_digits: bool = False) -> Any:
     """A ``PreTrainedTokenizerFast`` (byte-level BPE trained on ``texts``, ChatML template).
 
     eos is ``<|im_end|>`` (the end of every turn, so generation stops there) and pad
-    is ``<|endoftext|>``.
+    is ``<|endoftext|>``. ``split_digits``: every digit is its own token, as in Qwen2's
+    tokenizer (what ``lmloss.grounding`` needs to read numbers digit by digit).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -53,7 +54,11 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 512) -> Any:
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
         raise ValueError(f"vocab_size must be an int >= 300 (256 bytes + specials + merges), got {vocab_size!r}")
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits
+        else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
