@@ -96,9 +96,9 @@ def method_step(method: str, x: Inputs, chunk_size: int | None = None) -> Callab
 
 def _triton(method: str, x: Inputs, chunk_size: int | None) -> Callable[[], torch.Tensor] | None:
     """lmloss's Triton backends (CUDA only; None where triton is not installed)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
         return None
     from lmloss.fused import linear_cross_entropy
 

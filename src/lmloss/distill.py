@@ -48,7 +48,9 @@ from lmloss.fused.chunked import (
     _Grads,
     _logits_into,
     _scored_rows,
+    check_forward_gradients,
     default_chunk_rows,
+    remember_weight,
 )
 from lmloss.reference import (
     _CHUNK_BYTES,
@@ -384,8 +386,8 @@ class _LinearDistillation(torch.autograd.Function):
         if reduce_sum:
             grads = _Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
             losses = _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, grads)
-            ctx.grads, ctx.consumed = grads, False
-            ctx.weight, ctx.weight_version = weight, weight._version  # stale-gradient guard
+            ctx.grads = grads
+            remember_weight(ctx, weight)
             return losses.sum()
         ctx.teacher = teacher  # constants: held as they are, no version tracking needed
         ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
@@ -394,17 +396,7 @@ class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         if ctx.reduce_sum:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "lmloss linear_distillation_loss: backward was called twice; its gradients are computed in "
-                    "forward, so retain_graph is not supported"
-                )
-            ctx.consumed = True
-            if ctx.weight._version != ctx.weight_version:
-                raise RuntimeError(
-                    "lmloss linear_distillation_loss: the student weight was modified in place between forward "
-                    "and backward; its gradients were computed in forward and would be stale"
-                )
+            check_forward_gradients(ctx, "linear_distillation_loss", "use distillation_loss on logits")
             grads, ctx.grads = ctx.grads.scaled_(grad_output), None
         else:
             hidden, weight, bias, targets, coef, rows = ctx.saved_tensors

@@ -36,6 +36,8 @@ loss, ``dw/dz = gamma (1-p_y)^(gamma-1) p_y (softmax(z) - onehot(y))``, which ad
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +121,29 @@ def chunked_linear_cross_entropy(
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, coef, math, reduce_sum, chunk_rows, needs)
 
 
+def remember_weight(ctx: Any, weight: torch.Tensor) -> None:
+    """For :func:`check_forward_gradients`: the gradients are already made in forward, so a
+    weight changed in place before backward (e.g. ``optimizer.step()`` too early) would get
+    stale ones. The weight is a live parameter: watching its version counter costs nothing."""
+    ctx.consumed, ctx.weight, ctx.weight_version = False, weight, weight._version
+
+
+def check_forward_gradients(ctx: Any, what: str, retain_hint: str) -> None:
+    """In the backward of a loss whose gradients were made in forward: refuse a second
+    backward (they were consumed) and a weight modified in place since forward."""
+    if ctx.consumed:
+        raise RuntimeError(
+            f"lmloss {what}: backward was called twice; its gradients are computed in forward and consumed "
+            f"by the first backward, so retain_graph is not supported ({retain_hint})"
+        )
+    ctx.consumed = True
+    if ctx.weight._version != ctx.weight_version:
+        raise RuntimeError(
+            f"lmloss {what}: the weight was modified in place between forward and backward; its gradients "
+            f"were computed in forward and would be stale"
+        )
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -139,11 +164,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # No gradient wanted (evaluation, frozen head and inputs): the loss alone.
             grads = _Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
             losses = _run(hidden, weight, bias, targets, coef, rows, math, chunk_rows, grads)
-            ctx.grads, ctx.consumed = grads, False
-            # The gradients are already made: a weight changed in place before backward
-            # (e.g. optimizer.step() too early) would get stale ones. The weight is a live
-            # parameter, so watching its version counter costs nothing.
-            ctx.weight, ctx.weight_version = weight, weight._version
+            ctx.grads = grads
+            remember_weight(ctx, weight)
             return losses.sum()
         losses = _run(hidden, weight, bias, targets, coef, rows, math, chunk_rows, None)
         ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
@@ -152,17 +174,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         if ctx.reduce_sum:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "lmloss linear_cross_entropy: backward was called twice; its gradients are computed in "
-                    "forward and scaled in place, so retain_graph is not supported (use backend='reference')"
-                )
-            ctx.consumed = True
-            if ctx.weight._version != ctx.weight_version:
-                raise RuntimeError(
-                    "lmloss linear_cross_entropy: the weight was modified in place between forward and "
-                    "backward; its gradients were computed in forward and would be stale"
-                )
+            check_forward_gradients(ctx, "linear_cross_entropy", "use backend='reference'")
             # Drop ctx's reference: AccumulateGrad then adopts the buffers instead of copying them.
             grads, ctx.grads = ctx.grads.scaled_(grad_output), None
         else:

@@ -46,7 +46,13 @@ import torch
 import triton
 
 from lmloss._validation import check_label_range, check_num_items, check_token_weights, value_checks_enabled
-from lmloss.fused.chunked import LossMath, chunked_linear_cross_entropy, default_chunk_rows
+from lmloss.fused.chunked import (
+    LossMath,
+    check_forward_gradients,
+    chunked_linear_cross_entropy,
+    default_chunk_rows,
+    remember_weight,
+)
 from lmloss.reference import Normalize, Reduction, mean_over_items, plan_targets, to_label_alignment
 
 __all__ = [
@@ -360,22 +366,14 @@ class _TritonRows(torch.autograd.Function):
         losses = _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, grads)
         # Gradients made now go stale if the weight changes before backward (an early
         # optimizer.step()): its version counter tells.
-        ctx.grads, ctx.weight, ctx.weight_version = grads, weight, weight._version
+        ctx.grads = grads
+        remember_weight(ctx, weight)
         return losses.sum()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
         if ctx.reduce_sum:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "lmloss linear_cross_entropy (triton): backward was called twice; the gradients are made in "
-                    "forward and consumed by the first backward (use backend='triton-lowmem' for retain_graph)"
-                )
-            if ctx.weight._version != ctx.weight_version:
-                raise RuntimeError(
-                    "lmloss linear_cross_entropy (triton): the weight was modified in place between forward and "
-                    "backward; its gradients were computed in forward and would be stale"
-                )
+            check_forward_gradients(ctx, "linear_cross_entropy (triton)", "use backend='triton-lowmem'")
             grads, ctx.grads = ctx.grads, None
             dh, dw, db = grads.finished(grad_output)
         else:
