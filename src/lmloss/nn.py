@@ -11,7 +11,7 @@ from lmloss._validation import check_loss_options
 from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
 from lmloss.reference import Normalize, Reduction, TokenLoss, causal_lm_loss
 
-__all__ = ["CausalLMLoss", "LinearCrossEntropyLoss"]
+__all__ = ["CausalLMLoss", "DistillationLoss", "LinearCrossEntropyLoss", "LinearDistillationLoss"]
 
 
 class _LossModule(nn.Module):
@@ -197,3 +197,70 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reducti
         stacklevel=3,
     )
     return reduction
+
+
+class _DistillationOptions(nn.Module):
+    """Distillation options, checked at construction (see :mod:`lmloss.distill`)."""
+
+    def __init__(self, *, temperature: float, alpha: float, shift: bool, ignore_index: int,
+                 reduction: Reduction, normalize: Normalize) -> None:
+        super().__init__()
+        from lmloss.distill import check_distill_options
+
+        check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
+        self.options = dict(temperature=temperature, alpha=alpha, shift=shift, ignore_index=ignore_index,
+                            reduction=reduction, normalize=normalize)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class DistillationLoss(_DistillationOptions):
+    """:func:`lmloss.distillation_loss` as a module: forward KL(teacher || student) x T^2,
+    plus ``(1 - alpha)`` x cross-entropy.
+
+    ``forward(student_logits [..., T, V], teacher_logits [..., T, V], labels [..., T], *,
+    num_items_in_batch=None, token_weights=None)``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, shift: bool = True,
+                 ignore_index: int = -100, reduction: Reduction = "mean", normalize: Normalize = "token") -> None:
+        super().__init__(temperature=temperature, alpha=alpha, shift=shift, ignore_index=ignore_index,
+                         reduction=reduction, normalize=normalize)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+                num_items_in_batch: torch.Tensor | int | float | None = None,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        from lmloss.distill import distillation_loss
+
+        return distillation_loss(student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
+                                 token_weights=token_weights, **self.options)
+
+
+class LinearDistillationLoss(_DistillationOptions):
+    """:func:`lmloss.linear_distillation_loss` as a module: distillation from both models'
+    hidden states and ``lm_head`` weights, chunk by chunk, without ``[N, V]`` logits.
+
+    ``forward(student_hidden [..., T, D], student_weight [V, D], teacher_hidden [..., T, D_t],
+    teacher_weight [V, D_t], labels [..., T], *, student_bias=None, teacher_bias=None,
+    num_items_in_batch=None, token_weights=None)``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, shift: bool = True,
+                 ignore_index: int = -100, reduction: Reduction = "mean", normalize: Normalize = "token",
+                 chunk_size: int | None = None) -> None:
+        super().__init__(temperature=temperature, alpha=alpha, shift=shift, ignore_index=ignore_index,
+                         reduction=reduction, normalize=normalize)
+        check_backend_options("auto", chunk_size)
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                teacher_weight: torch.Tensor, labels: torch.Tensor, *, student_bias: torch.Tensor | None = None,
+                teacher_bias: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | int | float | None = None,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        from lmloss.distill import linear_distillation_loss
+
+        return linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                        student_bias=student_bias, teacher_bias=teacher_bias,
+                                        num_items_in_batch=num_items_in_batch, token_weights=token_weights,
+                                        chunk_size=self.chunk_size, **self.options)
