@@ -351,19 +351,18 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Each process's loss is its share of the step mean: their sum is the step mean.
-        total = self.procs.sum(total)
+        # One all-reduce for the step's numbers: each process's loss is its share of the step
+        # mean (their sum is the step mean); input and target tokens add up.
         inputs = sum(len(ex["input_ids"]) for group in examples for ex in group)
-        targets = self._step_targets(batches)
-        self.counters["tokens_seen"] += int(self.procs.sum(torch.tensor(inputs, device=self.device)).item())
-        self.counters["target_tokens_seen"] += targets
+        targets = sum(lmloss.count_targets(b["labels"]).double() for b in batches)
+        numbers = torch.stack([total.double(), torch.as_tensor(inputs, dtype=torch.float64, device=self.device),
+                               torch.as_tensor(targets, dtype=torch.float64, device=self.device)])
+        loss, inputs, targets = self.procs.sum(numbers).tolist()
+        self.counters["tokens_seen"] += int(inputs)
+        self.counters["target_tokens_seen"] += int(targets)
         self.counters["train_seconds"] += time.perf_counter() - began
-        self.monitor.update(step, loss=total, tokens=targets, grad_norm=grad_norm,
+        self.monitor.update(step, loss=loss, tokens=int(targets), grad_norm=grad_norm,
                             lr=self.scheduler.get_last_lr()[0])
-
-    def _step_targets(self, batches: list[dict[str, torch.Tensor]]) -> int:
-        count = sum(int(lmloss.count_targets(b["labels"]).item()) for b in batches)
-        return int(self.procs.sum(torch.tensor(count, device=self.device)).item())
 
     def _clip(self) -> torch.Tensor:
         norm = self.config.max_grad_norm
