@@ -1,0 +1,302 @@
+"""Qwen2.5-VL boxes: the ``"bbox_2d"`` objects of the JSON values written in a text.
+
+The text is model output or a training answer: prose, maybe a markdown fence, and
+JSON values. Each ``[`` or ``{`` may start one; the scan decodes it with its own
+small JSON reader, because :mod:`json` recurses (a value nested 1,000 deep raises
+``RecursionError``), reads Unicode digits as numbers (``[١٢]`` is 12), refuses
+integers of more than 4,300 digits with a bare ``ValueError``, and keeps only the
+last of two equal keys. The reader here keeps an explicit stack bounded by
+:data:`JSON_MAX_DEPTH`, reads ASCII digits only, and records every object holding a
+``"bbox_2d"`` key with its offset and any repeated key.
+
+Linear time: when a value fails to decode at position ``p``, the containers it
+completed before ``p`` are kept (retrying from their brackets would decode exactly
+them again), and the scan goes on from ``p``; no character is read more than twice.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from dataclasses import dataclass, field
+from json.decoder import scanstring
+from typing import Any
+
+from lmloss.grounding._common import Box, GroundedPhrase, IssueList, box_problem
+
+__all__ = ["JSON_MAX_DEPTH", "BoxObject", "ScanResult", "parse_qwen25_vl", "scan_json"]
+
+JSON_MAX_DEPTH = 100  # Qwen2.5-VL answers nest 2 levels deep; deeper is not box text
+
+_WS = re.compile(r"[ \t\n\r]*")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_OPEN = re.compile(r"[\[{]")
+_BBOX_KEY = re.compile(r'"bbox_2d"\s*:')
+_LITERALS = (("true", True), ("false", False), ("null", None))
+_BOX_KEYS = ("bbox_2d", "label")
+# What the reader expects next.
+_VALUE, _FIRST_VALUE, _KEY, _FIRST_KEY, _COLON, _AFTER = range(6)
+
+
+@dataclass
+class BoxObject:
+    """A JSON object with a ``"bbox_2d"`` key, at ``text[start:end]``.
+
+    ``duplicate`` names a ``"bbox_2d"`` or ``"label"`` key written twice and where
+    (JSON keeps the last one, so the first would be lost silently).
+    """
+
+    start: int
+    end: int = -1
+    bbox: Any = None
+    label: Any = None
+    duplicate: tuple[str, int] | None = None
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan_json` read from one opening bracket.
+
+    ``end`` is where the value ends (None when it failed at ``pos`` with
+    ``error``); ``covered`` the spans of decoded values (the whole value, or the
+    outermost containers completed before the failure); ``open_starts`` the
+    containers still open at the failure (each would fail the same way);
+    ``entries`` the completed objects with a ``"bbox_2d"`` key, in key order.
+    """
+
+    end: int | None
+    covered: list[tuple[int, int]]
+    entries: list[BoxObject]
+    error: str = ""
+    pos: int = 0
+    open_starts: list[int] = field(default_factory=list)
+    too_deep: bool = False
+
+
+class _Frame:
+    """An open container: its value so far and, for objects, the key being read."""
+
+    __slots__ = ("children", "duplicate", "entry", "key", "start", "value")
+
+    def __init__(self, start: int, is_object: bool) -> None:
+        self.start = start
+        self.value: dict[str, Any] | list[Any] = {} if is_object else []
+        self.key: str | None = None
+        self.duplicate: tuple[str, int] | None = None
+        self.entry: BoxObject | None = None
+        self.children: list[tuple[int, int]] = []  # spans of the completed child containers
+
+
+class _Reader:
+    """One decoding attempt from an opening bracket, with an explicit stack."""
+
+    def __init__(self, text: str, start: int) -> None:
+        self.text, self.start = text, start
+        self.stack: list[_Frame] = []
+        self.entries: list[BoxObject] = []
+
+    def fail(self, pos: int, error: str, *, too_deep: bool = False) -> ScanResult:
+        covered = [span for frame in self.stack for span in frame.children]
+        done = [entry for entry in self.entries if entry.end >= 0]
+        return ScanResult(None, covered, done, error, pos, [f.start for f in self.stack], too_deep)
+
+    def run(self) -> ScanResult:
+        text, n = self.text, len(self.text)
+        i, state = self.start, _VALUE
+        while True:
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if i >= n:
+                return self.fail(i, "the text ends inside the JSON value")
+            char = text[i]
+            if state == _AFTER:
+                closer = "}" if isinstance(self.stack[-1].value, dict) else "]"
+                if char == ",":
+                    state, i = (_KEY if closer == "}" else _VALUE), i + 1
+                elif char == closer:
+                    done = self.close(i)
+                    if done is not None:
+                        return done
+                    i += 1
+                else:
+                    return self.fail(i, f"expected ',' or '{closer}'")
+            elif state == _COLON:
+                if char != ":":
+                    return self.fail(i, "expected ':' after the key")
+                state, i = _VALUE, i + 1
+            elif state in (_KEY, _FIRST_KEY):
+                if char == "}" and state == _FIRST_KEY:
+                    done = self.close(i)
+                    if done is not None:
+                        return done
+                    state, i = _AFTER, i + 1
+                elif char == '"':
+                    try:
+                        key, end = scanstring(text, i + 1)
+                    except json.JSONDecodeError as error:
+                        return self.fail(error.pos, error.msg)
+                    self.set_key(key, i)
+                    state, i = _COLON, end
+                else:
+                    return self.fail(i, "expected a string key")
+            elif char == "]" and state == _FIRST_VALUE:
+                done = self.close(i)
+                if done is not None:
+                    return done
+                state, i = _AFTER, i + 1
+            elif char in "[{":
+                if len(self.stack) >= JSON_MAX_DEPTH:
+                    return self.fail(i, f"nested deeper than {JSON_MAX_DEPTH} levels", too_deep=True)
+                self.stack.append(_Frame(i, char == "{"))
+                state, i = (_FIRST_KEY if char == "{" else _FIRST_VALUE), i + 1
+            else:
+                scalar = self.scalar(i)
+                if isinstance(scalar, ScanResult):
+                    return scalar
+                value, i = scalar
+                self.put(value)
+                state = _AFTER
+
+    def scalar(self, i: int) -> tuple[Any, int] | ScanResult:
+        text = self.text
+        if text[i] == '"':
+            try:
+                return scanstring(text, i + 1)
+            except json.JSONDecodeError as error:
+                return self.fail(error.pos, error.msg)
+        match = _NUMBER.match(text, i)
+        if match is not None:
+            number = match.group()
+            # int() refuses more than 4,300 digits; such a number is out of any range anyway.
+            exact = len(number) <= 300 and not any(c in number for c in ".eE")
+            return (int(number) if exact else float(number)), match.end()
+        for word, value in _LITERALS:
+            if text.startswith(word, i):
+                return value, i + len(word)
+        if text[i].isdigit():
+            return self.fail(i, f"non-ASCII digit {text[i]!r} (only 0-9 write numbers)")
+        return self.fail(i, "expected a value")
+
+    def set_key(self, key: str, at: int) -> None:
+        frame = self.stack[-1]
+        if key in _BOX_KEYS and key in frame.value and frame.duplicate is None:
+            frame.duplicate = (key, at)
+        if key == "bbox_2d" and frame.entry is None:
+            frame.entry = BoxObject(frame.start)
+            self.entries.append(frame.entry)  # in the text order of the keys
+        frame.key = key
+
+    def put(self, value: Any) -> None:
+        frame = self.stack[-1]
+        if isinstance(frame.value, list):
+            frame.value.append(value)
+        else:
+            frame.value[frame.key] = value  # type: ignore[index]
+
+    def close(self, i: int) -> ScanResult | None:
+        frame = self.stack.pop()
+        end = i + 1
+        entry, value = frame.entry, frame.value
+        if entry is not None and isinstance(value, dict):  # only objects hold entries
+            entry.end, entry.bbox, entry.label, entry.duplicate = end, value["bbox_2d"], value.get("label"), frame.duplicate
+        if not self.stack:
+            return ScanResult(end, [(frame.start, end)], self.entries)
+        self.put(frame.value)
+        self.stack[-1].children.append((frame.start, end))
+        return None
+
+
+def scan_json(text: str, start: int) -> ScanResult:
+    """Decode the JSON container that opens at ``text[start]`` (a ``[`` or ``{``)."""
+    return _Reader(text, start).run()
+
+
+def parse_qwen25_vl(text: str, issues: IssueList, image_size: tuple[int, int] | None) -> list[GroundedPhrase]:
+    """Every ``"bbox_2d"`` object of the JSON values in ``text``; report keys in undecodable JSON.
+
+    Each ``[`` or ``{`` is tried as the start of a JSON value; prose brackets simply
+    fail to decode and are skipped. A ``"bbox_2d"`` key that no decoded value covers
+    (truncated or broken JSON) is reported, so nothing is lost silently; so is a
+    value nested deeper than :data:`JSON_MAX_DEPTH`.
+    """
+    groups: list[GroundedPhrase] = []
+    covered: list[tuple[int, int]] = []  # decoded spans, sorted and disjoint
+    failures: list[tuple[int, str, bool]] = []  # (start, reason, already reported), sorted by start
+    deep_chain = -1  # where a too-deep value stopped: a run of brackets is reported once
+    i = 0
+    while (opening := _OPEN.search(text, i)) is not None:
+        start = opening.start()
+        result = scan_json(text, start)
+        covered.extend(result.covered)
+        groups.extend(_box_groups(result.entries, issues, image_size))
+        if result.end is not None:
+            i = result.end
+            continue
+        reason = f"{result.error}, position {result.pos}"
+        if result.too_deep and start != deep_chain:
+            issues.add(start, result.pos, f"JSON nested deeper than {JSON_MAX_DEPTH} levels (position {result.pos})")
+        deep_chain = result.pos if result.too_deep else -1
+        failures.extend((at, reason, result.too_deep) for at in result.open_starts)
+        i = max(result.pos, start + 1)
+    _report_uncovered(text, covered, failures, issues)
+    return groups
+
+
+def _box_groups(entries: list[BoxObject], issues: IssueList, image_size: tuple[int, int] | None) -> list[GroundedPhrase]:
+    groups = []
+    for entry in entries:
+        if entry.duplicate is not None:
+            key, at = entry.duplicate
+            problem: str | None = f'the key "{key}" is written twice (again at character {at}); one box per object'
+            box = None
+        else:
+            box, problem = _json_box(entry.bbox, entry.label, image_size)
+        if problem is not None:
+            issues.add(entry.start, entry.end, problem)
+            continue
+        groups.append(GroundedPhrase(entry.label, (box,), entry.start))  # type: ignore[arg-type]
+    return groups
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _json_box(bbox: Any, label: Any, image_size: tuple[int, int] | None) -> tuple[Box | None, str | None]:
+    if label is not None and not isinstance(label, str):
+        return None, f'"label" must be a string, got {_short(label)}'
+    if not isinstance(bbox, list):
+        return None, f'"bbox_2d" must be a list [x1, y1, x2, y2], got {_short(bbox)}'
+    bad = [v for v in bbox if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        return None, f"non-numeric coordinate {_short(bad[0])}"
+    if len(bbox) != 4:
+        return None, f'expected 4 coordinates in "bbox_2d" [x1, y1, x2, y2], found {len(bbox)}'
+    values = tuple(float(v) for v in bbox)
+    problem = box_problem(values, image_size, "pixels" if image_size is None else f"a {image_size} image")
+    return (None, problem) if problem else (values, None)  # type: ignore[return-value]
+
+
+def _report_uncovered(
+    text: str, covered: list[tuple[int, int]], failures: list[tuple[int, str, bool]], issues: IssueList
+) -> None:
+    """Report each ``"bbox_2d"`` key outside every decoded value (one pass, keys in order).
+
+    Blame the outermost failed value that starts after the last decoded one (and
+    before the key); a key in no JSON value at all is reported where it stands.
+    """
+    starts = [at for at, _, _ in failures]
+    k, last_good = 0, 0
+    for key in (m.start() for m in _BBOX_KEY.finditer(text)):
+        while k < len(covered) and covered[k][1] <= key:
+            last_good, k = covered[k][1], k + 1
+        if k < len(covered) and covered[k][0] <= key:
+            continue  # inside a decoded value (a key, or text in one of its strings)
+        j = bisect.bisect_left(starts, last_good)
+        if j < len(starts) and starts[j] <= key:
+            at, reason, reported = failures[j]
+            if not reported:
+                issues.add(at, key + 40, f'"bbox_2d" in invalid JSON ({reason})')
+        else:
+            issues.add(key, key + 40, '"bbox_2d" in invalid JSON')
