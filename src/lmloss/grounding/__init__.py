@@ -35,10 +35,8 @@ stays float64), whatever the input dtype.
 
 from __future__ import annotations
 
-# The markers, grid and defaults (BOX_START, QWEN2_VL_GRID, DEFAULT_EPS, ...) and the type
-# aliases (Format, Space, Reduction) stay importable from here, as before the package,
-# though not in __all__ (as before).
-from lmloss.grounding._common import (
+# Public before the package became one, though never in __all__: still importable from here.
+from lmloss.grounding._common import (  # noqa: F401
     BOX_END,
     BOX_START,
     DEFAULT_BIN_PATTERN,
@@ -57,8 +55,14 @@ from lmloss.grounding._common import (
     Space,
 )
 from lmloss.grounding.coords import convert_boxes
-from lmloss.grounding.formats import format_boxes, format_grounding, parse_boxes, parse_grounding
-from lmloss.grounding.geometry import DEFAULT_EPS, box_iou, giou, giou_loss, l1_box_loss
+from lmloss.grounding.formats import (
+    format_boxes,
+    format_grounding,
+    parse_boxes,
+    parse_grounding,
+)
+from lmloss.grounding.geometry import DEFAULT_EPS as DEFAULT_EPS
+from lmloss.grounding.geometry import box_iou, giou, giou_loss, l1_box_loss
 from lmloss.grounding.losses import (
     box_loss,
     box_loss_from_logits,

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 
 from lmloss._validation import check_choice
-from lmloss.grounding._common import QWEN2_VL_GRID, SPACES, Space, check_image_size, check_num_bins
+from lmloss.grounding._common import (
+    QWEN2_VL_GRID,
+    SPACES,
+    Space,
+    check_image_size,
+    check_num_bins,
+)
 
 __all__ = ["convert_boxes"]
 
