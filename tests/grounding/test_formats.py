@@ -6,6 +6,9 @@ with their offsets.
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -207,3 +210,122 @@ def test_formatting_rejects_what_it_cannot_write():
         parse_boxes("", "bins", num_bins=4, pattern="<loc>")
     with pytest.raises(ValueError, match="fmt='kosmos'"):
         parse_boxes("", "kosmos")
+
+
+# ------------------------------------------------ hardening: time, depth, numbers, keys
+
+
+def _best_of_3(parse, text: str) -> float:
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        parse(text)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# (format, text of n "atoms", parse options, n for the 4x scaling check, n for the absolute
+# bound). Each text made a parser quadratic (or recursive) before: a box that loops
+# inside <|box_start|> (4,000 atoms took 0.32 s, 100,000 over 30 s), keys checked
+# against every decoded value, brackets retried and re-decoded to the end of the text,
+# and a lazy bin index rescanned from every "[".
+LINEAR_CASES = {
+    "qwen2-vl looping box": ("qwen2-vl", lambda n: "<|box_start|>" + "(1," * n + "<|box_end|>", {}, 2_500, 100_000),
+    "qwen2-vl unclosed markers": ("qwen2-vl", lambda n: "<|box_start|>(1,2)" * n, {}, 2_500, 100_000),
+    "qwen2.5-vl many objects": ("qwen2.5-vl", lambda n: '{"bbox_2d": [1, 2, 3, 4]} ' * (n // 6), {}, 6_000, 100_000),
+    "qwen2.5-vl unclosed lists": ("qwen2.5-vl", lambda n: "[1, " * n, {}, 2_500, 40_000),
+    "qwen2.5-vl brackets in strings": ("qwen2.5-vl", lambda n: '["[1, 2' * (n // 3), {}, 2_500, 40_000),
+    "bins brackets": ("bins", lambda n: "[" * n, {"num_bins": 10, "pattern": "[{}]"}, 2_500, 100_000),
+}
+
+
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_parsers_are_linear_in_the_text(case):
+    fmt, make, options, small, large = LINEAR_CASES[case]
+
+    def parse(text: str) -> None:
+        parse_grounding(text, fmt, errors="report", **options)
+
+    # Complexity, not speed: 4x the text may take at most 10x the time (quadratic: 16x).
+    # The 5 ms floor keeps timer noise on a tiny input from failing a linear parser.
+    t_small = max(_best_of_3(parse, make(small)), 5e-3)
+    t_4x = _best_of_3(parse, make(4 * small))
+    assert t_4x < 10 * t_small, f"{case}: {t_small:.4f} s -> {t_4x:.4f} s for 4x the text"
+    elapsed = _best_of_3(parse, make(large))
+    assert elapsed < 2.0, f"{case}: {large} atoms took {elapsed:.2f} s"
+
+
+def test_deeply_nested_json_is_reported_not_a_recursion_error():
+    # Reproduction: 1,000+ levels raised RecursionError from json, even with errors="report".
+    deep = "[" * 1000 + "]" * 1000
+    parsed = parse_grounding(deep, "qwen2.5-vl", errors="report")
+    assert parsed.boxes == [] and [i.offset for i in parsed.issues] == [0]
+    assert "nested deeper than 100 levels" in parsed.issues[0].problem
+    with pytest.raises(BoxFormatError) as excinfo:
+        parse_boxes(deep, "qwen2.5-vl")
+    assert excinfo.value.issue.offset == 0
+    # A box deep inside: reported once (at the outermost bracket), never a traceback.
+    text = "Answer: " + "[" * 5000 + '{"bbox_2d": [1, 2, 3, 4]}' + "]" * 5000
+    parsed = parse_grounding(text, "qwen2.5-vl", errors="report")
+    assert [i.offset for i in parsed.issues] == [8]
+    # Just within the bound (100 containers: 98 lists, the object, its bbox list) it is
+    # ordinary JSON.
+    ok = "[" * 98 + '{"bbox_2d": [1, 2, 3, 4]}' + "]" * 98
+    assert parse_boxes(ok, "qwen2.5-vl") == [(1.0, 2.0, 3.0, 4.0)]
+
+
+HUGE = "1" * 4400  # beyond Python's 4,300-digit limit of int(str)
+HUGE_NUMBERS = [
+    ("qwen2-vl", f"x <|box_start|>({HUGE},2),(3,4)<|box_end|>", 2, {}),
+    ("qwen2.5-vl", f'x {{"bbox_2d": [1, 2, {HUGE}, 4]}}', 2, {}),
+    ("qwen2.5-vl", 'x {"bbox_2d": [1, 2, 1e999, 4]}', 2, {}),
+    ("bins", f"x <loc_1><loc_2><loc_{HUGE}><loc_4>", 16, {"num_bins": 10}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text", "offset", "options"), HUGE_NUMBERS)
+def test_huge_numbers_are_box_format_errors_with_an_offset(fmt, text, offset, options):
+    # Reproduction: 4,300+ digits raised int()'s bare ValueError, without offset,
+    # even with errors="report".
+    parsed = parse_grounding(text, fmt, errors="report", **options)
+    assert parsed.boxes == [] and [i.offset for i in parsed.issues] == [offset]
+    assert "finite" in parsed.issues[0].problem or "outside" in parsed.issues[0].problem
+    with pytest.raises(BoxFormatError) as excinfo:
+        parse_boxes(text, fmt, **options)
+    assert excinfo.value.issue == parsed.issues[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "again"),
+    [
+        ('{"bbox_2d": [1, 2, 3, 4], "bbox_2d": [5, 6, 7, 8]}', "bbox_2d", 26),
+        ('{"label": "cat", "bbox_2d": [1, 2, 3, 4], "label": "dog"}', "label", 42),
+    ],
+)
+def test_a_key_written_twice_is_reported(text, key, again):
+    # Reproduction: json keeps the last "bbox_2d", so the first box vanished silently.
+    parsed = parse_grounding(text, "qwen2.5-vl", errors="report")
+    assert parsed.boxes == [] and [i.offset for i in parsed.issues] == [0]
+    assert f'"{key}" is written twice (again at character {again})' in parsed.issues[0].problem
+    assert text[again:].startswith(f'"{key}"')
+    with pytest.raises(BoxFormatError, match="written twice"):
+        parse_boxes(text, "qwen2.5-vl")
+
+
+NON_ASCII_DIGITS = [
+    ("qwen2-vl", "<|box_start|>(\u0661\u0662,2),(30,40)<|box_end|>", 0, {}),  # Arabic-Indic 12
+    ("qwen2-vl", "<|box_start|>(1,2),(3,\uff14)<|box_end|>", 0, {}),  # fullwidth 4
+    ("qwen2.5-vl", '{"bbox_2d": [\u0661\u0662, 2, 30, 40]}', 0, {}),
+    ("qwen2.5-vl", 'a [{"bbox_2d": [1, 2, 3, \uff14]}]', 2, {}),  # the outermost failed value
+    ("bins", "<loc_1><loc_\u0662><loc_3><loc_4>", 7, {"num_bins": 10}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "text", "offset", "options"), NON_ASCII_DIGITS)
+def test_non_ascii_digits_are_not_numbers(fmt, text, offset, options):
+    # Reproduction: float() and str.isdecimal() read '١٢' as 12 and '１' as 1.
+    parsed = parse_grounding(text, fmt, errors="report", **options)
+    assert parsed.boxes == [] and [i.offset for i in parsed.issues] == [offset]
+    assert "non-ASCII digit" in parsed.issues[0].problem
+    with pytest.raises(BoxFormatError, match="non-ASCII digit"):
+        parse_boxes(text, fmt, **options)

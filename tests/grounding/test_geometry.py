@@ -93,6 +93,52 @@ def test_degenerate_boxes_have_finite_values_and_gradients():
     assert segment.grad[0, 3] > 0 and segment.grad[0, 1] < 0
 
 
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_finite_values_and_gradients_in_every_float_dtype(dtype):
+    # Reproductions: float16 zero-width boxes had +-inf IoU gradients (1/eps = 1e7 in
+    # float32, cast back beyond float16's 65504); coordinates of 1e30 gave NaN GIoU
+    # (areas of 1e60 overflow float32: inf - inf).
+    big = 6e4 if dtype == torch.float16 else 1e30  # near the top of the dtype's range
+    pred = torch.tensor(
+        [[0, 0, 0, 1], [0, 0, 0, 0], [2, 2, 1, 1], [0, 0, big, big], [big / 2, 0, big, big], [0, 0, 1, 1]],
+        dtype=dtype,
+    ).requires_grad_()
+    target = torch.tensor(
+        [[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, big / 2, big], [0, 0, big / 2, big], [0, 0, big, big]],
+        dtype=dtype,
+    ).requires_grad_()
+    terms = {
+        "box_iou": lambda p, q: box_iou(p, q),
+        "giou": lambda p, q: giou(p, q),
+        "giou_loss": lambda p, q: giou_loss(p, q, reduction="none"),
+        "l1_box_loss": lambda p, q: l1_box_loss(p, q, reduction="none"),
+    }
+    for name, fn in terms.items():
+        value = fn(pred, target)
+        assert torch.isfinite(value).all(), (name, value)
+        for grad in torch.autograd.grad(value.sum(), (pred, target)):
+            assert grad.dtype == dtype and torch.isfinite(grad).all(), (name, grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_giou_of_huge_coordinates_equals_the_float64_value(dtype):
+    # Scale does not change IoU or GIoU: the float64 truth of the same boxes at 1e30
+    # (areas 1e60 are finite in float64) is the hand value at unit scale.
+    big = 1e30
+    pred = torch.tensor([[0, 0, big, big], [big / 2, 0, big, big], [0, 0, big / 4, big / 4]], dtype=dtype)
+    target = torch.tensor([[0, 0, big / 2, big], [0, 0, big / 2, big], [big / 2, big / 2, big, big]], dtype=dtype)
+    # Halves: IoU 1/2 = GIoU. Touching halves: IoU 0, enclosing = union: GIoU 0.
+    # Quarter square vs the far quarter: IoU 0, union 1/16 + 1/4, enclosing 1:
+    # GIoU = -(1 - 5/16) = -11/16.
+    expected = torch.tensor([0.5, 0.0, -11 / 16], dtype=torch.float64)
+    torch.testing.assert_close(giou(pred, target).double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(box_iou(pred, target).double(), torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
 def _general_position_boxes(n: int, seed: int) -> torch.Tensor:
     """Boxes with distinct, well-separated edges, so no min/max/clamp sits at a kink."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from _grounding_cases import DIGITS, END, START, digit_row, python_giou
+from _grounding_cases import COMMA, DIGITS, END, START, digit_row, python_giou
 from _tokenizers import build_chatml_tokenizer
 
 from lmloss.grounding import (
@@ -339,6 +339,19 @@ def test_malformed_token_boxes_raise_with_row_and_column_or_are_skipped():
     labels = ids.clone()
     labels[0, : len(digit_row(1, 2, 3)) + 1] = -100
     assert find_box_targets(labels, tokens, input_ids=ids).num_boxes == 1
+
+
+def test_a_number_of_thousands_of_digits_is_a_malformed_box_with_row_and_column():
+    # Reproduction: int() of the digits raised its bare 4,300-digit-limit ValueError,
+    # naming neither row nor column.
+    huge = [DIGITS[1]] * 4400
+    row = [1, START, DIGITS[1], COMMA, DIGITS[2], COMMA, *huge, COMMA, DIGITS[4], END]
+    with pytest.raises(ValueError, match=r"row 0, column 1: coordinate inf is not a finite number"):
+        find_box_targets(torch.tensor([row]), BoxTokenIds.digits(DIGITS, START, END))
+    text = '{"bbox_2d": [1, 2, ' + "1" * 4400 + ", 4]}"
+    tokens = BoxTokenIds.json_digits([ord(str(d)) for d in range(10)], {i: chr(i) for i in range(128)})
+    with pytest.raises(ValueError, match=r"row 0, column 2: coordinate inf is not a finite number"):  # the key
+        find_box_targets(torch.tensor([[ord("A")] + [ord(c) for c in text]]), tokens, image_size=(640, 480))
 
 
 def test_merged_digit_tokens_are_refused_by_from_tokenizer():

@@ -9,9 +9,10 @@ last of two equal keys. The reader here keeps an explicit stack bounded by
 :data:`JSON_MAX_DEPTH`, reads ASCII digits only, and records every object holding a
 ``"bbox_2d"`` key with its offset and any repeated key.
 
-Linear time: when a value fails to decode at position ``p``, the containers it
-completed before ``p`` are kept (retrying from their brackets would decode exactly
-them again), and the scan goes on from ``p``; no character is read more than twice.
+Linear time: decoding a value is context free, so the result of every container
+met while decoding (a nested value, or one still open where decoding failed) is
+remembered by its offset, and trying that bracket again later costs nothing. Only
+brackets that were inside strings start a new decoding.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from json.decoder import scanstring
 from typing import Any
 
@@ -30,7 +31,7 @@ __all__ = ["JSON_MAX_DEPTH", "BoxObject", "ScanResult", "parse_qwen25_vl", "scan
 JSON_MAX_DEPTH = 100  # Qwen2.5-VL answers nest 2 levels deep; deeper is not box text
 
 _WS = re.compile(r"[ \t\n\r]*")
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _OPEN = re.compile(r"[\[{]")
 _BBOX_KEY = re.compile(r'"bbox_2d"\s*:')
 _LITERALS = (("true", True), ("false", False), ("null", None))
@@ -54,52 +55,50 @@ class BoxObject:
     duplicate: tuple[str, int] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScanResult:
-    """What :func:`scan_json` read from one opening bracket.
+    """What decoding from one opening bracket gave.
 
     ``end`` is where the value ends (None when it failed at ``pos`` with
-    ``error``); ``covered`` the spans of decoded values (the whole value, or the
-    outermost containers completed before the failure); ``open_starts`` the
-    containers still open at the failure (each would fail the same way);
-    ``entries`` the completed objects with a ``"bbox_2d"`` key, in key order.
+    ``error``, ``too_deep`` when nested beyond :data:`JSON_MAX_DEPTH`);
+    ``entries`` its objects with a ``"bbox_2d"`` key, in key order.
     """
 
     end: int | None
-    covered: list[tuple[int, int]]
-    entries: list[BoxObject]
+    entries: tuple[BoxObject, ...] = ()
     error: str = ""
     pos: int = 0
-    open_starts: list[int] = field(default_factory=list)
     too_deep: bool = False
 
 
 class _Frame:
     """An open container: its value so far and, for objects, the key being read."""
 
-    __slots__ = ("children", "duplicate", "entry", "key", "start", "value")
+    __slots__ = ("duplicate", "entry", "first", "key", "start", "value")
 
-    def __init__(self, start: int, is_object: bool) -> None:
+    def __init__(self, start: int, is_object: bool, first: int) -> None:
         self.start = start
         self.value: dict[str, Any] | list[Any] = {} if is_object else []
         self.key: str | None = None
         self.duplicate: tuple[str, int] | None = None
         self.entry: BoxObject | None = None
-        self.children: list[tuple[int, int]] = []  # spans of the completed child containers
+        self.first = first  # the entries of this value start at this index of the reader's list
 
 
 class _Reader:
     """One decoding attempt from an opening bracket, with an explicit stack."""
 
-    def __init__(self, text: str, start: int) -> None:
-        self.text, self.start = text, start
+    def __init__(self, text: str, start: int, memo: dict[int, ScanResult]) -> None:
+        self.text, self.start, self.memo = text, start, memo
         self.stack: list[_Frame] = []
         self.entries: list[BoxObject] = []
 
     def fail(self, pos: int, error: str, *, too_deep: bool = False) -> ScanResult:
-        covered = [span for frame in self.stack for span in frame.children]
-        done = [entry for entry in self.entries if entry.end >= 0]
-        return ScanResult(None, covered, done, error, pos, [f.start for f in self.stack], too_deep)
+        # Each open container, tried on its own, would fail here the same way.
+        result = ScanResult(None, (), error, pos, too_deep)
+        for frame in self.stack:
+            self.memo[frame.start] = result
+        return result
 
     def run(self) -> ScanResult:
         text, n = self.text, len(self.text)
@@ -147,7 +146,7 @@ class _Reader:
             elif char in "[{":
                 if len(self.stack) >= JSON_MAX_DEPTH:
                     return self.fail(i, f"nested deeper than {JSON_MAX_DEPTH} levels", too_deep=True)
-                self.stack.append(_Frame(i, char == "{"))
+                self.stack.append(_Frame(i, char == "{", len(self.entries)))
                 state, i = (_FIRST_KEY if char == "{" else _FIRST_VALUE), i + 1
             else:
                 scalar = self.scalar(i)
@@ -159,17 +158,17 @@ class _Reader:
 
     def scalar(self, i: int) -> tuple[Any, int] | ScanResult:
         text = self.text
+        match = _NUMBER.match(text, i)
+        if match is not None:
+            number = match.group()
+            # int() refuses more than 4,300 digits; such a number is out of any range anyway.
+            exact = match.lastindex is None and len(number) <= 300
+            return (int(number) if exact else float(number)), match.end()
         if text[i] == '"':
             try:
                 return scanstring(text, i + 1)
             except json.JSONDecodeError as error:
                 return self.fail(error.pos, error.msg)
-        match = _NUMBER.match(text, i)
-        if match is not None:
-            number = match.group()
-            # int() refuses more than 4,300 digits; such a number is out of any range anyway.
-            exact = len(number) <= 300 and not any(c in number for c in ".eE")
-            return (int(number) if exact else float(number)), match.end()
         for word, value in _LITERALS:
             if text.startswith(word, i):
                 return value, i + len(word)
@@ -199,16 +198,22 @@ class _Reader:
         entry, value = frame.entry, frame.value
         if entry is not None and isinstance(value, dict):  # only objects hold entries
             entry.end, entry.bbox, entry.label, entry.duplicate = end, value["bbox_2d"], value.get("label"), frame.duplicate
+        # The keys of a value are read while it is open: its entries are one slice.
+        result = ScanResult(end, tuple(self.entries[frame.first :]))
+        self.memo[frame.start] = result
         if not self.stack:
-            return ScanResult(end, [(frame.start, end)], self.entries)
+            return result
         self.put(frame.value)
-        self.stack[-1].children.append((frame.start, end))
         return None
 
 
-def scan_json(text: str, start: int) -> ScanResult:
-    """Decode the JSON container that opens at ``text[start]`` (a ``[`` or ``{``)."""
-    return _Reader(text, start).run()
+def scan_json(text: str, start: int, memo: dict[int, ScanResult]) -> ScanResult:
+    """Decode the JSON container that opens at ``text[start]`` (a ``[`` or ``{``).
+
+    ``memo`` (one per text) holds the result of every container already met.
+    """
+    known = memo.get(start)
+    return known if known is not None else _Reader(text, start, memo).run()
 
 
 def parse_qwen25_vl(text: str, issues: IssueList, image_size: tuple[int, int] | None) -> list[GroundedPhrase]:
@@ -222,27 +227,29 @@ def parse_qwen25_vl(text: str, issues: IssueList, image_size: tuple[int, int] | 
     groups: list[GroundedPhrase] = []
     covered: list[tuple[int, int]] = []  # decoded spans, sorted and disjoint
     failures: list[tuple[int, str, bool]] = []  # (start, reason, already reported), sorted by start
-    deep_chain = -1  # where a too-deep value stopped: a run of brackets is reported once
+    memo: dict[int, ScanResult] = {}
+    deep_from, deep_to = -1, -1  # brackets of one too-deep value (and its retries): reported once
     i = 0
     while (opening := _OPEN.search(text, i)) is not None:
         start = opening.start()
-        result = scan_json(text, start)
-        covered.extend(result.covered)
-        groups.extend(_box_groups(result.entries, issues, image_size))
+        result = scan_json(text, start, memo)
         if result.end is not None:
+            covered.append((start, result.end))
+            groups.extend(_box_groups(result.entries, issues, image_size))
             i = result.end
             continue
-        reason = f"{result.error}, position {result.pos}"
-        if result.too_deep and start != deep_chain:
-            issues.add(start, result.pos, f"JSON nested deeper than {JSON_MAX_DEPTH} levels (position {result.pos})")
-        deep_chain = result.pos if result.too_deep else -1
-        failures.extend((at, reason, result.too_deep) for at in result.open_starts)
-        i = max(result.pos, start + 1)
+        if result.too_deep:
+            if not deep_from <= start <= deep_to:
+                deep_from = start
+                issues.add(start, result.pos, f"JSON nested deeper than {JSON_MAX_DEPTH} levels (position {result.pos})")
+            deep_to = result.pos
+        failures.append((start, f"{result.error}, position {result.pos}", result.too_deep))
+        i = start + 1
     _report_uncovered(text, covered, failures, issues)
     return groups
 
 
-def _box_groups(entries: list[BoxObject], issues: IssueList, image_size: tuple[int, int] | None) -> list[GroundedPhrase]:
+def _box_groups(entries: tuple[BoxObject, ...], issues: IssueList, image_size: tuple[int, int] | None) -> list[GroundedPhrase]:
     groups = []
     for entry in entries:
         if entry.duplicate is not None:
