@@ -15,7 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmloss.grounding import BoxFormatError, GroundedPhrase, format_grounding, parse_grounding
+from lmloss.grounding import (
+    BoxFormatError,
+    GroundedPhrase,
+    format_grounding,
+    parse_grounding,
+)
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
