@@ -21,7 +21,8 @@ import bisect
 import json
 import re
 from dataclasses import dataclass
-from json.decoder import scanstring
+# json's own string reader (in C), a module attribute since Python 2.6 that typeshed omits.
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
 from lmloss.grounding._common import Box, GroundedPhrase, IssueList, box_problem
@@ -197,7 +198,8 @@ class _Reader:
         end = i + 1
         entry, value = frame.entry, frame.value
         if entry is not None and isinstance(value, dict):  # only objects hold entries
-            entry.end, entry.bbox, entry.label, entry.duplicate = end, value["bbox_2d"], value.get("label"), frame.duplicate
+            entry.end, entry.duplicate = end, frame.duplicate
+            entry.bbox, entry.label = value["bbox_2d"], value.get("label")
         # The keys of a value are read while it is open: its entries are one slice.
         result = ScanResult(end, tuple(self.entries[frame.first :]))
         self.memo[frame.start] = result
@@ -241,7 +243,8 @@ def parse_qwen25_vl(text: str, issues: IssueList, image_size: tuple[int, int] | 
         if result.too_deep:
             if not deep_from <= start <= deep_to:
                 deep_from = start
-                issues.add(start, result.pos, f"JSON nested deeper than {JSON_MAX_DEPTH} levels (position {result.pos})")
+                problem = f"JSON nested deeper than {JSON_MAX_DEPTH} levels (position {result.pos})"
+                issues.add(start, result.pos, problem)
             deep_to = result.pos
         failures.append((start, f"{result.error}, position {result.pos}", result.too_deep))
         i = start + 1
@@ -249,7 +252,9 @@ def parse_qwen25_vl(text: str, issues: IssueList, image_size: tuple[int, int] | 
     return groups
 
 
-def _box_groups(entries: tuple[BoxObject, ...], issues: IssueList, image_size: tuple[int, int] | None) -> list[GroundedPhrase]:
+def _box_groups(
+    entries: tuple[BoxObject, ...], issues: IssueList, image_size: tuple[int, int] | None
+) -> list[GroundedPhrase]:
     groups = []
     for entry in entries:
         if entry.duplicate is not None:
