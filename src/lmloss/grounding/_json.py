@@ -21,6 +21,7 @@ import bisect
 import json
 import re
 from dataclasses import dataclass
+
 # json's own string reader (in C), a module attribute since Python 2.6 that typeshed omits.
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
@@ -32,10 +33,15 @@ __all__ = ["JSON_MAX_DEPTH", "BoxObject", "ScanResult", "parse_qwen25_vl", "scan
 JSON_MAX_DEPTH = 100  # Qwen2.5-VL answers nest 2 levels deep; deeper is not box text
 
 _WS = re.compile(r"[ \t\n\r]*")
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+# One token (after JSON whitespace); numbers in ASCII digits only (json's own reader
+# uses \d, which matches any Unicode digit).
+_TOKEN = re.compile(
+    r"[ \t\n\r]*(?:(?P<open>[\[{])|(?P<close>[\]}])|(?P<comma>,)|(?P<colon>:)|(?P<string>\")"
+    r"|(?P<number>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)|(?P<literal>true|false|null))"
+)
 _OPEN = re.compile(r"[\[{]")
 _BBOX_KEY = re.compile(r'"bbox_2d"\s*:')
-_LITERALS = (("true", True), ("false", False), ("null", None))
+_LITERALS = {"true": True, "false": False, "null": None}
 _BOX_KEYS = ("bbox_2d", "label")
 # What the reader expects next.
 _VALUE, _FIRST_VALUE, _KEY, _FIRST_KEY, _COLON, _AFTER = range(6)
@@ -102,80 +108,82 @@ class _Reader:
         return result
 
     def run(self) -> ScanResult:
-        text, n = self.text, len(self.text)
+        text, stack = self.text, self.stack
         i, state = self.start, _VALUE
         while True:
-            i = _WS.match(text, i).end()  # type: ignore[union-attr]
-            if i >= n:
-                return self.fail(i, "the text ends inside the JSON value")
-            char = text[i]
+            token = _TOKEN.match(text, i)
+            if token is None:
+                at = _WS.match(text, i).end()  # type: ignore[union-attr]
+                return self.fail(at, self.unexpected(at, state))
+            kind = str(token.lastgroup)  # one named group always matches
+            at, i = token.start(kind), token.end()
             if state == _AFTER:
-                closer = "}" if isinstance(self.stack[-1].value, dict) else "]"
-                if char == ",":
-                    state, i = (_KEY if closer == "}" else _VALUE), i + 1
-                elif char == closer:
-                    done = self.close(i)
-                    if done is not None:
-                        return done
-                    i += 1
+                in_object = isinstance(stack[-1].value, dict)
+                if kind == "comma":
+                    state = _KEY if in_object else _VALUE
+                elif kind == "close" and text[at] == ("}" if in_object else "]"):
+                    if self.close(at):
+                        return self.memo[self.start]
                 else:
-                    return self.fail(i, f"expected ',' or '{closer}'")
+                    return self.fail(at, self.unexpected(at, state))
             elif state == _COLON:
-                if char != ":":
-                    return self.fail(i, "expected ':' after the key")
-                state, i = _VALUE, i + 1
-            elif state in (_KEY, _FIRST_KEY):
-                if char == "}" and state == _FIRST_KEY:
-                    done = self.close(i)
-                    if done is not None:
-                        return done
-                    state, i = _AFTER, i + 1
-                elif char == '"':
+                if kind != "colon":
+                    return self.fail(at, self.unexpected(at, state))
+                state = _VALUE
+            elif state != _VALUE and state != _FIRST_VALUE:  # a key, or an object's end
+                if kind == "string":
                     try:
-                        key, end = scanstring(text, i + 1)
+                        key, i = scanstring(text, i)
                     except json.JSONDecodeError as error:
                         return self.fail(error.pos, error.msg)
-                    self.set_key(key, i)
-                    state, i = _COLON, end
+                    self.set_key(key, at)
+                    state = _COLON
+                elif kind == "close" and text[at] == "}" and state == _FIRST_KEY:
+                    if self.close(at):
+                        return self.memo[self.start]
+                    state = _AFTER
                 else:
-                    return self.fail(i, "expected a string key")
-            elif char == "]" and state == _FIRST_VALUE:
-                done = self.close(i)
-                if done is not None:
-                    return done
-                state, i = _AFTER, i + 1
-            elif char in "[{":
-                if len(self.stack) >= JSON_MAX_DEPTH:
-                    return self.fail(i, f"nested deeper than {JSON_MAX_DEPTH} levels", too_deep=True)
-                self.stack.append(_Frame(i, char == "{", len(self.entries)))
-                state, i = (_FIRST_KEY if char == "{" else _FIRST_VALUE), i + 1
-            else:
-                scalar = self.scalar(i)
-                if isinstance(scalar, ScanResult):
-                    return scalar
-                value, i = scalar
+                    return self.fail(at, self.unexpected(at, state))
+            elif kind == "open":
+                if len(stack) >= JSON_MAX_DEPTH:
+                    return self.fail(at, f"nested deeper than {JSON_MAX_DEPTH} levels", too_deep=True)
+                is_object = text[at] == "{"
+                stack.append(_Frame(at, is_object, len(self.entries)))
+                state = _FIRST_KEY if is_object else _FIRST_VALUE
+            elif kind == "close" and text[at] == "]" and state == _FIRST_VALUE:
+                if self.close(at):
+                    return self.memo[self.start]
+                state = _AFTER
+            elif kind == "string":
+                try:
+                    value, i = scanstring(text, i)
+                except json.JSONDecodeError as error:
+                    return self.fail(error.pos, error.msg)
                 self.put(value)
                 state = _AFTER
+            elif kind == "number":
+                number = token.group(kind)
+                # int() refuses more than 4,300 digits; such a number is out of any range anyway.
+                exact = len(number) <= 300 and "." not in number and "e" not in number and "E" not in number
+                self.put(int(number) if exact else float(number))
+                state = _AFTER
+            elif kind == "literal":
+                self.put(_LITERALS[token.group(kind)])
+                state = _AFTER
+            else:
+                return self.fail(at, self.unexpected(at, state))
 
-    def scalar(self, i: int) -> tuple[Any, int] | ScanResult:
-        text = self.text
-        match = _NUMBER.match(text, i)
-        if match is not None:
-            number = match.group()
-            # int() refuses more than 4,300 digits; such a number is out of any range anyway.
-            exact = match.lastindex is None and len(number) <= 300
-            return (int(number) if exact else float(number)), match.end()
-        if text[i] == '"':
-            try:
-                return scanstring(text, i + 1)
-            except json.JSONDecodeError as error:
-                return self.fail(error.pos, error.msg)
-        for word, value in _LITERALS:
-            if text.startswith(word, i):
-                return value, i + len(word)
-        if text[i].isdigit():
-            return self.fail(i, f"non-ASCII digit {text[i]!r} (only 0-9 write numbers)")
-        return self.fail(i, "expected a value")
+    def unexpected(self, at: int, state: int) -> str:
+        """What was expected where ``text[at]`` (or the end of the text) stands."""
+        if at >= len(self.text):
+            return "the text ends inside the JSON value"
+        if state in (_VALUE, _FIRST_VALUE) and self.text[at].isdigit():
+            return f"non-ASCII digit {self.text[at]!r} (only 0-9 write numbers)"
+        if state == _AFTER:
+            return f"expected ',' or '{'}' if isinstance(self.stack[-1].value, dict) else ']'}'"
+        if state == _COLON:
+            return "expected ':' after the key"
+        return "expected a value" if state in (_VALUE, _FIRST_VALUE) else "expected a string key"
 
     def set_key(self, key: str, at: int) -> None:
         frame = self.stack[-1]
@@ -193,7 +201,8 @@ class _Reader:
         else:
             frame.value[frame.key] = value  # type: ignore[index]
 
-    def close(self, i: int) -> ScanResult | None:
+    def close(self, i: int) -> bool:
+        """Close the innermost container at ``text[i]``; True when it was the outermost."""
         frame = self.stack.pop()
         end = i + 1
         entry, value = frame.entry, frame.value
@@ -204,9 +213,9 @@ class _Reader:
         result = ScanResult(end, tuple(self.entries[frame.first :]))
         self.memo[frame.start] = result
         if not self.stack:
-            return result
+            return True
         self.put(frame.value)
-        return None
+        return False
 
 
 def scan_json(text: str, start: int, memo: dict[int, ScanResult]) -> ScanResult:
