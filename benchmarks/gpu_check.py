@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the methods live bes
 from gpu_linear_cross_entropy import (  # noqa: E402
     LMLOSS_BACKENDS,
     METHODS,
+    HelpFormatter,
     error_text,
     errors,
     floor_products,
@@ -70,16 +71,20 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("install", "env", "ceilings", "correctness", "methods", "sweep", "tests")
 WORKER_PHASES = ("env", "ceilings", "correctness", "methods", "sweep")
 SHAPES = {"llama3-8b": (8192, 4096, 128_256), "gemma2-2b": (8192, 2304, 256_000)}
-DRY_SHAPES = {"llama3-8b": (64, 32, 130), "gemma2-2b": (48, 24, 257)}
+DRY_SHAPES = {"llama3-8b": (16, 32, 130), "gemma2-2b": (12, 24, 257)}  # the interpreter: ~N programs
 SWEEP_CHUNKS = (1024, 2048, 4096, 8192)
-DRY_SWEEP_CHUNKS = (8, 32)
+DRY_SWEEP_CHUNKS = (4, 8)
 # Seconds per phase (each also ends at the whole check's deadline).
 BUDGETS = dict(install=45, env=15, ceilings=15, correctness=40, methods=150, sweep=40, tests=100)
 LOSS_RTOL = 1e-3
+# A gradient passes when its relative error against the truth is at most 1.25x the naive
+# bf16 path's plus half a bf16 epsilon (one more rounding of the output): lmloss may round
+# differently, never much worse.
+GRAD_SLACK, GRAD_MARGIN = 1.25, 2.0**-8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, kernels under the interpreter")
     parser.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu-check-out)")
     parser.add_argument("--wheels", default=str(REPO / "gpu-wheels"), help="wheels to install (default gpu-wheels/)")
@@ -144,7 +149,7 @@ class Rows:
         self.path = path
 
     def add(self, phase: str, name: str, **fields: Any) -> dict:
-        row = {"phase": phase, "name": name, **fields}
+        row = {"phase": phase, "name": name, **fields, "at": round(time.time(), 2)}  # when: where time went
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         print(f"[{phase}] {name}: {json.dumps(fields, default=str)[:300]}", flush=True)
@@ -409,38 +414,46 @@ def correctness_phase(rows: Rows, device: Any, args: argparse.Namespace) -> None
 
 
 def methods_phase(rows: Rows, device: Any, args: argparse.Namespace, shapes: dict) -> None:
-    """Every method on the same inputs, per shape; half the phase's time per shape."""
-    import torch
-
+    """Every method on the same inputs, per shape; the phase's time split between shapes."""
     phase_deadline = args.phase_deadline
     for i, (label, shape) in enumerate(shapes.items()):
         shape_deadline = min(phase_deadline, time.time() + (phase_deadline - time.time()) / (len(shapes) - i))
-        h, w, y = make_inputs(shape, device, args.ignore, args.seed)
-        want = truth(h, w, y, torch.float32)
+        try:
+            shape_methods(rows, device, args, label, shape, shape_deadline)
+        except Exception as error:  # e.g. the inputs or the truth out of memory: the next shape still runs
+            traceback.print_exc()
+            rows.add("methods", "shape", error=error_text(error), shape=shape, shape_name=label)
         free(device)
-        flops = 6.0 * math.prod(shape)
-        for name in args.method_list:
-            common = dict(shape=shape, shape_name=label)
-            if time.time() > shape_deadline:
-                rows.add("methods", name, skipped="budget exhausted", **common)
-                continue
-            fn = floor_products(h, w) if name == "floor" else method_fn(name, device)
-            if isinstance(fn, str):
-                rows.add("methods", name, skipped=fn.removeprefix("skipped: "), **common)
-                continue
-            try:
-                if name == "floor":
-                    result = timed(fn, device, args.dry_run)
-                else:
-                    result = measure(fn, h, w, y, device, args.dry_run)
-                    loss = fn(h, w, y)
-                    result.update(errors(loss, *torch.autograd.grad(loss, (h, w)), want))
-                    del loss
-                rows.add("methods", name, tflops=flops / result["ms"] / 1e9, **common, **result)
-            except Exception as error:  # an OOM or a missing feature is a row, not the end
-                rows.add("methods", name, error=error_text(error), **common)
-            free(device)
-        del h, w, y, want
+
+
+def shape_methods(rows: Rows, device: Any, args: argparse.Namespace, label: str, shape: tuple, deadline: float) -> None:
+    import torch
+
+    h, w, y = make_inputs(shape, device, args.ignore, args.seed)
+    want = truth(h, w, y, torch.float32)
+    free(device)
+    flops = 6.0 * math.prod(shape)
+    for name in args.method_list:
+        common = {"shape": shape, "shape_name": label}
+        if time.time() > deadline:
+            rows.add("methods", name, skipped="budget exhausted", **common)
+            continue
+        fn = floor_products(h, w) if name == "floor" else method_fn(name, device)
+        if isinstance(fn, str):
+            rows.add("methods", name, skipped=fn.removeprefix("skipped: "), **common)
+            continue
+        try:
+            if name == "floor":
+                result = timed(fn, device, args.dry_run)
+            else:
+                result = measure(fn, h, w, y, device, args.dry_run)
+                loss = fn(h, w, y)
+                result.update(errors(loss, *torch.autograd.grad(loss, (h, w)), want))
+                del loss
+            rows.add("methods", name, tflops=flops / result["ms"] / 1e9, **common, **result)
+        except Exception as error:  # an OOM or a missing feature is a row, not the end
+            rows.add("methods", name, error=error_text(error), **common)
+        del fn
         free(device)
 
 
@@ -467,10 +480,10 @@ def sweep_phase(rows: Rows, device: Any, args: argparse.Namespace, shapes: dict)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """Marks each lmloss row ``check``: loss within 1e-3 relative of the truth, each gradient
-    no worse than the naive bf16 path's error by more than 25% + 4 bf16 eps (DESIGN's rule).
-    Returns the failures (lmloss checks and tests)."""
-    eps = 2.0**-7
+    """Marks each lmloss row ``check``: ``ok`` when the loss is within ``LOSS_RTOL`` of the
+    truth and each gradient's error is at most ``GRAD_SLACK`` times the naive bf16 path's
+    (same phase and shape) plus ``GRAD_MARGIN``; without a naive row the gradients are
+    left unchecked (said so). Returns the failures: lmloss checks and the tests."""
     failures = []
     naive = {(r["phase"], str(r.get("shape"))): r for r in rows if r["name"] == "naive" and "loss_err" in r}
     for r in rows:
@@ -481,12 +494,11 @@ def verdicts(rows: list[dict]) -> list[str]:
         elif "loss_err" in r:
             base = naive.get((r["phase"], str(r.get("shape"))))
             bad = [] if math.isfinite(r["loss_err"]) and r["loss_err"] <= LOSS_RTOL else ["loss"]
-            for key in ("dh_err", "dw_err"):
-                bound = 1.25 * base[key] + 4 * eps if base else math.inf
-                if not (math.isfinite(r[key]) and r[key] <= bound):
+            for key in ("dh_err", "dw_err") if base else ():
+                if not (math.isfinite(r[key]) and r[key] <= GRAD_SLACK * base[key] + GRAD_MARGIN):
                     bad.append(key[:2])
-            r["check"] = "ok" if not bad else "FAIL: " + ",".join(bad)
-        if r.get("check", "ok") != "ok":
+            r["check"] = "FAIL: " + ",".join(bad) if bad else "ok" if base else "ok (loss; no naive row for grads)"
+        if r.get("check", "").startswith("FAIL"):
             failures.append(f"{r['phase']} {r['name']} {r.get('shape')}: {r['check']}")
     for r in rows:
         if r["phase"] == "tests" and r.get("rc") not in (0, None):

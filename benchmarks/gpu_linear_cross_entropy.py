@@ -29,6 +29,7 @@ import argparse
 import os
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,13 @@ IGNORE = -100
 LMLOSS_BACKENDS = ("chunked", "triton", "triton-lowmem")
 METHODS = ("floor", *LMLOSS_BACKENDS, "liger", "liger-fp32", "cce", "torch", "naive")
 DEFAULT_SHAPES = "8192x4096x128256,8192x2304x256000"  # Llama-3 8B head; Gemma-2 2B head
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps help at spaces only, so a method name such as ``triton-lowmem`` stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def error_text(error: BaseException) -> str:
@@ -200,7 +208,7 @@ def free(device: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated NxDxV (default {DEFAULT_SHAPES})")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--ignore", type=float, default=0.0, help="fraction of ignored targets (default 0)")
