@@ -366,6 +366,15 @@ def api_probes(device: Any) -> dict[str, Callable[[], Any]]:
         if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
             raise AttributeError(f"not in torch {torch.__version__} (2.13+); lmloss only feature-detects it")
 
+    def log_softmax_in_place() -> None:
+        """The chunked backend and distillation overwrite logits with their log-softmax
+        (a private op, its output aliasing its input): same values as out of place?"""
+        x = torch.randn(4, 130_000, device=device) * 3
+        want = torch.log_softmax(x, dim=1)
+        torch.ops.aten._log_softmax.out(x, 1, False, out=x)
+        if not torch.allclose(x, want, rtol=1e-5, atol=1e-5):
+            raise AssertionError(f"differs by {float((x - want).abs().max()):.2e}")
+
     def triton_backend() -> None:
         from lmloss.fused.triton import triton_linear_cross_entropy  # noqa: F401
 
@@ -374,6 +383,7 @@ def api_probes(device: Any) -> dict[str, Callable[[], Any]]:
         "mm(out_dtype, out=)": lambda: torch.mm(a, b.t(), out_dtype=torch.float32, out=z),
         "addmm(out_dtype, out=)": lambda: torch.addmm(z, a, b.t(), out_dtype=torch.float32, out=z),
         "get_autocast_dtype": lambda: torch.get_autocast_dtype(device.type),
+        "_log_softmax.out in place": log_softmax_in_place,
         "F.linear_cross_entropy": linear_ce,
         "lmloss.fused.triton import": triton_backend,
     }

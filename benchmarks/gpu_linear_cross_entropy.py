@@ -154,7 +154,10 @@ def measure(fn: Callable[[Any, Any, Any], Any], h: Any, w: Any, y: Any, device: 
 
     result: dict = {}
     if device.type == "cuda":
-        step()  # compile outside the memory measurement
+        t0 = time.perf_counter()
+        step()  # compile (and autotune) outside the measurements
+        torch.cuda.synchronize()
+        result["compile_s"] = round(time.perf_counter() - t0, 3)
         free(device)
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
