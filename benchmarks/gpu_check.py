@@ -225,9 +225,10 @@ def cuda_tests(root: Path, base: Path = REPO) -> list[str]:
     for path in sorted(root.rglob("test_*.py")):
         source = path.read_text()
         for node in ast.walk(ast.parse(source)):
-            is_test = isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name.startswith(("test", "Test"))
-            decorators = [ast.get_source_segment(source, d) or "" for d in getattr(node, "decorator_list", [])]
-            if is_test and any("cuda" in d.lower() for d in decorators):
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or not node.name.startswith(("test", "Test")):
+                continue
+            decorators = [ast.get_source_segment(source, d) or "" for d in node.decorator_list]
+            if any("cuda" in d.lower() for d in decorators):
                 ids.append(f"{path.relative_to(base)}::{node.name}")
     return ids
 
@@ -448,18 +449,19 @@ def shape_methods(rows: Rows, device: Any, args: argparse.Namespace, label: str,
         if time.time() > deadline:
             rows.add("methods", name, skipped="budget exhausted", **common)
             continue
-        fn = floor_products(h, w) if name == "floor" else method_fn(name, device)
+        fn = None if name == "floor" else method_fn(name, device)
         if isinstance(fn, str):
             rows.add("methods", name, skipped=fn.removeprefix("skipped: "), **common)
             continue
         try:
-            if name == "floor":
-                result = timed(fn, device, args.dry_run)
+            if fn is None:
+                result = timed(floor_products(h, w), device, args.dry_run)
             else:
                 result = measure(fn, h, w, y, device, args.dry_run)
                 loss = fn(h, w, y)
-                result.update(errors(loss, *torch.autograd.grad(loss, (h, w)), want))
-                del loss
+                dh, dw = torch.autograd.grad(loss, (h, w))
+                result.update(errors(loss, dh, dw, want))
+                del loss, dh, dw
             rows.add("methods", name, tflops=flops / result["ms"] / 1e9, **common, **result)
         except Exception as error:  # an OOM or a missing feature is a row, not the end
             rows.add("methods", name, error=error_text(error), **common)
@@ -504,9 +506,8 @@ def verdicts(rows: list[dict]) -> list[str]:
         elif "loss_err" in r:
             base = naive.get((r["phase"], str(r.get("shape"))))
             bad = [] if math.isfinite(r["loss_err"]) and r["loss_err"] <= LOSS_RTOL else ["loss"]
-            for key in ("dh_err", "dw_err") if base else ():
-                if not (math.isfinite(r[key]) and r[key] <= GRAD_SLACK * base[key] + GRAD_MARGIN):
-                    bad.append(key[:2])
+            bounds = {} if base is None else {key: GRAD_SLACK * base[key] + GRAD_MARGIN for key in ("dh_err", "dw_err")}
+            bad += [key[:2] for key, bound in bounds.items() if not (math.isfinite(r[key]) and r[key] <= bound)]
             r["check"] = "FAIL: " + ",".join(bad) if bad else "ok" if base else "ok (loss; no naive row for grads)"
         if r.get("check", "").startswith("FAIL"):
             failures.append(f"{r['phase']} {r['name']} {r.get('shape')}: {r['check']}")

@@ -104,7 +104,8 @@ def method_fn(name: str, device: Any, chunk_size: int | None = None) -> Callable
     if name in LMLOSS_BACKENDS or name == "reference":
         import lmloss
 
-        return lambda h, w, y: lmloss.linear_cross_entropy(h, w, y, shift=False, backend=name, chunk_size=chunk_size)
+        backend: Any = name  # a checked name; lmloss refuses any other with a ValueError
+        return lambda h, w, y: lmloss.linear_cross_entropy(h, w, y, shift=False, backend=backend, chunk_size=chunk_size)
     if name == "naive":  # what a model does without a fused loss: bf16 logits, float32 loss
         return lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y, ignore_index=IGNORE)
     if name == "torch":
