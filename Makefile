@@ -28,7 +28,7 @@ train: setup
 LIGER_VERSION := 0.8.5
 CCE_VERSION := 25.1.1
 gpu-wheels:
-	rm -rf gpu-wheels && mkdir -p gpu-wheels
+	rm -rf gpu-wheels build && mkdir -p gpu-wheels  # build/: setuptools would reuse stale modules
 	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir gpu-wheels .
 	$(PYTHON) -m pip download --quiet --no-deps --dest gpu-wheels \
 		liger-kernel==$(LIGER_VERSION) cut-cross-entropy==$(CCE_VERSION)
