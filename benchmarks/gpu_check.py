@@ -27,7 +27,8 @@ with its error. Exit status 1 when an lmloss check or a test failed.
 
 ``--dry-run``: the same code path on CPU with tiny shapes, the Triton kernels under
 ``TRITON_INTERPRET=1`` (set in the worker's environment, before it imports Triton),
-peers that need CUDA listed as skipped, tests only collected; timings are CPU
+peers that need CUDA listed as skipped (Liger, when installed, runs under the
+interpreter too), tests only collected; timings are CPU
 wall-clock and mean nothing. ``tests/benchmarks/test_gpu_check.py`` runs it.
 
     python benchmarks/gpu_check.py                 # on the GPU machine ($OUT set there)
