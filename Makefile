@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test train
+.PHONY: setup test train gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -21,3 +21,15 @@ test: setup
 # The main job: lmloss train on its built-in default (a small Qwen2 on built-in chats, CPU, ~2 min).
 train: setup
 	$(BIN)/lmloss train --overwrite --output-dir runs/train
+
+# The wheels benchmarks/gpu_check.py installs on a GPU machine that has no package registry
+# (README.md, "GPU check"): lmloss itself and the two peers it is timed against, pinned.
+# About 1 MB in all; the device tool carries at most 64 MiB with the working tree.
+LIGER_VERSION := 0.8.5
+CCE_VERSION := 25.1.1
+gpu-wheels:
+	rm -rf gpu-wheels build && mkdir -p gpu-wheels  # build/: setuptools would reuse stale modules
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir gpu-wheels .
+	$(PYTHON) -m pip download --quiet --no-deps --dest gpu-wheels \
+		liger-kernel==$(LIGER_VERSION) cut-cross-entropy==$(CCE_VERSION)
+	du -sh gpu-wheels && ls gpu-wheels

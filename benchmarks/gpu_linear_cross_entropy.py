@@ -1,222 +1,229 @@
-"""Fused linear cross-entropy on a GPU: lmloss's backends and their peers, side by side.
+"""Fused linear cross-entropy on a GPU: lmloss's backends and their peers, and how to measure them.
 
-For each shape ``N x D x V`` (tokens x hidden size x vocabulary), on the same bf16
-inputs, prints one table row per method:
+The methods, each ``(hidden [N, D], weight [V, D], labels [N]) -> mean loss`` on bf16
+inputs: ``chunked``, ``triton``, ``triton-lowmem`` (lmloss's backends, through
+``lmloss.linear_cross_entropy``); ``liger`` and ``liger-fp32`` (liger-kernel's
+``liger_fused_linear_cross_entropy``, its default bf16 and float32 weight-gradient
+accumulation); ``cce`` (``cut_cross_entropy.linear_cross_entropy``); ``torch``
+(``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions``, PyTorch 2.13+);
+``naive`` (bf16 logits, then ``F.cross_entropy`` in float32); ``floor`` (the three
+matrix products alone). A method that cannot run here says why instead.
 
-- time of forward+backward (gradients of hidden and weight), the median of
-  ``triton.testing.do_bench`` after warm-up;
-- effective TFLOP/s = 6·N·D·V / time (the three matrix products' work);
-- peak extra memory: ``torch.cuda.max_memory_allocated`` during one forward+backward
-  minus what was allocated before it (the inputs); it includes the gradients every
-  method returns (``dh`` and ``dW``);
-- loss relative error and the gradients' relative (Frobenius) errors against a
-  float32 truth (lmloss's chunked backend on float32 copies of the inputs, TF32 off).
+Measured: forward+backward time (median of CUDA-event timings after warm-up),
+effective TFLOP/s = 6·N·D·V / time, peak extra memory (``max_memory_allocated``
+during one forward+backward minus the inputs and the returned gradients) and the
+loss and gradients' relative errors against a truth from materialized logits.
 
-Methods: ``triton`` and ``triton-lowmem`` (lmloss's Triton backends), ``chunked``
-(lmloss, pure PyTorch), ``liger`` (``liger_kernel.transformers.fused_linear_cross_entropy``),
-``cce`` (``cut_cross_entropy.linear_cross_entropy``), ``torch`` (PyTorch's own
-``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions``, 2.13+), ``naive``
-(``F.cross_entropy(F.linear(h, W).float(), y)``) and ``floor`` (the three bf16 matrix
-products alone: ``z = h W^T``, ``z W``, ``z^T h``). Peers that are not installed are
-listed as such.
+``benchmarks/gpu_check.py`` is the whole prepared check (install, tests, correctness,
+these methods, a sweep, one table); this command runs only its side-by-side phase:
 
     python benchmarks/gpu_linear_cross_entropy.py                       # the default shapes
     python benchmarks/gpu_linear_cross_entropy.py --shapes 8192x4096x128256 --methods triton,floor
 
-Needs a CUDA GPU for everything but ``--help``.
+Needs a CUDA GPU for everything but ``--help`` (``gpu_check.py --dry-run`` runs on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
-from typing import Any, Callable
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-METHODS = ("triton", "triton-lowmem", "chunked", "liger", "cce", "torch", "naive", "floor")
+IGNORE = -100
+LMLOSS_BACKENDS = ("chunked", "triton", "triton-lowmem")
+METHODS = ("floor", *LMLOSS_BACKENDS, "liger", "liger-fp32", "cce", "torch", "naive")
 DEFAULT_SHAPES = "8192x4096x128256,8192x2304x256000"  # Llama-3 8B head; Gemma-2 2B head
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated NxDxV (default {DEFAULT_SHAPES})")
-    parser.add_argument(
-        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)} (default: all)"
-    )
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="input dtype (default bf16)")
-    parser.add_argument("--ignore", type=float, default=0.1, help="fraction of ignored targets (default 0.1)")
-    parser.add_argument("--warmup", type=int, default=200, help="do_bench warm-up time in ms (default 200)")
-    parser.add_argument("--rep", type=int, default=1000, help="do_bench measuring time in ms (default 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        args.shape_list = [_shape(s) for s in args.shapes.split(",") if s]
-    except ValueError as error:
-        parser.error(str(error))
-    args.method_list = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(args.method_list) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    return args
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps help at spaces only, so a method name such as ``triton-lowmem`` stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
-def _shape(text: str) -> tuple[int, int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"shape {text!r} is not NxDxV (e.g. 8192x4096x128256)")
-    n, d, v = (int(p) for p in parts)
-    return n, d, v
+def error_text(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters), for a table cell."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:160]}"
 
 
-# --- the methods: each maps (h, W, y) to a scalar mean loss ------------------------------
-
-
-def method_fn(name: str) -> Callable[[Any, Any, Any], Any] | str:
-    """The loss function of a method, or a string saying why it is unavailable."""
-    import torch
-    import torch.nn.functional as F
-
-    if name in ("triton", "triton-lowmem", "chunked"):
-        return _lmloss(name)
-    if name == "liger":
-        try:
-            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-        except ImportError:
-            return "liger-kernel not installed"
-        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
-        return lambda h, w, y: liger(w, h, y)
-    if name == "cce":
-        try:
-            from cut_cross_entropy import linear_cross_entropy as cce
-        except ImportError:
-            return "cut-cross-entropy not installed"
-        return lambda h, w, y: cce(h, w, y, ignore_index=-100, reduction="mean")
-    if name == "torch":
-        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
-            return f"not in torch {torch.__version__}"
-        options = torch.nn.LinearCrossEntropyOptions()
-        return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100, options=options)
-    if name == "naive":
-        return lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100)
-    raise ValueError(name)
-
-
-def _lmloss(backend: str) -> Callable[[Any, Any, Any], Any]:
-    import lmloss
-    from lmloss.fused import BACKENDS
-
-    if backend in BACKENDS:  # wired into the public API
-        return lambda h, w, y: lmloss.linear_cross_entropy(h, w, y, shift=False, backend=backend)
-    from lmloss.fused.triton import triton_linear_cross_entropy
-
-    options = dict(
-        shift=False, ignore_index=-100, reduction="mean", num_items_in_batch=None, label_smoothing=0.0,
-        z_loss=0.0, softcap=None, token_weights=None, normalize="token",
-    )  # fmt: skip
-    lowmem = backend == "triton-lowmem"
-    return lambda h, w, y: triton_linear_cross_entropy(h, w, None, y, None, lowmem=lowmem, **options)
-
-
-# --- measuring ---------------------------------------------------------------------------
-
-
-def make_inputs(n: int, d: int, v: int, dtype: Any, ignore: float, seed: int):
-    import torch
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(v, d, device="cuda", generator=g) * 0.02).to(dtype).requires_grad_()  # an init-like head
-    y = torch.randint(0, v, (n,), device="cuda", generator=g)
-    y[torch.rand(n, device="cuda", generator=g) < ignore] = -100
-    return h, w, y
-
-
-def truth(h, w, y):
-    """float32 loss and gradients (lmloss chunked on float32 copies, true float32 products)."""
-    import torch
-
-    import lmloss
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    loss = lmloss.linear_cross_entropy(h32, w32, y, shift=False, backend="chunked")
-    dh, dw = torch.autograd.grad(loss, (h32, w32))
-    return loss.detach(), dh, dw
-
-
-def floor_step(h, w, y):
-    """The three matrix products of any fused method, in the inputs' dtype."""
-    z = h.detach() @ w.detach().t()
-    return z @ w.detach(), z.t() @ h.detach()
-
-
-def measure(fn, h, w, y, want, args) -> dict:
-    import torch
-    import triton.testing
-
-    def step():
-        return torch.autograd.grad(fn(h, w, y), (h, w))
-
-    run = (lambda: floor_step(h, w, y)) if fn is floor_step else step
-    run()  # compile and autotune outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    ms = triton.testing.do_bench(run, warmup=args.warmup, rep=args.rep, return_mode="median")
-    row = {"ms": ms, "peak_gib": peak / 2**30}
-    if fn is not floor_step:
-        loss = fn(h, w, y)
-        dh, dw = torch.autograd.grad(loss, (h, w))
-        want_loss, want_dh, want_dw = want
-        row["loss_err"] = abs(float(loss) - float(want_loss)) / abs(float(want_loss))
-        row["dh_err"] = float((dh.float() - want_dh).norm() / want_dh.norm())
-        row["dw_err"] = float((dw.float() - want_dw).norm() / want_dw.norm())
-    return row
-
-
-def bench_shape(shape: tuple[int, int, int], args: argparse.Namespace) -> None:
+def make_inputs(shape: tuple[int, int, int], device: Any, ignore: float, seed: int) -> tuple[Any, Any, Any]:
+    """bf16 ``hidden [N, D]``, ``weight [V, D]`` (init-like scale) and ``labels [N]``."""
     import torch
 
     n, d, v = shape
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    h, w, y = make_inputs(n, d, v, dtype, args.ignore, args.seed)
-    want = truth(h, w, y)
-    torch.cuda.empty_cache()
-    flops = 6.0 * n * d * v
-    print(f"\n### N={n} D={d} V={v}, {args.dtype}, {args.ignore:.0%} ignored, forward+backward\n")
-    print("| method | ms | TFLOP/s eff. | peak extra GiB | loss rel err | dh rel err | dW rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in args.method_list:
-        fn = floor_step if name == "floor" else method_fn(name)
-        if isinstance(fn, str):
-            print(f"| {name} | n/a: {fn} | | | | | |")
-            continue
-        try:
-            r = measure(fn, h, w, y, want, args)
-        except Exception as error:  # one method's failure (OOM, missing feature) must not end the table
-            print(f"| {name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:80]} | | | | | |")
-            torch.cuda.empty_cache()
-            continue
-        errs = " | ".join(f"{r[k]:.1e}" if k in r else "" for k in ("loss_err", "dh_err", "dw_err"))
-        print(f"| {name} | {r['ms']:.2f} | {flops / r['ms'] / 1e9:.0f} | {r['peak_gib']:.2f} | {errs} |", flush=True)
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = torch.randn(n, d, device=device, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(v, d, device=device, generator=g) * 0.02).bfloat16().requires_grad_()
+    y = torch.randint(0, v, (n,), device=device, generator=g)
+    y[torch.rand(n, device=device, generator=g) < ignore] = IGNORE
+    return h, w, y
+
+
+def truth(h: Any, w: Any, y: Any, dtype: Any) -> tuple[Any, Any, Any]:
+    """Loss and gradients in ``dtype`` from the materialized logits and ``F.cross_entropy``
+    (independent of lmloss); TF32 off so float32 means float32."""
+    import torch
+    import torch.nn.functional as F
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hh, ww = (t.detach().to(dtype).requires_grad_() for t in (h, w))
+        loss = F.cross_entropy(hh @ ww.t(), y, ignore_index=IGNORE)
+        dh, dw = torch.autograd.grad(loss, (hh, ww))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return loss.detach(), dh, dw
+
+
+def errors(loss: Any, dh: Any, dw: Any, want: tuple[Any, Any, Any]) -> dict:
+    """Relative errors: |loss| and Frobenius of each gradient, in float32 (NaN stays NaN)."""
+    want_loss, want_dh, want_dw = want
+
+    def rel(a: Any, b: Any) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    loss = loss.detach()
+    return {"loss": float(loss), "loss_err": abs(float(loss) - float(want_loss)) / abs(float(want_loss)),
+            "dh_err": rel(dh, want_dh), "dw_err": rel(dw, want_dw)}  # fmt: skip
+
+
+def method_fn(name: str, device: Any, chunk_size: int | None = None) -> Callable[[Any, Any, Any], Any] | str:
+    """``(hidden, weight, labels) -> mean loss`` of a method, or why it cannot run here."""
+    import torch
+    import torch.nn.functional as F
+
+    if name in LMLOSS_BACKENDS or name == "reference":
+        import lmloss
+
+        backend: Any = name  # a checked name; lmloss refuses any other with a ValueError
+        return lambda h, w, y: lmloss.linear_cross_entropy(h, w, y, shift=False, backend=backend, chunk_size=chunk_size)
+    if name == "naive":  # what a model does without a fused loss: bf16 logits, float32 loss
+        return lambda h, w, y: F.cross_entropy(F.linear(h, w).float(), y, ignore_index=IGNORE)
+    if name == "torch":
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+            return f"skipped: not in torch {torch.__version__} (2.13+)"
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE, options=options)
+    try:
+        if name in ("liger", "liger-fp32"):
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
+        else:
+            from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError as error:
+        return f"skipped: not installed ({error_text(error)})"
+    # Liger's kernels also run under the Triton interpreter (the dry run checks the call);
+    # CCE's do not (Triton 3.7's interpreter fails inside them).
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and name != "cce"
+    if device.type != "cuda" and not interpreted:
+        return "skipped: needs CUDA"
+    if name == "liger":  # its default: weight gradient accumulated in the inputs' dtype
+        return lambda h, w, y: liger(h, w, y, ignore_index=IGNORE, reduction="mean")
+    if name == "liger-fp32":  # float32 accumulation, as lmloss does
+        return lambda h, w, y: liger(h, w, y, ignore_index=IGNORE, reduction="mean", accum_dtype=torch.float32)
+    return lambda h, w, y: cce(h, w, y, ignore_index=IGNORE, reduction="mean")
+
+
+def floor_products(h: Any, w: Any) -> Callable[[], Any]:
+    """The three products every fused method does, alone (bf16 in, float32 accumulate):
+    ``z = h W^T``, ``dh = g W``, ``dW = g^T h``; ``g`` is ``z`` itself (random data)."""
+    hd, wd = h.detach(), w.detach()
+
+    def run() -> Any:
+        z = hd @ wd.t()
+        return z @ wd, z.t() @ hd
+
+    return run
+
+
+def measure(fn: Callable[[Any, Any, Any], Any], h: Any, w: Any, y: Any, device: Any, dry_run: bool) -> dict:
+    """Forward+backward: time, peak extra memory (minus inputs and returned gradients),
+    and the loss and gradients of one call."""
+    import torch
+
+    def step() -> Any:
+        loss = fn(h, w, y)
+        return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
+
+    result: dict = {}
+    if device.type == "cuda":
+        t0 = time.perf_counter()
+        step()  # compile (and autotune) outside the measurements
+        torch.cuda.synchronize()
+        result["compile_s"] = round(time.perf_counter() - t0, 3)
+        free(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss, dh, dw = step()
+        torch.cuda.synchronize()
+        grads = dh.numel() * dh.element_size() + dw.numel() * dw.element_size()
+        result["peak_gib"] = (torch.cuda.max_memory_allocated() - before - grads) / 2**30
+        del loss, dh, dw
+    result.update(timed(step, device, dry_run))
+    return result
+
+
+def timed(run: Callable[[], Any], device: Any, dry_run: bool) -> dict:
+    """Median milliseconds of ``run`` after warm-up: CUDA events on a GPU, wall clock on
+    CPU (dry run). ``first_s`` is the first call (compilation included)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    run()
+    sync()
+    first = time.perf_counter() - t0
+    if dry_run:
+        return {"ms": first * 1e3, "first_s": round(first, 3), "reps": 1}
+    t0 = time.perf_counter()
+    for _ in range(2):  # warm-up
+        run()
+    sync()
+    each = (time.perf_counter() - t0) / 2
+    reps = max(3, min(20, int(0.6 / max(each, 1e-4))))
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms": statistics.median(times), "first_s": round(first, 3), "reps": reps,
+            "spread": round((max(times) - min(times)) / statistics.median(times), 3)}  # fmt: skip
+
+
+def free(device: Any) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-    import triton
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated NxDxV (default {DEFAULT_SHAPES})")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--ignore", type=float, default=0.0, help="fraction of ignored targets (default 0)")
+    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else ./gpu-check-out)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_check
 
-    if not torch.cuda.is_available():
-        print("this benchmark needs a CUDA GPU (only --help runs without one)", file=sys.stderr)
-        return 2
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    for shape in args.shape_list:
-        bench_shape(shape, args)
-    return 0
+    forwarded = ["--phases", "install,env,methods", "--shapes", args.shapes, "--methods", args.methods,
+                 "--ignore", str(args.ignore)] + (["--out", args.out] if args.out else [])  # fmt: skip
+    return gpu_check.main(forwarded)
 
 
 if __name__ == "__main__":
