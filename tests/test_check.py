@@ -79,7 +79,7 @@ def test_reader_names_file_and_line(tmp_path, lines, line, phrase):
 def test_reader_rejects_an_empty_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n  \n")
-    with pytest.raises(ValueError, match=r"empty\.jsonl has no samples"):
+    with pytest.raises(ValueError, match=r"empty\.jsonl: has no samples"):
         read_jsonl_samples(path)
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmloss.check import Record, read_jsonl_records
+from lmloss.jsonl import Record, read_jsonl_records
 from lmloss.labels import Example, encode_chat, encode_prompt_completion
+from lmloss.samples import pretokenized_example
 from lmloss.train.config import TrainConfig
 
 __all__ = ["DataReport", "Prompt", "TrainData", "encode_records", "epoch_micro_batches", "load_records"]
@@ -138,7 +139,10 @@ def texts_of(records: Sequence[Record]) -> list[str]:
 def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfig, report: DataReport,
                    split: str) -> list[Example]:
     """Label every record; bad ones raise (naming ``file:line``) or, with --skip-bad-samples,
-    are reported and left out. Samples with no target are always left out and reported."""
+    are reported and left out. Samples with no target are always left out and reported.
+
+    Pre-tokenized samples are checked as ``lmloss check`` checks them
+    (:func:`lmloss.samples.pretokenized_example`, ids in ``[0, len(tokenizer))``)."""
     examples: list[Example] = []
     for record in records:
         try:
@@ -162,16 +166,19 @@ def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfi
 
 
 def _encode(data: dict[str, Any], tokenizer: Any, config: TrainConfig) -> Example:
+    """The sample's labelled tokens, at most ``max_length + 1`` of them: one more than is
+    kept tells :func:`_truncate` that the sample was cut, and encoding with a bound keeps
+    the memory of a huge sample in proportion to ``--max-length`` (see lmloss.labels)."""
     mode = "everything" if config.train_on_prompt else config.masking
+    bound = config.max_length + 1
     if "messages" in data:
-        return encode_chat(data["messages"], tokenizer, mode=mode, tools=data.get("tools"))  # type: ignore[arg-type]
+        return encode_chat(data["messages"], tokenizer, mode=mode, tools=data.get("tools"),  # type: ignore[arg-type]
+                           max_length=bound)
     if "prompt" in data:
         return encode_prompt_completion(data["prompt"], data["completion"], tokenizer,
-                                        train_on_prompt=mode == "everything")
-    ids, labels = data["input_ids"], data["labels"]
-    if not (isinstance(ids, list) and isinstance(labels, list) and len(ids) == len(labels)):
-        raise ValueError("'input_ids' and 'labels' must be lists of the same length")
-    return Example(input_ids=[int(i) for i in ids], labels=[int(i) for i in labels])
+                                        train_on_prompt=mode == "everything", max_length=bound)
+    return pretokenized_example(data["input_ids"], data["labels"], vocab_size=len(tokenizer),
+                                ignore_index=IGNORE_INDEX)
 
 
 def _truncate(example: Example, max_length: int) -> tuple[Example, bool]:
