@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmloss.jsonl import Record, read_jsonl_records
+from lmloss.jsonl import DataError, Record, empty_file_error, read_jsonl_records, scan_samples
 from lmloss.labels import Example, encode_chat, encode_prompt_completion
 from lmloss.samples import pretokenized_example
 from lmloss.train.config import TrainConfig
@@ -90,14 +90,43 @@ def load_records(config: TrainConfig) -> tuple[list[Source], list[Record]]:
     for path in [s.path for s in config.sources] + list(config.eval_data):
         if not Path(path).is_file():
             raise ValueError(f"data file {path!r} does not exist (--data/--eval-data take JSONL files)")
+    def read(path: str) -> list[Record]:
+        if config.skip_bad_samples:
+            return _read_skipping(path)
+        try:
+            return read_jsonl_records(path)
+        except DataError as err:
+            if err.line is None:
+                raise
+            raise DataError(err.path, err.line, f"{err.reason} (fix the line, or pass --skip-bad-samples to skip "
+                                                f"and report such lines)") from err
+
     if config.data:
-        sources = [Source(s.path, s.weight, read_jsonl_records(s.path)) for s in config.sources]
+        sources = [Source(s.path, s.weight, read(s.path)) for s in config.sources]
     else:
         sources = [Source("builtin", 1.0, _builtin_records())]
     if config.eval_data:
-        held_out = [r for path in config.eval_data for r in read_jsonl_records(path)]
+        held_out = [r for path in config.eval_data for r in read(path)]
         return sources, held_out
     return _split(sources, config.held_out_fraction, config.seed)
+
+
+@dataclass(frozen=True)
+class UnreadableRecord(Record):
+    """A line that is not a sample (bad UTF-8, not JSON, too deep, no known format),
+    kept with --skip-bad-samples so that encoding reports it with the other skipped samples."""
+
+    reason: str = ""
+
+
+def _read_skipping(path: str) -> list[Record]:
+    """Every line of a file as a record, bad lines as :class:`UnreadableRecord`."""
+    records: list[Record] = []
+    for number, value in scan_samples(path):
+        records.append(value if isinstance(value, Record) else UnreadableRecord(path, number, {}, value.reason))
+    if not records:
+        raise empty_file_error(path)
+    return records
 
 
 def _builtin_records() -> list[Record]:
@@ -145,6 +174,9 @@ def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfi
     (:func:`lmloss.samples.pretokenized_example`, ids in ``[0, len(tokenizer))``)."""
     examples: list[Example] = []
     for record in records:
+        if isinstance(record, UnreadableRecord):
+            report.skipped.append(f"{record.where}: {record.reason}")
+            continue
         try:
             full = _encode(record.data, tokenizer, config)
         except (TypeError, ValueError) as err:
