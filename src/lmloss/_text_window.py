@@ -39,7 +39,10 @@ def max_token_chars(tokenizer: Any) -> int | None:
     get_vocab = getattr(tokenizer, "get_vocab", None)
     if not callable(get_vocab):
         return None
-    size = len(tokenizer) if hasattr(tokenizer, "__len__") else -1
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = -1
     try:
         cached = _CACHE.get(tokenizer)
     except TypeError:  # not weak-referenceable or not hashable: compute every time
