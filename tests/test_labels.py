@@ -953,3 +953,68 @@ def test_only_a_window_of_a_long_text_is_tokenized(side):
     assert spy.longest <= (32 + SLACK_TOKENS) * longest_token
     whole_chat, whole_pair = encode_chat(messages, spy.tokenizer), encode_prompt_completion("Where?", reply, spy.tokenizer)
     assert example == _truncated(whole_chat, 32, side) and pair == _truncated(whole_pair, 32, side)
+
+
+# ------------------------------------------- fuzz: an independent character oracle
+
+_FUZZ_TEXT = st.text(alphabet="abcSure Paris\n \t,.:?!#<>|_01é", max_size=30)
+_FUZZ_TURN = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                                    "content": _FUZZ_TEXT})
+
+
+def _chatml_by_hand(messages) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The ChatML rendering written out here (not by the template), with the character
+    spans of each assistant reply (content + <|im_end|>) and of each other turn's content."""
+    text = "" if messages[0]["role"] == "system" else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    replies, contents = [], []
+    for m in messages:
+        text += f"<|im_start|>{m['role']}\n"
+        start = len(text)
+        text += m["content"] + "<|im_end|>"
+        (replies if m["role"] == "assistant" else contents).append(
+            (start, len(text)) if m["role"] == "assistant" else (start, start + len(m["content"])))
+        text += "\n"
+    return text, replies, contents
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(_FUZZ_TURN, min_size=1, max_size=5), last=_FUZZ_TEXT,
+       mode=st.sampled_from(["assistant", "last_assistant", "everything"]),
+       max_length=st.one_of(st.none(), st.integers(1, 80)), side=st.sampled_from(["right", "left"]))
+def test_fuzz_chat_labels_against_character_spans(chatml_tokenizer, messages, last, mode, max_length, side):
+    messages = [*messages, {"role": "assistant", "content": last}]
+    text, replies, _ = _chatml_by_hand(messages)
+    spans = {"assistant": replies, "last_assistant": replies[-1:], "everything": [(0, len(text))]}[mode]
+    encoding = chatml_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    # A token is trained when its characters overlap a trained span (a BPE token that
+    # merges scaffolding with a reply's first characters carries content).
+    trained = [any(s < b and e > a for a, b in spans) for s, e in encoding["offset_mapping"]]
+    labels = [t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)]
+    if max_length is not None and len(ids) > max_length:
+        keep = slice(None, max_length) if side == "right" else slice(-max_length, None)
+        ids, labels = ids[keep], labels[keep]
+    example = encode_chat(messages, chatml_tokenizer, mode=mode, max_length=max_length, truncation_side=side)
+    assert example == {"input_ids": ids, "labels": labels}
+    # Unshifted labels: a label is ignored or the input id at its own position.
+    assert all(label in (IGNORE, token) for token, label in zip(example["input_ids"], example["labels"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=_FUZZ_TEXT, completion=_FUZZ_TEXT, train_on_prompt=st.booleans(),
+       max_length=st.one_of(st.none(), st.integers(1, 40)), side=st.sampled_from(["right", "left"]))
+def test_fuzz_prompt_completion_against_separate_tokenization(llama3_tokenizer, prompt, completion, train_on_prompt,
+                                                             max_length, side):
+    tok = llama3_tokenizer
+    prompt_ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+    completion_ids = tok.encode(completion, add_special_tokens=False)
+    if not completion_ids or completion_ids[-1] != tok.eos_token_id:
+        completion_ids.append(tok.eos_token_id)
+    ids = prompt_ids + completion_ids
+    labels = (prompt_ids if train_on_prompt else [IGNORE] * len(prompt_ids)) + completion_ids
+    if max_length is not None and len(ids) > max_length:
+        keep = slice(None, max_length) if side == "right" else slice(-max_length, None)
+        ids, labels = ids[keep], labels[keep]
+    example = encode_prompt_completion(prompt, completion, tok, train_on_prompt=train_on_prompt,
+                                       max_length=max_length, truncation_side=side)
+    assert example == {"input_ids": ids, "labels": labels}
