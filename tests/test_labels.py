@@ -930,7 +930,7 @@ def test_cut_before_tokenizing_gives_the_labels_of_the_whole(request, tokenizer_
        train_on_prompt=st.booleans())
 def test_cut_prompt_completion_gives_the_labels_of_the_whole(llama3_tokenizer, prompt, completion, max_length, side,
                                                              train_on_prompt):
-    options = dict(train_on_prompt=train_on_prompt)
+    options = {"train_on_prompt": train_on_prompt}
     whole = encode_prompt_completion(prompt, completion, llama3_tokenizer, **options)
     cut = encode_prompt_completion(prompt, completion, llama3_tokenizer, max_length=max_length,
                                    truncation_side=side, **options)
@@ -1018,3 +1018,12 @@ def test_fuzz_prompt_completion_against_separate_tokenization(llama3_tokenizer, 
     example = encode_prompt_completion(prompt, completion, tok, train_on_prompt=train_on_prompt,
                                        max_length=max_length, truncation_side=side)
     assert example == {"input_ids": ids, "labels": labels}
+
+
+def test_whitespace_content_that_the_template_trims_away_trains_nothing(llama3_tokenizer):
+    # Found by test_random_conversations: Llama 3 trims a system content of "\n" to
+    # nothing, and "all" mode then saw two candidate "\n" in the scaffolding and raised.
+    messages = [{"role": "system", "content": "\n"}, {"role": "assistant", "content": "Rome."}]
+    example = encode_chat(messages, llama3_tokenizer, mode="all")
+    assert example == encode_chat(messages, llama3_tokenizer, mode="assistant")
+    assert trained_runs(example, llama3_tokenizer) == ["Rome.<|eot_id|>"]

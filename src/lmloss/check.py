@@ -299,7 +299,7 @@ class _SampleChecker:
         be seen); ``complete=False``: only the first (last) ``window`` tokens of a longer sample."""
         if not isinstance(data, Mapping):
             raise TypeError(f"a sample must be a dict, got {type(data).__name__}")
-        window = dict(max_length=self.window, truncation_side=self.truncation_side)
+        window = {"max_length": self.window, "truncation_side": self.truncation_side}
         if "messages" in data:
             ex = encode_chat(
                 data["messages"], self.tokenizer, mode=self.mode,  # type: ignore[arg-type]

@@ -356,9 +356,9 @@ def _check_ids_or_text(name: str, value: object, tokenizer: Any) -> None:
         if tokenizer is None:
             raise TypeError(f"{name} is text, so a tokenizer is needed: pass tokenizer=..., or pass token ids")
         return
-    if isinstance(value, Sequence) and not isinstance(value, bytes):
-        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
-            return
+    if (isinstance(value, Sequence) and not isinstance(value, bytes)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
+        return
     raise TypeError(
         f"{name} must be a str or a list of int token ids >= 0 (use .tolist() for tensors), got {_preview(value)}"
     )
@@ -703,6 +703,9 @@ def _content_span(renderer: _Renderer, i: int) -> tuple[int, int] | None:
     turn = renderer.full[turn_start:turn_end]
     content = renderer.messages[i]["content"]
     if not content:
+        return None
+    if not content.strip() and _turn_with_content(renderer, i, "") == turn:
+        # Whitespace the template trims away (Llama 3's ``| trim``): nothing of it is rendered.
         return None
     at_marker = _content_by_marker(renderer, i, turn)
     if at_marker is not None:

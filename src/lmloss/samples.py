@@ -65,13 +65,17 @@ def pretokenized_example(input_ids: object, labels: object, *, vocab_size: int, 
 
 
 def _int_list(name: str, value: object, vocab_size: int, ignore_index: int | None) -> list[int]:
+    # ValueError, not TypeError, for wrong types too: it is the data that is bad, and
+    # callers report every bad sample the same way.
     if not isinstance(value, list):
-        raise ValueError(f"'{name}' must be a list of ints, got {type(value).__name__}")
+        raise ValueError(f"'{name}' must be a list of ints, got {type(value).__name__}")  # noqa: TRY004
     allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
     for position, item in enumerate(value):
         # bool is an int subclass: true/false in a JSON list is a mistake, not the ids 1/0.
         if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(f"'{name}'[{position}] = {_short(item)} is not an integer token id (expected {allowed})")
+            raise ValueError(  # noqa: TRY004
+                f"'{name}'[{position}] = {_short(item)} is not an integer token id (expected {allowed})"
+            )
         if not (0 <= item < vocab_size or item == ignore_index):
             raise ValueError(f"'{name}'[{position}] = {_short(item)} is outside the vocabulary (expected {allowed})")
     return [int(item) for item in value]
@@ -79,5 +83,9 @@ def _int_list(name: str, value: object, vocab_size: int, ignore_index: int | Non
 
 def _short(value: object, width: int = 40) -> str:
     # repr of an int over 4,300 digits raises (CPython's int/str conversion limit).
-    text = repr(value) if not isinstance(value, int) or value.bit_length() < 128 else f"an int of {value.bit_length()} bits"
+    text = (
+        repr(value)
+        if not isinstance(value, int) or value.bit_length() < 128
+        else f"an int of {value.bit_length()} bits"
+    )
     return text if len(text) <= width else text[: width - 3] + "..."
