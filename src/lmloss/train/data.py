@@ -86,7 +86,14 @@ class TrainData:
 
 
 def load_records(config: TrainConfig) -> tuple[list[Source], list[Record]]:
-    """The training sources and the held-out records (from --eval-data or split off)."""
+    """The training sources and the held-out records (from --eval-data or split off).
+
+    Raises:
+        DataError: a bad line (not UTF-8, not JSON, nested too deep, no sample format)
+            with its ``file:line``, unless --skip-bad-samples keeps it for
+            :func:`encode_records` to report; a file without samples.
+        ValueError: a data file that does not exist.
+    """
     for path in [s.path for s in config.sources] + list(config.eval_data):
         if not Path(path).is_file():
             raise ValueError(f"data file {path!r} does not exist (--data/--eval-data take JSONL files)")
@@ -171,7 +178,11 @@ def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfi
     are reported and left out. Samples with no target are always left out and reported.
 
     Pre-tokenized samples are checked as ``lmloss check`` checks them
-    (:func:`lmloss.samples.pretokenized_example`, ids in ``[0, len(tokenizer))``)."""
+    (:func:`lmloss.samples.pretokenized_example`, ids in ``[0, len(tokenizer))``).
+
+    Raises:
+        DataError: the first sample that cannot be encoded (``file:line`` and why),
+            without --skip-bad-samples."""
     examples: list[Example] = []
     for record in records:
         if isinstance(record, UnreadableRecord):
@@ -180,11 +191,10 @@ def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfi
         try:
             full = _encode(record.data, tokenizer, config)
         except (TypeError, ValueError) as err:
-            message = f"{record.where}: {err}"
             if not config.skip_bad_samples:
-                raise ValueError(f"{message}\n(fix the sample, or pass --skip-bad-samples to skip and report such "
-                                 f"samples)") from err
-            report.skipped.append(message)
+                raise DataError(record.source, record.line, f"{err} (fix the sample, or pass --skip-bad-samples to "
+                                                            f"skip and report such samples)") from err
+            report.skipped.append(f"{record.where}: {err}")
             continue
         example, cut = _truncate(full, config.max_length)
         if not _has_target(example):
