@@ -493,3 +493,35 @@ def test_truncation_that_empties_a_sample_is_reported(make):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # truncation that keeps a target says nothing
         collate([{"input_ids": [1, 2, 3, 4, 5, 6], "labels": [1, 2, 3, 4, 5, 6]}])
+
+
+# --- fuzz: losses of padded and packed batches against each sample alone -----------------
+
+
+def _context_free_logits(input_ids: torch.Tensor, position_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Logits that depend only on a token and its position inside its own sample: what a
+    model with perfect sample separation computes, so packing and padding must not matter."""
+    return table[input_ids] + 0.25 * position_ids.unsqueeze(-1).to(table.dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(packing_cases(), st.sampled_from(["sum", "mean"]))
+def test_fuzz_padded_and_packed_losses_equal_the_samples_alone(case, reduction):
+    max_length, samples, strategy, multiple = case
+    table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(len(samples)), dtype=torch.float64)
+    alone = [sample_loss_sum(_context_free_logits(torch.tensor(s["input_ids"]), torch.arange(len(s["input_ids"])),
+                                                  table), s["labels"]) for s in samples]
+    count = sum(sample_count(s["labels"]) for s in samples)
+    truth = sum(alone, torch.zeros((), dtype=torch.float64))
+    if reduction == "mean":
+        truth = truth / count if count else truth  # no target: 0, never NaN
+    batches = [
+        PaddingCollator(63, padding_side="right", pad_to_multiple_of=multiple)(samples),
+        PaddingCollator(63, padding_side="left", pad_to_multiple_of=multiple)(samples),
+        PackingCollator(max_length, 63, strategy=strategy, pad_to_multiple_of=multiple)(samples),
+    ]
+    for batch in batches:
+        logits = _context_free_logits(batch["input_ids"], batch["position_ids"], table)
+        loss = causal_lm_loss(logits, batch["labels"], reduction=reduction)
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-5)

@@ -79,7 +79,7 @@ def test_reader_names_file_and_line(tmp_path, lines, line, phrase):
 def test_reader_rejects_an_empty_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n  \n")
-    with pytest.raises(ValueError, match=r"empty\.jsonl has no samples"):
+    with pytest.raises(ValueError, match=r"empty\.jsonl: has no samples"):
         read_jsonl_samples(path)
 
 
@@ -229,3 +229,90 @@ def test_cli_missing_tokenizer_dir(tmp_path, capsys):
     assert main(["check", data, "--tokenizer", str(tmp_path / "no-such-tokenizer")]) == 2
     err = capsys.readouterr().err
     assert "no-such-tokenizer" in err and "does not exist" in err
+
+
+# ---------------------------------------------------------------------- hardening
+
+
+def test_check_refuses_exactly_what_train_refuses(tmp_path, tok_dir, chatml_tokenizer, capsys):
+    # Reproduction: ids outside the vocabulary passed `lmloss check` with 0 errors and
+    # crashed `lmloss train` with an IndexError; 1.9 was refused by check, truncated by train.
+    from lmloss.train.config import TrainConfig
+    from lmloss.train.data import DataReport, encode_records, load_records
+
+    vocab = len(chatml_tokenizer)
+    ok = _ids(chatml_tokenizer, ANSWER)
+    rows = [
+        {"input_ids": ok, "labels": ok},
+        {"input_ids": ok + [vocab], "labels": ok + [-100]},
+        {"input_ids": ok, "labels": ok[:-1] + [vocab + 5]},
+        {"input_ids": ok[:-1] + [1.9], "labels": ok},
+        {"input_ids": ok[:-1] + [True], "labels": ok},
+        {"input_ids": ok[:-1] + [2**64], "labels": ok},
+        {"input_ids": ok, "labels": ok[:-1] + [-1]},
+        GOOD_CHAT,
+    ]
+    data = _write(tmp_path / "pre.jsonl", rows)
+    assert main(["check", data, "--tokenizer", tok_dir, "--json"]) == 1
+    flagged = {e["where"] for e in json.loads(capsys.readouterr().out)["errors"]}
+    config = TrainConfig(data=[data], eval_fraction=0.0, skip_bad_samples=True)
+    (source,), _ = load_records(config)
+    report = DataReport()
+    encode_records(source.records, chatml_tokenizer, config, report, "train")
+    refused = {line.split(": ")[0] for line in report.skipped}
+    assert flagged == refused == {f"{data}:{n}" for n in range(2, 8)}
+
+
+def test_cli_counts_exactly_the_lines_with_invalid_utf8(tmp_path, tok_dir, capsys):
+    # Reproduction: one 0xff byte made the whole file one unreadable line.
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD_CHAT).encode()
+    path.write_bytes(b"\n".join([good, good.replace(b"Paris", b"Par\xffis"), good, b"\xfe\xff{}", good]) + b"\n")
+    assert main(["check", str(path), "--tokenizer", tok_dir, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_samples"] == 5 and report["num_encoded"] == 3 and report["counts"]["read"] == 2
+    assert [(e["where"], e["message"][:20]) for e in report["errors"]] == [
+        (f"{path}:2", "not valid UTF-8 (byt"), (f"{path}:4", "not valid UTF-8 (byt")]
+
+
+def test_cli_deep_json_is_one_unreadable_line(tmp_path, tok_dir, capsys):
+    data = _write(tmp_path / "d.jsonl", [GOOD_CHAT, "[" * 100_000 + "]" * 100_000, GOOD_CHAT])
+    assert main(["check", data, "--tokenizer", tok_dir]) == 1
+    out = capsys.readouterr().out
+    assert f"{data}:2: JSON nested deeper than 100 levels" in out and "3 samples, 2 encoded" in out
+
+
+def test_cli_negative_ignore_token_id_names_the_option(tmp_path, tok_dir, capsys):
+    # Reproduction: `--ignore-token-ids -5` gave a ValueError traceback from audit().
+    data = _write(tmp_path / "d.jsonl", [GOOD_CHAT])
+    with pytest.raises(SystemExit) as info:
+        main(["check", data, "--tokenizer", tok_dir, "--ignore-token-ids", "-5"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ignore-token-ids" in err and "token ids are >= 0, got -5" in err and "Traceback" not in err
+
+
+def _num(labels) -> int:
+    return sum(label != -100 for label in labels)
+
+
+def test_long_samples_are_audited_in_a_bounded_window(chatml_tokenizer, chat_layout):
+    # A long answer past --max-length: the cut is reported (with lower bounds past the
+    # audit window) and the kept tokens are those of the whole encoding.
+    from lmloss.check import audit_window
+    from lmloss.labels import encode_chat
+
+    long_answer = {"messages": [GOOD_CHAT["messages"][0], {"role": "assistant", "content": ANSWER * 2000}]}
+    max_length = chat_layout["prompt"] + 3
+    report = audit([long_answer, GOOD_CHAT], chatml_tokenizer, max_length=max_length)
+    whole = encode_chat(long_answer["messages"], chatml_tokenizer)
+    assert len(whole["input_ids"]) > audit_window(max_length)
+    [cut, short_cut] = [i for i in report.issues if i.kind == "cut"]
+    assert cut.where == "sample 0" and "answer cut by truncation: at least" in cut.message
+    assert short_cut.where == "sample 1" and "at least" not in short_cut.message
+    assert report.lengths == [max_length, max_length]
+    assert report.fractions[0] == _num(whole["labels"][1:max_length]) / max_length
+    # Short enough for the window: exact counts, as before.
+    report = audit([GOOD_CHAT], chatml_tokenizer, max_length=chat_layout["total"] - 2)  # cuts <|im_end|>, "\n"
+    [cut] = [i for i in report.issues if i.kind == "cut"]
+    assert f"1 of {chat_layout['answer']} targets beyond" in cut.message and "at least" not in cut.message

@@ -872,3 +872,158 @@ def test_end_of_turn_marker_written_only_before_the_next_turn_is_trained(templat
     assert trained_runs(encode_chat(messages, tokenizer, mode="all"), tokenizer) == [
         " hi", " Sure<|endoftext|>", "x", " ok",
     ]  # fmt: skip
+
+
+# ------------------------------------------------- truncation before tokenization
+
+# Long texts: a few words repeated into thousands of characters, so that the window
+# (max_length + SLACK_TOKENS) * longest-token characters really cuts them.
+_WORD = st.text(alphabet="abcdeSure Paris\n\n  ,.:?!#<>01é日", min_size=1, max_size=9)
+_LONG_TEXT = st.builds(lambda words, size: ("".join(words) * size)[:size], st.lists(_WORD, min_size=1, max_size=8),
+                       st.one_of(st.integers(0, 50), st.integers(2_000, 8_000)))
+
+
+def _truncated(example, max_length, side):
+    keep = slice(None, max_length) if side == "right" else slice(-max_length, None)
+    return {"input_ids": example["input_ids"][keep], "labels": example["labels"][keep]}
+
+
+class _CountingCalls:
+    """Records the longest text the wrapped tokenizer was asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.longest = 0
+        spy = self
+        base = type(tokenizer)
+
+        def call(self, text, *args, **kwargs):
+            spy.longest = max(spy.longest, len(text))
+            return base.__call__(self, text, *args, **kwargs)
+
+        tokenizer.__class__ = type("Counting" + base.__name__, (base,), {"__call__": call})
+        self.tokenizer = tokenizer
+
+
+@pytest.mark.parametrize("tokenizer_name", ["chatml_tokenizer", "llama3_tokenizer", "plain_tokenizer"])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    contents=st.lists(_LONG_TEXT, min_size=2, max_size=4),
+    max_length=st.integers(1, 60),
+    side=st.sampled_from(["right", "left"]),
+    mode=st.sampled_from(CHAT_MODES),
+)
+def test_cut_before_tokenizing_gives_the_labels_of_the_whole(request, tokenizer_name, contents, max_length, side, mode):
+    # Reproduction of the defect this guards: the whole text was tokenized before
+    # truncation (9.6 GiB for a 50 MB line). The cut must not change any label.
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    roles = ["user", "assistant"] * len(contents)
+    messages = [{"role": role, "content": text} for role, text in zip(roles, contents)]
+    whole = encode_chat(messages, tokenizer, mode=mode)
+    cut = encode_chat(messages, tokenizer, mode=mode, max_length=max_length, truncation_side=side)
+    assert cut == _truncated(whole, max_length, side)
+    no_offsets = encode_chat(messages, NoOffsets(tokenizer), mode=mode, max_length=max_length, truncation_side=side)
+    assert no_offsets == cut
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=_LONG_TEXT, completion=_LONG_TEXT, max_length=st.integers(1, 60), side=st.sampled_from(["right", "left"]),
+       train_on_prompt=st.booleans())
+def test_cut_prompt_completion_gives_the_labels_of_the_whole(llama3_tokenizer, prompt, completion, max_length, side,
+                                                             train_on_prompt):
+    options = {"train_on_prompt": train_on_prompt}
+    whole = encode_prompt_completion(prompt, completion, llama3_tokenizer, **options)
+    cut = encode_prompt_completion(prompt, completion, llama3_tokenizer, max_length=max_length,
+                                   truncation_side=side, **options)
+    assert cut == _truncated(whole, max_length, side)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_only_a_window_of_a_long_text_is_tokenized(side):
+    from lmloss._text_window import SLACK_TOKENS, max_token_chars
+
+    spy = _CountingCalls(build_chatml_tokenizer())
+    longest_token = max_token_chars(spy.tokenizer)
+    assert longest_token == max(len(t) for t in spy.tokenizer.get_vocab())
+    reply = "The capital of France is Paris. " * 20_000
+    messages = [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": reply}]
+    example = encode_chat(messages, spy.tokenizer, max_length=32, truncation_side=side)
+    assert spy.longest <= (32 + SLACK_TOKENS) * longest_token < len(reply) // 100
+    spy.longest = 0
+    pair = encode_prompt_completion("Where?", reply, spy.tokenizer, max_length=32, truncation_side=side)
+    assert spy.longest <= (32 + SLACK_TOKENS) * longest_token
+    whole_chat, whole_pair = encode_chat(messages, spy.tokenizer), encode_prompt_completion("Where?", reply, spy.tokenizer)
+    assert example == _truncated(whole_chat, 32, side) and pair == _truncated(whole_pair, 32, side)
+
+
+# ------------------------------------------- fuzz: an independent character oracle
+
+_FUZZ_TEXT = st.text(alphabet="abcSure Paris\n \t,.:?!#<>|_01é", max_size=30)
+_FUZZ_TURN = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                                    "content": _FUZZ_TEXT})
+
+
+def _chatml_by_hand(messages) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """The ChatML rendering written out here (not by the template), with the character
+    spans of each assistant reply (content + <|im_end|>) and of each other turn's content."""
+    text = "" if messages[0]["role"] == "system" else "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    replies, contents = [], []
+    for m in messages:
+        text += f"<|im_start|>{m['role']}\n"
+        start = len(text)
+        text += m["content"] + "<|im_end|>"
+        (replies if m["role"] == "assistant" else contents).append(
+            (start, len(text)) if m["role"] == "assistant" else (start, start + len(m["content"])))
+        text += "\n"
+    return text, replies, contents
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(_FUZZ_TURN, min_size=1, max_size=5), last=_FUZZ_TEXT,
+       mode=st.sampled_from(["assistant", "last_assistant", "everything"]),
+       max_length=st.one_of(st.none(), st.integers(1, 80)), side=st.sampled_from(["right", "left"]))
+def test_fuzz_chat_labels_against_character_spans(chatml_tokenizer, messages, last, mode, max_length, side):
+    messages = [*messages, {"role": "assistant", "content": last}]
+    text, replies, _ = _chatml_by_hand(messages)
+    spans = {"assistant": replies, "last_assistant": replies[-1:], "everything": [(0, len(text))]}[mode]
+    encoding = chatml_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoding["input_ids"])
+    # A token is trained when its characters overlap a trained span (a BPE token that
+    # merges scaffolding with a reply's first characters carries content).
+    trained = [any(s < b and e > a for a, b in spans) for s, e in encoding["offset_mapping"]]
+    labels = [t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)]
+    if max_length is not None and len(ids) > max_length:
+        keep = slice(None, max_length) if side == "right" else slice(-max_length, None)
+        ids, labels = ids[keep], labels[keep]
+    example = encode_chat(messages, chatml_tokenizer, mode=mode, max_length=max_length, truncation_side=side)
+    assert example == {"input_ids": ids, "labels": labels}
+    # Unshifted labels: a label is ignored or the input id at its own position.
+    assert all(label in (IGNORE, token) for token, label in zip(example["input_ids"], example["labels"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=_FUZZ_TEXT, completion=_FUZZ_TEXT, train_on_prompt=st.booleans(),
+       max_length=st.one_of(st.none(), st.integers(1, 40)), side=st.sampled_from(["right", "left"]))
+def test_fuzz_prompt_completion_against_separate_tokenization(llama3_tokenizer, prompt, completion, train_on_prompt,
+                                                             max_length, side):
+    tok = llama3_tokenizer
+    prompt_ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+    completion_ids = tok.encode(completion, add_special_tokens=False)
+    if not completion_ids or completion_ids[-1] != tok.eos_token_id:
+        completion_ids.append(tok.eos_token_id)
+    ids = prompt_ids + completion_ids
+    labels = (prompt_ids if train_on_prompt else [IGNORE] * len(prompt_ids)) + completion_ids
+    if max_length is not None and len(ids) > max_length:
+        keep = slice(None, max_length) if side == "right" else slice(-max_length, None)
+        ids, labels = ids[keep], labels[keep]
+    example = encode_prompt_completion(prompt, completion, tok, train_on_prompt=train_on_prompt,
+                                       max_length=max_length, truncation_side=side)
+    assert example == {"input_ids": ids, "labels": labels}
+
+
+def test_whitespace_content_that_the_template_trims_away_trains_nothing(llama3_tokenizer):
+    # Found by test_random_conversations: Llama 3 trims a system content of "\n" to
+    # nothing, and "all" mode then saw two candidate "\n" in the scaffolding and raised.
+    messages = [{"role": "system", "content": "\n"}, {"role": "assistant", "content": "Rome."}]
+    example = encode_chat(messages, llama3_tokenizer, mode="all")
+    assert example == encode_chat(messages, llama3_tokenizer, mode="assistant")
+    assert trained_runs(example, llama3_tokenizer) == ["Rome.<|eot_id|>"]

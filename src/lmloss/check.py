@@ -32,14 +32,18 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from lmloss._validation import check_choice
-from lmloss.labels import CHAT_MODES, _check_token_id_set, encode_chat, encode_prompt_completion
+from lmloss.jsonl import DataError, Record, empty_file_error, read_jsonl_records, read_jsonl_samples, scan_samples
+from lmloss.labels import CHAT_MODES, check_token_id_set, encode_chat, encode_prompt_completion
+from lmloss.samples import pretokenized_example
+from lmloss.tokenizer import load_tokenizer
 
+# Record, load_tokenizer and the readers live in lmloss.jsonl / lmloss.tokenizer; they
+# are re-exported here for code written against this module.
 __all__ = [
     "AuditReport",
     "Issue",
@@ -56,113 +60,6 @@ _TRUNCATION_SIDES = ("right", "left")
 # Llama 3, Gemma, Phi-3): the model must emit them to stop, so they must be targets.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
 _BAR_WIDTH = 30
-
-
-# ------------------------------------------------------------------------ reading
-
-
-@dataclass(frozen=True)
-class Record:
-    """One sample read from a JSONL file, with where it came from.
-
-    Attributes:
-        source: the file, as given.
-        line: its 1-based line number.
-        data: the decoded JSON object.
-    """
-
-    source: str
-    line: int
-    data: dict[str, Any]
-
-    @property
-    def where(self) -> str:
-        """``file:line``, for messages."""
-        return f"{self.source}:{self.line}"
-
-
-def read_jsonl_records(path: str | Path) -> list[Record]:
-    """Read a JSONL file of samples, keeping each one's line number.
-
-    Blank lines are skipped. A line must be a JSON object with ``messages``, or
-    ``prompt`` and ``completion``, or ``input_ids`` and ``labels``.
-
-    Raises:
-        ValueError: naming the file and line, for a line that is not JSON, not an
-            object, or in none of the formats; and for a file without samples.
-        FileNotFoundError: the file does not exist.
-    """
-    records: list[Record] = []
-    for line, value in _scan_jsonl(path):
-        if isinstance(value, Exception):
-            raise value
-        records.append(Record(str(path), line, value))
-    if not records:
-        raise ValueError(_empty_file_message(path))
-    return records
-
-
-def read_jsonl_samples(path: str | Path) -> list[dict[str, Any]]:
-    """The samples of a JSONL file as plain dicts (see :func:`read_jsonl_records`)."""
-    return [record.data for record in read_jsonl_records(path)]
-
-
-def _empty_file_message(path: str | Path) -> str:
-    return f"{path} has no samples: the file is empty (or only blank lines); expected one JSON object per line"
-
-
-def _scan_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | ValueError]]:
-    """Each non-blank line's number and its sample, or the ValueError that describes it.
-
-    Yielding errors instead of raising lets the CLI report every bad line at once,
-    while :func:`read_jsonl_records` stops at the first.
-    """
-    with open(path, encoding="utf-8") as file:
-        for number, text in enumerate(file, start=1):
-            if not text.strip():
-                continue
-            yield number, _parse_line(path, number, text)
-
-
-def _parse_line(path: str | Path, number: int, text: str) -> dict[str, Any] | ValueError:
-    where = f"{path}:{number}"
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        return ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno}): {_preview(text)}")
-    if not isinstance(value, dict):
-        return ValueError(f"{where}: expected a JSON object per line, got {type(value).__name__}: {_preview(text)}")
-    if not ("messages" in value or {"prompt", "completion"} <= value.keys() or {"input_ids", "labels"} <= value.keys()):
-        return ValueError(
-            f"{where}: a sample needs 'messages', or 'prompt' and 'completion', or 'input_ids' and 'labels'; "
-            f"it has keys {sorted(value)}"
-        )
-    return value
-
-
-def _preview(text: str, width: int = 60) -> str:
-    text = text.strip()
-    return repr(text if len(text) <= width else text[: width - 3] + "...")
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """A transformers tokenizer from a local directory; never downloads.
-
-    Raises:
-        ValueError: the directory does not exist or holds no loadable tokenizer.
-    """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ValueError(
-            f"tokenizer directory {str(path)!r} does not exist; pass a local directory saved with "
-            f"tokenizer.save_pretrained(...) (nothing is downloaded)"
-        )
-    from transformers import AutoTokenizer  # imported here: transformers is slow to import
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"could not load a tokenizer from {str(path)!r}: {err}") from err
 
 
 # ------------------------------------------------------------------------- report
@@ -281,6 +178,7 @@ def audit(
     ignore_index: int = -100,
     truncation_side: str = "right",
     eos_token_ids: Iterable[int] | None = None,
+    vocab_size: int | None = None,
 ) -> AuditReport:
     """Encode each sample as training would and check its labels.
 
@@ -297,20 +195,26 @@ def audit(
         truncation_side: ``"right"`` or ``"left"``.
         eos_token_ids: ids that must be trained right after a trained span;
             default: the tokenizer's eos and the end-of-turn tokens it knows.
+        vocab_size: pre-tokenized ids must lie in ``[0, vocab_size)``; default
+            ``len(tokenizer)``, as ``lmloss train`` checks them.
 
     Returns:
         An :class:`AuditReport`. Samples that cannot be encoded are reported as
-        ``encode`` errors, not raised.
+        ``encode`` errors, not raised. With ``max_length``, a long sample is encoded
+        only up to :func:`audit_window` tokens (memory stays bounded); counts beyond
+        it are reported as lower bounds ("at least").
     """
     check_choice("mode", mode, CHAT_MODES)
     check_choice("truncation_side", truncation_side, _TRUNCATION_SIDES)
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
-    placeholders = _check_token_id_set("ignore_token_ids", ignore_token_ids)
-    eos_ids = _eos_ids(tokenizer) if eos_token_ids is None else _check_token_id_set("eos_token_ids", eos_token_ids)
+    placeholders = check_token_id_set("ignore_token_ids", ignore_token_ids)
+    eos_ids = _eos_ids(tokenizer) if eos_token_ids is None else check_token_id_set("eos_token_ids", eos_token_ids)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     report = AuditReport(max_length=max_length, mode=mode, pad_is_eos=pad_id is not None and pad_id in eos_ids)
-    checker = _SampleChecker(tokenizer, mode, placeholders, eos_ids, ignore_index, report.pad_is_eos)
+    vocab = len(tokenizer) if vocab_size is None else vocab_size
+    checker = _SampleChecker(tokenizer, mode, placeholders, eos_ids, ignore_index, report.pad_is_eos, vocab,
+                             audit_window(max_length), truncation_side)  # fmt: skip
     for index, sample in enumerate(samples):
         where, data = (sample.where, sample.data) if isinstance(sample, Record) else (f"sample {index}", sample)
         _audit_one(report, checker, where, data, truncation_side)
@@ -321,14 +225,34 @@ def _audit_one(report: AuditReport, checker: _SampleChecker, where: str, data: A
     """Add one sample's length, supervised fraction and issues to ``report``."""
     report.num_samples += 1
     try:
-        ids, labels = checker.encode(data)
+        ids, labels, complete = checker.encode(data)
     except (TypeError, ValueError) as err:
         report.issues.append(Issue("error", "encode", where, f"skipped, cannot encode: {err}"))
         return
     kept_ids, kept_labels = _truncate(ids, labels, report.max_length, truncation_side)
     report.lengths.append(len(kept_ids))
     report.fractions.append(_num_targets(kept_labels, checker.ignore_index) / max(len(kept_ids), 1))
-    report.issues += checker.check(where, ids, labels, kept_ids, kept_labels, report.max_length)
+    report.issues += checker.check(where, _Encoded(ids, labels, complete), kept_ids, kept_labels, report.max_length)
+
+
+def audit_window(max_length: int | None) -> int | None:
+    """How many tokens :func:`audit` encodes of a sample, for a truncation length.
+
+    Enough past ``max_length`` to count what truncation cuts off (exactly, for
+    samples up to this length), bounded so that a huge sample costs memory in
+    proportion to ``max_length``, not to its size. ``None``: whole samples.
+    """
+    return None if max_length is None else max_length + max(max_length, 1024)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A sample's ids and labels before truncation: all of them, or (``complete=False``)
+    the first or last :func:`audit_window` tokens of a longer sample."""
+
+    ids: list[int]
+    labels: list[int]
+    complete: bool
 
 
 def _eos_ids(tokenizer: Any) -> frozenset[int]:
@@ -366,48 +290,60 @@ class _SampleChecker:
     eos_ids: frozenset[int]
     ignore_index: int
     pad_is_eos: bool
+    vocab_size: int
+    window: int | None
+    truncation_side: str
 
-    def encode(self, data: Mapping[str, Any]) -> tuple[list[int], list[int]]:
-        """Untruncated ``(input_ids, labels)``: truncation is applied afterwards so cuts can be seen."""
+    def encode(self, data: Mapping[str, Any]) -> tuple[list[int], list[int], bool]:
+        """``(input_ids, labels, complete)`` before truncation (applied afterwards, so cuts can
+        be seen); ``complete=False``: only the first (last) ``window`` tokens of a longer sample."""
         if not isinstance(data, Mapping):
             raise TypeError(f"a sample must be a dict, got {type(data).__name__}")
+        window = {"max_length": self.window, "truncation_side": self.truncation_side}
         if "messages" in data:
             ex = encode_chat(
                 data["messages"], self.tokenizer, mode=self.mode,  # type: ignore[arg-type]
                 ignore_index=self.ignore_index, ignore_token_ids=self.placeholders, tools=data.get("tools"),
+                **window,  # type: ignore[arg-type]
             )  # fmt: skip
         elif "prompt" in data and "completion" in data:
             ex = encode_prompt_completion(
                 data["prompt"], data["completion"], self.tokenizer, train_on_prompt=self.mode in ("all", "everything"),
-                ignore_index=self.ignore_index, ignore_token_ids=self.placeholders,
+                ignore_index=self.ignore_index, ignore_token_ids=self.placeholders, **window,  # type: ignore[arg-type]
             )  # fmt: skip
         elif "input_ids" in data and "labels" in data:
-            return _pretokenized(data["input_ids"], data["labels"])
+            ex = pretokenized_example(
+                data["input_ids"], data["labels"], vocab_size=self.vocab_size, ignore_index=self.ignore_index
+            )
+            return ex["input_ids"], ex["labels"], True
         else:
             raise ValueError(
                 f"a sample needs 'messages', 'prompt'+'completion' or 'input_ids'+'labels'; it has keys {sorted(data)}"
             )
-        return ex["input_ids"], ex["labels"]
+        return ex["input_ids"], ex["labels"], self.window is None or len(ex["input_ids"]) < self.window
 
     def check(
-        self, where: str, ids: list[int], labels: list[int], kept_ids: list[int], kept_labels: list[int],
-        max_length: int | None,
+        self, where: str, encoded: _Encoded, kept_ids: list[int], kept_labels: list[int], max_length: int | None,
     ) -> list[Issue]:  # fmt: skip
-        """The issues of one encoded sample (``ids``/``labels`` before truncation, ``kept_*`` after)."""
+        """The issues of one encoded sample (``encoded`` before truncation, ``kept_*`` after)."""
         issues: list[Issue] = []
-        before, after = _num_targets(labels, self.ignore_index), _num_targets(kept_labels, self.ignore_index)
+        before, after = _num_targets(encoded.labels, self.ignore_index), _num_targets(kept_labels, self.ignore_index)
+        # Past the audit window, counts before truncation are lower bounds.
+        least = "" if encoded.complete else "at least "
         if after == 0:
             why = (
-                f"after truncation to max_length={max_length} (it had {before} before); raise --max-length or drop it"
+                f"after truncation to max_length={max_length} (it had {least}{before} before); raise --max-length "
+                f"or drop it"
                 if before
-                else "(nothing in labels[1:] is trained); it adds nothing to the loss"
+                else f"(nothing in labels[1:]{'' if encoded.complete else f' of its first {self.window} tokens'} "
+                f"is trained); it adds nothing to the loss"
             )
             issues.append(Issue("error", "no_target", where, f"no target {why}"))
         elif after < before:
             issues.append(Issue(
                 "warning", "cut", where,
-                f"answer cut by truncation: {before - after} of {before} targets beyond max_length={max_length} "
-                f"(length {len(ids)})",
+                f"answer cut by truncation: {least}{before - after} of {least}{before} targets beyond "
+                f"max_length={max_length} (length {least}{len(encoded.ids)})",
             ))  # fmt: skip
         issues += self._eos_issues(where, kept_ids, kept_labels)
         issues += self._placeholder_issues(where, kept_labels)
@@ -454,21 +390,6 @@ class _SampleChecker:
             f"{len(bad)} label(s) differ from their input id (first at position {bad[0]}); labels must be "
             f"unshifted (the loss shifts them): were they shifted already?",
         )]  # fmt: skip
-
-
-def _pretokenized(input_ids: object, labels: object) -> tuple[list[int], list[int]]:
-    ids, labs = _int_list("input_ids", input_ids), _int_list("labels", labels)
-    if len(ids) != len(labs):
-        raise ValueError(f"'input_ids' has {len(ids)} tokens but 'labels' has {len(labs)}; they must match")
-    if not ids:
-        raise ValueError("'input_ids' is empty")
-    return ids, labs
-
-
-def _int_list(name: str, value: object) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"'{name}' must be a list of ints, got {str(value)[:60]}")
-    return value
 
 
 # ------------------------------------------------------------------------- output
@@ -546,9 +467,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _id_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        ids = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    negative = [i for i in ids if i < 0]
+    if negative:
+        raise argparse.ArgumentTypeError(f"token ids are >= 0, got {negative[0]} in {text!r}")
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
@@ -580,16 +505,16 @@ def _read_all(paths: Sequence[str]) -> tuple[list[Record], list[Issue]]:
     for path in paths:
         found = 0
         try:
-            for line, value in _scan_jsonl(path):
+            for _, value in scan_samples(path):
                 found += 1
-                if isinstance(value, Exception):
-                    where = f"{path}:{line}"
-                    issues.append(Issue("error", "read", where, str(value).removeprefix(f"{where}: ")))
+                if isinstance(value, DataError):
+                    issues.append(Issue("error", "read", value.where, value.reason))
                 else:
-                    records.append(Record(path, line, value))
-        except (OSError, UnicodeDecodeError) as err:
+                    records.append(value)
+        except OSError as err:
             issues.append(Issue("error", "read", path, f"cannot read: {err}"))
             continue
         if not found:
-            issues.append(Issue("error", "read", path, _empty_file_message(path).removeprefix(f"{path} ")))
+            empty = empty_file_error(path)
+            issues.append(Issue("error", "read", empty.where, empty.reason))
     return records, issues

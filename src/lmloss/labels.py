@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import torch
 
+from lmloss._text_window import enough_tokens, max_token_chars, text_windows
 from lmloss._validation import check_choice, check_int
 
 if TYPE_CHECKING:
@@ -179,11 +180,11 @@ def _common_options(
         max_length=max_length,  # type: ignore[arg-type]
         truncation_side=truncation_side,  # type: ignore[arg-type]
         ignore_index=ignore_index,  # type: ignore[arg-type]
-        ignore_token_ids=_check_token_id_set("ignore_token_ids", ignore_token_ids),
+        ignore_token_ids=check_token_id_set("ignore_token_ids", ignore_token_ids),
     )
 
 
-def _check_token_id_set(name: str, value: object) -> frozenset[int]:
+def check_token_id_set(name: str, value: object) -> frozenset[int]:
     """A collection of token ids (ints >= 0); a str or a lone int is a mistake, not a set."""
     if isinstance(value, (str, bytes, int)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a list/tuple/set of int token ids, got {value!r}")
@@ -316,8 +317,7 @@ def encode_prompt_completion(
     options = _common_options(max_length, truncation_side, ignore_index, ignore_token_ids)
     _check_bool("add_eos", add_eos)
     _check_bool("train_on_prompt", train_on_prompt)
-    prompt_ids = _as_ids("prompt", prompt, tokenizer, leading_specials=True)
-    completion_ids = _as_ids("completion", completion, tokenizer, leading_specials=False)
+    prompt_ids, completion_ids = _pair_ids(prompt, completion, tokenizer, options)
     if add_eos:
         eos = _resolve_eos(eos_token_id, tokenizer)
         if not completion_ids or completion_ids[-1] != eos:
@@ -326,19 +326,66 @@ def encode_prompt_completion(
     return _finish(prompt_ids + completion_ids, trained, options)
 
 
-def _as_ids(name: str, value: object, tokenizer: Any, *, leading_specials: bool) -> list[int]:
+def _pair_ids(prompt: object, completion: object, tokenizer: Any, options: _Common) -> tuple[list[int], list[int]]:
+    """Prompt ids (with the leading special tokens) and completion ids.
+
+    With ``max_length``, text that truncation drops is not tokenized: the side that is
+    cut first (the completion for right truncation, the prompt for left) is skipped
+    when the other already fills ``max_length``, and a long text is tokenized only
+    in a window (:mod:`lmloss._text_window`), so the tokens kept are those of the
+    whole and memory stays bounded by ``max_length``.
+    """
+    _check_ids_or_text("prompt", prompt, tokenizer)
+    _check_ids_or_text("completion", completion, tokenizer)
+    m = options.max_length
+    if m is None:
+        return _window_ids(tokenizer, prompt, None, "right", True)[0], _window_ids(tokenizer, completion, None, "right")[0]
+    if options.truncation_side == "right":
+        prompt_ids, whole = _window_ids(tokenizer, prompt, m, "right", True)
+        if not whole:
+            return prompt_ids, []
+        return prompt_ids, _window_ids(tokenizer, completion, m - len(prompt_ids), "right")[0]
+    completion_ids, whole = _window_ids(tokenizer, completion, m, "left")
+    if not whole:
+        return [], completion_ids
+    return _window_ids(tokenizer, prompt, m - len(completion_ids), "left", True)[0], completion_ids
+
+
+def _check_ids_or_text(name: str, value: object, tokenizer: Any) -> None:
     if isinstance(value, str):
         if tokenizer is None:
             raise TypeError(f"{name} is text, so a tokenizer is needed: pass tokenizer=..., or pass token ids")
-        ids = list(tokenizer(value, add_special_tokens=False)["input_ids"])
-        return _leading_special_ids(tokenizer) + ids if leading_specials else ids
-    if isinstance(value, Sequence) and not isinstance(value, bytes):
-        ids = list(value)
-        if all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-            return ids
+        return
+    if (isinstance(value, Sequence) and not isinstance(value, bytes)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
+        return
     raise TypeError(
         f"{name} must be a str or a list of int token ids >= 0 (use .tolist() for tensors), got {_preview(value)}"
     )
+
+
+def _window_ids(
+    tokenizer: Any, value: Any, need: int | None, side: str, leading_specials: bool = False
+) -> tuple[list[int], bool]:
+    """The ids of ``value`` (text or ids), and whether they are all of them.
+
+    With ``need``, at least the ``need`` ids at the kept end (the start for
+    ``side="right"``, the end for ``"left"``) are those of the whole text; the rest
+    may be missing. Leading special tokens are included unless a left window cut them.
+    """
+    if not isinstance(value, str):
+        return list(value), True
+    if need is not None and need <= 0:
+        return [], False  # nothing of this text survives truncation
+    specials = _leading_special_ids(tokenizer) if leading_specials else []
+    chars = max_token_chars(tokenizer) if need is not None else None
+    windows = [(value, 0)] if need is None or chars is None else text_windows(value, need, side, chars)
+    for piece, _ in windows:
+        ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        whole = len(piece) == len(value)
+        if whole or enough_tokens(len(ids), need):  # type: ignore[arg-type]
+            break
+    return (specials + ids if whole or side == "right" else ids), whole
 
 
 def _leading_special_ids(tokenizer: Any) -> list[int]:
@@ -435,12 +482,38 @@ def encode_chat(
     messages = _none_content_as_empty(messages)
     _check_messages(messages, mode)
     renderer = _Renderer(tokenizer, messages, tools, chat_template_kwargs)
-    if mode == "everything":
-        ids = _encode_text(tokenizer, renderer.full)[0]
-        return _finish(ids, [True] * len(ids), options)
-    spans = _trained_spans(renderer, mode)
-    ids, trained = _tokens_in_spans(tokenizer, renderer.full, spans)
+    spans = None if mode == "everything" else _trained_spans(renderer, mode)
+    ids, trained = _window_tokens(tokenizer, renderer.full, spans, options)
     return _finish(ids, trained, options)
+
+
+def _window_tokens(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]] | None, options: _Common
+) -> tuple[list[int], list[bool]]:
+    """Token ids of ``text`` and whether each is trained (``spans=None``: every token).
+
+    With ``max_length``, only a window of the text on the kept side is tokenized
+    (:mod:`lmloss._text_window`): the kept tokens and their flags are those of the
+    whole text, and memory stays bounded by ``max_length`` instead of the text.
+    """
+    m = options.max_length
+    chars = max_token_chars(tokenizer) if m is not None else None
+    windows = [(text, 0)] if m is None or chars is None else text_windows(text, m, options.truncation_side, chars)
+    for piece, start in windows:
+        if spans is None:
+            ids = _encode_text(tokenizer, piece)[0]
+            trained = [True] * len(ids)
+        else:
+            ids, trained = _tokens_in_spans(tokenizer, piece, _spans_in_window(spans, start, len(piece)))
+        if len(piece) == len(text) or enough_tokens(len(ids), m):  # type: ignore[arg-type]
+            break
+    return ids, trained
+
+
+def _spans_in_window(spans: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """``spans`` (sorted, disjoint) in the coordinates of ``text[start:start + length]``, clipped to it."""
+    clipped = [(max(a - start, 0), min(b - start, length)) for a, b in spans]
+    return [(a, b) for a, b in clipped if a < b]
 
 
 def _none_content_as_empty(messages: Any) -> Any:
@@ -630,6 +703,9 @@ def _content_span(renderer: _Renderer, i: int) -> tuple[int, int] | None:
     turn = renderer.full[turn_start:turn_end]
     content = renderer.messages[i]["content"]
     if not content:
+        return None
+    if not content.strip() and _turn_with_content(renderer, i, "") == turn:
+        # Whitespace the template trims away (Llama 3's ``| trim``): nothing of it is rendered.
         return None
     at_marker = _content_by_marker(renderer, i, turn)
     if at_marker is not None:
@@ -907,7 +983,7 @@ def mask_token_ids(labels: Any, token_ids: Iterable[int], ignore_index: int = -1
     Returns:
         A new object of the same kind (the input is not modified).
     """
-    ids = _check_token_id_set("token_ids", token_ids)
+    ids = check_token_id_set("token_ids", token_ids)
     check_int("ignore_index", ignore_index)
     if isinstance(labels, torch.Tensor):
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():

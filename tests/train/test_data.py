@@ -31,7 +31,7 @@ def records(tmp_path, lines, **options):
 
 
 def test_empty_file(tmp_path):
-    with pytest.raises(ValueError, match="d.jsonl has no samples: the file is empty"):
+    with pytest.raises(ValueError, match="d.jsonl: has no samples: the file is empty"):
         records(tmp_path, [])
 
 
@@ -112,3 +112,106 @@ def test_held_out_split_is_per_source_and_seeded(tmp_path):
     assert len(held) == 4 and len(source.records) == 36
     assert {r.line for r in held}.isdisjoint(r.line for r in source.records)
     assert [r.line for r in load_records(config)[1]] == [r.line for r in held]
+
+
+# --- hardening: pre-tokenized ids, bad bytes, deep nesting, long samples -----------------
+
+
+@pytest.mark.parametrize("ids, labels, match", [
+    # Reproductions: an id outside the vocabulary was an IndexError traceback in the
+    # embedding; 1.9 was silently truncated to 1, true to 1; 2**63 overflowed int64
+    # ("Overflow when unpacking long long") without file or line.
+    ([1, "V"], [1, 1], r"'input_ids'\[1\] = V is outside the vocabulary \(expected \[0, V\)\)"),
+    ([1, 2], [1, "V"], r"'labels'\[1\] = V is outside the vocabulary \(expected \[0, V\) or -100\)"),
+    ([1, 1.9], [1, 1], r"'input_ids'\[1\] = 1\.9 is not an integer"),
+    ([1, True], [1, 1], r"'input_ids'\[1\] = True is not an integer"),
+    ([1, 2**63], [1, 1], r"'input_ids'\[1\] = 9223372036854775808 is outside the vocabulary"),
+])
+def test_pretokenized_ids_are_checked_at_load_with_file_and_line(tmp_path, tokenizer, ids, labels, match):
+    vocab = len(tokenizer)  # "V": the first id outside the vocabulary
+    ids, labels = ([vocab if i == "V" else i for i in seq] for seq in (ids, labels))
+    match = match.replace("V", str(vocab))
+    recs, config = records(tmp_path, [CHAT, {"input_ids": ids, "labels": labels}])
+    with pytest.raises(ValueError, match=rf"d.jsonl:2: {match}"):
+        encode_records(recs, tokenizer, config, DataReport(), "train")
+    recs, config = records(tmp_path, [CHAT, {"input_ids": ids, "labels": labels}], skip_bad_samples=True)
+    report = DataReport()
+    assert len(encode_records(recs, tokenizer, config, report, "train")) == 1
+    assert [s.split(": ")[0] for s in report.skipped] == [f"{tmp_path / 'd.jsonl'}:2"]
+
+
+def test_invalid_utf8_names_the_line_and_is_skippable(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    bad = json.dumps(CHAT).replace("Hello.", "Hel\udcfflo.", 1).encode("utf-8", "surrogateescape")
+    path.write_bytes(json.dumps(CHAT).encode() + b"\n" + bad + b"\n" + json.dumps(CHAT).encode() + b"\n")
+    assert b"\xff" in path.read_bytes()
+    config = TrainConfig(data=[str(path)], eval_fraction=0.0)
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid UTF-8 .*--skip-bad-samples"):
+        load_records(config)
+    config = TrainConfig(data=[str(path)], eval_fraction=0.0, skip_bad_samples=True)
+    (source,), _ = load_records(config)
+    report = DataReport()
+    assert len(encode_records(source.records, tokenizer, config, report, "train")) == 2
+    assert len(report.skipped) == 1 and report.skipped[0].startswith(f"{path}:2: not valid UTF-8 (byte 0xff")
+
+
+def test_deep_nesting_is_a_line_error_not_a_recursion_error(tmp_path):
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(ValueError, match=r"d.jsonl:2: JSON nested deeper than 100 levels"):
+        records(tmp_path, [CHAT, deep])
+
+
+def test_a_long_sample_is_cut_as_encoding_it_whole_would(tmp_path, tokenizer):
+    from lmloss.labels import encode_chat
+
+    long_chat = {"messages": [{"role": "user", "content": "What is 2 plus 2? " * 2000},
+                              {"role": "assistant", "content": "It is 4. " * 3000}]}
+    recs, config = records(tmp_path, [long_chat, CHAT], max_length=40)
+    report = DataReport()
+    examples = encode_records(recs, tokenizer, config, report, "train")
+    whole = encode_chat(long_chat["messages"], tokenizer)
+    assert len(whole["input_ids"]) > 10_000
+    # The long sample has no target in its first 40 tokens (all prompt): dropped, as before.
+    assert report.no_target == [f"{tmp_path / 'd.jsonl'}:1 (after truncation)"] and len(examples) == 1
+    flipped = {"messages": long_chat["messages"][::-1]}
+    flipped["messages"][0]["role"], flipped["messages"][1]["role"] = "assistant", "user"
+    recs, config = records(tmp_path, [flipped], max_length=40)
+    report = DataReport()
+    (example,) = encode_records(recs, tokenizer, config, report, "train")
+    whole = encode_chat(flipped["messages"], tokenizer)
+    assert example == {"input_ids": whole["input_ids"][:40], "labels": whole["labels"][:40]}
+    assert report.truncated == [f"{tmp_path / 'd.jsonl'}:1"]
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys
+from lmloss.train.builtin import build_tokenizer
+from lmloss.train.config import TrainConfig
+from lmloss.train.data import DataReport, encode_records, load_records
+tokenizer = build_tokenizer(["What is 2 plus 2? It is 4. The sea is wide."] * 4, vocab_size=300)
+config = TrainConfig(data=[sys.argv[1]], eval_fraction=0.0, max_length=256)
+(source,), _ = load_records(config)
+examples = encode_records(source.records, tokenizer, config, DataReport(), "train")
+print(json.dumps({"length": len(examples[0]["input_ids"]),
+                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_memory_of_a_50_mb_line_is_bounded_by_max_length(tmp_path):
+    # Reproduction: a 50 MB line peaked at 9.6 GiB with --max-length 256, because the
+    # whole text was tokenized (ids and offsets of ~10M tokens) before truncation.
+    # Encoded in a window, the peak is the interpreter, torch and a few copies of the text.
+    import os
+    import subprocess
+    import sys
+
+    answer = "The sea is wide, the sea is deep. " * 1_500_000
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    assert path.stat().st_size > 50_000_000
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["length"] == 256
+    assert result["peak_kib"] < 1024 * 1024, f"peak RSS {result['peak_kib'] / 1024:.0f} MiB"

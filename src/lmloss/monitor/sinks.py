@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lmloss._files import atomic_write
+from lmloss.jsonl import NestingError, loads_bounded
 from lmloss.monitor.events import Event
 
 __all__ = [
@@ -188,7 +189,10 @@ def _parse_line(number: int, raw: bytes, cut: bool, log: RunLog) -> None:
     text = raw.decode("utf-8", errors="replace")
     preview = text[:80]
     try:
-        record = json.loads(text)
+        record = loads_bounded(text)
+    except NestingError as error:
+        log.skipped.append(SkippedLine(number, str(error), preview))
+        return
     except json.JSONDecodeError as error:
         reason = (
             f"truncated last line ({len(raw)} bytes, no newline: the writer stopped mid-record)"

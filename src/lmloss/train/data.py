@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmloss.check import Record, read_jsonl_records
+from lmloss.jsonl import DataError, Record, empty_file_error, read_jsonl_records, scan_samples
 from lmloss.labels import Example, encode_chat, encode_prompt_completion
+from lmloss.samples import pretokenized_example
 from lmloss.train.config import TrainConfig
 
 __all__ = ["DataReport", "Prompt", "TrainData", "encode_records", "epoch_micro_batches", "load_records"]
@@ -85,18 +86,54 @@ class TrainData:
 
 
 def load_records(config: TrainConfig) -> tuple[list[Source], list[Record]]:
-    """The training sources and the held-out records (from --eval-data or split off)."""
+    """The training sources and the held-out records (from --eval-data or split off).
+
+    Raises:
+        DataError: a bad line (not UTF-8, not JSON, nested too deep, no sample format)
+            with its ``file:line``, unless --skip-bad-samples keeps it for
+            :func:`encode_records` to report; a file without samples.
+        ValueError: a data file that does not exist.
+    """
     for path in [s.path for s in config.sources] + list(config.eval_data):
         if not Path(path).is_file():
             raise ValueError(f"data file {path!r} does not exist (--data/--eval-data take JSONL files)")
+    def read(path: str) -> list[Record]:
+        if config.skip_bad_samples:
+            return _read_skipping(path)
+        try:
+            return read_jsonl_records(path)
+        except DataError as err:
+            if err.line is None:
+                raise
+            raise DataError(err.path, err.line, f"{err.reason} (fix the line, or pass --skip-bad-samples to skip "
+                                                f"and report such lines)") from err
+
     if config.data:
-        sources = [Source(s.path, s.weight, read_jsonl_records(s.path)) for s in config.sources]
+        sources = [Source(s.path, s.weight, read(s.path)) for s in config.sources]
     else:
         sources = [Source("builtin", 1.0, _builtin_records())]
     if config.eval_data:
-        held_out = [r for path in config.eval_data for r in read_jsonl_records(path)]
+        held_out = [r for path in config.eval_data for r in read(path)]
         return sources, held_out
     return _split(sources, config.held_out_fraction, config.seed)
+
+
+@dataclass(frozen=True)
+class UnreadableRecord(Record):
+    """A line that is not a sample (bad UTF-8, not JSON, too deep, no known format),
+    kept with --skip-bad-samples so that encoding reports it with the other skipped samples."""
+
+    reason: str = ""
+
+
+def _read_skipping(path: str) -> list[Record]:
+    """Every line of a file as a record, bad lines as :class:`UnreadableRecord`."""
+    records: list[Record] = []
+    for number, value in scan_samples(path):
+        records.append(value if isinstance(value, Record) else UnreadableRecord(path, number, {}, value.reason))
+    if not records:
+        raise empty_file_error(path)
+    return records
 
 
 def _builtin_records() -> list[Record]:
@@ -138,17 +175,26 @@ def texts_of(records: Sequence[Record]) -> list[str]:
 def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfig, report: DataReport,
                    split: str) -> list[Example]:
     """Label every record; bad ones raise (naming ``file:line``) or, with --skip-bad-samples,
-    are reported and left out. Samples with no target are always left out and reported."""
+    are reported and left out. Samples with no target are always left out and reported.
+
+    Pre-tokenized samples are checked as ``lmloss check`` checks them
+    (:func:`lmloss.samples.pretokenized_example`, ids in ``[0, len(tokenizer))``).
+
+    Raises:
+        DataError: the first sample that cannot be encoded (``file:line`` and why),
+            without --skip-bad-samples."""
     examples: list[Example] = []
     for record in records:
+        if isinstance(record, UnreadableRecord):
+            report.skipped.append(f"{record.where}: {record.reason}")
+            continue
         try:
             full = _encode(record.data, tokenizer, config)
         except (TypeError, ValueError) as err:
-            message = f"{record.where}: {err}"
             if not config.skip_bad_samples:
-                raise ValueError(f"{message}\n(fix the sample, or pass --skip-bad-samples to skip and report such "
-                                 f"samples)") from err
-            report.skipped.append(message)
+                raise DataError(record.source, record.line, f"{err} (fix the sample, or pass --skip-bad-samples to "
+                                                            f"skip and report such samples)") from err
+            report.skipped.append(f"{record.where}: {err}")
             continue
         example, cut = _truncate(full, config.max_length)
         if not _has_target(example):
@@ -162,16 +208,19 @@ def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfi
 
 
 def _encode(data: dict[str, Any], tokenizer: Any, config: TrainConfig) -> Example:
+    """The sample's labelled tokens, at most ``max_length + 1`` of them: one more than is
+    kept tells :func:`_truncate` that the sample was cut, and encoding with a bound keeps
+    the memory of a huge sample in proportion to ``--max-length`` (see lmloss.labels)."""
     mode = "everything" if config.train_on_prompt else config.masking
+    bound = config.max_length + 1
     if "messages" in data:
-        return encode_chat(data["messages"], tokenizer, mode=mode, tools=data.get("tools"))  # type: ignore[arg-type]
+        return encode_chat(data["messages"], tokenizer, mode=mode, tools=data.get("tools"),  # type: ignore[arg-type]
+                           max_length=bound)
     if "prompt" in data:
         return encode_prompt_completion(data["prompt"], data["completion"], tokenizer,
-                                        train_on_prompt=mode == "everything")
-    ids, labels = data["input_ids"], data["labels"]
-    if not (isinstance(ids, list) and isinstance(labels, list) and len(ids) == len(labels)):
-        raise ValueError("'input_ids' and 'labels' must be lists of the same length")
-    return Example(input_ids=[int(i) for i in ids], labels=[int(i) for i in labels])
+                                        train_on_prompt=mode == "everything", max_length=bound)
+    return pretokenized_example(data["input_ids"], data["labels"], vocab_size=len(tokenizer),
+                                ignore_index=IGNORE_INDEX)
 
 
 def _truncate(example: Example, max_length: int) -> tuple[Example, bool]:
