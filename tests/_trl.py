@@ -40,6 +40,7 @@ def trl_grpo_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     accumulation_steps: int = 1,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """TRL's ``_compute_loss`` with ``logprobs`` ([B, T], differentiable) as the policy's log-probs."""
     from trl import GRPOTrainer
@@ -62,7 +63,7 @@ def trl_grpo_loss(
     trainer.model = SimpleNamespace(training=True)
     trainer.args = SimpleNamespace(
         delta=delta,
-        use_bias_correction_kl=False,
+        use_bias_correction_kl=use_bias_correction_kl,
         sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg,
         steps_per_generation=accumulation_steps,

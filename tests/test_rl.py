@@ -44,10 +44,12 @@ def _trl(batch: dict[str, torch.Tensor], lp: torch.Tensor, **kw: object) -> tupl
 
 @pytest.mark.parametrize("loss_type", TRL_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("extra", [{}, {"delta": 1.15}, {"beta": 0.04}, {"epsilon_high": 0.28}])
+@pytest.mark.parametrize("extra", [{}, {"delta": 1.15}, {"beta": 0.04}, {"epsilon_high": 0.28}, {"beta": 0.1, "kl": True}])
 @pytest.mark.parametrize("token_adv", [False, True])
 def test_equals_trl_compute_loss(loss_type: str, level: str, extra: dict, token_adv: bool) -> None:
     batch = _batch(seed=len(loss_type) + 7 * len(extra), token_adv=token_adv)
+    extra = dict(extra)
+    correction = extra.pop("kl", False)
     kw = dict(loss_type=loss_type, importance_sampling_level=level, **extra)
     if loss_type == "dr_grpo":
         kw["max_completion_length"] = T + 2
@@ -55,8 +57,8 @@ def test_equals_trl_compute_loss(loss_type: str, level: str, extra: dict, token_
         kw["epsilon_high"] = 1.1  # cispo caps the ratio itself
     lp_ours = batch["logprobs"].clone().requires_grad_()
     lp_trl = batch["logprobs"].clone().requires_grad_()
-    ours = _ours(batch, lp_ours, **kw)
-    theirs, metrics = _trl(batch, lp_trl, **kw)
+    ours = _ours(batch, lp_ours, kl_importance_correction=correction, **kw)
+    theirs, metrics = _trl(batch, lp_trl, use_bias_correction_kl=correction, **kw)
     torch.testing.assert_close(ours.loss, theirs, rtol=1e-5, atol=1e-6)
     (g_ours,) = torch.autograd.grad(ours.loss, lp_ours)
     (g_trl,) = torch.autograd.grad(theirs, lp_trl)

@@ -14,7 +14,8 @@ sequence ``i`` and completion token ``t`` (``m`` the mask, ``A`` the advantage):
     cispo:  l_it = -min(r, epsilon_high).detach() * A * logprobs_it        (MiniMax-M1)
     sapo:   l_it = -(4 / tau) * sigmoid(tau * (r - 1)) * A,  tau = sapo_temperature_pos if A > 0
                                                                  else sapo_temperature_neg
-    beta > 0 adds  beta * k3_it,  k3_it = exp(ref_it - logprobs_it) - (ref_it - logprobs_it) - 1.
+    beta > 0 adds  beta * k3_it,  k3_it = exp(ref_it - logprobs_it) - (ref_it - logprobs_it) - 1
+                   (times r with kl_importance_correction, TRL's use_bias_correction_kl).
 
 Normalizers (what ``num_items_in_batch`` counts, and the per-batch definition used
 without it)::
@@ -90,6 +91,7 @@ def policy_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
+    kl_importance_correction: bool = False,
 ) -> PolicyLossResult:
     """The GRPO-family policy loss of one (micro-)batch; formulas in the module docstring.
 
@@ -111,6 +113,8 @@ def policy_loss(
         num_items_in_batch: the step's count of what ``loss_type`` divides by (tokens or
             sequences, see the module docstring), summed over micro-batches and ranks.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (``> 0``).
+        kl_importance_correction: multiply the k3 term by the importance ratio ``r``
+            (TRL's ``use_bias_correction_kl``, on by default in TRL 1.16's config).
 
     Returns:
         :class:`PolicyLossResult` with ``.loss`` and ``.metrics``. Nothing scored: loss 0.
@@ -120,6 +124,8 @@ def policy_loss(
     eps_low, eps_high = _check_clip(loss_type, epsilon, epsilon_high, delta)
     _check_positive("sapo_temperature_pos", sapo_temperature_pos)
     _check_positive("sapo_temperature_neg", sapo_temperature_neg)
+    if not isinstance(kl_importance_correction, bool):
+        raise TypeError(f"kl_importance_correction must be True or False, got {kl_importance_correction!r}")
     logprobs, old, adv, m, ref = _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, beta)
     if loss_type == "dr_grpo":
         _check_max_length(max_completion_length)
@@ -142,6 +148,8 @@ def policy_loss(
     if ref is not None:
         diff = torch.where(m > 0, ref - logprobs, 0.0)
         kl = torch.exp(diff) - diff - 1
+        if kl_importance_correction:
+            kl = kl * ratio
         if beta != 0.0:
             per_token = per_token + beta * kl
     per_token = torch.where(m > 0, per_token.expand_as(m), 0.0)
