@@ -7,8 +7,8 @@ import torch
 
 import lmloss
 from lmloss.rl import LOSS_TYPES, policy_loss
-from tests._dist import run_gloo
-from tests._trl import trl_grpo_loss
+from _dist import run_gloo
+from _trl import trl_grpo_loss
 
 B, T = 5, 7
 TRL_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
