@@ -105,6 +105,8 @@ def train(args: argparse.Namespace) -> dict[str, list[float]]:
     torch.manual_seed(args.seed)
     model = build_policy(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # Linear decay to 10%: late updates on a nearly deterministic policy otherwise undo progress.
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.9 * s / max(args.steps - 1, 1))
     all_pairs = torch.cartesian_prod(torch.arange(10), torch.arange(10))
     history: dict[str, list[float]] = {"step": [], "reward": [], "accuracy_step": [], "accuracy": [], "clip": [],
                                        "entropy": []}
@@ -133,6 +135,7 @@ def train(args: argparse.Namespace) -> dict[str, list[float]]:
                 clip += float(out.metrics["clip_ratio/region"]) / (len(rows) * args.updates)
                 entropy += float((lp.entropy.detach() * mask[r]).sum() / mask.sum()) / args.updates
             opt.step()
+        schedule.step()
         history["step"].append(step)
         history["reward"].append(float(reward.mean()))
         history["clip"].append(clip)
@@ -162,7 +165,7 @@ def plot(history: dict[str, list[float]], path: Path) -> None:
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("reward / accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("GRPO (DAPO loss) with lmloss: learning a + b from an exact-sum reward")
+    ax.set_title("GRPO (DAPO loss) with lmloss: learning a + b from a verifiable reward")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -170,39 +173,41 @@ def plot(history: dict[str, list[float]], path: Path) -> None:
 
 def write_report(history: dict[str, list[float]], args: argparse.Namespace, seconds: float, path: Path) -> None:
     acc = list(zip(history["accuracy_step"], history["accuracy"], strict=True))
+    command = " ".join(["python examples/grpo.py", *args.argv])
+    credit = "near misses get partial credit" if args.reward == "graded" else "no partial credit"
     lines = [
-        "# GRPO on CPU: learning a + b from an exact-sum reward",
+        "# GRPO on CPU: learning a + b from a verifiable reward",
         "",
-        "Produced by `python examples/grpo.py " + " ".join(args.argv) + "` "
-        f"({seconds:.0f} s on this machine's CPU, torch {torch.__version__}).",
+        f"Produced by `{command}` ({seconds:.0f} s on this machine's CPU, torch {torch.__version__}).",
         "",
-        f"A 2-layer Qwen2-style model (hidden 64, vocabulary {VOCAB}, random init) samples "
-        f"{args.group} completions for each of {args.prompts} prompts `a + b =` per step; reward 1 for the exact "
-        f"sum followed by eos ({args.reward} reward: near misses get partial credit unless exact). DAPO loss (`lmloss.rl.policy_loss`, epsilon 0.2/0.28), {args.updates} updates per "
-        "generation over two uneven micro-batches counted by `lmloss.micro_batches(loss_type=\"dapo\")`; "
-        "log-probs and entropy from `lmloss.linear_token_logprobs`.",
+        (
+            f"A 2-layer Qwen2-style model (hidden 64, vocabulary {VOCAB}, random init) samples {args.group} "
+            f"completions for each of {args.prompts} prompts `a + b =` per step. Reward: 1 for the exact sum "
+            f"followed by eos ({args.reward}: {credit}). DAPO loss (`lmloss.rl.policy_loss`, epsilon 0.2/0.28), "
+            f"{args.updates} updates per generation, each over two uneven micro-batches counted by "
+            '`lmloss.micro_batches(loss_type="dapo")`; log-probs and entropy from `lmloss.linear_token_logprobs`.'
+        ),
         "",
         "![reward curve](reward.png)",
         "",
-        "| step | greedy accuracy (100 sums) | batch reward (10-step mean) |",
-        "|---:|---:|---:|",
+        "| step | greedy exact-match accuracy (all 100 sums) | batch reward (10-step mean) | entropy |",
+        "|---:|---:|---:|---:|",
     ]
     for step, a in acc:
         window = history["reward"][max(0, step - 9) : step + 1]
-        lines.append(f"| {step} | {a:.2f} | {sum(window) / len(window):.3f} |")
-    lines += ["", f"First-step batch reward: {history['reward'][0]:.3f} (chance is about 1/{NUMBERS * VOCAB}); "
-              f"final greedy accuracy: {acc[-1][1]:.2f}.", ""]
+        lines.append(f"| {step} | {a:.2f} | {sum(window) / len(window):.3f} | {history['entropy'][step]:.3f} |")
+    lines += ["", f"Final greedy exact-match accuracy: {acc[-1][1]:.2f} (step 0: {acc[0][1]:.2f}).", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--updates", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reward", choices=["graded", "exact"], default="graded")
     parser.add_argument("--out", type=Path, default=None, help="folder for reward.png and results.md")

@@ -41,7 +41,7 @@ from lmloss._validation import NORMALIZATIONS, check_choice, check_int, check_la
 from lmloss.reference import Normalize, _align
 from lmloss.rl import LOSS_TYPES, SEQUENCE_LOSS_TYPES
 
-__all__ = ["count_targets", "micro_batches", "MicroBatch"]
+__all__ = ["MicroBatch", "count_targets", "micro_batches"]
 
 BatchT = TypeVar("BatchT")
 

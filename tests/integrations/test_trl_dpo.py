@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("trl")
 
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer
 
-from lmloss.integrations.trl import LMLossDPOTrainer  # noqa: E402
-from lmloss.train.builtin import build_model, build_tokenizer  # noqa: E402
+from lmloss.integrations.trl import LMLossDPOTrainer
+from lmloss.train.builtin import build_model, build_tokenizer
 
 DATA = {
     "prompt": ["1+2=", "3+4=", "5+1=", "2+2="],
@@ -47,7 +47,7 @@ def parts() -> dict[str, Any]:
 )
 def test_same_batch_gives_trls_loss(parts: dict, tmp_path: Any, loss_type: list[str], ls: float,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmloss.integrations.trl.dpo as dpo
+    from lmloss.integrations.trl import dpo
 
     calls: list[str] = []
     real = dpo.dpo_loss

@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("trl")
 
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer
 
-from lmloss.integrations.trl import LMLossGRPOTrainer  # noqa: E402
-from lmloss.train.builtin import build_model, build_tokenizer  # noqa: E402
+from lmloss.integrations.trl import LMLossGRPOTrainer
+from lmloss.train.builtin import build_model, build_tokenizer
 
 PROMPTS = ["1+2=", "3+4=", "5+1=", "2+2="]
 
@@ -66,7 +66,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def lmloss_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each loss computed by lmloss.rl inside the trainer (so no test passes on a TRL fallback)."""
-    import lmloss.integrations.trl.grpo as grpo
+    from lmloss.integrations.trl import grpo
 
     calls: list[str] = []
     real = grpo.policy_loss
