@@ -220,5 +220,5 @@ def _check_options(shift: object, ignore_index: object, temperature: object, sof
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {value!r}")
-        if not (math.isfinite(value) and value > 0):
+        if not (math.isfinite(value) and float(value) > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value}")

@@ -67,7 +67,13 @@ class LMLossDPOTrainer(DPOTrainer):
             policy, ref = (logps / scale).chunk(2), (ref_logps.to(logps.dtype) / scale).chunk(2)
             smoothing = self.label_smoothing if loss_type == "robust" else 0.0
             out = dpo_loss(
-                policy[0], policy[1], ref[0], ref[1], beta=self.beta, loss_type=loss_type, label_smoothing=smoothing
+                policy[0],
+                policy[1],
+                ref[0],
+                ref[1],
+                beta=self.beta,
+                loss_type=loss_type,  # type: ignore[arg-type]  # checked by _lmloss_supported
+                label_smoothing=smoothing,
             )
             loss = loss + out.losses.mean() * weight
         self._log_rewards(logps.detach(), ref_logps.detach())
@@ -75,7 +81,7 @@ class LMLossDPOTrainer(DPOTrainer):
 
     def _log_rewards(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> None:
         """TRL's reward metrics: ``beta * (logps - ref_logps)`` of chosen and rejected."""
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if getattr(self.model, "training", True) else "eval"
         chosen, rejected = (self.beta * (logps - ref_logps)).chunk(2)
         gather = self.accelerator.gather
         metrics = self._metrics[mode]

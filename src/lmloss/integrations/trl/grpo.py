@@ -84,7 +84,8 @@ class LMLossGRPOTrainer(GRPOTrainer):
         if self.loss_type in TOKEN_LOSS_TYPES:
             # TRL's count spans the generation batch on every rank: rescale it to one window.
             count = inputs["num_items_in_batch"].float() / self.accelerator.num_processes
-            return count * accumulation / self.args.steps_per_generation if training else count
+            config: Any = self.args  # a GRPOConfig
+            return count * accumulation / config.steps_per_generation if training else count
         return float(mask.shape[0] * accumulation)  # GRPO micro-batches hold equally many sequences
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -97,24 +98,25 @@ class LMLossGRPOTrainer(GRPOTrainer):
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
         )
         mask = inputs["completion_mask"]
-        training = self.model.training
+        training = bool(getattr(self.model, "training", True))
+        config: Any = self.args  # a GRPOConfig
         out = policy_loss(
             logps,
             inputs.get("old_per_token_logps"),
             inputs["advantages"],
             mask,
-            loss_type=self.loss_type,
+            loss_type=self.loss_type,  # type: ignore[arg-type]  # checked by _lmloss_supported
             epsilon=self.epsilon_low,
             epsilon_high=self.epsilon_high,
-            delta=self.args.delta,
+            delta=config.delta,
             beta=self.beta,
             ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            importance_sampling_level=self.importance_sampling_level,
+            importance_sampling_level=self.importance_sampling_level,  # type: ignore[arg-type]
             max_completion_length=self.max_completion_length,
             num_items_in_batch=self._window_count(inputs, mask, training),
-            sapo_temperature_pos=self.args.sapo_temperature_pos,
-            sapo_temperature_neg=self.args.sapo_temperature_neg,
-            kl_importance_correction=bool(self.args.use_bias_correction_kl),
+            sapo_temperature_pos=config.sapo_temperature_pos,
+            sapo_temperature_neg=config.sapo_temperature_neg,
+            kl_importance_correction=bool(config.use_bias_correction_kl),
         )
         self._log_lmloss_metrics(out.metrics, entropies, mask, "train" if training else "eval")
         return out.loss
