@@ -154,3 +154,12 @@ def test_bad_input_names_the_problem(kwargs: dict, message: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         lmloss.linear_token_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+def test_without_value_checks_the_result_is_the_same() -> None:
+    hidden, weight = torch.randn(2, 5, 4), torch.randn(9, 4)
+    labels = torch.randint(0, 9, (2, 5))
+    with lmloss.validation(False):
+        quiet = lmloss.linear_token_logprobs(hidden, weight, labels, with_entropy=True)
+    loud = lmloss.linear_token_logprobs(hidden, weight, labels, with_entropy=True)
+    assert torch.equal(quiet.logprobs, loud.logprobs) and torch.equal(quiet.entropy, loud.entropy)

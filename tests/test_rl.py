@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lmloss
 from lmloss.rl import LOSS_TYPES, policy_loss
@@ -214,3 +216,41 @@ def test_bad_input_names_the_problem(kwargs: dict, message: str) -> None:
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         policy_loss(**args)  # type: ignore[arg-type]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    loss_type=st.sampled_from(LOSS_TYPES),
+    level=st.sampled_from(["token", "sequence"]),
+    cuts=st.lists(st.integers(1, 8), min_size=0, max_size=4, unique=True),
+    seed=st.integers(0, 1000),
+)
+def test_any_split_into_micro_batches_sums_to_the_big_batch(loss_type: str, level: str, cuts: list[int],
+                                                           seed: int) -> None:
+    batch = _batch(seed=seed, b=9)
+    batch["mask"][seed % 9] = 0  # an empty sequence, sometimes inside a micro-batch of its own
+    bounds = [0, *sorted(cuts), 9]
+    rows = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    kw = {"max_completion_length": T, "importance_sampling_level": level, "beta": 0.05}
+    lp = batch["logprobs"].clone().requires_grad_()
+    count = sum(lmloss.count_targets(batch["mask"][r], loss_type=loss_type) for r in rows)
+    total = sum(
+        policy_loss(lp[r], batch["old"][r], batch["adv"][r], batch["mask"][r], loss_type=loss_type,
+                    ref_logprobs=batch["ref"][r], num_items_in_batch=count, **kw).loss  # type: ignore[arg-type]
+        for r in rows
+    )
+    big = policy_loss(lp, batch["old"], batch["adv"], batch["mask"], loss_type=loss_type,
+                      ref_logprobs=batch["ref"], **kw).loss  # type: ignore[arg-type]
+    torch.testing.assert_close(total, big, rtol=1e-5, atol=1e-7)
+    g_split, g_big = (torch.autograd.grad(x, lp)[0] for x in (total, big))
+    torch.testing.assert_close(g_split, g_big, rtol=1e-5, atol=1e-8)
+
+
+def test_without_value_checks_the_loss_is_the_same() -> None:
+    batch = _batch()
+    with lmloss.validation(False):
+        quiet = policy_loss(batch["logprobs"], batch["old"], batch["adv"], batch["mask"], loss_type="dapo",
+                            num_items_in_batch=torch.tensor(30.0))
+    loud = policy_loss(batch["logprobs"], batch["old"], batch["adv"], batch["mask"], loss_type="dapo",
+                       num_items_in_batch=torch.tensor(30.0))
+    assert torch.equal(quiet.loss, loud.loss)
