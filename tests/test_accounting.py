@@ -215,3 +215,31 @@ def test_validation_context_is_restored():
 
         assert not value_checks_enabled()
     assert value_checks_enabled()
+
+
+def test_policy_loss_counts_tokens_or_every_sequence() -> None:
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    for loss_type in ("dapo", "cispo", "bnpo"):
+        assert int(count_targets(mask, loss_type=loss_type)) == 3
+        assert int(count_targets(mask.bool(), loss_type=loss_type)) == 3
+    for loss_type in ("grpo", "sapo", "dr_grpo", "luspo"):
+        assert int(count_targets(mask, loss_type=loss_type)) == 3  # the empty row counts: TRL averages over B
+    steps = [mask, mask[:1]]
+    assert [int(mb.num_items_in_batch) for mb in micro_batches(steps, loss_type="dapo")] == [5, 5]
+    assert [int(mb.num_items_in_batch) for mb in micro_batches(steps, loss_type="grpo")] == [4, 4]
+    with pytest.raises(ValueError, match="loss_type='ppo'"):
+        count_targets(mask, loss_type="ppo")
+    with pytest.raises(ValueError, match=r"\[B, T\] mask"):
+        count_targets(mask[0], loss_type="dapo")
+
+
+def test_normalize_is_a_deprecated_alias() -> None:
+    import importlib
+    import sys
+
+    sys.modules.pop("lmloss.normalize", None)
+    with pytest.warns(DeprecationWarning, match="lmloss.accounting"):
+        module = importlib.import_module("lmloss.normalize")
+    assert module.count_targets is lmloss.accounting.count_targets
+    assert module.micro_batches is lmloss.accounting.micro_batches
+    assert module.MicroBatch is lmloss.accounting.MicroBatch

@@ -1,0 +1,30 @@
+"""lmloss inside TRL's trainers (``pip install trl``; tested with TRL 1.16).
+
+- ``LMLossGRPOTrainer`` (:mod:`.grpo`): ``trl.GRPOTrainer`` whose per-token log-probs
+  and entropy come from :func:`lmloss.linear_token_logprobs` and whose loss is
+  :func:`lmloss.rl.policy_loss`, normalized by the accumulation window's exact count.
+- ``LMLossDPOTrainer`` (:mod:`.dpo`): ``trl.DPOTrainer`` with log-probs from
+  :func:`lmloss.linear_token_logprobs` and the loss from :func:`lmloss.preference.dpo_loss`.
+
+Each name imports TRL only when it is first used, so ``import lmloss.integrations.trl``
+needs no TRL.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> submodule defining it (add one line per trainer).
+_EXPORTS = {
+    "LMLossDPOTrainer": "dpo",
+    "LMLossGRPOTrainer": "grpo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,224 @@
+"""Per-token log-probabilities and entropy of the target tokens: what RL and preference losses need.
+
+``token_logprobs`` works on materialized logits and is written straightforwardly: it
+is the reference the fused form is tested against. ``linear_token_logprobs`` takes
+hidden states and the ``lm_head`` weight; its ``"reference"`` backend materializes the
+logits, its ``"chunked"`` backend (``lmloss.fused.logprobs``) never does.
+
+Alignment is that of ``causal_lm_loss(..., reduction="none")``: entry ``t`` of the
+output belongs to ``labels[..., t]``, predicted by position ``t - 1`` when
+``shift=True``; entries with nothing scored are exactly 0, and so is their gradient.
+Per scored position, with ``z`` its logits (float32 whatever the input dtype)::
+
+    z' = softcap * tanh(z / softcap)       (if softcap)
+    p  = softmax(z' / temperature)
+    logprob = log p[label],   entropy = -sum_v p_v log p_v
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from lmloss._validation import check_bool, check_choice, check_int, check_label_range, check_labels, check_tensor
+from lmloss.fused import REFERENCE_MAX_LOGITS
+from lmloss.reference import plan_targets, to_label_alignment
+
+__all__ = ["LOGPROB_BACKENDS", "TokenLogprobs", "linear_token_logprobs", "token_logprobs"]
+
+LOGPROB_BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked")
+
+
+class TokenLogprobs(NamedTuple):
+    """``logprobs``: ``[..., T]`` float32 log-probs of the labels; ``entropy``: ``[..., T]``
+    float32 entropies of the same distributions, or ``None`` unless asked for."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = True,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    with_entropy: bool = False,
+) -> TokenLogprobs:
+    """Log-probs (and entropy) of ``labels`` under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., T, V]`` any float dtype (upcast to float32 before anything else).
+        labels: ``[..., T]`` integer token ids, ``ignore_index`` where nothing is scored.
+        shift: ``True``: position ``t`` predicts ``labels[..., t + 1]``; ``False``: aligned.
+        ignore_index: label value that is not scored.
+        temperature: divides the (softcapped) logits, ``> 0`` (the sampling temperature).
+        softcap: ``s * tanh(z / s)`` is applied to the logits first (Gemma 2), ``> 0``.
+        with_entropy: also return the entropy of each scored distribution.
+
+    Returns:
+        :class:`TokenLogprobs`, each ``[..., T]`` float32, aligned with ``labels``.
+    """
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating [..., T, V] tensor, got {shape}")
+    labels = check_labels(labels, logits.shape[:-1])
+    _check_options(shift, ignore_index, temperature, softcap, with_entropy)
+    check_label_range(labels, logits.shape[-1], ignore_index)
+    plan = plan_targets(labels, None, shift=shift, ignore_index=ignore_index, normalize="token", dtype=torch.float32)
+    scored = plan.coef > 0
+    z = logits.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = torch.log_softmax(z / temperature, dim=-1)
+    picked = log_p.gather(-1, plan.targets.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
+    # where() rather than a product: an unscored position gets 0 and a zero gradient.
+    logprobs = to_label_alignment(torch.where(scored, picked, 0.0), shift)
+    entropy = None
+    if with_entropy:
+        per_position = -(log_p.exp() * log_p).sum(-1)
+        entropy = to_label_alignment(torch.where(scored, per_position, 0.0), shift)
+    return TokenLogprobs(logprobs, entropy)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    with_entropy: bool = False,
+    backend: Literal["auto", "reference", "chunked"] = "auto",
+    chunk_size: int | None = None,
+) -> TokenLogprobs:
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias``, from hidden states.
+
+    Args:
+        hidden: ``[..., T, D]`` hidden states (the input of ``lm_head``).
+        weight: ``[V, D]`` the ``lm_head.weight``, same dtype and device as ``hidden``.
+        labels: ``[..., T]`` integer token ids.
+        bias: optional ``[V]`` ``lm_head.bias``.
+        shift, ignore_index, temperature, softcap, with_entropy: as in :func:`token_logprobs`.
+        backend: ``"reference"`` materializes the logits; ``"chunked"`` recomputes them
+            chunk by chunk (``lmloss.fused.logprobs``, never ``[N, V]``); ``"auto"`` takes
+            the reference for small problems and ``"chunked"`` otherwise (when available).
+        chunk_size: tokens per chunk for ``"chunked"`` (``None``: chosen from the sizes).
+
+    Returns:
+        :class:`TokenLogprobs`, each ``[..., T]`` float32, aligned with ``labels``.
+    """
+    check_choice("backend", backend, LOGPROB_BACKENDS)
+    if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
+    _check_head(hidden, weight, bias)
+    labels = check_labels(labels, hidden.shape[:-1])
+    _check_options(shift, ignore_index, temperature, softcap, with_entropy)
+    chosen = _pick_backend(backend, hidden, weight)
+    if chosen == "reference":
+        logits = F.linear(hidden, weight, bias)
+        return token_logprobs(
+            logits,
+            labels,
+            shift=shift,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            softcap=softcap,
+            with_entropy=with_entropy,
+        )
+    return _chunked(hidden, weight, labels, bias, shift, ignore_index, temperature, softcap, with_entropy, chunk_size)
+
+
+def _chunked_backend() -> object | None:
+    """THE dispatch point of the chunked backend: ``lmloss.fused.logprobs.chunked_token_logprobs``
+    (built on the loss engine), or ``None`` where this build does not have it yet."""
+    try:
+        from lmloss.fused import logprobs as fused_logprobs  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(fused_logprobs, "chunked_token_logprobs", None)
+
+
+def _pick_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    if backend == "reference":
+        return backend
+    available = _chunked_backend() is not None
+    if backend == "chunked":
+        if not available:
+            raise ValueError(
+                "backend='chunked' needs lmloss.fused.logprobs.chunked_token_logprobs, which this build of lmloss "
+                "lacks; use backend='reference' (materializes the [N, V] logits)"
+            )
+        return backend
+    n_tokens = hidden.numel() // max(hidden.shape[-1], 1)
+    small = n_tokens * weight.shape[0] <= REFERENCE_MAX_LOGITS
+    return "reference" if small or not available else "chunked"
+
+
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    shift: bool,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool,
+    chunk_size: int | None,
+) -> TokenLogprobs:
+    backend = _chunked_backend()
+    check_label_range(labels, weight.shape[0], ignore_index)
+    logprobs, entropy = backend(  # type: ignore[operator]
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        shift=shift,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+        with_entropy=with_entropy,
+        chunk_size=chunk_size,
+    )
+    return TokenLogprobs(logprobs, entropy)
+
+
+def _check_head(hidden: object, weight: object, bias: object) -> None:
+    """Shapes, dtypes and devices of an ``lm_head`` problem."""
+    h = check_tensor("hidden", hidden)
+    w = check_tensor("weight", weight)
+    if not h.is_floating_point() or h.ndim < 2:
+        raise ValueError(f"hidden must be a floating [..., T, D] tensor, got shape {tuple(h.shape)} {h.dtype}")
+    if w.ndim != 2 or w.shape[1] != h.shape[-1] or w.shape[0] == 0:
+        raise ValueError(
+            f"weight must have shape [V, D] with D = hidden.shape[-1] = {h.shape[-1]}, got {tuple(w.shape)}"
+        )
+    if w.dtype != h.dtype or w.device != h.device:
+        raise ValueError(f"hidden ({h.dtype}, {h.device}) and weight ({w.dtype}, {w.device}) must match")
+    if bias is not None:
+        b = check_tensor("bias", bias)
+        if b.shape != (w.shape[0],) or b.dtype != h.dtype or b.device != h.device:
+            raise ValueError(f"bias must be a [V] = [{w.shape[0]}] tensor like hidden, got {tuple(b.shape)} {b.dtype}")
+
+
+def _check_options(shift: object, ignore_index: object, temperature: object, softcap: object, entropy: object) -> None:
+    check_bool("shift", shift)
+    check_int("ignore_index", ignore_index)
+    check_bool("with_entropy", entropy)
+    for name, value in (("temperature", temperature), ("softcap", softcap)):
+        if value is None and name == "softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if not (math.isfinite(value) and float(value) > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
