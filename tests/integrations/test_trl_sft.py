@@ -14,13 +14,13 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from datasets import Dataset  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
 
-import lmloss  # noqa: E402
-from lmloss.integrations import transformers as lmloss_hf  # noqa: E402
-from lmloss.integrations.trl import LMLossSFTTrainer  # noqa: E402
-from lmloss.train.builtin import build_model, build_tokenizer, builtin_conversations  # noqa: E402
+import lmloss
+from lmloss.integrations import transformers as lmloss_hf
+from lmloss.integrations.trl import LMLossSFTTrainer
+from lmloss.train.builtin import build_model, build_tokenizer, builtin_conversations
 
 CHATS = builtin_conversations()[:12]
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "LMLossSFTTrainer": "sft",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["LMLossSFTTrainer"]  # the keys of _EXPORTS
 
 
 def __getattr__(name: str) -> Any:
