@@ -239,10 +239,9 @@ def trainer_loss(
 
     Use :func:`apply` instead to avoid the logits; this is for models you do not want to
     wrap, or when the logits are wanted anyway. A model's softcap is already in its logits.
-    TRL's ``SFTTrainer`` reads ``outputs.logits`` for its entropy and accuracy metrics
-    (unless ``use_liger_kernel``), so an applied model (``logits=None``) does not suit it;
-    ``SFTTrainer(..., compute_loss_func=trainer_loss())`` does (not tested here: TRL is
-    not a dependency).
+    For TRL's ``SFTTrainer`` use ``lmloss.integrations.trl.LMLossSFTTrainer``: TRL 1.16
+    computes its loss with its own fused head (bypassing :func:`apply`, which then
+    raises) and runs a second forward for a ``compute_loss_func`` (deprecated there).
 
     Args:
         ignore_index, label_smoothing, z_loss, token_loss, focal_gamma: as in
