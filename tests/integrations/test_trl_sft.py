@@ -207,3 +207,18 @@ def test_trl_spellings_map_to_lmloss_options(tokenizer):
                     config_extra=dict(loss_type="dft", label_smoothing_factor=0.2))
     assert ours.lmloss_options["token_loss"] == "dft" and ours.lmloss_options["label_smoothing"] == 0.2
     assert ours.label_smoother is None
+
+
+def test_evaluate_loss_equals_trl(tokenizer):
+    model = _qwen2(tokenizer)
+    results = []
+    for cls, copy_of in ((SFTTrainer, copy.deepcopy(model)), (LMLossSFTTrainer, model)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = cls(model=copy_of, args=_config("assistant", per_device_eval_batch_size=4),
+                          train_dataset=_data("assistant"), eval_dataset=_data("assistant"),
+                          processing_class=tokenizer)
+        results.append(trainer.evaluate())
+    theirs, ours = results
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+    assert ours["eval_mean_token_accuracy"] == pytest.approx(theirs["eval_mean_token_accuracy"], abs=1e-6)
