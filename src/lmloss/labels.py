@@ -980,7 +980,8 @@ def template_mask_mismatches(
         )
     kwargs = _check_template_kwargs(chat_template_kwargs)
     example = encode_chat(messages, tokenizer, tools=tools, chat_template_kwargs=chat_template_kwargs)
-    rendered = tokenizer.apply_chat_template(
+    template_tokenizer: Any = tokenizer  # the typed stub knows neither return_dict's result nor Mapping messages
+    rendered: Any = template_tokenizer.apply_chat_template(
         list(messages), tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
     )
     if list(rendered["input_ids"]) != example["input_ids"]:

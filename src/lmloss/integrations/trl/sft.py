@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -115,7 +115,7 @@ class LMLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
             placeholder_token_ids(inner) if ignore_token_ids is None else tuple(sorted({int(i) for i in ignore_token_ids}))
         )
         self.lmloss_token_metrics = token_metrics
-        if normalize == "sequence" and (self.padding_free or self.args.packing):
+        if normalize == "sequence" and (self.padding_free or getattr(self.args, "packing", False)):
             raise ValueError("normalize='sequence' needs one sequence per row; packing and padding_free put several")
         # The loss honours num_items_in_batch whatever the model's forward does, so let
         # Trainer always count it (and never divide by the accumulation steps instead).
@@ -143,7 +143,7 @@ class LMLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """lmloss's loss of one micro-batch (``sum / num_items_in_batch``), TRL's metrics logged."""
-        mode = "train" if self.model.training else "eval"
+        mode = "train" if model.training else "eval"
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
@@ -151,7 +151,7 @@ class LMLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
         if labels is None and shift_labels is None:
             raise ValueError("LMLossSFTTrainer: the batch has no 'labels'")
         forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-        targets = shift_labels if shift_labels is not None else labels
+        targets = cast(torch.Tensor, shift_labels if shift_labels is not None else labels)
         call = _HeadCall(self, _mask_ids(targets, self.lmloss_ignore_ids), shift_labels is None, num_items_in_batch)
         head = _inner_model(model).get_output_embeddings()
         handles = [head.register_forward_pre_hook(call.pre_hook, with_kwargs=True),
@@ -224,7 +224,7 @@ class _HeadCall:
                 f"{tuple(hidden.shape[:-1])}"
             )
         num_items = self.num_items.to(hidden.device) if isinstance(self.num_items, torch.Tensor) else self.num_items
-        weight, bias = module.weight, getattr(module, "bias", None)
+        weight, bias = cast(torch.Tensor, module.weight), getattr(module, "bias", None)
         trainer = self.trainer
         self.loss = linear_cross_entropy(
             hidden, weight, targets, bias=bias, shift=self.shift, num_items_in_batch=num_items,
@@ -261,7 +261,7 @@ def _token_stats(
     return mask.sum(), entropy, correct
 
 
-def _inner_model(model: nn.Module) -> nn.Module:
+def _inner_model(model: Any) -> Any:
     """The transformers model under DDP/FSDP-style ``.module`` wrappers and PEFT."""
     while isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "get_output_embeddings"):
         model = model.module
@@ -271,7 +271,7 @@ def _inner_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _softcap_of(model: nn.Module, softcap: float | None) -> float | None:
+def _softcap_of(model: Any, softcap: float | None) -> float | None:
     """The model's own logit softcap, or ``softcap``; a model scaling its logits is refused."""
     config = model.config.get_text_config()
     for key in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
