@@ -222,3 +222,19 @@ def test_evaluate_loss_equals_trl(tokenizer):
     theirs, ours = results
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
     assert ours["eval_mean_token_accuracy"] == pytest.approx(theirs["eval_mean_token_accuracy"], abs=1e-6)
+
+
+def test_z_loss_term_is_logged_as_its_own_metric(tokenizer):
+    model = _qwen2(tokenizer)
+    plain = copy.deepcopy(model)
+    ours = _trainer(LMLossSFTTrainer, model, tokenizer, "assistant", z_loss=0.01)
+    batch = _batch(ours)
+    ours.compute_loss(ours.model, dict(batch))
+    with torch.no_grad():
+        logits = plain(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].double()
+    scored = batch["labels"][:, 1:] != -100
+    expected = 0.01 * torch.logsumexp(logits[scored], dim=-1).square().mean()
+    assert ours._metrics["train"]["z_loss"][-1] == pytest.approx(expected.item(), rel=1e-5)
+    without = _trainer(LMLossSFTTrainer, copy.deepcopy(plain), tokenizer, "assistant")
+    without.compute_loss(without.model, dict(batch))
+    assert "z_loss" not in without._metrics["train"]

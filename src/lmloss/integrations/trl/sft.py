@@ -65,8 +65,9 @@ class LMLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
         ignore_token_ids: token ids never trained; default the placeholder ids of the
             model's config (:func:`lmloss.integrations.transformers.placeholder_token_ids`).
         backend, chunk_size: as in :func:`lmloss.linear_cross_entropy`.
-        token_metrics: compute TRL's ``entropy`` and ``mean_token_accuracy`` (one more
-            pass of the head over the targets, without gradient).
+        token_metrics: compute TRL's ``entropy`` and ``mean_token_accuracy``, and with
+            ``z_loss`` the z-loss term's share of the loss as ``z_loss`` (one more pass
+            of the head over the targets, without gradient).
 
     Raises:
         ValueError: a bad option; ``compute_loss_func`` given; options that contradict
@@ -181,9 +182,12 @@ class LMLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
         """TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens``, reduced over processes."""
         gather = self.accelerator.gather_for_metrics
         if call.stats is not None:
-            valid, entropy, correct = (gather(x).sum() for x in call.stats)
+            valid, entropy, correct, lse_squared = (gather(x).sum() for x in call.stats)
             self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
             self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+            z_loss = self.lmloss_options["z_loss"]
+            if z_loss > 0:  # the z-loss term's share of the loss, per target (OLMo-core's "Z loss")
+                self._metrics[mode]["z_loss"].append((z_loss * lse_squared / valid).item() if valid > 0 else 0.0)
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
@@ -203,7 +207,7 @@ class _HeadCall:
         self.num_items = num_items
         self.hidden: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
-        self.stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.stats: tuple[torch.Tensor, ...] | None = None
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.hidden is not None:
@@ -238,8 +242,9 @@ class _HeadCall:
 def _token_stats(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, shift: bool,
     softcap: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(target count, summed entropy, argmax hits) over the targets, in bounded chunks.
+) -> tuple[torch.Tensor, ...]:
+    """(target count, summed entropy, argmax hits, summed squared log-sum-exp) over the
+    targets, in bounded chunks.
 
     ``hidden``: ``[..., T, D]``; ``targets``: ``[..., T]`` (next-token shift applied here
     when ``shift``). The entropy is of the model's next-token distribution, as TRL logs it.
@@ -250,15 +255,18 @@ def _token_stats(
     rows, wanted = hidden[mask], targets[mask]
     entropy = torch.zeros((), dtype=torch.float32, device=hidden.device)
     correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+    lse_squared = torch.zeros((), dtype=torch.float32, device=hidden.device)
     step = max(1, _METRIC_BYTES // (4 * weight.shape[0]))
     for start in range(0, rows.shape[0], step):
         logits = nn.functional.linear(rows[start : start + step], weight, bias).float()
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        logp = torch.log_softmax(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        logp = logits - lse
+        lse_squared += lse.square().sum()
         entropy += -(logp.exp() * logp).sum()
         correct += (logits.argmax(-1) == wanted[start : start + step]).sum()
-    return mask.sum(), entropy, correct
+    return mask.sum(), entropy, correct, lse_squared
 
 
 def _inner_model(model: Any) -> Any:
