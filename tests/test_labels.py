@@ -929,11 +929,16 @@ def test_without_turn_suffix_each_trained_turn_has_one_target_fewer(builtin_chat
         assert len(differ) == 1 and ours[differ[0]] == IGNORE and [theirs[differ[0]]] == newline
 
 
-def test_train_turn_suffix_keeps_the_end_of_turn_marker_rule(llama3_tokenizer, plain_tokenizer):
-    # Templates that write nothing after the marker of the last turn are unchanged.
-    for tokenizer in (llama3_tokenizer, plain_tokenizer):
-        plain = encode_chat(CONVERSATION, tokenizer)
-        assert encode_chat(CONVERSATION, tokenizer, train_turn_suffix=True)["input_ids"] == plain["input_ids"]
+@pytest.mark.parametrize("tokenizer_name", ["chatml_tokenizer", "llama3_tokenizer", "plain_tokenizer"])
+def test_train_turn_suffix_adds_only_the_whitespace_after_trained_turns(request, tokenizer_name):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    plain = encode_chat(CONVERSATION, tokenizer)
+    suffixed = encode_chat(CONVERSATION, tokenizer, train_turn_suffix=True)
+    assert suffixed["input_ids"] == plain["input_ids"]
+    added = [t for t, (a, b) in enumerate(zip(plain["labels"], suffixed["labels"])) if a != b]
+    assert all(plain["labels"][t] == IGNORE and suffixed["labels"][t] == plain["input_ids"][t] for t in added)
+    assert all(not tokenizer.decode([plain["input_ids"][t]]).strip() for t in added)
+    assert len(added) == (2 if tokenizer_name == "chatml_tokenizer" else len(added))  # ChatML: one "\n" per turn
 
 
 def test_train_turn_suffix_must_be_a_bool(chatml_tokenizer):
