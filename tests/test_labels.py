@@ -1027,3 +1027,108 @@ def test_whitespace_content_that_the_template_trims_away_trains_nothing(llama3_t
     example = encode_chat(messages, llama3_tokenizer, mode="all")
     assert example == encode_chat(messages, llama3_tokenizer, mode="assistant")
     assert trained_runs(example, llama3_tokenizer) == ["Rome.<|eot_id|>"]
+# ----------------------------------------------- LLaMA-Factory's turn suffix (train_turn_suffix)
+
+
+def _llamafactory_qwen_labels(messages, tokenizer, *, mask_history=False):
+    """LLaMA-Factory's supervised recipe, written from its ``qwen`` template strings.
+
+    ``format_system``: ``<|im_start|>system\\n{content}<|im_end|>\\n`` (before the first
+    user turn), ``format_user``: ``<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n``,
+    ``format_assistant``: ``{content}<|im_end|>\\n``. Each prompt and each answer is
+    encoded on its own; the answers are the targets (only the last with ``mask_history``).
+    """
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    rest = messages[1:] if system is not None else messages
+    pairs = [(rest[k]["content"], rest[k + 1]["content"]) for k in range(0, len(rest), 2)]
+    ids, labels = [], []
+    for k, (user, answer) in enumerate(pairs):
+        prompt = f"<|im_start|>system\n{system}<|im_end|>\n" if k == 0 and system is not None else ""
+        prompt += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        source = tokenizer.encode(prompt, add_special_tokens=False)
+        target = tokenizer.encode(f"{answer}<|im_end|>\n", add_special_tokens=False)
+        trained = not mask_history or k == len(pairs) - 1
+        ids += source + target
+        labels += [IGNORE] * len(source) + (target if trained else [IGNORE] * len(target))
+    return ids, labels
+
+
+@pytest.fixture(scope="module")
+def builtin_chats_and_tokenizer():
+    from lmloss.train.builtin import build_tokenizer, builtin_conversations
+
+    chats = builtin_conversations()[:40]
+    return chats, build_tokenizer([m["content"] for c in builtin_conversations() for m in c["messages"]])
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_train_turn_suffix_gives_llamafactory_qwen_labels_token_for_token(builtin_chats_and_tokenizer, mask_history):
+    chats, tokenizer = builtin_chats_and_tokenizer
+    for chat in chats:
+        ids, labels = _llamafactory_qwen_labels(chat["messages"], tokenizer, mask_history=mask_history)
+        ours = encode_chat(chat["messages"], tokenizer, mask_history=mask_history, train_turn_suffix=True)
+        assert ours["input_ids"] == ids
+        assert ours["labels"] == labels
+
+
+def test_without_turn_suffix_each_trained_turn_has_one_target_fewer(builtin_chats_and_tokenizer):
+    # README: mode="last_assistant" is mask_history up to the "\n" after <|im_end|>.
+    chats, tokenizer = builtin_chats_and_tokenizer
+    newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))
+    for chat in chats:
+        _, theirs = _llamafactory_qwen_labels(chat["messages"], tokenizer, mask_history=True)
+        ours = encode_chat(chat["messages"], tokenizer, mode="last_assistant")["labels"]
+        differ = [t for t, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        assert len(differ) == 1 and ours[differ[0]] == IGNORE and [theirs[differ[0]]] == newline
+
+
+@pytest.mark.parametrize("tokenizer_name", ["chatml_tokenizer", "llama3_tokenizer", "plain_tokenizer"])
+def test_train_turn_suffix_adds_only_the_whitespace_after_trained_turns(request, tokenizer_name):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    plain = encode_chat(CONVERSATION, tokenizer)
+    suffixed = encode_chat(CONVERSATION, tokenizer, train_turn_suffix=True)
+    assert suffixed["input_ids"] == plain["input_ids"]
+    added = [t for t, (a, b) in enumerate(zip(plain["labels"], suffixed["labels"])) if a != b]
+    assert all(plain["labels"][t] == IGNORE and suffixed["labels"][t] == plain["input_ids"][t] for t in added)
+    assert all(not tokenizer.decode([plain["input_ids"][t]]).strip() for t in added)
+    if tokenizer_name == "chatml_tokenizer":
+        assert len(added) == 2  # one "\n" after each assistant turn's <|im_end|>
+
+
+def test_train_turn_suffix_must_be_a_bool(chatml_tokenizer):
+    with pytest.raises(TypeError, match="train_turn_suffix"):
+        encode_chat(CONVERSATION, chatml_tokenizer, train_turn_suffix="yes")
+    with pytest.raises(TypeError, match="train_turn_suffix"):
+        encode_dataset([{"messages": CONVERSATION}], chatml_tokenizer, train_turn_suffix=1)
+
+
+def test_encode_dataset_passes_train_turn_suffix(chatml_tokenizer):
+    one = encode_chat(CONVERSATION, chatml_tokenizer, train_turn_suffix=True)
+    assert encode_dataset([{"messages": CONVERSATION}], chatml_tokenizer, train_turn_suffix=True)[0] == one
+
+
+# -------------------------------------------- cross-check with a template's {% generation %} mask
+
+
+@pytest.mark.parametrize("messages", ORACLE_CONVERSATIONS)
+def test_template_mask_mismatches_is_empty_on_a_generation_template(chatml_tokenizer, messages):
+    assert lmloss.labels.template_mask_mismatches(messages, chatml_tokenizer) == []
+
+
+def test_template_mask_mismatches_finds_a_template_that_marks_the_newline():
+    tokenizer = build_chatml_tokenizer()
+    # The same template with the "\n" after <|im_end|> inside the generation block.
+    marked = CHATML_TEMPLATE.replace("{%- endgeneration -%}{{- '\\n' -}}", "{{- '\\n' -}}{%- endgeneration -%}")
+    assert marked != CHATML_TEMPLATE
+    tokenizer.chat_template = marked
+    example = encode_chat(CONVERSATION, tokenizer)
+    newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))
+    found = lmloss.labels.template_mask_mismatches(CONVERSATION, tokenizer)
+    assert len(found) == 2  # one per assistant turn
+    assert all([example["input_ids"][t]] == newline and example["input_ids"][t - 1] == tokenizer.eos_token_id
+               for t in found)
+
+
+def test_template_mask_mismatches_needs_generation_markers(plain_tokenizer):
+    with pytest.raises(ValueError, match="generation"):
+        lmloss.labels.template_mask_mismatches(CONVERSATION, plain_tokenizer)

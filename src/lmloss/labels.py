@@ -64,6 +64,7 @@ What templates must do, and what happens when they don't:
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ __all__ = [
     "encode_dataset",
     "encode_prompt_completion",
     "mask_token_ids",
+    "template_mask_mismatches",
 ]
 
 ChatMode = Literal["assistant", "all", "last_assistant", "everything"]
@@ -437,6 +439,7 @@ def encode_chat(
     ignore_token_ids: Iterable[int] = (),
     tools: list[Any] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    train_turn_suffix: bool = False,
 ) -> Example:
     """Encode a conversation with the tokenizer's chat template and label its turns.
 
@@ -455,7 +458,7 @@ def encode_chat(
               turn (user, system, tool); not the template scaffolding around it
               (``<|im_start|>user\\n``, ``<|im_end|>``, a default system prompt).
             * ``"last_assistant"``: only the last assistant turn (LLaMA-Factory's
-              ``mask_history``).
+              ``mask_history``; token for token with ``train_turn_suffix=True``).
             * ``"everything"``: every token (LLaMA-Factory's ``train_on_prompt``).
         mask_history, train_on_prompt: LLaMA-Factory spellings of the modes above;
             ``True`` selects them, and contradicting an explicit ``mode`` is an error.
@@ -466,6 +469,11 @@ def encode_chat(
             (e.g. Qwen2-VL's ``<|image_pad|>``/``<|video_pad|>``).
         tools: tool schemas passed to the template.
         chat_template_kwargs: extra template variables (e.g. ``{"enable_thinking": False}``).
+        train_turn_suffix: also train what the template writes after a trained turn's
+            end-of-turn marker (the ``"\n"`` after ``<|im_end|>`` in ChatML), as
+            LLaMA-Factory does (its ``qwen`` template trains ``content + "<|im_end|>\n"``).
+            Default ``False``: that whitespace is scaffolding before the next turn, and
+            a model stopping at ``<|im_end|>`` never emits it.
 
     Returns:
         An :class:`Example` whose ``input_ids`` are those of
@@ -482,7 +490,9 @@ def encode_chat(
     messages = _none_content_as_empty(messages)
     _check_messages(messages, mode)
     renderer = _Renderer(tokenizer, messages, tools, chat_template_kwargs)
-    spans = None if mode == "everything" else _trained_spans(renderer, mode)
+    if mode != "everything":
+        _check_bool("train_turn_suffix", train_turn_suffix)
+    spans = None if mode == "everything" else _trained_spans(renderer, mode, turn_suffix=train_turn_suffix)
     ids, trained = _window_tokens(tokenizer, renderer.full, spans, options)
     return _finish(ids, trained, options)
 
@@ -645,20 +655,21 @@ def _check_template_kwargs(kwargs: object) -> dict[str, Any]:
 # ------------------------------------------------------------- turns to char spans
 
 
-def _trained_spans(renderer: _Renderer, mode: str) -> list[tuple[int, int]]:
+def _trained_spans(renderer: _Renderer, mode: str, *, turn_suffix: bool = False) -> list[tuple[int, int]]:
     """Character spans ``[start, end)`` of ``renderer.full`` whose tokens are trained."""
     roles = [m["role"] for m in renderer.messages]
     assistant = [i for i, role in enumerate(roles) if role == "assistant"]
     if mode == "last_assistant":
         assistant = assistant[-1:]
-    spans: list[tuple[int, int] | None] = [_assistant_span(renderer, i) for i in assistant]
+    spans: list[tuple[int, int] | None] = [_assistant_span(renderer, i, turn_suffix) for i in assistant]
     if mode == "all":
         spans += [_content_span(renderer, i) for i, role in enumerate(roles) if role != "assistant"]
     return sorted(span for span in spans if span is not None and span[0] < span[1])
 
 
-def _assistant_span(renderer: _Renderer, i: int) -> tuple[int, int]:
-    """Assistant turn ``i``: from the end of the generation prompt to its end-of-turn marker."""
+def _assistant_span(renderer: _Renderer, i: int, turn_suffix: bool = False) -> tuple[int, int]:
+    """Assistant turn ``i``: from the end of the generation prompt to its end-of-turn marker
+    (``turn_suffix``: to the end of the turn, the whitespace after the marker included)."""
     turn_start, turn_end = renderer.end(i), renderer.end(i + 1)
     # messages[:0] cannot be rendered (empty conversation), so a conversation that
     # opens with the assistant has no generation prompt to measure.
@@ -676,7 +687,7 @@ def _assistant_span(renderer: _Renderer, i: int) -> tuple[int, int]:
     # Keep the end-of-turn marker, drop the newline(s) the template writes after it:
     # those are scaffolding that precedes the next turn.
     end = turn_end
-    while end > start and renderer.full[end - 1].isspace():
+    while not turn_suffix and end > start and renderer.full[end - 1].isspace():
         end -= 1
     if end == turn_end and i + 1 < len(renderer.messages):
         # Templates that write the end-of-turn marker only before a following turn
@@ -867,13 +878,14 @@ def encode_dataset(
     ignore_token_ids: Iterable[int] = (),
     tools: list[Any] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    train_turn_suffix: bool = False,
 ) -> EncodedDataset:
     """Encode many samples and account for those left with nothing to train.
 
     A sample is ``{"messages": [...]}`` (encoded by :func:`encode_chat`, with its
     own ``"tools"`` if it has them) or ``{"prompt": ..., "completion": ...}``
     (encoded by :func:`encode_prompt_completion`). ``mode``, ``mask_history``,
-    ``tools`` and ``chat_template_kwargs`` apply to conversations; ``add_eos`` and
+    ``tools``, ``chat_template_kwargs`` and ``train_turn_suffix`` apply to conversations; ``add_eos`` and
     ``eos_token_id`` to prompt/completion pairs; ``train_on_prompt`` to both.
 
     A sample with no target (nothing in ``labels[1:]`` is trained, usually because
@@ -895,7 +907,9 @@ def encode_dataset(
     options = _common_options(max_length, truncation_side, ignore_index, ignore_token_ids)
     _check_bool("add_eos", add_eos)
     _check_template_kwargs(chat_template_kwargs)
-    chat = dict(mode=mode, mask_history=mask_history, chat_template_kwargs=chat_template_kwargs)
+    _check_bool("train_turn_suffix", train_turn_suffix)
+    chat = dict(mode=mode, mask_history=mask_history, chat_template_kwargs=chat_template_kwargs,
+                train_turn_suffix=train_turn_suffix)
     pair = dict(add_eos=add_eos, eos_token_id=eos_token_id)
     common = dict(
         train_on_prompt=train_on_prompt, max_length=max_length, truncation_side=truncation_side,
@@ -1007,3 +1021,50 @@ def _mask_list(labels: list[Any], ids: frozenset[int], ignore_index: int) -> lis
         else:
             raise TypeError(f"labels must hold ints (or lists of ints), got {_preview(label)}")
     return out
+
+
+# ------------------------------------------------------ cross-check with the template
+
+
+def template_mask_mismatches(
+    messages: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    tools: list[Any] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[int]:
+    """Positions where :func:`encode_chat`'s labels and the template's own assistant mask differ.
+
+    A chat template with ``{% generation %}`` / ``{% endgeneration %}`` markers says
+    itself which tokens are the assistant's; transformers returns them with
+    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` (TRL's
+    ``assistant_only_loss`` trains those). This compares that mask with the targets of
+    ``encode_chat(messages, tokenizer, mode="assistant")``, an independent derivation
+    (turn by turn rendering, character offsets): ``[]`` means they agree token for token.
+
+    Returns:
+        The token positions (indices into ``input_ids``) that one trains and the other
+        does not, in increasing order.
+
+    Raises:
+        ValueError: the template has no generation markers, or the two token sequences differ.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        raise ValueError(
+            "the tokenizer's chat template has no {% generation %} markers, so it defines no assistant mask "
+            "to compare with; wrap each assistant reply the template writes in {% generation %}...{% endgeneration %}"
+        )
+    kwargs = _check_template_kwargs(chat_template_kwargs)
+    example = encode_chat(messages, tokenizer, tools=tools, chat_template_kwargs=chat_template_kwargs)
+    template_tokenizer: Any = tokenizer  # the typed stub knows neither return_dict's result nor Mapping messages
+    rendered: Any = template_tokenizer.apply_chat_template(
+        list(messages), tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+    )
+    if list(rendered["input_ids"]) != example["input_ids"]:
+        raise ValueError(
+            "apply_chat_template(tokenize=True) and encode_chat give different token ids for this conversation; "
+            "the masks cannot be compared position by position"
+        )
+    mask = rendered["assistant_masks"]
+    return [t for t, label in enumerate(example["labels"]) if (label != -100) != bool(mask[t])]

@@ -73,3 +73,32 @@ def test_split_digits_makes_one_token_per_digit():
     pieces = [split.decode([i]) for i in split("135 2048", add_special_tokens=False).input_ids]
     assert [p.strip() for p in pieces if p.strip()] == list("1352048")
     assert split.decode(split("135 2048").input_ids) == "135 2048"
+
+
+def test_template_generation_mask_equals_lmloss_labels_on_every_builtin_chat(data_and_tokenizer):
+    # transformers computes the mask from the template's {% generation %} markers: an
+    # oracle independent of lmloss's turn-by-turn rendering.
+    from lmloss.labels import template_mask_mismatches
+
+    chats, tokenizer = data_and_tokenizer
+    for chat in chats:
+        assert template_mask_mismatches(chat["messages"], tokenizer) == []
+        masked = tokenizer.apply_chat_template(chat["messages"], return_dict=True, return_assistant_tokens_mask=True)
+        assert sum(masked["assistant_masks"]) > 0
+
+
+def test_template_generation_markers_change_no_rendered_text(data_and_tokenizer):
+    _, tokenizer = data_and_tokenizer
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
+    )
+
+
+def test_template_generation_markers_satisfy_trl_assistant_only_loss(data_and_tokenizer):
+    # TRL's own checks: it uses the template as is (no replacement) and finds the
+    # end-of-turn token inside the assistant mask (so the model learns to stop).
+    chat_template_utils = pytest.importorskip("trl.chat_template_utils")
+    _, tokenizer = data_and_tokenizer
+    assert chat_template_utils.has_generation_markers(tokenizer.chat_template)
+    assert chat_template_utils.is_chat_template_stop_token_trained(tokenizer)

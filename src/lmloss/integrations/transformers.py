@@ -239,10 +239,9 @@ def trainer_loss(
 
     Use :func:`apply` instead to avoid the logits; this is for models you do not want to
     wrap, or when the logits are wanted anyway. A model's softcap is already in its logits.
-    TRL's ``SFTTrainer`` reads ``outputs.logits`` for its entropy and accuracy metrics
-    (unless ``use_liger_kernel``), so an applied model (``logits=None``) does not suit it;
-    ``SFTTrainer(..., compute_loss_func=trainer_loss())`` does (not tested here: TRL is
-    not a dependency).
+    For TRL's ``SFTTrainer`` use ``lmloss.integrations.trl.LMLossSFTTrainer``: TRL 1.16
+    computes its loss with its own fused head (bypassing :func:`apply`, which then
+    raises) and runs a second forward for a ``compute_loss_func`` (deprecated there).
 
     Args:
         ignore_index, label_smoothing, z_loss, token_loss, focal_gamma: as in
@@ -333,6 +332,8 @@ class _Fused:
         self.handles: list[Any] = []
         self.installed: Any = None
         self.saved: dict[str, Any] = {}
+        self.owner: nn.Module | None = None  # the model (deepcopy maps it to the copy)
+        self.depth = 0  # calls of the installed forward in progress
 
     # -- installation
 
@@ -343,6 +344,10 @@ class _Fused:
             self.head.register_forward_hook(self.post_hook, with_kwargs=True, prepend=True),
         ]
         # Remember the instance attributes we shadow, to put back exactly what was there.
+        backbone = getattr(model, "base_model", None)
+        if isinstance(backbone, nn.Module) and backbone is not model:
+            self.handles.append(backbone.register_forward_pre_hook(self.backbone_hook))
+        self.owner = model
         self.saved = {k: model.__dict__[k] for k in ("forward", "accepts_loss_kwargs") if k in model.__dict__}
         self.installed = types.MethodType(_make_forward(self.signature, self.original), model)
         model.__dict__[_STATE] = self
@@ -368,6 +373,24 @@ class _Fused:
         if "forward" in self.saved:
             model.__dict__["forward"] = self.saved["forward"]
         del model.__dict__[_STATE]
+
+    # -- a loss computed around lmloss (TRL's fused head)
+
+    def backbone_hook(self, module: nn.Module, args: Any) -> None:
+        """Refuse a backbone call made by TRL's fused head, which computes its own loss.
+
+        TRL (1.16+) replaces ``model.forward`` with one that, for its loss, runs the
+        backbone and multiplies ``lm_head.weight`` itself: lmloss's forward and head
+        hooks never run and its options would be silently ignored.
+        """
+        if self.depth == 0 and self.active and self.owner is not None and trl_fused_head_installed(self.owner):
+            raise RuntimeError(
+                "lmloss: a TRL trainer put its own fused LM head on this model (trl add_fused_lm_head) and computes "
+                "its loss without calling the model's forward, so the loss options given to "
+                f"lmloss.integrations.transformers.apply ({self.loss_options}) would be silently ignored. Use "
+                "lmloss.integrations.trl.LMLossSFTTrainer(model=..., <the same options>) on a model without apply() "
+                "(lmloss.integrations.transformers.remove(model) first), or the TRL trainer without apply()"
+            )
 
     # -- the head's hooks
 
@@ -463,7 +486,12 @@ def _make_forward(signature: inspect.Signature, original: Callable[..., Any]) ->
     """
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return _fused_forward(self, args, kwargs)
+        state: _Fused = self.__dict__[_STATE]
+        state.depth += 1  # the backbone runs inside lmloss's forward (see backbone_hook)
+        try:
+            return _fused_forward(self, args, kwargs)
+        finally:
+            state.depth -= 1
 
     params = list(signature.parameters.values())
     # Trainer (4.46/4.47) passes num_items_in_batch only to a forward with **loss_kwargs;
@@ -551,6 +579,27 @@ def _loss_call(state: _Fused, kwargs: dict[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def trl_fused_head_installed(model: nn.Module) -> bool:
+    """Whether TRL's ``add_fused_lm_head`` wrapped ``model.forward`` (possibly under other wrappers).
+
+    TRL's trainers (``SFTTrainer`` from 1.16) install it; its loss path bypasses
+    ``apply``'s forward, so ``apply`` refuses to train under it.
+    """
+    fn: Any = model.__dict__.get("forward")
+    for _ in range(8):  # accelerate and others wrap forward with functools.wraps (``__wrapped__``)
+        fn = getattr(fn, "__func__", fn)
+        code = getattr(fn, "__code__", None)  # not __qualname__: functools.wraps copies the model's
+        if code is not None and (
+            "add_fused_lm_head" in getattr(code, "co_qualname", "")  # Python 3.11+
+            or (code.co_name == "_fused_forward" and "trl" in code.co_filename)
+        ):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:

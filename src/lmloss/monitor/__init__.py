@@ -14,6 +14,7 @@ The last stage of the pipeline (``... -> loss -> reduction -> monitor``)::
     # then: lmloss plot runs/exp1   ->  runs/exp1/plots/*.png
 
 Modules: ``monitor`` (``LossMonitor``), ``detectors`` (the rules and their defaults),
+``throughput`` (tokens/s, TFLOP/s and MFU),
 ``events`` (``Event``), ``sinks`` (JSONL/CSV/TensorBoard and the run-directory
 format), ``console`` (progress bar), ``plot`` (PNGs and ``lmloss plot``), ``hf``
 (``LossMonitorCallback`` for transformers' ``Trainer``, imported on first use).
@@ -27,6 +28,7 @@ from typing import Any
 
 from lmloss.monitor.console import ConsoleSink
 from lmloss.monitor.detectors import (
+    AUTO_TRAIN_INTERVAL,
     ConvergedRule,
     DivergenceRule,
     MaxRatioRule,
@@ -49,6 +51,7 @@ from lmloss.monitor.sinks import (
 )
 
 __all__ = [
+    "AUTO_TRAIN_INTERVAL",
     "DEVICE_SYNC_EVERY",
     "EVENT_KINDS",
     "ConsoleSink",

@@ -8,16 +8,20 @@ of steps and fields.
 
 How each field becomes a global number under a process group:
 
-* ``tokens``, ``correct``: summed over ranks.
-* ``loss`` and ``term/<name>``: token-weighted mean, ``sum(x_r * tokens_r) /
+* ``tokens``, ``correct``, ``input_tokens``: summed over ranks.
+* ``loss``, ``z_loss`` and ``term/<name>``: token-weighted mean, ``sum(x_r * tokens_r) /
   sum(tokens_r)``, which is the mean over every target token of the global batch;
   without ``tokens`` (or with no token at all), the plain mean over ranks.
 * everything else (``grad_norm``, ``lr``, ``train_loss``): the mean over ranks; the
   gradient norm and the learning rate are already the same on every rank.
+* ``loss_max`` (added to train steps under a group): the largest ``loss`` of any rank
+  (torchtitan's ``global_max_loss``), from a second, small all-reduce (``MAX``) made
+  before the same single host read.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -26,7 +30,7 @@ import torch.distributed as dist
 
 Scalar = torch.Tensor | float | int
 
-SUMMED = ("tokens", "correct")
+SUMMED = ("tokens", "correct", "input_tokens")
 
 
 @dataclass
@@ -41,7 +45,7 @@ class PendingStep:
 
 def is_weighted(name: str) -> bool:
     """Fields averaged over target tokens (per-token losses)."""
-    return name == "loss" or name.startswith("term/")
+    return name in ("loss", "z_loss") or name.startswith("term/")
 
 
 def check_scalar(name: str, value: object) -> Scalar:
@@ -66,6 +70,7 @@ def read_pending(pending: list[PendingStep], group: dist.ProcessGroup | None) ->
     """The global value of every field of every pending step, in one read."""
     layout: list[tuple[int, str, bool]] = []  # (row, field, is the token-weighted part)
     entries: list[Scalar] = []
+    maxima: list[Scalar] = []  # under a group: each train step's loss, for the max over ranks
     for row, item in enumerate(pending):
         tokens = item.values.get("tokens")
         for name, value in item.values.items():
@@ -74,7 +79,9 @@ def read_pending(pending: list[PendingStep], group: dist.ProcessGroup | None) ->
             if group is not None and tokens is not None and is_weighted(name):
                 layout.append((row, name, True))
                 entries.append(_times(value, tokens))
-    flat = _reduce_and_read(entries, group)
+        if group is not None and item.split == "train":
+            maxima.append(_unless_empty(item.values["loss"], tokens))
+    flat, flat_max = _reduce_and_read(entries, group, maxima)
     plain: list[dict[str, float]] = [{} for _ in pending]
     weighted: list[dict[str, float]] = [{} for _ in pending]
     for (row, name, is_part), x in zip(layout, flat):
@@ -82,7 +89,22 @@ def read_pending(pending: list[PendingStep], group: dist.ProcessGroup | None) ->
     if group is None:
         return plain
     world = dist.get_world_size(group)
-    return [_combine(p, w, world) for p, w in zip(plain, weighted)]
+    out = [_combine(p, w, world) for p, w in zip(plain, weighted)]
+    train_rows = [row for row, item in enumerate(pending) if item.split == "train"]
+    for row, x in zip(train_rows, flat_max):
+        if x != -math.inf:  # -inf: no rank had a target
+            out[row]["loss_max"] = x
+    return out
+
+
+def _unless_empty(loss: Scalar, tokens: Scalar | None) -> Scalar:
+    """A rank's loss for the max over ranks; ``-inf`` (never the max) when it has no target."""
+    if tokens is None:
+        return loss
+    if not isinstance(tokens, torch.Tensor):
+        return loss if float(tokens) > 0 else -math.inf
+    value = torch.as_tensor(loss, dtype=torch.float64, device=tokens.device)
+    return torch.where(tokens > 0, value, torch.full_like(value, -math.inf))
 
 
 def _combine(plain: dict[str, float], weighted: dict[str, float], world: int) -> dict[str, float]:
@@ -109,22 +131,38 @@ def _times(value: Scalar, tokens: Scalar) -> Scalar:
     return value * tokens
 
 
-def _reduce_and_read(entries: list[Scalar], group: dist.ProcessGroup | None) -> list[float]:
-    values = [0.0 if isinstance(e, torch.Tensor) else float(e) for e in entries]
-    tensors = {i: e for i, e in enumerate(entries) if isinstance(e, torch.Tensor)}
+def _reduce_and_read(
+    entries: list[Scalar], group: dist.ProcessGroup | None, maxima: list[Scalar]
+) -> tuple[list[float], list[float]]:
+    """``entries`` summed over ranks and ``maxima`` maximised over ranks, in one host read."""
     if group is None:
+        values = [0.0 if isinstance(e, torch.Tensor) else float(e) for e in entries]
+        tensors = {i: e for i, e in enumerate(entries) if isinstance(e, torch.Tensor)}
         if tensors:
             device = next(iter(tensors.values())).device
             read = _stack(tensors, device).tolist()  # the one host read
             for i, x in zip(tensors, read):
                 values[i] = x
-        return values
+        return values, []
     device = _collective_device(group)
-    vector = torch.tensor(values, dtype=torch.float64, device=device)
+    vector = _pack(entries, device)
+    dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=group)
+    if not maxima:
+        return vector.tolist(), []  # the one host read
+    largest = _pack(maxima, device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    both = torch.cat([vector, largest]).tolist()  # the one host read
+    return both[: len(entries)], both[len(entries) :]
+
+
+def _pack(entries: list[Scalar], device: torch.device) -> torch.Tensor:
+    """One float64 vector of numbers and device scalars (no host read)."""
+    vector = torch.tensor([0.0 if isinstance(e, torch.Tensor) else float(e) for e in entries],
+                          dtype=torch.float64, device=device)
+    tensors = {i: e for i, e in enumerate(entries) if isinstance(e, torch.Tensor)}
     if tensors:
         vector.index_copy_(0, torch.tensor(list(tensors), device=device), _stack(tensors, device))
-    dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=group)
-    return vector.tolist()  # the one host read
+    return vector
 
 
 def _stack(tensors: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -26,6 +26,10 @@ Where the defaults come from:
     transformers' ``EarlyStoppingCallback`` is the same test with
     ``early_stopping_threshold``; ``relative=True`` gives ReduceLROnPlateau's
     ``threshold_mode="rel"`` (its defaults: ``min_delta=1e-4``, ``patience=10``).
+    Without evaluations (the usual pre-training run) the smoothed training loss is
+    checked every ``AUTO_TRAIN_INTERVAL = 500`` steps until the first evaluation
+    arrives: a loss that has not improved for 1,500 steps is reported (at most
+    2,000 steps after it stopped improving); ``train_interval=None`` turns that off.
 ``OverfittingRule``
     nanoGPT's habit: estimate train and val loss on matched batches and watch ``val -
     train``. Fires when, for ``patience=3`` evaluations in a row, the eval loss is not
@@ -41,11 +45,15 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from lmloss.monitor.events import Event
 
+#: Steps between checks of the smoothed training loss with ``PlateauRule(train_interval="auto")``.
+AUTO_TRAIN_INTERVAL = 500
+
 __all__ = [
+    "AUTO_TRAIN_INTERVAL",
     "ConvergedRule",
     "DivergenceRule",
     "MaxRatioRule",
@@ -147,20 +155,28 @@ class PlateauRule:
         min_delta: the smallest change that counts as an improvement (Lightning: 0).
         relative: ``min_delta`` is a fraction of the best value (ReduceLROnPlateau: 1e-4).
         train_interval: also check the smoothed *training* loss every this many
-            steps (``None``: only evaluations are checked).
+            steps; ``"auto"`` (default): every ``AUTO_TRAIN_INTERVAL`` (500) steps
+            until the first evaluation arrives, then only evaluations (a run without
+            evaluations still hears of a plateau); ``None``: only evaluations.
     """
 
     patience: int = 3
     min_delta: float = 0.0
     relative: bool = False
-    train_interval: int | None = None
+    train_interval: int | Literal["auto"] | None = "auto"
 
     def __post_init__(self) -> None:
         _positive_int("PlateauRule.patience", self.patience, minimum=1)
         _non_negative("PlateauRule.min_delta", self.min_delta)
         _bool("PlateauRule.relative", self.relative)
-        if self.train_interval is not None:
+        if self.train_interval is not None and self.train_interval != "auto":
             _positive_int("PlateauRule.train_interval", self.train_interval, minimum=1)
+
+    def interval(self, evaluated: bool) -> int | None:
+        """Steps between checks of the training loss, given whether an evaluation arrived."""
+        if self.train_interval == "auto":
+            return None if evaluated else AUTO_TRAIN_INTERVAL
+        return self.train_interval
 
 
 @dataclass(frozen=True)

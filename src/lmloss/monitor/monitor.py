@@ -14,8 +14,10 @@ Feed it one call per optimizer step and one per evaluation::
 
 What it tracks (``monitor.stats``): the debiased EMA of the loss (TensorBoard/W&B:
 ``last = last*w + y; n = n*w + 1; out = last/n``), perplexity ``exp(loss)``, token
-accuracy ``correct / tokens``, tokens per second, and the best (smoothed) train
-loss and best eval loss with their steps. What it detects: see
+accuracy ``correct / tokens``, tokens per second (with ``flops_per_token`` and
+``peak_flops``: TFLOP/s and MFU, see ``lmloss.monitor.throughput``), and the best
+(smoothed) train loss and best eval loss with their steps. A ``z_loss`` given to
+``update`` is logged as ``train/z_loss`` (OLMo-core's ``train/Z loss``). What it detects: see
 ``lmloss.monitor.detectors``.
 
 **Reading values.** Tensors passed to ``update`` are detached and kept on their
@@ -34,7 +36,9 @@ values of every rank are combined during the flush, in the same single all-reduc
 token counts and correct tokens are summed, the loss and per-term losses become the
 token-weighted mean over the global batch (pass each rank's *local* mean loss and
 *local* ``tokens``), the gradient norm and learning rate are averaged. Every rank
-then holds the same global numbers and detects the same events. Every rank must call
+then holds the same global numbers and detects the same events; the largest loss of
+any rank is logged beside the mean as ``train/loss_max`` (torchtitan's
+``global_max_loss``: one rank's bad data shows there before it moves the mean). Every rank must call
 ``update``/``update_eval``/``flush``/``state_dict``/``close`` the same number of
 times, with the same fields (they are collectives when they flush). Only global rank
 0 writes to the sinks unless ``write_sinks`` says otherwise. A rank that reports
@@ -70,6 +74,7 @@ from lmloss.monitor.detectors import (
 )
 from lmloss.monitor.events import Event
 from lmloss.monitor.sinks import Sink
+from lmloss.monitor.throughput import Throughput, check_flops
 
 __all__ = ["LossMonitor", "MonitorStats", "DEVICE_SYNC_EVERY"]
 
@@ -137,11 +142,14 @@ class LossMonitor:
         write_sinks: whether this process writes to ``sinks``; ``None`` means "if
             global rank 0" (always, without ``torch.distributed``).
         clock: seconds as a float, for tokens per second (tests pass a fake one).
+        flops_per_token: the model's training FLOPs per processed token: logs
+            ``throughput/tflops`` (per device).
+        peak_flops: the device's peak FLOP/s (needs ``flops_per_token``): logs
+            ``throughput/mfu`` in percent.
     """
 
     _last_step: int | None
     _last_eval_step: int | None
-    _last_time: float | None
     _events: list[Event]
 
     def __init__(
@@ -159,8 +167,11 @@ class LossMonitor:
         sinks: Sequence[Sink] = (),
         write_sinks: bool | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
     ) -> None:
         _check_options(ema_weight, sync_every, sinks, write_sinks, clock)
+        check_flops(flops_per_token, peak_flops)
         _check_rules(spike=spike, max_ratio=max_ratio, divergence=divergence, plateau=plateau,
                      overfitting=overfitting, converged=converged)
         self.ema_weight = float(ema_weight)
@@ -171,6 +182,7 @@ class LossMonitor:
         self.clock = clock
         self._rules = (spike, max_ratio, divergence, plateau, overfitting, converged)
         self._pending: list[PendingStep] = []
+        self._flops = (flops_per_token, peak_flops)
         self._reset_state()
 
     # --- feeding --------------------------------------------------------------------
@@ -185,6 +197,8 @@ class LossMonitor:
         grad_norm: Scalar | None = None,
         lr: Scalar | None = None,
         terms: Mapping[str, Scalar] | None = None,
+        z_loss: Scalar | None = None,
+        input_tokens: Scalar | None = None,
     ) -> list[Event]:
         """Record one optimizer step; return the events of the steps read now.
 
@@ -198,9 +212,14 @@ class LossMonitor:
             grad_norm: the total gradient norm (checked for spikes).
             lr: the learning rate.
             terms: per-term losses of a composite loss, by name (``{"ce": .., "z": ..}``).
+            z_loss: the z-loss term's share of ``loss`` (per target token, like ``loss``),
+                logged as ``train/z_loss``.
+            input_tokens: tokens the model processed this step (padding excluded), for
+                the FLOPs of ``throughput/tflops``/``mfu``; default ``tokens``.
         """
         self._check_step(step, self._last_step, "update")
-        values = self._values(loss=loss, tokens=tokens, correct=correct, grad_norm=grad_norm, lr=lr, terms=terms)
+        values = self._values(loss=loss, tokens=tokens, correct=correct, grad_norm=grad_norm, lr=lr, terms=terms,
+                              z_loss=z_loss, input_tokens=input_tokens)
         self._last_step = step
         self._pending.append(PendingStep("train", step, self.clock(), values))
         if self.sync_every is None:
@@ -246,7 +265,8 @@ class LossMonitor:
             return []
         pending, self._pending = self._pending, []
         rows = read_pending(pending, self.group)
-        window_rate = self._window_rate(pending, rows)
+        devices = dist.get_world_size(self.group) if self.group is not None else 1
+        window_rate = self._throughput.window([p.split for p in pending], [p.time for p in pending], rows, devices)
         events: list[Event] = []
         writes = self._writes()
         for item, values in zip(pending, rows):
@@ -329,8 +349,11 @@ class LossMonitor:
 
     # --- one step -------------------------------------------------------------------
 
-    def _train_step(self, step: int, v: dict[str, float], rate: float | None) -> tuple[dict[str, Any], list[Event]]:
+    def _train_step(self, step: int, v: dict[str, float], rate: dict[str, float]) -> tuple[dict[str, Any], list[Event]]:
         record: dict[str, Any] = {"step": step, "split": "train", "train/loss": v["loss"]}
+        for name in ("loss_max", "z_loss"):
+            if name in v:
+                record[f"train/{name}"] = v[name]
         events = _non_finite(step, "train", v)
         loss, stats = v["loss"], {"step": step, "loss": v["loss"], "ppl": _exp(v["loss"])}
         if math.isfinite(loss):
@@ -342,8 +365,9 @@ class LossMonitor:
             events += self._spikes(step, "loss", loss)
             events += self._train_trend(step, loss, smoothed)
         stats.update(self._counts(record, "train", v))
-        if rate is not None:
-            record["throughput/tokens_per_s"] = stats["tokens_per_s"] = rate
+        if "tokens_per_s" in rate:
+            stats["tokens_per_s"] = rate["tokens_per_s"]
+        record.update({f"throughput/{name}": x for name, x in rate.items()})
         for name in ("grad_norm", "lr"):
             if name in v:
                 record[f"train/{name}"] = stats[name] = v[name]
@@ -386,7 +410,8 @@ class LossMonitor:
                 events.append(self._divergence.check(step, "train/loss_smoothed", smoothed))
             else:
                 events.append(self._divergence.check(step, "train/loss", loss))
-        interval = self._plateau_train.rule.train_interval if self._plateau_train else None
+        evaluated = self._last_eval_step is not None
+        interval = self._plateau_train.rule.interval(evaluated) if self._plateau_train else None
         if self._plateau_train is not None and interval is not None and step >= self._next_train_check:
             self._next_train_check = step + interval
             events.append(self._plateau_train.check(step, "train/loss_smoothed", smoothed, what="train checks"))
@@ -431,26 +456,6 @@ class LossMonitor:
         self._ema_n = self._ema_n * self.ema_weight + 1.0
         return self._ema_last / self._ema_n
 
-    def _window_rate(self, pending: list[PendingStep], rows: list[dict[str, float]]) -> float | None:
-        """Tokens per second over the train steps of one flush (one value for the window).
-
-        Host time between two ``update`` calls says little about one step when the
-        GPU runs ahead of the host; over a whole flush window it is the real rate.
-        Step k's work lies between the ``update`` calls of steps k-1 and k.
-        """
-        train = [(item.time, row.get("tokens")) for item, row in zip(pending, rows) if item.split == "train"]
-        start = self._last_time
-        # An evaluation always ends its flush; the next interval starts after it,
-        # so the time spent evaluating is not counted as training time.
-        self._last_time = pending[-1].time
-        if start is None and train:  # the very first step only marks the start
-            start, train = train[0][0], train[1:]
-        counts = [tokens for _, tokens in train if tokens is not None]
-        if not train or start is None or len(counts) < len(train):
-            return None
-        elapsed = train[-1][0] - start
-        return math.fsum(counts) / elapsed if elapsed > 0 else None
-
     # --- plumbing -------------------------------------------------------------------
 
     def _reset_state(self) -> None:
@@ -466,7 +471,7 @@ class LossMonitor:
         self._last_eval_step = None
         self._ema_last, self._ema_n = 0.0, 0.0
         self._next_train_check = 0
-        self._last_time = None
+        self._throughput = Throughput(*self._flops)
         self._stats = MonitorStats()
         self._events = []
 

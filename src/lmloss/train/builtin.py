@@ -3,7 +3,8 @@
 - ``builtin_conversations()``: 400 multi-turn chats (capitals, colours, animal
   sounds, opposites, small sums, thanks) in the ``{"messages": [...]}`` format.
 - ``build_tokenizer(texts)``: a byte-level BPE trained on ``texts`` in a second,
-  wrapped as a transformers tokenizer with a Qwen-style ChatML template.
+  wrapped as a transformers tokenizer with a Qwen-style ChatML template whose
+  ``{% generation %}`` markers enclose what lmloss trains.
 - ``build_model(vocab_size, size)``: a randomly initialised Qwen2 causal LM from a
   small config.
 
@@ -20,8 +21,16 @@ from typing import Any
 __all__ = ["CHATML_TEMPLATE", "MODEL_SIZES", "build_model", "build_tokenizer", "builtin_conversations"]
 
 # Qwen2-style ChatML, without Qwen's default system prompt (the data brings its own).
+# ``{% generation %}`` marks exactly what lmloss trains in an assistant turn (its content
+# and ``<|im_end|>``, not the header nor the newline after), so transformers'
+# ``return_assistant_tokens_mask`` and TRL's ``assistant_only_loss`` agree with lmloss's
+# labels. The markers change nothing in the rendered text.
 CHATML_TEMPLATE = (
-    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}{% generation %}{{- m['content'] + '<|im_end|>' -}}{% endgeneration %}"
+    "{{- '\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

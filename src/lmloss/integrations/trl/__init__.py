@@ -5,6 +5,8 @@
   :func:`lmloss.rl.policy_loss`, normalized by the accumulation window's exact count.
 - ``LMLossDPOTrainer`` (:mod:`.dpo`): ``trl.DPOTrainer`` with log-probs from
   :func:`lmloss.linear_token_logprobs` and the loss from :func:`lmloss.preference.dpo_loss`.
+- ``LMLossSFTTrainer`` (:mod:`.sft`): ``trl.SFTTrainer`` whose loss is lmloss's fused
+  loss with every lmloss option, in one forward per step.
 
 Each name imports TRL only when it is first used, so ``import lmloss.integrations.trl``
 needs no TRL.
@@ -19,6 +21,7 @@ from typing import Any
 _EXPORTS = {
     "LMLossDPOTrainer": "dpo",
     "LMLossGRPOTrainer": "grpo",
+    "LMLossSFTTrainer": "sft",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from _dist import run_gloo
 from lmloss.monitor import (
+    AUTO_TRAIN_INTERVAL,
     DEVICE_SYNC_EVERY,
     ConvergedRule,
     DivergenceRule,
@@ -28,7 +29,7 @@ from lmloss.monitor import (
 
 NAN, INF = float("nan"), float("inf")
 
-# --- helpers (shared with the other test_monitor_*.py files) ---------------------------------
+# --- helpers (shared with the other tests/monitor/test_*.py files) ---------------------------------
 
 
 def clean_curve(n: int, *, seed: int = 0, noise: float = 0.03) -> list[float]:
@@ -220,6 +221,50 @@ def test_plateau_relative_threshold_as_reduce_lr_on_plateau():
     assert monitor.update_eval(0, loss=1.0) == []
     assert monitor.update_eval(1, loss=0.9998) == []  # 0.9998 < 1.0 * (1 - 1e-4): an improvement
     assert kinds(monitor.update_eval(2, loss=0.99975)) == [(2, "plateau", "eval/loss")]  # > 0.9998 * 0.9999
+
+
+def test_a_flat_training_loss_is_a_plateau_by_default_without_evaluations():
+    # Reproduction: LossMonitor() with only update() calls on a loss flat for 4,000 steps.
+    monitor = LossMonitor()
+    events = [e for step in range(4000) for e in monitor.update(step, loss=2.0)]
+    # Checked every AUTO_TRAIN_INTERVAL steps: best at 0, no improvement at 500, 1000, 1500.
+    assert AUTO_TRAIN_INTERVAL == 500
+    assert kinds(events) == [(1500, "plateau", "train/loss_smoothed")]
+
+
+def test_the_default_train_plateau_stops_once_evaluations_arrive():
+    monitor = LossMonitor()
+    events = monitor.update(0, loss=2.0) + monitor.update_eval(0, loss=2.5)
+    events += [e for step in range(1, 4000) for e in monitor.update(step, loss=2.0)]
+    assert events == []  # evaluations decide plateaus from here on
+
+
+def test_a_falling_training_loss_is_no_plateau_and_none_turns_the_default_off():
+    falling = LossMonitor()
+    assert [e for step in range(4000) for e in falling.update(step, loss=5.0 - step / 1000)] == []
+    off = LossMonitor(plateau=PlateauRule(train_interval=None))
+    assert [e for step in range(4000) for e in off.update(step, loss=2.0)] == []
+    with pytest.raises(TypeError, match="train_interval"):
+        PlateauRule(train_interval="sometimes")
+
+
+def test_the_default_train_plateau_resumes_from_a_checkpoint():
+    whole, first = LossMonitor(), LossMonitor()
+    events = [e for step in range(2000) for e in whole.update(step, loss=2.0)]
+    for step in range(800):
+        first.update(step, loss=2.0)
+    resumed = LossMonitor()
+    resumed.load_state_dict(first.state_dict())
+    assert kinds([e for step in range(800, 2000) for e in resumed.update(step, loss=2.0)]) == kinds(events)
+
+
+def test_z_loss_is_logged_as_its_own_scalar():
+    sink = ListSink()
+    monitor = LossMonitor(sinks=[sink])
+    monitor.update(0, loss=torch.tensor(2.5), z_loss=torch.tensor(0.04), tokens=10)
+    monitor.update(1, loss=2.4)
+    records = sink.metrics()
+    assert records[0]["train/z_loss"] == pytest.approx(0.04) and "train/z_loss" not in records[1]
 
 
 def test_plateau_of_the_training_loss():
@@ -572,6 +617,12 @@ def test_two_gloo_processes_see_the_numbers_of_one_process_fed_everything():
             r["event"] if "event" in r else r["split"] for r in single_sink.records
         ]
         for got, expected in zip(result["records"], single_sink.records):
+            assert ("train/loss_max" in got) == ("event" not in got and got["split"] == "train")
+            if "train/loss_max" in got:  # beside the mean: the largest loss of one rank's share
+                means = [math.fsum(r["losses"]) / len(r["losses"]) for r in data[got["step"]]["ranks"]]
+                loss_max = got.pop("train/loss_max")
+                assert loss_max == pytest.approx(max(means), rel=1e-12) or any(map(math.isnan, means))
+                assert got["split"] == "train" and (got["step"] != 200 or loss_max > 1.3 * got["train/loss"])
             assert got.keys() == expected.keys()
             for key, value in expected.items():
                 if isinstance(value, float):

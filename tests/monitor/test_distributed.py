@@ -54,7 +54,7 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
             loss, tokens = torch.tensor(loss, dtype=torch.float64), torch.tensor(tokens)
         for m in (monitor, quiet):
             m.update(step, loss=loss, tokens=tokens, correct=mine["correct"], grad_norm=2.0, lr=1e-3,
-                     terms={"aux": aux})
+                     terms={"aux": aux}, z_loss=aux / 10, input_tokens=tokens + 5)
     eval_losses = EVAL[rank]["losses"]
     monitor.update_eval(2, loss=_local_mean(eval_losses), tokens=len(eval_losses))
     quiet.update_eval(2, loss=_local_mean(eval_losses), tokens=len(eval_losses))
@@ -87,6 +87,17 @@ def test_train_numbers_are_global_sums_worked_out_by_hand(ranks):
         assert [r["train/term/aux"] for r in train] == pytest.approx([0.5 / 4, 0.2, 0.1], rel=1e-12)
         assert [r["train/ppl"] for r in train] == pytest.approx([math.exp(2.75), math.exp(3.0), math.exp(1.5)])
         assert all(r["train/grad_norm"] == 2.0 and r["train/lr"] == pytest.approx(1e-3) for r in train)
+        # The z-loss term is token-weighted like the loss: (0.01 * 3 + 0.02 * 1) / 4, then 0.02, then 0.01.
+        assert [r["train/z_loss"] for r in train] == pytest.approx([0.05 / 4, 0.02, 0.01], rel=1e-12)
+
+
+@pytest.mark.distributed
+def test_the_largest_rank_loss_is_logged_beside_the_mean(ranks):
+    for result in ranks:
+        train = [r for r in result["records"] if r.get("split") == "train"]
+        # Step 0: max(mean(1, 2, 3), 5); steps 1 and 2: the only rank with targets (an empty rank is no max).
+        assert [r["train/loss_max"] for r in train] == [5.0, 3.0, 1.5]
+        assert "nan" not in result["events"]
         assert "nan" not in result["events"]
         assert result["stats"].tokens_seen == 8 and result["stats"].loss == pytest.approx(1.5)
 
