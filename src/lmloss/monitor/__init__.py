@@ -13,7 +13,8 @@ The last stage of the pipeline (``... -> loss -> reduction -> monitor``)::
     monitor.close()
     # then: lmloss plot runs/exp1   ->  runs/exp1/plots/*.png
 
-Modules: ``monitor`` (``LossMonitor``), ``detectors`` (the rules and their defaults),
+Modules: ``monitor`` (``LossMonitor``), ``options`` (its argument checks),
+``detectors`` (the rules and their defaults),
 ``throughput`` (tokens/s, TFLOP/s and MFU),
 ``events`` (``Event``), ``sinks`` (JSONL/CSV/TensorBoard and the run-directory
 format), ``console`` (progress bar), ``plot`` (PNGs and ``lmloss plot``), ``hf``
