@@ -184,7 +184,8 @@ def test_a_long_sample_is_cut_as_encoding_it_whole_would(tmp_path, tokenizer):
 
 
 _PEAK_SCRIPT = """
-import json, resource, sys
+import json, sys
+from lmloss.bench import peak_rss_bytes
 from lmloss.train.builtin import build_tokenizer
 from lmloss.train.config import TrainConfig
 from lmloss.train.data import DataReport, encode_records, load_records
@@ -193,7 +194,7 @@ config = TrainConfig(data=[sys.argv[1]], eval_fraction=0.0, max_length=256)
 (source,), _ = load_records(config)
 examples = encode_records(source.records, tokenizer, config, DataReport(), "train")
 print(json.dumps({"length": len(examples[0]["input_ids"]),
-                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "peak_kib": peak_rss_bytes() // 1024}))
 """
 
 
@@ -201,6 +202,8 @@ def test_memory_of_a_50_mb_line_is_bounded_by_max_length(tmp_path):
     # Reproduction: a 50 MB line peaked at 9.6 GiB with --max-length 256, because the
     # whole text was tokenized (ids and offsets of ~10M tokens) before truncation.
     # Encoded in a window, the peak is the interpreter, torch and a few copies of the text.
+    # The child reads VmHWM (peak_rss_bytes), not ru_maxrss: at exec Linux carries the forking
+    # parent's peak into ru_maxrss, so a large pytest process would be measured instead.
     import os
     import subprocess
     import sys
