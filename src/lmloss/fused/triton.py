@@ -45,19 +45,17 @@ from typing import Any
 import torch
 import triton
 
-from lmloss._validation import check_label_range, check_num_items, check_token_weights, value_checks_enabled
-from lmloss.fused.chunked import (
-    LossMath,
-    check_forward_gradients,
-    chunked_linear_cross_entropy,
-    default_chunk_rows,
-    remember_weight,
-)
-from lmloss.reference import Normalize, Reduction, mean_over_items, plan_targets, to_label_alignment
+from lmloss._engine.chunks import Grads, buffer_rows, chunk_indices, default_chunk_rows, needs_grad, scored_rows
+from lmloss._engine.guard import check_forward_gradients, refuse_create_graph, remember_weight
+from lmloss._engine.plan import compute_dtype, finish, prepare
+from lmloss._engine.rowmath import LossMath, token_terms
+from lmloss._spec import LossSpec, Normalize, Reduction
+from lmloss.fused.chunked import chunked_linear_cross_entropy
 
 __all__ = [
     "TRITON_BACKENDS",
     "triton_linear_cross_entropy",
+    "triton_backend",
     "triton_rows_linear_cross_entropy",
     "lowmem_rows_linear_cross_entropy",
     "interpreting",
@@ -111,17 +109,35 @@ def triton_linear_cross_entropy(
         A float32 scalar, or ``[..., T]`` aligned with ``labels`` for ``reduction="none"``
         (float64 for float64 inputs).
     """
+    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    z_loss=z_loss, softcap=softcap, normalize=normalize,
+                    token_loss=other_options.get("token_loss", "ce"), focal_gamma=other_options.get("focal_gamma"))
     _refuse_unsupported(other_options)
+    return triton_backend(hidden, weight, bias, labels, chunk_size, spec, token_weights, num_items_in_batch,
+                          lowmem=lowmem)
+
+
+def triton_backend(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_size: int | None,
+    spec: LossSpec,
+    token_weights: object,
+    num_items_in_batch: object,
+    *,
+    lowmem: bool,
+) -> torch.Tensor:
+    """The backend as ``lmloss.linear_cross_entropy`` calls it: checked inputs and a spec."""
+    _refuse_unsupported(dict(token_loss=spec.token_loss))
     if hidden.dtype != torch.float64:
         kernels_for(hidden.device)  # fail fast where the kernels cannot run
-    check_label_range(labels, weight.shape[0], ignore_index)
-    weights = None if token_weights is None else check_token_weights(token_weights, labels)
-    num_items = check_num_items(num_items_in_batch)
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    plan = plan_targets(labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=dtype)
-    math = LossMath(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    dtype = compute_dtype(hidden.dtype)
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, weight.shape[0], spec, dtype)
+    math = LossMath.from_spec(spec)
     args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, plan.targets.reshape(-1), plan.coef.reshape(-1))
-    reduce_sum = reduction != "none"
+    reduce_sum = spec.reduction != "none"
     if dtype == torch.float64:
         # The kernels compute in float32; float64 (a CPU test dtype) keeps its precision.
         result = chunked_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
@@ -129,9 +145,7 @@ def triton_linear_cross_entropy(
         result = lowmem_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum)
     else:
         result = triton_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
-    if reduction == "none":
-        return to_label_alignment(result.view(labels.shape), shift)
-    return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+    return finish(result, plan, labels.shape, spec, num_items)
 
 
 def _refuse_unsupported(options: dict[str, Any]) -> None:
@@ -252,55 +266,11 @@ def math_constexprs(math: LossMath, bias: bool) -> dict[str, bool]:
     )
 
 
-def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
-    grad = torch.is_grad_enabled()
-    return (
-        grad and hidden.requires_grad,
-        grad and weight.requires_grad,
-        grad and bias is not None and bias.requires_grad,
-    )
-
-
-def _scored_rows(coef: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the scored positions, or None to compute every row (static shapes)."""
-    if not value_checks_enabled():
-        return None
-    rows = coef.nonzero().squeeze(1)
-    return None if rows.numel() == coef.numel() else rows
-
-
-class _Grads:
-    """float32 gradient accumulators, cast to the inputs' dtypes once at the end."""
-
-    def __init__(
-        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]
-    ):
-        def zeros(t: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-            return None if t is None or not needed else torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-
-        self.hidden, self.weight, self.bias = zeros(hidden, needs[0]), zeros(weight, needs[1]), zeros(bias, needs[2])
-        self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-
-    def finished(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-        """The gradients, times the upstream scalar ``scale`` (in float32, before rounding)."""
-        out = []
-        for grad, dtype in zip((self.hidden, self.weight, self.bias), self.dtypes):
-            if grad is not None and scale is not None:
-                grad.mul_(scale.to(torch.float32))
-            out.append(None if grad is None or dtype is None else grad.to(dtype))
-        return tuple(out)
-
-
 def _loss_of_stats(
     lse: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None, vocab: int, math: LossMath
 ) -> torch.Tensor:
     """``[n]`` losses from the ``[n]`` log-sum-exps, target logits and logit sums (softcapped)."""
-    loss = lse - target
-    if total is not None:
-        loss = (1.0 - math.label_smoothing) * loss + math.label_smoothing * (lse - total / vocab)
-    if math.z_loss > 0:
-        loss = loss + math.z_loss * lse.square()
-    return loss
+    return token_terms(lse, lse - target, total, math, vocab).loss
 
 
 # --- speed mode ---------------------------------------------------------------------------
@@ -334,7 +304,7 @@ def triton_rows_linear_cross_entropy(
         chunk_rows = default_chunk_rows(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
-    needs = _needs(hidden, weight, bias)
+    needs = needs_grad(hidden, weight, bias)
     return _TritonRows.apply(hidden, weight, bias, targets, coef, math, reduce_sum, chunk_rows, needs)
 
 
@@ -357,12 +327,12 @@ class _TritonRows(torch.autograd.Function):
         chunk_rows: int,
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
-        rows = _scored_rows(coef)
+        rows = scored_rows(coef)
         ctx.math, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = math, reduce_sum, chunk_rows, needs
         if not reduce_sum:
             ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
             return _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, None)
-        grads = _Grads(hidden, weight, bias, needs) if any(needs) else None
+        grads = Grads.allocate(hidden, weight, bias, needs, zero_weight=True) if any(needs) else None
         losses = _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, grads)
         # Gradients made now go stale if the weight changes before backward (an early
         # optimizer.step()): its version counter tells.
@@ -374,14 +344,16 @@ class _TritonRows(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
         if ctx.reduce_sum:
             check_forward_gradients(ctx, "linear_cross_entropy (triton)", "use backend='triton-lowmem'")
-            grads, ctx.grads = ctx.grads, None
-            dh, dw, db = grads.finished(grad_output)
+            grads, ctx.grads = ctx.grads.scaled_(grad_output), None
+            dh, dw, db = grads.hidden, grads.weight, grads.bias
         else:
+            refuse_create_graph("linear_cross_entropy (triton)", "use backend='reference'")
             hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            grads = _Grads(hidden, weight, bias, ctx.needs)
+            grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
             upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
             _run_chunks(hidden, weight, bias, targets, coef, upstream, rows, ctx.math, ctx.chunk_rows, grads)
-            dh, dw, db = grads.finished()
+            grads.finished()
+            dh, dw, db = grads.hidden, grads.weight, grads.bias
         return dh, dw, db, None, None, None, None, None, None
 
 
@@ -395,18 +367,14 @@ def _run_chunks(
     rows: torch.Tensor | None,
     math: LossMath,
     chunk_rows: int,
-    grads: _Grads | None,
+    grads: Grads | None,
 ) -> torch.Tensor:
     """``[N]`` weighted losses (``coef`` * loss); with ``grads``, add each chunk's gradients
     of ``sum(g * loss)``."""
-    n_scored = hidden.shape[0] if rows is None else rows.numel()
+    indices = chunk_indices(hidden.shape[0], rows, chunk_rows)
     losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    chunk = _Chunk(min(chunk_rows, max(n_scored, 1)), weight, grads is not None, _wide_logits(hidden))
-    for start in range(0, n_scored, chunk_rows):
-        if rows is None:
-            index: torch.Tensor | slice = slice(start, min(start + chunk_rows, n_scored))
-        else:
-            index = rows[start : start + chunk_rows]
+    chunk = _Chunk(buffer_rows(hidden.shape[0], rows, chunk_rows), weight, grads is not None, _wide_logits(hidden))
+    for index in indices:
         a = coef[index]
         loss = chunk.run(hidden[index], weight, bias, targets[index], g[index], math, grads, index)
         losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
@@ -437,7 +405,7 @@ class _Chunk:
         y: torch.Tensor,
         g: torch.Tensor,
         math: LossMath,
-        grads: _Grads | None,
+        grads: Grads | None,
         index: torch.Tensor | slice,
     ) -> torch.Tensor:
         """Unweighted ``[c]`` losses of the chunk; with ``grads``, accumulate its gradients."""
@@ -461,7 +429,7 @@ class _Chunk:
 
 
 def _accumulate(
-    dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grads: _Grads, index: torch.Tensor | slice, wide: bool
+    dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grads: Grads, index: torch.Tensor | slice, wide: bool
 ) -> None:
     """``dh[index] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)``, all accumulated in float32."""
     if grads.hidden is not None:
@@ -499,7 +467,7 @@ def lowmem_rows_linear_cross_entropy(
     are made in backward by recomputing the logits tiles.
     """
     hidden, weight = hidden.contiguous(), weight.contiguous()
-    needs = _needs(hidden, weight, bias)
+    needs = needs_grad(hidden, weight, bias)
     return _LowMem.apply(hidden, weight, bias, targets, coef, math, reduce_sum, needs)
 
 
@@ -516,7 +484,7 @@ class _LowMem(torch.autograd.Function):
         reduce_sum: bool,
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
-        rows = _scored_rows(coef)
+        rows = scored_rows(coef)
         y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
         lse, loss = _lowmem_forward(hidden, weight, bias, rows, y, math)
         weighted = torch.where(a != 0, loss * a, torch.zeros_like(loss))
@@ -528,15 +496,15 @@ class _LowMem(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
         hidden, weight, bias, rows, y, a, lse = ctx.saved_tensors
-        grads = _Grads(hidden, weight, bias, ctx.needs)
+        grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
         if any(ctx.needs) and y.numel() > 0:
             upstream = grad_output.to(torch.float32)
             if not ctx.reduce_sum and rows is not None:
                 upstream = upstream[rows]
             g = (a * upstream).contiguous()  # each scored row's factor of d(loss)
             _lowmem_backward(hidden, weight, bias, rows, y, g, lse, ctx.math, grads)
-        dh, dw, db = grads.finished()
-        return dh, dw, db, None, None, None, None, None
+        grads.finished()
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
 
 
 def _lowmem_forward(
@@ -591,7 +559,7 @@ def _lowmem_backward(
     g: torch.Tensor,
     lse: torch.Tensor,
     math: LossMath,
-    grads: _Grads,
+    grads: Grads,
 ) -> None:
     """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically)."""
     n, vocab = y.numel(), weight.shape[0]
