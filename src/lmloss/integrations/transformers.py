@@ -164,7 +164,7 @@ def apply(
     check_bool("eval_logits", eval_logits)
     head = _output_head(target)
     ids = placeholder_token_ids(target) if ignore_token_ids is None else _check_token_ids(ignore_token_ids)
-    scale, softcap = _logit_transform(target)
+    scale, softcap = logit_transform(target)
     state = _Fused(
         head=head,
         loss_options=dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
@@ -594,7 +594,7 @@ def _config_value(config: Any, key: str) -> Any:
     return value
 
 
-def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     """(scale, softcap) such that the model's logits are ``softcap(scale * (h W^T + b))``."""
     config = getattr(model, "config", None)
     softcap = _config_value(config, "final_logit_softcapping")

@@ -24,6 +24,12 @@ BUILTIN_DATA_EPOCHS = 15.0  # the built-in set is small and regular: 15 passes t
 DEFAULT_EPOCHS = 3.0
 PRECISIONS = ("float32", "bfloat16")
 MASKING = ("assistant", "all", "last_assistant", "everything")
+# The per-token loss options (lmloss._spec.LossSpec) that are not flags, and why.
+LOSS_OPTIONS_FIXED = {
+    "shift": "a causal LM's labels are its input ids: always shifted",
+    "ignore_index": "the collators mark untrained positions with -100",
+    "reduction": "a step's loss is the mean over its targets",
+}
 
 
 def _opt(default: Any, help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
