@@ -9,22 +9,12 @@ the loss only needs four numbers from each rank's slice ``z_r`` of the logits:
     m_r = max(z_r)               s_r = sum(exp(z_r - m_r))
     t_r = z_r[y] if y is in r's shard, else 0      u_r = sum(z_r)  (label smoothing)
 
-and then, identically on every rank,
-
-    M = max_r m_r     lse = M + log(sum_r s_r * exp(m_r - M))     z_y = sum_r t_r
-    ce = (1-e) * (lse - z_y) + e * (lse - sum_r u_r / V)
-    loss = w * ce + c * lse**2
-
-where ``w`` is 1 for plain cross-entropy, or the DFT/focal weight of the token
-(``token_loss``): with ``p = exp(z_y - lse)`` the target probability, DFT ``w = p``,
-focal ``w = (1 - p)^gamma``. ``p`` is known on every rank once the statistics are
-combined, so the weight costs no collective. Its gradient is folded into each row's
-coefficients (``a`` the token's coefficient, ``s`` the global softmax):
-
-    d loss / dz = a * ((w + 2c*lse + k) * s - ((1-e) * w + k) * onehot(y) - w * e / V)
-
-with ``k = gamma * (1-p)^(gamma-1) * p * ce`` for ``"focal_attached"`` (the weight's
-own derivative, Lin et al. 2017) and ``k = 0`` for the detached forms.
+and then, identically on every rank, ``M = max_r m_r``, ``lse = M + log(sum_r s_r *
+exp(m_r - M))``, ``z_y = sum_r t_r`` and ``sum(z) = sum_r u_r``. From these the loss,
+its DFT/focal weight and the gradient of each shard's logits are the engine's
+(``lmloss._engine.reducer.ShardReducer`` and ``lmloss._engine.rowmath``, the same
+code as on one process); the weight costs no collective. This module holds what is
+about parallelism: the layout, the collectives and the fail-together protocol.
 
 **Collectives.** The four numbers of a chunk of ``c`` tokens travel in *one*
 all-gather of a ``[c, 4]`` tensor and every rank combines them locally. The
@@ -79,23 +69,17 @@ from __future__ import annotations
 
 import math as _math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from lmloss._engine.chunks import (
-    Grads,
-    autocast_inputs,
-    chunk_indices,
-    needs_grad,
-    run_chunks,
-    scored_rows,
-)
-from lmloss._engine.guard import check_forward_gradients, refuse_create_graph, remember_weight
+from lmloss._engine.chunks import autocast_inputs, chunk_indices, needs_grad, scored_rows
 from lmloss._engine.plan import compute_dtype, finish, prepare
-from lmloss._engine.reducer import RowRecord, SavedReducer, ShardReducer, combine_stats
-from lmloss._engine.rowmath import LossMath, logits_grad_, softcap_, token_terms
+from lmloss._engine.reducer import ShardReducer
+from lmloss._engine.rowmath import LossMath
+from lmloss._engine.sharded import ShardedLinearCE, ShardedLogitsCE
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
 from lmloss._validation import check_int, check_labels, check_tensor, value_checks_enabled
 
@@ -332,66 +316,14 @@ def _reducer(layout: _Layout) -> ShardReducer:
     )
 
 
-def _finish_grads(grads: Grads, layout: _Layout, any_row: bool, scale: torch.Tensor | None) -> Grads:
-    """All-reduce the hidden-state gradient (each rank holds ``dz_r @ W_r``), then scale and cast."""
-    if grads.hidden is not None and any_row and layout.world_size > 1:
-        dist.all_reduce(grads.hidden, op=dist.ReduceOp.SUM, group=layout.group)
-    return grads.finished() if scale is None else grads.scaled_(scale)
+def _sum_hidden(layout: _Layout) -> Callable[[torch.Tensor], None] | None:
+    """The all-reduce of the hidden-state gradient: each rank holds ``dz_r @ W_r``, its shard's part."""
+    if layout.world_size == 1:
+        return None
+    return lambda grad: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=layout.group)
 
 
 # --- fused: hidden states and the weight shard ---------------------------------------------
-
-
-class _VocabParallelLinearCE(torch.autograd.Function):
-    """The engine's chunk loop with this rank's shard and the vocab-parallel reducer."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        layout: _Layout,
-        math: LossMath,
-        reduce_sum: bool,
-        chunk_rows: int,
-        needs: tuple[bool, bool],
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        ctx.layout, ctx.math, ctx.chunk_rows, ctx.needs, ctx.reduce_sum = layout, math, chunk_rows, needs, reduce_sum
-        ctx.any_row = rows is None or rows.numel() > 0
-        reducer = _reducer(layout)
-        if reduce_sum:
-            # The loss is linear in the gradients: make them now, scale them in backward.
-            grads = Grads.allocate(hidden, weight, None, needs) if any(needs) else None
-            losses = run_chunks(hidden, weight, None, targets, coef, rows, math, chunk_rows, grads, reducer)
-            ctx.grads = grads
-            remember_weight(ctx, weight)
-            return losses.sum()
-        record = RowRecord.zeros(hidden.shape[0], coef.dtype, hidden.device)
-        losses = run_chunks(hidden, weight, None, targets, coef, rows, math, chunk_rows, None, reducer, record)
-        ctx.save_for_backward(hidden, weight, targets, coef, rows, record.lse, record.nll, record.sum_z)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        what = "vocab_parallel_linear_cross_entropy"
-        if ctx.reduce_sum:
-            check_forward_gradients(ctx, what, "use reduction='none' and sum the result")
-            grads, ctx.grads = ctx.grads, None
-            grads = _finish_grads(grads, ctx.layout, ctx.any_row, grad_output)
-        else:
-            refuse_create_graph(what, "compute the gradient penalty from the logits form")
-            hidden, weight, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
-            grads = Grads.allocate(hidden, weight, None, ctx.needs)
-            upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
-            # The statistics are known from forward: no collective, only the gradients.
-            saved = SavedReducer(RowRecord(lse, nll, sum_z), ctx.layout.vocab_size, _reducer(ctx.layout).columns)
-            with torch.autocast(hidden.device.type, enabled=False):
-                run_chunks(hidden, weight, None, targets, upstream, rows, ctx.math, ctx.chunk_rows, grads, saved)
-            grads = _finish_grads(grads, ctx.layout, ctx.any_row, None)
-        return grads.hidden, grads.weight, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -470,69 +402,14 @@ def vocab_parallel_linear_cross_entropy(
         _fail_together(problem, _first_gather_rows(plan.coef, chunk_size), layout, labels.device)
     needs = needs_grad(hidden, weight_shard)
     with torch.autocast(hidden.device.type, enabled=False):
-        result = _VocabParallelLinearCE.apply(
+        result = ShardedLinearCE.apply(
             hidden2d, weight_shard, plan.targets.reshape(-1), plan.coef.reshape(-1),
-            layout, LossMath.from_spec(spec), reduction != "none", chunk_size, needs,
+            _reducer(layout), LossMath.from_spec(spec), reduction != "none", chunk_size, needs, _sum_hidden(layout),
         )
     return finish(result, plan, labels.shape, spec, num_items)
 
 
 # --- logits shard given ---------------------------------------------------------------------
-
-
-class _VocabParallelCE(torch.autograd.Function):
-    """``[N, V_r]`` logits shard -> ``[N]`` weighted per-row losses; one all-gather in forward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        layout: _Layout,
-        math: LossMath,
-        chunk_rows: int,
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        chunks = chunk_indices(logits.shape[0], rows, chunk_rows)
-        losses = torch.zeros(logits.shape[0], dtype=coef.dtype, device=logits.device)
-        record = RowRecord.zeros(logits.shape[0], coef.dtype, logits.device)
-        reducer = _reducer(layout)
-        if chunks:
-            # Local statistics of every chunk first, then one all-gather for all of them:
-            # nothing here needs the global numbers before the end.
-            stats = []
-            for index in chunks:
-                z = logits[index].to(coef.dtype, copy=True)
-                softcap_(z, math.softcap)
-                stats.append(reducer.local_stats_(z, *reducer.columns(targets[index]), math))
-            lse, z_y, sum_z = combine_stats(_gather_stats(torch.cat(stats), layout, first=True), coef.dtype)
-            scored = slice(None) if rows is None else rows
-            a = coef[scored]
-            terms = token_terms(lse, lse - z_y, sum_z, math, layout.vocab_size)
-            losses[scored] = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
-            record.lse[scored], record.nll[scored], record.sum_z[scored] = lse, lse - z_y, sum_z
-        ctx.layout, ctx.math, ctx.chunk_rows = layout, math, chunk_rows
-        ctx.save_for_backward(logits, targets, coef, rows, record.lse, record.nll, record.sum_z)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        refuse_create_graph("vocab_parallel_cross_entropy", "use causal_lm_loss on gathered logits")
-        logits, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
-        math, layout = ctx.math, ctx.layout
-        saved = SavedReducer(RowRecord(lse, nll, sum_z), layout.vocab_size, _reducer(layout).columns)
-        grad = torch.zeros_like(logits)
-        upstream = coef * grad_output.to(coef.dtype)
-        for index in chunk_indices(logits.shape[0], rows, ctx.chunk_rows):
-            z = logits[index].to(coef.dtype, copy=True)
-            cap = softcap_(z, math.softcap, torch.empty_like(z) if math.softcap is not None else None)
-            stats = saved.stats_(z, targets[index], math, index, first=False, probs=True)
-            terms = token_terms(stats.lse, stats.nll, stats.sum_z, math, layout.vocab_size)
-            logits_grad_(z, stats.y, upstream[index], stats.lse, terms, math, layout.vocab_size, own=stats.own,
-                         cap=cap)
-            grad[index] = z.to(grad.dtype)
-        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -591,8 +468,9 @@ def vocab_parallel_cross_entropy(
     logits2d = logits_shard.reshape(labels.numel(), logits_shard.shape[-1])
     itemsize = torch.finfo(plan.coef.dtype).bits // 8
     chunk_rows = max(1, _CHUNK_BYTES // max(1, logits2d.shape[1] * itemsize))  # local: no collective per chunk
-    per_row = _VocabParallelCE.apply(
-        logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), layout, LossMath.from_spec(spec), chunk_rows
+    per_row = ShardedLogitsCE.apply(
+        logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), _reducer(layout), LossMath.from_spec(spec),
+        chunk_rows,
     )
     return finish(per_row, plan, labels.shape, spec, num_items)
 
