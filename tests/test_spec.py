@@ -11,7 +11,14 @@ import torch
 
 import lmloss
 from lmloss import distill, nn, parallel
-from lmloss._spec import BACKENDS, MIN_SOFTCAP, NORMALIZATIONS, SPEC_OPTIONS, TOKEN_LOSSES, LossSpec
+from lmloss._spec import (
+    BACKENDS,
+    MIN_SOFTCAP,
+    NORMALIZATIONS,
+    SPEC_OPTIONS,
+    TOKEN_LOSSES,
+    LossSpec,
+)
 from lmloss.integrations import transformers as hf
 from lmloss.train import config as train_config
 

@@ -32,6 +32,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lmloss._engine.autograd import Run, backward_made, forward_made
 from lmloss._engine.chunks import (
     Buffers,
     Grads,
@@ -44,10 +45,14 @@ from lmloss._engine.chunks import (
     needs_grad,
     scored_rows,
 )
-from lmloss._engine.guard import check_forward_gradients, refuse_create_graph, remember_weight
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._spec import LossSpec, Normalize, Reduction
-from lmloss._validation import check_labels, check_logits, check_real, value_checks_enabled
+from lmloss._validation import (
+    check_labels,
+    check_logits,
+    check_real,
+    value_checks_enabled,
+)
 from lmloss.fused import check_backend_options, check_linear
 
 __all__ = ["distillation_loss", "linear_distillation_loss", "check_distill_options"]
@@ -341,31 +346,36 @@ class _LinearDistillation(torch.autograd.Function):
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
         rows = scored_rows(coef)
-        ctx.options, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = options, reduce_sum, chunk_rows, needs
-        if reduce_sum:
-            grads = Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
-            losses = _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, grads)
-            ctx.grads = grads
-            remember_weight(ctx, weight)
-            return losses.sum()
-        ctx.teacher = teacher  # constants: held as they are, no version tracking needed
-        ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-        return _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, None)
+        ctx.options, ctx.chunk_rows = options, chunk_rows
+        if not reduce_sum:
+            ctx.teacher = teacher  # constants: held as they are, no version tracking needed
+            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
+        run = _runner(hidden, weight, bias, teacher, targets, rows, options, chunk_rows)
+        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        if ctx.reduce_sum:
-            check_forward_gradients(ctx, "linear_distillation_loss", "use distillation_loss on logits")
-            grads, ctx.grads = ctx.grads.scaled_(grad_output), None
-        else:
-            refuse_create_graph("linear_distillation_loss", "use distillation_loss on logits")
+        inputs = coef = run = None
+        if not ctx.reduce_sum:
             hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            grads = Grads.allocate(hidden, weight, bias, ctx.needs)
-            upstream = coef * grad_output.to(coef.dtype)  # each token's upstream gradient
-            with torch.autocast(hidden.device.type, enabled=False):
-                _run(hidden, weight, bias, ctx.teacher, targets, upstream, rows, ctx.options, ctx.chunk_rows, grads)
-            grads = grads.finished()
+            inputs = (hidden, weight, bias)
+            run = _runner(hidden, weight, bias, ctx.teacher, targets, rows, ctx.options, ctx.chunk_rows)
+        grads = backward_made(ctx, grad_output, run, inputs, coef, "linear_distillation_loss",
+                              "use distillation_loss on logits")
         return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None, None
+
+
+def _runner(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    targets: torch.Tensor,
+    rows: torch.Tensor | None,
+    options: tuple[float, float],
+    chunk_rows: int,
+) -> Run:
+    return lambda coef, grads: _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, grads)
 
 
 def _run(

@@ -7,7 +7,14 @@ import warnings
 import torch
 from torch import nn
 
-from lmloss._spec import SPEC_OPTIONS, Backend, LossSpec, Normalize, Reduction, TokenLoss
+from lmloss._spec import (
+    SPEC_OPTIONS,
+    Backend,
+    LossSpec,
+    Normalize,
+    Reduction,
+    TokenLoss,
+)
 from lmloss.fused import check_backend_options, linear_cross_entropy
 from lmloss.reference import causal_lm_loss
 

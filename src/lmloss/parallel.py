@@ -68,20 +68,30 @@ job under torchrun). With gloo (CPU tensors) the flag is read whatever the setti
 from __future__ import annotations
 
 import math as _math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from lmloss._engine.chunks import autocast_inputs, chunk_indices, needs_grad, scored_rows
+from lmloss._engine.chunks import (
+    autocast_inputs,
+    chunk_indices,
+    needs_grad,
+    scored_rows,
+)
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._engine.reducer import ShardReducer
 from lmloss._engine.rowmath import LossMath
 from lmloss._engine.sharded import ShardedLinearCE, ShardedLogitsCE
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
-from lmloss._validation import check_int, check_labels, check_tensor, value_checks_enabled
+from lmloss._validation import (
+    check_int,
+    check_labels,
+    check_tensor,
+    value_checks_enabled,
+)
 
 __all__ = [
     "vocab_parallel_linear_cross_entropy",

@@ -216,11 +216,13 @@ def run_chunks(
     """
     indices = chunk_indices(hidden.shape[0], rows, chunk_rows)
     losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
-    buffers = Buffers(buffer_rows(hidden.shape[0], rows, chunk_rows), weight.shape[0], weight.dtype, coef.dtype, hidden.device)
+    size = buffer_rows(hidden.shape[0], rows, chunk_rows)
+    buffers = Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
     for i, index in enumerate(indices):
         h, a = hidden[index], coef[index]
         if rows is None and not value_checks_enabled():
-            h = torch.where((a != 0).unsqueeze(1), h, torch.zeros_like(h))  # static shapes: unscored rows zeroed
+            # Static shapes: unscored rows are zeroed, so a NaN there cannot reach the products.
+            h = torch.where((a != 0).unsqueeze(1), h, torch.zeros_like(h))
         y = torch.where(a != 0, targets[index], torch.zeros_like(targets[index]))  # may hold ignore_index
         losses[index] = _chunk(h, weight, bias, y, a, math, buffers, grads, index, reducer, i == 0, record)
     return losses

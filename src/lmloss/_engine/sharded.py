@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from lmloss._engine.chunks import Grads, chunk_indices, run_chunks, scored_rows
-from lmloss._engine.guard import check_forward_gradients, refuse_create_graph, remember_weight
+from lmloss._engine.autograd import Run, backward_made, forward_made
+from lmloss._engine.chunks import Grads, Reducer, chunk_indices, run_chunks, scored_rows
+from lmloss._engine.guard import refuse_create_graph
 from lmloss._engine.reducer import RowRecord, SavedReducer, ShardReducer, combine_stats
 from lmloss._engine.rowmath import LossMath, logits_grad_, softcap_, token_terms
 
@@ -24,11 +25,16 @@ __all__ = ["ShardedLinearCE", "ShardedLogitsCE"]
 SumHidden = Callable[[torch.Tensor], None]
 
 
-def _finish(grads: Grads, sum_hidden: SumHidden | None, any_row: bool, scale: torch.Tensor | None) -> Grads:
-    """Sum the hidden-state gradient over the shards, then scale and cast."""
-    if grads.hidden is not None and any_row and sum_hidden is not None:
-        sum_hidden(grads.hidden)
-    return grads.finished() if scale is None else grads.scaled_(scale)
+def _summed(sum_hidden: SumHidden | None, any_row: bool) -> Callable[[Grads], None] | None:
+    """Sums the hidden-state gradient over the shards (nothing to sum when no row was scored)."""
+    if sum_hidden is None or not any_row:
+        return None
+
+    def before_scale(grads: Grads) -> None:
+        if grads.hidden is not None:
+            sum_hidden(grads.hidden)
+
+    return before_scale
 
 
 class ShardedLinearCE(torch.autograd.Function):
@@ -51,38 +57,44 @@ class ShardedLinearCE(torch.autograd.Function):
         sum_hidden: SumHidden | None,
     ) -> torch.Tensor:
         rows = scored_rows(coef)
-        ctx.reducer, ctx.math, ctx.chunk_rows, ctx.needs, ctx.reduce_sum = reducer, math, chunk_rows, needs, reduce_sum
+        ctx.reducer, ctx.math, ctx.chunk_rows = reducer, math, chunk_rows
         ctx.sum_hidden, ctx.any_row = sum_hidden, rows is None or rows.numel() > 0
-        if reduce_sum:
-            # The loss is linear in the gradients: make them now, scale them in backward.
-            grads = Grads.allocate(hidden, weight, None, needs) if any(needs) else None
-            losses = run_chunks(hidden, weight, None, targets, coef, rows, math, chunk_rows, grads, reducer)
-            ctx.grads = grads
-            remember_weight(ctx, weight)
-            return losses.sum()
-        record = RowRecord.zeros(hidden.shape[0], coef.dtype, hidden.device)
-        losses = run_chunks(hidden, weight, None, targets, coef, rows, math, chunk_rows, None, reducer, record)
-        ctx.save_for_backward(hidden, weight, targets, coef, rows, record.lse, record.nll, record.sum_z)
+        # reduction="none": keep each row's statistics, so that backward needs no exchange.
+        record = None if reduce_sum else RowRecord.zeros(hidden.shape[0], coef.dtype, hidden.device)
+        run = _runner(hidden, weight, targets, rows, math, chunk_rows, reducer, record)
+        losses = forward_made(ctx, run, (hidden, weight, None), coef, needs, reduce_sum)
+        if record is not None:
+            ctx.save_for_backward(hidden, weight, targets, coef, rows, record.lse, record.nll, record.sum_z)
         return losses
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        what = "vocab_parallel_linear_cross_entropy"
-        if ctx.reduce_sum:
-            check_forward_gradients(ctx, what, "use reduction='none' and sum the result")
-            grads, ctx.grads = ctx.grads, None
-            grads = _finish(grads, ctx.sum_hidden, ctx.any_row, grad_output)
-        else:
-            refuse_create_graph(what, "compute the gradient penalty from the logits form")
+        inputs = coef = run = None
+        if not ctx.reduce_sum:
             hidden, weight, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
-            grads = Grads.allocate(hidden, weight, None, ctx.needs)
-            upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
             # The statistics are known from forward: no exchange, only the gradients.
             saved = SavedReducer(RowRecord(lse, nll, sum_z), ctx.reducer.vocab_size, ctx.reducer.columns)
-            with torch.autocast(hidden.device.type, enabled=False):
-                run_chunks(hidden, weight, None, targets, upstream, rows, ctx.math, ctx.chunk_rows, grads, saved)
-            grads = _finish(grads, ctx.sum_hidden, ctx.any_row, None)
+            inputs = (hidden, weight, None)
+            run = _runner(hidden, weight, targets, rows, ctx.math, ctx.chunk_rows, saved)
+        grads = backward_made(ctx, grad_output, run, inputs, coef, "vocab_parallel_linear_cross_entropy",
+                              "use reduction='none' and sum the result",
+                              before_scale=_summed(ctx.sum_hidden, ctx.any_row))
         return grads.hidden, grads.weight, None, None, None, None, None, None, None, None
+
+
+def _runner(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor | None,
+    math: LossMath,
+    chunk_rows: int,
+    reducer: Reducer,
+    record: RowRecord | None = None,
+) -> Run:
+    return lambda coef, grads: run_chunks(
+        hidden, weight, None, targets, coef, rows, math, chunk_rows, grads, reducer, record
+    )
 
 
 class ShardedLogitsCE(torch.autograd.Function):

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from lmloss._engine.autograd import Run, backward_made, forward_made
 from lmloss._engine.chunks import (
     DEFAULT_CHUNK_BYTES,
     MIN_CHUNK_ROWS,
-    Grads,
     default_chunk_rows,
     needs_grad,
     run_chunks,
     scored_rows,
 )
-from lmloss._engine.guard import check_forward_gradients, refuse_create_graph, remember_weight
 from lmloss._engine.reducer import LocalReducer
 from lmloss._engine.rowmath import LossMath
 
@@ -82,33 +81,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
         rows = scored_rows(coef)
-        ctx.math, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = math, reduce_sum, chunk_rows, needs
-        reducer = LocalReducer(weight.shape[0])
-        if reduce_sum:
-            # No gradient wanted (evaluation, frozen head and inputs): the loss alone.
-            grads = Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
-            losses = run_chunks(hidden, weight, bias, targets, coef, rows, math, chunk_rows, grads, reducer)
-            ctx.grads = grads
-            remember_weight(ctx, weight)
-            return losses.sum()
-        losses = run_chunks(hidden, weight, bias, targets, coef, rows, math, chunk_rows, None, reducer)
-        ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-        return losses
+        ctx.math, ctx.chunk_rows = math, chunk_rows
+        if not reduce_sum:
+            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
+        run = _runner(hidden, weight, bias, targets, rows, math, chunk_rows)
+        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        if ctx.reduce_sum:
-            check_forward_gradients(ctx, "linear_cross_entropy", "use backend='reference'")
-            # Drop ctx's reference: AccumulateGrad then adopts the buffers instead of copying them.
-            grads, ctx.grads = ctx.grads.scaled_(grad_output), None
-        else:
-            refuse_create_graph("linear_cross_entropy", "use backend='reference'")
+        inputs = coef = run = None
+        if not ctx.reduce_sum:
             hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            grads = Grads.allocate(hidden, weight, bias, ctx.needs)
-            # Fold each token's upstream gradient into its coefficient before the products.
-            upstream = coef * grad_output.to(coef.dtype)
-            with torch.autocast(hidden.device.type, enabled=False):  # the recompute matches forward
-                run_chunks(hidden, weight, bias, targets, upstream, rows, ctx.math, ctx.chunk_rows, grads,
-                           LocalReducer(weight.shape[0]))
-            grads = grads.finished()
+            inputs, run = (hidden, weight, bias), _runner(hidden, weight, bias, targets, rows, ctx.math, ctx.chunk_rows)
+        grads = backward_made(ctx, grad_output, run, inputs, coef, "linear_cross_entropy", "use backend='reference'")
         return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
+
+
+def _runner(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    rows: torch.Tensor | None,
+    math: LossMath,
+    chunk_rows: int,
+) -> Run:
+    """The chunk loop over these rows with the one-process reducer."""
+    reducer = LocalReducer(weight.shape[0])
+    return lambda coef, grads: run_chunks(hidden, weight, bias, targets, coef, rows, math, chunk_rows, grads, reducer)

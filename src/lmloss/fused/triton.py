@@ -45,8 +45,16 @@ from typing import Any
 import torch
 import triton
 
-from lmloss._engine.chunks import Grads, buffer_rows, chunk_indices, default_chunk_rows, needs_grad, scored_rows
-from lmloss._engine.guard import check_forward_gradients, refuse_create_graph, remember_weight
+from lmloss._engine.autograd import Run, backward_made, forward_made
+from lmloss._engine.chunks import (
+    Grads,
+    buffer_rows,
+    chunk_indices,
+    default_chunk_rows,
+    needs_grad,
+    scored_rows,
+)
+from lmloss._engine.guard import refuse_create_graph
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._engine.rowmath import LossMath, token_terms
 from lmloss._spec import LossSpec, Normalize, Reduction
@@ -328,33 +336,38 @@ class _TritonRows(torch.autograd.Function):
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
         rows = scored_rows(coef)
-        ctx.math, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = math, reduce_sum, chunk_rows, needs
+        ctx.math, ctx.chunk_rows = math, chunk_rows
         if not reduce_sum:
             ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-            return _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, None)
-        grads = Grads.allocate(hidden, weight, bias, needs, zero_weight=True) if any(needs) else None
-        losses = _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, grads)
         # Gradients made now go stale if the weight changes before backward (an early
-        # optimizer.step()): its version counter tells.
-        ctx.grads = grads
-        remember_weight(ctx, weight)
-        return losses.sum()
+        # optimizer.step()): the guard watches its version counter.
+        run = _runner(hidden, weight, bias, targets, coef, rows, math, chunk_rows)
+        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum, zero_weight=True)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        if ctx.reduce_sum:
-            check_forward_gradients(ctx, "linear_cross_entropy (triton)", "use backend='triton-lowmem'")
-            grads, ctx.grads = ctx.grads.scaled_(grad_output), None
-            dh, dw, db = grads.hidden, grads.weight, grads.bias
-        else:
-            refuse_create_graph("linear_cross_entropy (triton)", "use backend='reference'")
+        inputs = coef = run = None
+        if not ctx.reduce_sum:
             hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
-            upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
-            _run_chunks(hidden, weight, bias, targets, coef, upstream, rows, ctx.math, ctx.chunk_rows, grads)
-            grads.finished()
-            dh, dw, db = grads.hidden, grads.weight, grads.bias
-        return dh, dw, db, None, None, None, None, None, None
+            inputs = (hidden, weight, bias)
+            run = _runner(hidden, weight, bias, targets, coef, rows, ctx.math, ctx.chunk_rows)
+        grads = backward_made(ctx, grad_output, run, inputs, coef, "linear_cross_entropy (triton)",
+                              "use backend='triton-lowmem'")
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
+
+
+def _runner(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    rows: torch.Tensor | None,
+    math: LossMath,
+    chunk_rows: int,
+) -> Run:
+    """``run(g, grads)``: the losses weighted by ``coef``, the gradients of ``sum(g * loss)``."""
+    return lambda g, grads: _run_chunks(hidden, weight, bias, targets, coef, g, rows, math, chunk_rows, grads)
 
 
 def _run_chunks(
@@ -495,6 +508,7 @@ class _LowMem(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
         hidden, weight, bias, rows, y, a, lse = ctx.saved_tensors
         grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
         if any(ctx.needs) and y.numel() > 0:
