@@ -28,11 +28,12 @@ The teacher never gets a gradient: its logits are constants of the loss.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lmloss._engine.autograd import Run, backward_made, forward_made
+from lmloss._engine.autograd import Run, rows_loss
 from lmloss._engine.chunks import (
     Buffers,
     Grads,
@@ -42,8 +43,6 @@ from lmloss._engine.chunks import (
     chunk_indices,
     default_chunk_rows,
     logits_into,
-    needs_grad,
-    scored_rows,
 )
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._spec import LossSpec, Normalize, Reduction
@@ -321,61 +320,34 @@ def _linear_kd(
         row_bytes = 3 * compute + sum(t.element_size() for t in (hidden, t_hidden) if t.element_size() < compute)
         chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(),
                                         row_bytes)
-    needs = needs_grad(hidden, weight, bias)
-    teacher = (t_hidden, t_weight, t_bias)
-    return _LinearDistillation.apply(hidden, weight, bias, teacher, targets, coef,
-                                     (temperature, alpha), reduce_sum, chunk_rows, needs)
+    job = _Distillation((t_hidden, t_weight, t_bias), (temperature, alpha), chunk_rows)
+    return rows_loss(hidden, weight, bias, targets, coef, job, reduce_sum)
 
 
-class _LinearDistillation(torch.autograd.Function):
-    """Student gradients made in forward (sum/mean) or recomputed with the upstream
-    gradient folded in (``reduction="none"``), as in the chunked cross-entropy."""
+@dataclass(frozen=True)
+class _Distillation:
+    """The student's chunk loop (a ``Job`` of ``_engine.autograd``): gradients made in
+    forward (sum/mean) or recomputed with the upstream gradient folded in (``"none"``).
+    The teacher's tensors are constants of the loss, held as they are."""
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    options: tuple[float, float]
+    chunk_rows: int
+    what: str = "linear_distillation_loss"
+    hint: str = "use distillation_loss on logits"
+    zero_weight: bool = False
+
+    def runner(
+        self,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
         targets: torch.Tensor,
         coef: torch.Tensor,
-        options: tuple[float, float],
-        reduce_sum: bool,
-        chunk_rows: int,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        ctx.options, ctx.chunk_rows = options, chunk_rows
-        if not reduce_sum:
-            ctx.teacher = teacher  # constants: held as they are, no version tracking needed
-            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-        run = _runner(hidden, weight, bias, teacher, targets, rows, options, chunk_rows)
-        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        inputs = coef = run = None
-        if not ctx.reduce_sum:
-            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            inputs = (hidden, weight, bias)
-            run = _runner(hidden, weight, bias, ctx.teacher, targets, rows, ctx.options, ctx.chunk_rows)
-        grads = backward_made(ctx, grad_output, run, inputs, coef, "linear_distillation_loss",
-                              "use distillation_loss on logits")
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None, None
-
-
-def _runner(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    targets: torch.Tensor,
-    rows: torch.Tensor | None,
-    options: tuple[float, float],
-    chunk_rows: int,
-) -> Run:
-    return lambda coef, grads: _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, grads)
+        rows: torch.Tensor | None,
+    ) -> Run:
+        teacher, options, chunk_rows = self.teacher, self.options, self.chunk_rows
+        return lambda a, grads: _run(hidden, weight, bias, teacher, targets, a, rows, options, chunk_rows, grads)
 
 
 def _run(

@@ -12,18 +12,18 @@ function that runs its chunks, ``run(coef, grads) -> [N] losses``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from lmloss._engine.chunks import Grads
+from lmloss._engine.chunks import Grads, needs_grad, scored_rows
 from lmloss._engine.guard import (
     check_forward_gradients,
     refuse_create_graph,
     remember_weight,
 )
 
-__all__ = ["Run", "forward_made", "backward_made"]
+__all__ = ["Run", "Job", "rows_loss", "forward_made", "backward_made"]
 
 # run(coef, grads): the [N] weighted losses; with grads, adds the gradients of sum(coef * loss).
 Run = Callable[[torch.Tensor, "Grads | None"], torch.Tensor]
@@ -85,3 +85,67 @@ def backward_made(
     if before_scale is not None:
         before_scale(grads)
     return grads.finished()
+
+
+class Job(Protocol):
+    """What a chunked loss on rows does: its name and hint (for the guard's errors) and
+    how it runs its chunks over given rows."""
+
+    what: str
+    hint: str
+    zero_weight: bool
+
+    def runner(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        coef: torch.Tensor,
+        rows: torch.Tensor | None,
+    ) -> Run: ...
+
+
+def rows_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    job: Job,
+    reduce_sum: bool,
+) -> torch.Tensor:
+    """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms of ``[N, D]`` rows, with
+    ``job``'s chunks under :func:`forward_made`/:func:`backward_made`."""
+    needs = needs_grad(hidden, weight, bias)
+    return _RowsLoss.apply(hidden, weight, bias, targets, coef, job, reduce_sum, needs)
+
+
+class _RowsLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        coef: torch.Tensor,
+        job: Job,
+        reduce_sum: bool,
+        needs: tuple[bool, ...],
+    ) -> torch.Tensor:
+        rows = scored_rows(coef)
+        ctx.job = job
+        if not reduce_sum:
+            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
+        run = job.runner(hidden, weight, bias, targets, coef, rows)
+        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum, zero_weight=job.zero_weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        inputs = coef = run = None
+        if not ctx.reduce_sum:
+            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
+            inputs, run = (hidden, weight, bias), ctx.job.runner(hidden, weight, bias, targets, coef, rows)
+        grads = backward_made(ctx, grad_output, run, inputs, coef, ctx.job.what, ctx.job.hint)
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None

@@ -15,16 +15,16 @@ made outside autograd's graph: ``create_graph=True`` is refused (``_engine.guard
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from lmloss._engine.autograd import Run, backward_made, forward_made
+from lmloss._engine.autograd import Run, rows_loss
 from lmloss._engine.chunks import (
     DEFAULT_CHUNK_BYTES,
     MIN_CHUNK_ROWS,
     default_chunk_rows,
-    needs_grad,
     run_chunks,
-    scored_rows,
 )
 from lmloss._engine.reducer import LocalReducer
 from lmloss._engine.rowmath import LossMath
@@ -62,50 +62,27 @@ def chunked_linear_cross_entropy(
         chunk_rows = default_chunk_rows(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
-    needs = needs_grad(hidden, weight, bias)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, coef, math, reduce_sum, chunk_rows, needs)
+    return rows_loss(hidden, weight, bias, targets, coef, _Chunked(math, chunk_rows), reduce_sum)
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+@dataclass(frozen=True)
+class _Chunked:
+    """The chunk loop with the one-process reducer (a ``Job`` of ``_engine.autograd``)."""
+
+    math: LossMath
+    chunk_rows: int
+    what: str = "linear_cross_entropy"
+    hint: str = "use backend='reference'"
+    zero_weight: bool = False
+
+    def runner(
+        self,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         coef: torch.Tensor,
-        math: LossMath,
-        reduce_sum: bool,
-        chunk_rows: int,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        ctx.math, ctx.chunk_rows = math, chunk_rows
-        if not reduce_sum:
-            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-        run = _runner(hidden, weight, bias, targets, rows, math, chunk_rows)
-        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        inputs = coef = run = None
-        if not ctx.reduce_sum:
-            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            inputs, run = (hidden, weight, bias), _runner(hidden, weight, bias, targets, rows, ctx.math, ctx.chunk_rows)
-        grads = backward_made(ctx, grad_output, run, inputs, coef, "linear_cross_entropy", "use backend='reference'")
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
-
-
-def _runner(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    rows: torch.Tensor | None,
-    math: LossMath,
-    chunk_rows: int,
-) -> Run:
-    """The chunk loop over these rows with the one-process reducer."""
-    reducer = LocalReducer(weight.shape[0])
-    return lambda coef, grads: run_chunks(hidden, weight, bias, targets, coef, rows, math, chunk_rows, grads, reducer)
+        rows: torch.Tensor | None,
+    ) -> Run:
+        reducer, math, chunk_rows = LocalReducer(weight.shape[0]), self.math, self.chunk_rows
+        return lambda a, grads: run_chunks(hidden, weight, bias, targets, a, rows, math, chunk_rows, grads, reducer)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import triton
 
-from lmloss._engine.autograd import Run, backward_made, forward_made
+from lmloss._engine.autograd import Run, rows_loss
 from lmloss._engine.chunks import (
     Grads,
     buffer_rows,
@@ -312,8 +312,7 @@ def triton_rows_linear_cross_entropy(
         chunk_rows = default_chunk_rows(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
-    needs = needs_grad(hidden, weight, bias)
-    return _TritonRows.apply(hidden, weight, bias, targets, coef, math, reduce_sum, chunk_rows, needs)
+    return rows_loss(hidden, weight, bias, targets, coef, _Rows(math, chunk_rows), reduce_sum)
 
 
 def _wide_logits(hidden: torch.Tensor) -> bool:
@@ -321,53 +320,28 @@ def _wide_logits(hidden: torch.Tensor) -> bool:
     return _HAS_OUT_DTYPE and hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
 
 
-class _TritonRows(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
+@dataclass(frozen=True)
+class _Rows:
+    """The speed mode's chunk loop (a ``Job`` of ``_engine.autograd``)."""
+
+    math: LossMath
+    chunk_rows: int
+    what: str = "linear_cross_entropy (triton)"
+    hint: str = "use backend='triton-lowmem'"
+    zero_weight: bool = True  # the products add into the weight's gradient
+
+    def runner(
+        self,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         coef: torch.Tensor,
-        math: LossMath,
-        reduce_sum: bool,
-        chunk_rows: int,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        ctx.math, ctx.chunk_rows = math, chunk_rows
-        if not reduce_sum:
-            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-        # Gradients made now go stale if the weight changes before backward (an early
-        # optimizer.step()): the guard watches its version counter.
-        run = _runner(hidden, weight, bias, targets, coef, rows, math, chunk_rows)
-        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum, zero_weight=True)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        inputs = coef = run = None
-        if not ctx.reduce_sum:
-            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            inputs = (hidden, weight, bias)
-            run = _runner(hidden, weight, bias, targets, coef, rows, ctx.math, ctx.chunk_rows)
-        grads = backward_made(ctx, grad_output, run, inputs, coef, "linear_cross_entropy (triton)",
-                              "use backend='triton-lowmem'")
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
-
-
-def _runner(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    rows: torch.Tensor | None,
-    math: LossMath,
-    chunk_rows: int,
-) -> Run:
-    """``run(g, grads)``: the losses weighted by ``coef``, the gradients of ``sum(g * loss)``."""
-    return lambda g, grads: _run_chunks(hidden, weight, bias, targets, coef, g, rows, math, chunk_rows, grads)
+        rows: torch.Tensor | None,
+    ) -> Run:
+        """``run(g, grads)``: the losses weighted by ``coef``, the gradients of ``sum(g * loss)``."""
+        math, chunk_rows = self.math, self.chunk_rows
+        return lambda g, grads: _run_chunks(hidden, weight, bias, targets, coef, g, rows, math, chunk_rows, grads)
 
 
 def _run_chunks(
