@@ -28,15 +28,16 @@ The teacher never gets a gradient: its logits are constants of the loss.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lmloss._engine.autograd import Run, rows_loss
+from lmloss._engine.autograd import Job, Run, rows_loss
 from lmloss._engine.chunks import (
     Buffers,
     Grads,
+    Rows,
     accumulate,
     autocast_inputs,
     buffer_rows,
@@ -320,34 +321,20 @@ def _linear_kd(
         row_bytes = 3 * compute + sum(t.element_size() for t in (hidden, t_hidden) if t.element_size() < compute)
         chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(),
                                         row_bytes)
-    job = _Distillation((t_hidden, t_weight, t_bias), (temperature, alpha), chunk_rows)
-    return rows_loss(hidden, weight, bias, targets, coef, job, reduce_sum)
+    runner = partial(_runner, (t_hidden, t_weight, t_bias), (temperature, alpha), chunk_rows)
+    job = Job("linear_distillation_loss", "use distillation_loss on logits", runner)
+    return rows_loss(Rows(hidden, weight, bias, targets, coef), job, reduce_sum)
 
 
-@dataclass(frozen=True)
-class _Distillation:
-    """The student's chunk loop (a ``Job`` of ``_engine.autograd``): gradients made in
-    forward (sum/mean) or recomputed with the upstream gradient folded in (``"none"``).
-    The teacher's tensors are constants of the loss, held as they are."""
-
-    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-    options: tuple[float, float]
-    chunk_rows: int
-    what: str = "linear_distillation_loss"
-    hint: str = "use distillation_loss on logits"
-    zero_weight: bool = False
-
-    def runner(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        rows: torch.Tensor | None,
-    ) -> Run:
-        teacher, options, chunk_rows = self.teacher, self.options, self.chunk_rows
-        return lambda a, grads: _run(hidden, weight, bias, teacher, targets, a, rows, options, chunk_rows, grads)
+def _runner(
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    options: tuple[float, float],
+    chunk_rows: int,
+    rows: Rows,
+    scored: torch.Tensor | None,
+) -> Run:
+    """The student's chunk loop; the teacher's tensors are constants of the loss, held as they are."""
+    return lambda coef, grads: _run(*rows.inputs, teacher, rows.targets, coef, scored, options, chunk_rows, grads)
 
 
 def _run(

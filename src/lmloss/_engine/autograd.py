@@ -12,11 +12,12 @@ function that runs its chunks, ``run(coef, grads) -> [N] losses``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from lmloss._engine.chunks import Grads, needs_grad, scored_rows
+from lmloss._engine.chunks import Grads, Rows, needs_grad, scored_rows
 from lmloss._engine.guard import (
     check_forward_gradients,
     refuse_create_graph,
@@ -87,38 +88,23 @@ def backward_made(
     return grads.finished()
 
 
-class Job(Protocol):
-    """What a chunked loss on rows does: its name and hint (for the guard's errors) and
-    how it runs its chunks over given rows."""
+@dataclass(frozen=True)
+class Job:
+    """A chunked loss on rows: its name and hint (for the guard's errors), and
+    ``runner(rows, scored)``, which gives the ``run`` of its chunks over those rows
+    (``scored``: the indices of the scored rows, or None for every row)."""
 
     what: str
     hint: str
-    zero_weight: bool
-
-    def runner(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        rows: torch.Tensor | None,
-    ) -> Run: ...
+    runner: Callable[[Rows, torch.Tensor | None], Run]
+    zero_weight: bool = False  # fill the weight's gradient first (the chunks only add into it)
 
 
-def rows_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    job: Job,
-    reduce_sum: bool,
-) -> torch.Tensor:
-    """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms of ``[N, D]`` rows, with
-    ``job``'s chunks under :func:`forward_made`/:func:`backward_made`."""
-    needs = needs_grad(hidden, weight, bias)
-    return _RowsLoss.apply(hidden, weight, bias, targets, coef, job, reduce_sum, needs)
+def rows_loss(rows: Rows, job: Job, reduce_sum: bool) -> torch.Tensor:
+    """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms, with ``job``'s chunks
+    under :func:`forward_made`/:func:`backward_made`."""
+    needs = needs_grad(*rows.inputs)
+    return _RowsLoss.apply(rows.hidden, rows.weight, rows.bias, rows.targets, rows.coef, job, reduce_sum, needs)
 
 
 class _RowsLoss(torch.autograd.Function):
@@ -134,18 +120,18 @@ class _RowsLoss(torch.autograd.Function):
         reduce_sum: bool,
         needs: tuple[bool, ...],
     ) -> torch.Tensor:
-        rows = scored_rows(coef)
+        scored = scored_rows(coef)
         ctx.job = job
         if not reduce_sum:
-            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-        run = job.runner(hidden, weight, bias, targets, coef, rows)
+            ctx.save_for_backward(hidden, weight, bias, targets, coef, scored)
+        run = job.runner(Rows(hidden, weight, bias, targets, coef), scored)
         return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum, zero_weight=job.zero_weight)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
         inputs = coef = run = None
         if not ctx.reduce_sum:
-            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            inputs, run = (hidden, weight, bias), ctx.job.runner(hidden, weight, bias, targets, coef, rows)
+            hidden, weight, bias, targets, coef, scored = ctx.saved_tensors
+            inputs, run = (hidden, weight, bias), ctx.job.runner(Rows(hidden, weight, bias, targets, coef), scored)
         grads = backward_made(ctx, grad_output, run, inputs, coef, ctx.job.what, ctx.job.hint)
         return grads.hidden, grads.weight, grads.bias, None, None, None, None, None

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from lmloss._engine.plan import TargetPlan
 from lmloss._engine.reducer import RowRecord, RowStats
 from lmloss._engine.rowmath import LossMath, logits_grad_, softcap_, token_terms
 from lmloss._validation import value_checks_enabled
@@ -29,6 +30,7 @@ __all__ = [
     "MIN_CHUNK_ROWS",
     "CPU_VOCAB_BLOCK",
     "Reducer",
+    "Rows",
     "Grads",
     "Buffers",
     "default_chunk_rows",
@@ -64,6 +66,29 @@ class Reducer(Protocol):
         self, z: torch.Tensor, y: torch.Tensor, math: LossMath, index: torch.Tensor | slice, *, first: bool,
         probs: bool,
     ) -> RowStats: ...
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A loss on rows: ``[N, D]`` hidden states (rows are positions), the ``[V, D]`` head
+    weight and ``[V]`` bias (or None), ``[N]`` targets (any value where ``coef`` is 0) and
+    ``[N]`` coefficients (float32/float64; 0: not scored)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    coef: torch.Tensor
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: TargetPlan) -> Rows:
+        """The rows of ``[..., T, D]`` hidden states and their target plan."""
+        targets, coef = plan.targets.reshape(-1), plan.coef.reshape(-1)
+        return cls(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, coef)
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.hidden, self.weight, self.bias
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int, itemsize: int, row_bytes: int = 4) -> int:

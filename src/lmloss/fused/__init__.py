@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lmloss._engine.chunks import autocast_inputs
+from lmloss._engine.chunks import Rows, autocast_inputs
 from lmloss._engine.plan import align, compute_dtype, finish, prepare
 from lmloss._engine.rowmath import LossMath
 from lmloss._spec import BACKENDS, Backend, LossSpec, Normalize, Reduction, TokenLoss
@@ -140,15 +140,9 @@ def _chunked(
     """The chunked backend on checked inputs: targets planned as the reference does."""
     dtype = compute_dtype(hidden.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, weight.shape[0], spec, dtype)
+    rows = Rows.of(hidden, weight, bias, plan)
     result = chunked_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        bias,
-        plan.targets.reshape(-1),
-        plan.coef.reshape(-1),
-        math=LossMath.from_spec(spec),
-        reduce_sum=spec.reduction != "none",
-        chunk_rows=chunk_size,
+        rows, math=LossMath.from_spec(spec), reduce_sum=spec.reduction != "none", chunk_rows=chunk_size
     )
     return finish(result, plan, labels.shape, spec, num_items)
 

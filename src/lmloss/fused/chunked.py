@@ -15,17 +15,12 @@ made outside autograd's graph: ``create_graph=True`` is refused (``_engine.guard
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from lmloss._engine.autograd import Run, rows_loss
-from lmloss._engine.chunks import (
-    DEFAULT_CHUNK_BYTES,
-    MIN_CHUNK_ROWS,
-    default_chunk_rows,
-    run_chunks,
-)
+from lmloss._engine.autograd import Job, Run, rows_loss
+from lmloss._engine.chunks import DEFAULT_CHUNK_BYTES, MIN_CHUNK_ROWS, Rows, default_chunk_rows, run_chunks
 from lmloss._engine.reducer import LocalReducer
 from lmloss._engine.rowmath import LossMath
 
@@ -33,56 +28,32 @@ __all__ = ["chunked_linear_cross_entropy", "default_chunk_rows", "DEFAULT_CHUNK_
 
 
 def chunked_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    math: LossMath,
-    reduce_sum: bool,
-    chunk_rows: int | None = None,
+    rows: Rows, *, math: LossMath, reduce_sum: bool, chunk_rows: int | None = None
 ) -> torch.Tensor:
     """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms themselves.
 
     Args:
-        hidden: ``[N, D]`` hidden states (rows are positions).
-        weight: ``[V, D]``; bias: ``[V]`` or None.
-        targets: ``[N]`` target ids; any value where ``coef`` is 0.
-        coef: ``[N]`` float32/float64 factor of each position's loss (0: not scored).
+        rows: the hidden states, head, targets and coefficients (``_engine.chunks.Rows``).
         math: label smoothing, z-loss, softcap, DFT/focal weights.
         reduce_sum: return the scalar sum (gradients computed during forward)
             instead of the ``[N]`` per-position terms (gradients recomputed in backward).
         chunk_rows: tokens per chunk; default from ``default_chunk_rows``.
     """
+    hidden, weight = rows.hidden, rows.weight
     if chunk_rows is None:
-        row_bytes = 4 * (2 if coef.dtype == torch.float64 else 1)
+        row_bytes = 4 * (2 if rows.coef.dtype == torch.float64 else 1)
         row_bytes += hidden.element_size() if hidden.element_size() < 4 else 0
         row_bytes += 4 if math.softcap is not None else 0
         chunk_rows = default_chunk_rows(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
-    return rows_loss(hidden, weight, bias, targets, coef, _Chunked(math, chunk_rows), reduce_sum)
+    job = Job("linear_cross_entropy", "use backend='reference'", partial(_runner, math, chunk_rows))
+    return rows_loss(rows, job, reduce_sum)
 
 
-@dataclass(frozen=True)
-class _Chunked:
-    """The chunk loop with the one-process reducer (a ``Job`` of ``_engine.autograd``)."""
-
-    math: LossMath
-    chunk_rows: int
-    what: str = "linear_cross_entropy"
-    hint: str = "use backend='reference'"
-    zero_weight: bool = False
-
-    def runner(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        rows: torch.Tensor | None,
-    ) -> Run:
-        reducer, math, chunk_rows = LocalReducer(weight.shape[0]), self.math, self.chunk_rows
-        return lambda a, grads: run_chunks(hidden, weight, bias, targets, a, rows, math, chunk_rows, grads, reducer)
+def _runner(math: LossMath, chunk_rows: int, rows: Rows, scored: torch.Tensor | None) -> Run:
+    """The chunk loop with the one-process reducer."""
+    reducer = LocalReducer(rows.weight.shape[0])
+    return lambda coef, grads: run_chunks(
+        *rows.inputs, rows.targets, coef, scored, math, chunk_rows, grads, reducer
+    )

@@ -39,15 +39,17 @@ float64 inputs use the chunked backend (the kernels compute in float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 from typing import Any
 
 import torch
 import triton
 
-from lmloss._engine.autograd import Run, rows_loss
+from lmloss._engine.autograd import Job, Run, rows_loss
 from lmloss._engine.chunks import (
     Grads,
+    Rows,
     buffer_rows,
     chunk_indices,
     default_chunk_rows,
@@ -144,15 +146,14 @@ def triton_backend(
     dtype = compute_dtype(hidden.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, weight.shape[0], spec, dtype)
     math = LossMath.from_spec(spec)
-    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, plan.targets.reshape(-1), plan.coef.reshape(-1))
-    reduce_sum = spec.reduction != "none"
+    rows, reduce_sum = Rows.of(hidden, weight, bias, plan), spec.reduction != "none"
     if dtype == torch.float64:
         # The kernels compute in float32; float64 (a CPU test dtype) keeps its precision.
-        result = chunked_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
+        result = chunked_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
     elif lowmem:
-        result = lowmem_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum)
+        result = lowmem_rows_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum)
     else:
-        result = triton_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
+        result = triton_rows_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
     return finish(result, plan, labels.shape, spec, num_items)
 
 
@@ -285,34 +286,32 @@ def _loss_of_stats(
 
 
 def triton_rows_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    math: LossMath,
-    reduce_sum: bool,
-    chunk_rows: int | None = None,
+    rows: Rows, *, math: LossMath, reduce_sum: bool, chunk_rows: int | None = None
 ) -> torch.Tensor:
     """Speed mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
 
     Args:
-        hidden: ``[N, D]`` float32/bf16/fp16 hidden states; weight: ``[V, D]``; bias: ``[V]`` or None.
-        targets: ``[N]`` target ids (any value where ``coef`` is 0).
-        coef: ``[N]`` float32 factor of each row's loss; 0 means not scored.
+        rows: float32/bf16/fp16 ``[N, D]`` hidden states, the head, ``[N]`` targets and
+            float32 coefficients (``_engine.chunks.Rows``).
         math: label smoothing, z-loss, softcap.
         reduce_sum: the scalar sum, with gradients made during forward.
         chunk_rows: rows per chunk; default from ``default_chunk_rows``.
     """
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    wide = _wide_logits(hidden)
+    rows = _contiguous(rows)
+    hidden, weight = rows.hidden, rows.weight
     if chunk_rows is None:
-        row_bytes = (4 + hidden.element_size()) if wide else hidden.element_size()
+        row_bytes = (4 + hidden.element_size()) if _wide_logits(hidden) else hidden.element_size()
         chunk_rows = default_chunk_rows(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
-    return rows_loss(hidden, weight, bias, targets, coef, _Rows(math, chunk_rows), reduce_sum)
+    # The products add into the weight's gradient: it is zeroed first.
+    job = Job("linear_cross_entropy (triton)", "use backend='triton-lowmem'", partial(_runner, math, chunk_rows),
+              zero_weight=True)
+    return rows_loss(rows, job, reduce_sum)
+
+
+def _contiguous(rows: Rows) -> Rows:
+    return Rows(rows.hidden.contiguous(), rows.weight.contiguous(), rows.bias, rows.targets, rows.coef)
 
 
 def _wide_logits(hidden: torch.Tensor) -> bool:
@@ -320,50 +319,23 @@ def _wide_logits(hidden: torch.Tensor) -> bool:
     return _HAS_OUT_DTYPE and hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """The speed mode's chunk loop (a ``Job`` of ``_engine.autograd``)."""
-
-    math: LossMath
-    chunk_rows: int
-    what: str = "linear_cross_entropy (triton)"
-    hint: str = "use backend='triton-lowmem'"
-    zero_weight: bool = True  # the products add into the weight's gradient
-
-    def runner(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        rows: torch.Tensor | None,
-    ) -> Run:
-        """``run(g, grads)``: the losses weighted by ``coef``, the gradients of ``sum(g * loss)``."""
-        math, chunk_rows = self.math, self.chunk_rows
-        return lambda g, grads: _run_chunks(hidden, weight, bias, targets, coef, g, rows, math, chunk_rows, grads)
+def _runner(math: LossMath, chunk_rows: int, rows: Rows, scored: torch.Tensor | None) -> Run:
+    """``run(g, grads)``: the losses weighted by ``coef``, the gradients of ``sum(g * loss)``."""
+    return lambda g, grads: _run_chunks(rows, g, scored, math, chunk_rows, grads)
 
 
 def _run_chunks(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    g: torch.Tensor,
-    rows: torch.Tensor | None,
-    math: LossMath,
-    chunk_rows: int,
-    grads: Grads | None,
+    rows: Rows, g: torch.Tensor, scored: torch.Tensor | None, math: LossMath, chunk_rows: int, grads: Grads | None
 ) -> torch.Tensor:
     """``[N]`` weighted losses (``coef`` * loss); with ``grads``, add each chunk's gradients
     of ``sum(g * loss)``."""
-    indices = chunk_indices(hidden.shape[0], rows, chunk_rows)
-    losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    chunk = _Chunk(buffer_rows(hidden.shape[0], rows, chunk_rows), weight, grads is not None, _wide_logits(hidden))
-    for index in indices:
-        a = coef[index]
-        loss = chunk.run(hidden[index], weight, bias, targets[index], g[index], math, grads, index)
+    hidden, weight, bias = rows.inputs
+    n_rows = hidden.shape[0]
+    losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    chunk = _Chunk(buffer_rows(n_rows, scored, chunk_rows), weight, grads is not None, _wide_logits(hidden))
+    for index in chunk_indices(n_rows, scored, chunk_rows):
+        a = rows.coef[index]
+        loss = chunk.run(hidden[index], weight, bias, rows.targets[index], g[index], math, grads, index)
         losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
     return losses
 
@@ -438,24 +410,15 @@ def _accumulate(
 # --- memory mode --------------------------------------------------------------------------
 
 
-def lowmem_rows_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    math: LossMath,
-    reduce_sum: bool,
-) -> torch.Tensor:
+def lowmem_rows_linear_cross_entropy(rows: Rows, *, math: LossMath, reduce_sum: bool) -> torch.Tensor:
     """Memory mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
 
     Arguments as :func:`triton_rows_linear_cross_entropy` (no chunks). The gradients
     are made in backward by recomputing the logits tiles.
     """
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    needs = needs_grad(hidden, weight, bias)
-    return _LowMem.apply(hidden, weight, bias, targets, coef, math, reduce_sum, needs)
+    rows = _contiguous(rows)
+    needs = needs_grad(*rows.inputs)
+    return _LowMem.apply(*rows.inputs, rows.targets, rows.coef, math, reduce_sum, needs)
 
 
 class _LowMem(torch.autograd.Function):
