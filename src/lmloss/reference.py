@@ -131,17 +131,8 @@ def causal_lm_loss(
     vocab_size = logits.shape[-1]
     dtype = compute_dtype(logits.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype)
-    per_token = _per_token_losses(
-        logits.reshape(-1, vocab_size),
-        plan.targets.reshape(-1),
-        (plan.coef != 0).reshape(-1),
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-        token_loss=token_loss,
-        focal_gamma=spec.gamma,
-        dtype=dtype,
-    )
+    scored = (plan.coef != 0).reshape(-1)
+    per_token = _per_token_losses(logits.reshape(-1, vocab_size), plan.targets.reshape(-1), scored, spec, dtype)
     weighted = per_token * plan.coef.reshape(-1)
     return finish(weighted if spec.reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
 
@@ -150,13 +141,8 @@ def _per_token_losses(
     logits2d: torch.Tensor,
     targets: torch.Tensor,
     scored: torch.Tensor,
-    *,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    spec: LossSpec,
     dtype: torch.dtype,
-    token_loss: str = "ce",
-    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """``[N]`` losses of ``[N, V]`` logits, computed chunk by chunk; 0 where not ``scored``."""
     n_rows, vocab_size = logits2d.shape
@@ -165,7 +151,7 @@ def _per_token_losses(
     # With several chunks, recomputing each in backward keeps only the input's own
     # storage alive instead of a float32 copy of every chunk.
     recompute = n_rows > rows and torch.is_grad_enabled() and logits2d.requires_grad
-    options = (label_smoothing, z_loss, softcap, dtype, token_loss, focal_gamma)
+    options = (spec, dtype)
     pieces = []
     for chunk, chunk_targets, chunk_scored in zip(logits2d.split(rows), targets.split(rows), scored.split(rows)):
         if recompute:
@@ -182,41 +168,29 @@ def _chunk_losses(
     chunk: torch.Tensor,
     targets: torch.Tensor,
     scored: torch.Tensor,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    spec: LossSpec,
     dtype: torch.dtype,
-    token_loss: str = "ce",
-    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Per-row loss of one chunk; only scored rows are upcast and computed.
 
     With value checks off (graph capture) nothing may depend on tensor values, so
     every row is computed and the unscored ones are masked instead of skipped.
     """
-    options = (label_smoothing, z_loss, softcap, token_loss, focal_gamma)
     if not value_checks_enabled():
         safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
-        loss = _row_losses(chunk.to(dtype), safe_targets, *options)
+        loss = _row_losses(chunk.to(dtype), safe_targets, spec)
         return torch.where(scored, loss, torch.zeros_like(loss))
     index = scored.nonzero().squeeze(1)
     if index.numel() == chunk.shape[0]:  # the common case: skip the gather and scatter
-        return _row_losses(chunk.to(dtype), targets, *options)
+        return _row_losses(chunk.to(dtype), targets, spec)
     z = chunk.index_select(0, index).to(dtype)
-    loss = _row_losses(z, targets.index_select(0, index), *options)
+    loss = _row_losses(z, targets.index_select(0, index), spec)
     return loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)
 
 
-def _row_losses(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    token_loss: str = "ce",
-    focal_gamma: float = 0.0,
-) -> torch.Tensor:
+def _row_losses(z: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """``[n]`` losses of ``[n, V]`` logits (already in the compute dtype)."""
+    softcap, label_smoothing, z_loss = spec.softcap, spec.label_smoothing, spec.z_loss
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
@@ -225,8 +199,8 @@ def _row_losses(
     if label_smoothing > 0:
         # F.cross_entropy's smoothing: (1-e)*nll + e * mean over classes of -log p.
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
-    if token_loss != "ce":
-        loss = loss * target_weight(-nll, token_loss, focal_gamma)
+    if spec.token_loss != "ce":
+        loss = loss * target_weight(-nll, spec.token_loss, spec.gamma)
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
     return loss

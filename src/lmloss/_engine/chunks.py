@@ -20,9 +20,10 @@ from typing import Protocol
 
 import torch
 
-from lmloss._engine.plan import TargetPlan
+from lmloss._engine.plan import TargetPlan, compute_dtype, finish, prepare
 from lmloss._engine.reducer import RowRecord, RowStats
 from lmloss._engine.rowmath import LossMath, logits_grad_, softcap_, token_terms
+from lmloss._spec import LossSpec
 from lmloss._validation import value_checks_enabled
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "CPU_VOCAB_BLOCK",
     "Reducer",
     "Rows",
+    "LinearCall",
     "Grads",
     "Buffers",
     "default_chunk_rows",
@@ -89,6 +91,34 @@ class Rows:
     @property
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.hidden, self.weight, self.bias
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One checked call of a loss on hidden states, as a backend receives it:
+    ``[..., T, D]`` hidden states, the ``[V, D]`` weight and ``[V]`` bias, ``[..., T]``
+    labels, the spec, and the per-call data (token weights, item count, chunk size)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels: torch.Tensor
+    spec: LossSpec
+    token_weights: object = None
+    num_items_in_batch: object = None
+    chunk_size: int | None = None
+
+    def planned(self) -> tuple[Rows, TargetPlan, torch.Tensor | float | None]:
+        """The per-call checks and the target plan: the rows to score, the plan, the item count."""
+        dtype = compute_dtype(self.hidden.dtype)
+        plan, num_items = prepare(
+            self.labels, self.token_weights, self.num_items_in_batch, self.weight.shape[0], self.spec, dtype
+        )
+        return Rows.of(self.hidden, self.weight, self.bias, plan), plan, num_items
+
+    def finish(self, result: torch.Tensor, plan: TargetPlan, num_items: torch.Tensor | float | None) -> torch.Tensor:
+        """The reduction asked for, of ``[N]`` weighted losses or their sum."""
+        return finish(result, plan, self.labels.shape, self.spec, num_items)
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int, hidden_size: int, itemsize: int, row_bytes: int = 4) -> int:

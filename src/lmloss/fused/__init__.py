@@ -14,10 +14,9 @@ bias``; only the backend differs:
 - ``"auto"``: ``"reference"`` when the logits are small enough that chunking cannot
   pay (below ``REFERENCE_MAX_LOGITS`` elements), else ``"chunked"``.
 
-A backend is a function in ``_RUNNERS`` that takes the checked ``hidden``,
-``weight``, ``bias``, ``labels``, ``chunk_size``, the :class:`~lmloss._spec.LossSpec`
-and the per-call ``token_weights`` and ``num_items_in_batch``; adding one is a new
-entry there and in ``lmloss._spec.Backend``.
+A backend is a function in ``_RUNNERS`` that takes one checked call
+(``lmloss._engine.chunks.LinearCall``: the tensors, the ``LossSpec`` and the per-call
+data); adding one is a new entry there and in ``lmloss._spec.Backend``.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lmloss._engine.chunks import Rows, autocast_inputs
-from lmloss._engine.plan import align, compute_dtype, finish, prepare
+from lmloss._engine.chunks import LinearCall, autocast_inputs
+from lmloss._engine.plan import align
 from lmloss._engine.rowmath import LossMath
 from lmloss._spec import BACKENDS, Backend, LossSpec, Normalize, Reduction, TokenLoss
 from lmloss._validation import check_choice, check_int, check_labels, check_tensor
@@ -100,69 +99,49 @@ def linear_cross_entropy(
     # them; autocast itself is off so both backends (and both products) agree.
     with torch.autocast(hidden.device.type, enabled=False):
         run = _RUNNERS[_pick_backend(backend, hidden, weight)]
-        return run(hidden, weight, bias, labels, chunk_size, spec, token_weights, num_items_in_batch)
+        return run(LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size))
 
 
-def _reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    chunk_size: int | None,
-    spec: LossSpec,
-    token_weights: object,
-    num_items_in_batch: object,
-) -> torch.Tensor:
+def _reference(call: LinearCall) -> torch.Tensor:
     """The reference backend: materialize the logits (``chunk_size`` is not used).
 
     Unscored positions (ignored targets, the last one when shifted) get zero hidden
     states first: their logits are not used, and a non-finite hidden state there
     would otherwise turn the weight's gradient (``dz^T @ h``, ``0 * NaN``) into NaN.
     """
-    _, item = align(labels, None, shift=spec.shift, ignore_index=spec.ignore_index, dtype=hidden.dtype)
+    spec, hidden = call.spec, call.hidden
+    _, item = align(call.labels, None, shift=spec.shift, ignore_index=spec.ignore_index, dtype=hidden.dtype)
     hidden = torch.where((item != 0).unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     return causal_lm_loss(
-        F.linear(hidden, weight, bias), labels, token_weights=token_weights,  # type: ignore[arg-type]
-        num_items_in_batch=num_items_in_batch, **spec.options(),  # type: ignore[arg-type]
+        F.linear(hidden, call.weight, call.bias), call.labels, token_weights=call.token_weights,  # type: ignore[arg-type]
+        num_items_in_batch=call.num_items_in_batch, **spec.options(),  # type: ignore[arg-type]
     )
 
 
-def _chunked(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    chunk_size: int | None,
-    spec: LossSpec,
-    token_weights: object,
-    num_items_in_batch: object,
-) -> torch.Tensor:
+def _chunked(call: LinearCall) -> torch.Tensor:
     """The chunked backend on checked inputs: targets planned as the reference does."""
-    dtype = compute_dtype(hidden.dtype)
-    plan, num_items = prepare(labels, token_weights, num_items_in_batch, weight.shape[0], spec, dtype)
-    rows = Rows.of(hidden, weight, bias, plan)
-    result = chunked_linear_cross_entropy(
-        rows, math=LossMath.from_spec(spec), reduce_sum=spec.reduction != "none", chunk_rows=chunk_size
-    )
-    return finish(result, plan, labels.shape, spec, num_items)
+    rows, plan, num_items = call.planned()
+    math, reduce_sum = LossMath.from_spec(call.spec), call.spec.reduction != "none"
+    result = chunked_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=call.chunk_size)
+    return call.finish(result, plan, num_items)
 
 
-def _triton(*args: object) -> torch.Tensor:
+def _triton(call: LinearCall) -> torch.Tensor:
     # Imported on use: triton is optional (the ``gpu`` extra) and slow to import.
     from lmloss.fused.triton import triton_backend
 
-    return triton_backend(*args, lowmem=False)  # type: ignore[arg-type]
+    return triton_backend(call, lowmem=False)
 
 
-def _triton_lowmem(*args: object) -> torch.Tensor:
+def _triton_lowmem(call: LinearCall) -> torch.Tensor:
     from lmloss.fused.triton import triton_backend
 
-    return triton_backend(*args, lowmem=True)  # type: ignore[arg-type]
+    return triton_backend(call, lowmem=True)
 
 
 # Backend name -> function; "auto" is resolved by _pick_backend first (never to a Triton
 # backend until they are measured on a GPU).
-_RUNNERS: dict[str, Callable[..., torch.Tensor]] = {
+_RUNNERS: dict[str, Callable[[LinearCall], torch.Tensor]] = {
     "reference": _reference, "chunked": _chunked, "triton": _triton, "triton-lowmem": _triton_lowmem,
 }
 

@@ -49,6 +49,7 @@ import triton
 from lmloss._engine.autograd import Job, Run, rows_loss
 from lmloss._engine.chunks import (
     Grads,
+    LinearCall,
     Rows,
     buffer_rows,
     chunk_indices,
@@ -57,7 +58,6 @@ from lmloss._engine.chunks import (
     scored_rows,
 )
 from lmloss._engine.guard import refuse_create_graph
-from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._engine.rowmath import LossMath, token_terms
 from lmloss._spec import LossSpec, Normalize, Reduction
 from lmloss.fused.chunked import chunked_linear_cross_entropy
@@ -123,38 +123,25 @@ def triton_linear_cross_entropy(
                     z_loss=z_loss, softcap=softcap, normalize=normalize,
                     token_loss=other_options.get("token_loss", "ce"), focal_gamma=other_options.get("focal_gamma"))
     _refuse_unsupported(other_options)
-    return triton_backend(hidden, weight, bias, labels, chunk_size, spec, token_weights, num_items_in_batch,
-                          lowmem=lowmem)
+    call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size)
+    return triton_backend(call, lowmem=lowmem)
 
 
-def triton_backend(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    chunk_size: int | None,
-    spec: LossSpec,
-    token_weights: object,
-    num_items_in_batch: object,
-    *,
-    lowmem: bool,
-) -> torch.Tensor:
-    """The backend as ``lmloss.linear_cross_entropy`` calls it: checked inputs and a spec."""
-    _refuse_unsupported(dict(token_loss=spec.token_loss))
-    if hidden.dtype != torch.float64:
-        kernels_for(hidden.device)  # fail fast where the kernels cannot run
-    dtype = compute_dtype(hidden.dtype)
-    plan, num_items = prepare(labels, token_weights, num_items_in_batch, weight.shape[0], spec, dtype)
-    math = LossMath.from_spec(spec)
-    rows, reduce_sum = Rows.of(hidden, weight, bias, plan), spec.reduction != "none"
-    if dtype == torch.float64:
+def triton_backend(call: LinearCall, *, lowmem: bool) -> torch.Tensor:
+    """The backend as ``lmloss.linear_cross_entropy`` calls it: one checked call."""
+    _refuse_unsupported(dict(token_loss=call.spec.token_loss))
+    if call.hidden.dtype != torch.float64:
+        kernels_for(call.hidden.device)  # fail fast where the kernels cannot run
+    rows, plan, num_items = call.planned()
+    math, reduce_sum = LossMath.from_spec(call.spec), call.spec.reduction != "none"
+    if call.hidden.dtype == torch.float64:
         # The kernels compute in float32; float64 (a CPU test dtype) keeps its precision.
-        result = chunked_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
+        result = chunked_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=call.chunk_size)
     elif lowmem:
         result = lowmem_rows_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum)
     else:
-        result = triton_rows_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
-    return finish(result, plan, labels.shape, spec, num_items)
+        result = triton_rows_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=call.chunk_size)
+    return call.finish(result, plan, num_items)
 
 
 def _refuse_unsupported(options: dict[str, Any]) -> None:
