@@ -52,9 +52,10 @@ def test_int32_labels_compare_exactly():
 # --- unscored rows never reach the products ----------------------------------------------------
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("static", [False, True], ids=["default", "validation-off"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_hidden_state_in_an_unscored_row_leaves_gradients_finite(backend, static):
+def test_non_finite_hidden_state_in_an_unscored_row_leaves_gradients_finite(backend, static, reduction):
     """A NaN hidden state at padding or at the last position (which scores nothing) made
     the reference's weight gradient NaN (0 * NaN in dz^T @ h); every backend must agree."""
     hidden, weight, labels = _problem()
@@ -66,9 +67,9 @@ def test_non_finite_hidden_state_in_an_unscored_row_leaves_gradients_finite(back
     clean[0, -1] = 0.0
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, clean, weight)]
     with validation(not static):
-        loss = linear_cross_entropy(leaves[0], leaves[1], labels, backend=backend)
-        want = linear_cross_entropy(leaves[2], leaves[3], labels, backend=backend)
-    loss.backward()
+        loss = linear_cross_entropy(leaves[0], leaves[1], labels, backend=backend, reduction=reduction).sum()
+        want = linear_cross_entropy(leaves[2], leaves[3], labels, backend=backend, reduction=reduction).sum()
+    loss.backward()  # with reduction="none" the chunks are recomputed here, with value checks on again
     want.backward()
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(leaves[1].grad, leaves[3].grad)

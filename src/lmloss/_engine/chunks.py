@@ -275,8 +275,9 @@ def run_chunks(
     buffers = Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
     for i, index in enumerate(indices):
         h, a = hidden[index], coef[index]
-        if rows is None and not value_checks_enabled():
-            # Static shapes: unscored rows are zeroed, so a NaN there cannot reach the products.
+        if rows is None:
+            # Every row (static shapes, or all scored): unscored ones are zeroed, so a NaN there
+            # cannot reach the products (a [c, D] pass, next to the [c, V] products).
             h = torch.where((a != 0).unsqueeze(1), h, torch.zeros_like(h))
         y = torch.where(a != 0, targets[index], torch.zeros_like(targets[index]))  # may hold ignore_index
         losses[index] = _chunk(h, weight, bias, y, a, math, buffers, grads, index, reducer, i == 0, record)
