@@ -30,6 +30,9 @@ __all__ = [
     "DEFAULT_FOCAL_GAMMA",
     "MIN_SOFTCAP",
     "SPEC_OPTIONS",
+    "check_loss_options",
+    "check_softcap",
+    "resolve_focal_gamma",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -93,6 +96,11 @@ class LossSpec:
     def options(self) -> dict[str, object]:
         """The options as keywords of a public entry point."""
         return {name: getattr(self, name) for name in SPEC_OPTIONS}
+
+
+def check_loss_options(**options: object) -> LossSpec:
+    """Check per-token options (keywords of :class:`LossSpec`) together; returns their spec."""
+    return LossSpec(**options)  # type: ignore[arg-type]
 
 
 def check_softcap(softcap: object) -> None:

@@ -184,7 +184,9 @@ def check_real(name: str, value: object) -> None:
 
 def __getattr__(name: str) -> object:
     # The option vocabularies live in lmloss._spec; this keeps older imports working.
-    if name in ("NORMALIZATIONS", "REDUCTIONS", "TOKEN_LOSSES", "DEFAULT_FOCAL_GAMMA"):
+    # (check_loss_options now builds a LossSpec there.)
+    if name in ("NORMALIZATIONS", "REDUCTIONS", "TOKEN_LOSSES", "DEFAULT_FOCAL_GAMMA", "check_loss_options",
+                "resolve_focal_gamma"):
         from lmloss import _spec
 
         return getattr(_spec, name)

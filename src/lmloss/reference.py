@@ -26,7 +26,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+# TargetPlan, plan_targets, to_label_alignment, mean_over_items: re-exported for older imports from here.
+from lmloss._engine.plan import TargetPlan as TargetPlan
 from lmloss._engine.plan import align, compute_dtype, finish, prepare
+from lmloss._engine.plan import mean_over_items as mean_over_items
+from lmloss._engine.plan import plan_targets as plan_targets
+from lmloss._engine.plan import to_label_alignment as to_label_alignment
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
 from lmloss._validation import check_labels, check_logits, value_checks_enabled
 
