@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ class _LossModule(nn.Module):
     the chunk size, a distillation temperature) beside it.
     """
 
+    _options: dict[str, object]
+    spec: LossSpec
+
     def __init__(self, **options: object) -> None:
         super().__init__()
         self.__dict__["_options"] = {}
@@ -47,9 +51,9 @@ class _LossModule(nn.Module):
             self.__dict__["spec"] = self._checked(updated)  # raises before anything changes
             options[name] = value
         else:
-            super().__setattr__(name, value)
+            super().__setattr__(name, value)  # type: ignore[arg-type]
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         options = self.__dict__.get("_options", {})
         if name in options:
             return options[name]
@@ -248,7 +252,7 @@ class DistillationLoss(_DistillationOptions):
         from lmloss.distill import distillation_loss
 
         return distillation_loss(student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
-                                 token_weights=token_weights, **self._distill_options())
+                                 token_weights=token_weights, **self._distill_options())  # type: ignore[arg-type]
 
 
 class LinearDistillationLoss(_DistillationOptions):
@@ -275,4 +279,4 @@ class LinearDistillationLoss(_DistillationOptions):
         return linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                         student_bias=student_bias, teacher_bias=teacher_bias,
                                         num_items_in_batch=num_items_in_batch, token_weights=token_weights,
-                                        **self._options)
+                                        **self._options)  # type: ignore[arg-type]

@@ -59,7 +59,7 @@ def forward_made(
 def backward_made(
     ctx: Any,
     grad_output: torch.Tensor,
-    run: Run,
+    run: Run | None,
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None,
     coef: torch.Tensor | None,
     what: str,
@@ -77,7 +77,7 @@ def backward_made(
             before_scale(grads)
         return grads.scaled_(grad_output)
     refuse_create_graph(what, hint)
-    if inputs is None or coef is None:
+    if run is None or inputs is None or coef is None:
         raise RuntimeError(f"lmloss {what}: backward of reduction='none' needs the saved inputs")
     grads = Grads.allocate(*inputs, ctx.needs, zero_weight=ctx.zero_weight)
     upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient, before the products

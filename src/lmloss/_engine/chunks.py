@@ -16,7 +16,7 @@ zeroed first, so a non-finite hidden state there cannot reach the products.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -161,7 +161,7 @@ def needs_grad(*tensors: torch.Tensor | None) -> tuple[bool, ...]:
     return tuple(on and t is not None and t.requires_grad for t in tensors)
 
 
-def autocast_inputs(*tensors: object) -> tuple[object, ...]:
+def autocast_inputs(*tensors: Any) -> tuple[Any, ...]:
     """Under autocast, the products take autocast's dtype, as ``F.linear`` would."""
     first = tensors[0]
     if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):

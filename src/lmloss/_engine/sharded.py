@@ -11,6 +11,7 @@ provides the collectives: the reducer's ``gather`` and, for the fused form,
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ class ShardedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         targets: torch.Tensor,
@@ -64,7 +65,8 @@ class ShardedLinearCE(torch.autograd.Function):
         run = _runner(hidden, weight, targets, rows, math, chunk_rows, reducer, record)
         losses = forward_made(ctx, run, (hidden, weight, None), coef, needs, reduce_sum)
         if record is not None:
-            ctx.save_for_backward(hidden, weight, targets, coef, rows, record.lse, record.nll, record.sum_z)
+            saved = (hidden, weight, targets, coef, rows, record.lse, record.nll, record.sum_z)
+            ctx.save_for_backward(*saved)  # rows may be None: every row
         return losses
 
     @staticmethod
@@ -102,7 +104,7 @@ class ShardedLogitsCE(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         logits: torch.Tensor,
         targets: torch.Tensor,
         coef: torch.Tensor,
@@ -129,7 +131,7 @@ class ShardedLogitsCE(torch.autograd.Function):
             losses[scored] = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
             record.lse[scored], record.nll[scored], record.sum_z[scored] = lse, lse - z_y, sum_z
         ctx.reducer, ctx.math, ctx.chunk_rows = reducer, math, chunk_rows
-        ctx.save_for_backward(logits, targets, coef, rows, record.lse, record.nll, record.sum_z)
+        ctx.save_for_backward(*(logits, targets, coef, rows, record.lse, record.nll, record.sum_z))
         return losses
 
     @staticmethod

@@ -154,7 +154,7 @@ def check_backend_options(backend: object, chunk_size: object) -> None:
 
 
 def check_linear(
-    hidden: object, weight: object, bias: object, prefix: str = ""
+    hidden: object, weight: object, bias: object, *, prefix: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Shapes, dtypes and devices of an ``lm_head`` problem; ``prefix`` (e.g.
     ``"teacher_"``) names the arguments in the messages."""

@@ -85,7 +85,7 @@ def chunked_token_logprobs(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     check_softcap(softcap)
     check_backend_options("chunked", chunk_size)
-    hidden, weight, bias = check_linear(*autocast_inputs(hidden, weight, bias))  # type: ignore[arg-type]
+    hidden, weight, bias = check_linear(*autocast_inputs(hidden, weight, bias))
     labels = check_labels(labels, hidden.shape[:-1])
     check_label_range(labels, weight.shape[0], ignore_index)
     dtype = compute_dtype(hidden.dtype)
