@@ -59,7 +59,7 @@ from lmloss._engine.chunks import (
 )
 from lmloss._engine.guard import refuse_create_graph
 from lmloss._engine.rowmath import LossMath, token_terms
-from lmloss._spec import LossSpec, Normalize, Reduction
+from lmloss._spec import SPEC_OPTIONS, LossSpec, Normalize, Reduction
 from lmloss.fused.chunked import chunked_linear_cross_entropy
 
 __all__ = [
@@ -75,6 +75,8 @@ __all__ = [
 ]
 
 TRITON_BACKENDS: tuple[str, ...] = ("triton", "triton-lowmem")
+# The LossSpec options the kernels compute (the others must be off; see _refuse_unsupported).
+KERNEL_OPTIONS = ("shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize")
 
 # aten::mm.dtype / addmm.dtype (bf16 in, float32 out) exist on CUDA from PyTorch 2.8 on.
 _HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
@@ -129,7 +131,9 @@ def triton_linear_cross_entropy(
 
 def triton_backend(call: LinearCall, *, lowmem: bool) -> torch.Tensor:
     """The backend as ``lmloss.linear_cross_entropy`` calls it: one checked call."""
-    _refuse_unsupported(dict(token_loss=call.spec.token_loss))
+    # Every spec option the kernels do not compute must be off (a new option is refused
+    # here until the kernels learn it, instead of being silently ignored).
+    _refuse_unsupported({name: getattr(call.spec, name) for name in SPEC_OPTIONS if name not in KERNEL_OPTIONS})
     if call.hidden.dtype != torch.float64:
         kernels_for(call.hidden.device)  # fail fast where the kernels cannot run
     rows, plan, num_items = call.planned()
