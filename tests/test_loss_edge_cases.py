@@ -123,3 +123,16 @@ def test_create_graph_through_the_reference_backend_is_second_order():
     (t,) = torch.autograd.grad(truth, h2, create_graph=True)
     (tt,) = torch.autograd.grad(t.square().sum(), h2)
     torch.testing.assert_close(gg, tt)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("static", [False, True], ids=["default", "validation-off"])
+def test_linear_distillation_keeps_non_finite_unscored_rows_out(static, reduction):
+    hidden, weight, labels = _problem()
+    teacher_hidden = hidden.clone()
+    hidden[0, -1] = float("nan")  # the last position scores nothing
+    student = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    with validation(not static):
+        loss = linear_distillation_loss(*student, teacher_hidden, weight, labels, alpha=0.5, reduction=reduction)
+    loss.sum().backward()
+    assert bool(loss.isfinite().all()) and bool(student[1].grad.isfinite().all())

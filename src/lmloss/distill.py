@@ -41,8 +41,8 @@ from lmloss._engine.chunks import (
     accumulate,
     autocast_inputs,
     buffer_rows,
-    chunk_indices,
     default_chunk_rows,
+    hidden_chunks,
     logits_into,
 )
 from lmloss._engine.plan import compute_dtype, finish, prepare
@@ -355,8 +355,8 @@ def _run(
     size = buffer_rows(hidden.shape[0], rows, chunk_rows)
     student_buffers = Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
     teacher_buffers = Buffers(size, weight.shape[0], t_weight.dtype, coef.dtype, hidden.device)
-    for index in chunk_indices(hidden.shape[0], rows, chunk_rows):
-        h, a = hidden[index], coef[index]
+    for index, h in hidden_chunks(hidden, coef, rows, chunk_rows):
+        a = coef[index]
         zs = logits_into(h, weight, bias, student_buffers)
         zt = logits_into(t_hidden[index], t_weight, t_bias, teacher_buffers)
         loss = _kd_chunk_(zs, zt, targets[index], a, *options, want_grad=grads is not None)

@@ -15,6 +15,7 @@ zeroed first, so a non-finite hidden state there cannot reach the products.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ __all__ = [
     "default_chunk_rows",
     "scored_rows",
     "chunk_indices",
+    "hidden_chunks",
     "run_chunks",
     "buffer_rows",
     "logits_into",
@@ -155,6 +157,19 @@ def buffer_rows(n_rows: int, rows: torch.Tensor | None, chunk_rows: int) -> int:
     return min(chunk_rows, max(n_scored, 1))
 
 
+def hidden_chunks(
+    hidden: torch.Tensor, coef: torch.Tensor, rows: torch.Tensor | None, chunk_rows: int
+) -> Iterator[tuple[torch.Tensor | slice, torch.Tensor]]:
+    """``(index, hidden[index])`` of each chunk. When every row is computed (static shapes,
+    or all scored), the unscored rows (``coef == 0``) come zeroed, so that a non-finite
+    hidden state there cannot reach the products (a ``[c, D]`` pass, next to ``[c, V]`` ones)."""
+    for index in chunk_indices(hidden.shape[0], rows, chunk_rows):
+        h = hidden[index]
+        if rows is None:
+            h = torch.where((coef[index] != 0).unsqueeze(1), h, torch.zeros_like(h))
+        yield index, h
+
+
 def needs_grad(*tensors: torch.Tensor | None) -> tuple[bool, ...]:
     """Which of ``tensors`` want a gradient in this grad mode."""
     on = torch.is_grad_enabled()
@@ -269,16 +284,11 @@ def run_chunks(
     With ``grads``, adds each chunk's gradients of ``sum(coef * loss)``; with
     ``record``, keeps each row's statistics.
     """
-    indices = chunk_indices(hidden.shape[0], rows, chunk_rows)
     losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
     size = buffer_rows(hidden.shape[0], rows, chunk_rows)
     buffers = Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
-    for i, index in enumerate(indices):
-        h, a = hidden[index], coef[index]
-        if rows is None:
-            # Every row (static shapes, or all scored): unscored ones are zeroed, so a NaN there
-            # cannot reach the products (a [c, D] pass, next to the [c, V] products).
-            h = torch.where((a != 0).unsqueeze(1), h, torch.zeros_like(h))
+    for i, (index, h) in enumerate(hidden_chunks(hidden, coef, rows, chunk_rows)):
+        a = coef[index]
         y = torch.where(a != 0, targets[index], torch.zeros_like(targets[index]))  # may hold ignore_index
         losses[index] = _chunk(h, weight, bias, y, a, math, buffers, grads, index, reducer, i == 0, record)
     return losses

@@ -31,8 +31,8 @@ from lmloss._engine.chunks import (
     accumulate,
     autocast_inputs,
     buffer_rows,
-    chunk_indices,
     default_chunk_rows,
+    hidden_chunks,
     logits_into,
     needs_grad,
     scored_rows,
@@ -165,11 +165,8 @@ def _run(
     size = buffer_rows(hidden.shape[0], rows, options.chunk_rows)
     buffers = Buffers(size, weight.shape[0], weight.dtype, dtype, hidden.device)
     scratch = torch.empty_like(buffers.z) if options.with_entropy else None
-    for index in chunk_indices(hidden.shape[0], rows, options.chunk_rows):
+    for index, h in hidden_chunks(hidden, scored, rows, options.chunk_rows):
         keep = scored[index]
-        h = hidden[index]
-        if rows is None:  # every row (static shapes; backward may run with checks on again): unscored zeroed
-            h = torch.where(keep.unsqueeze(1), h, torch.zeros_like(h))
         y = torch.where(keep, targets[index], torch.zeros_like(targets[index]))
         z = logits_into(h, weight, bias, buffers)
         cap = softcap_(z, options.softcap, buffers.cap_buffer(z) if backward and options.softcap else None)
