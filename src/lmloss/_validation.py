@@ -21,13 +21,6 @@ from collections.abc import Iterator
 
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
-NORMALIZATIONS = ("token", "sequence")
-# Per-token loss forms: plain cross-entropy, DFT (CE times the detached target
-# probability) and focal weighting (CE times (1 - p)^gamma, detached or not).
-TOKEN_LOSSES = ("ce", "dft", "focal", "focal_attached")
-DEFAULT_FOCAL_GAMMA = 2.0
-
 _state = threading.local()
 
 
@@ -66,6 +59,18 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def check_logits(logits: object, name: str = "logits") -> torch.Tensor:
+    """A floating-point ``[..., T, V]`` tensor with a vocabulary of at least one."""
+    logits = check_tensor(name, logits)
+    if not logits.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.ndim < 2:
+        raise ValueError(f"{name} must have shape [..., T, V] (at least 2-D), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} have a vocabulary dimension of size 0")
+    return logits
+
+
 def check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
@@ -97,11 +102,24 @@ def check_labels(labels: object, expected_shape: torch.Size | None = None) -> to
     return labels if labels.dtype in (torch.int32, torch.int64) else labels.long()
 
 
+def check_ignore_index(labels: torch.Tensor, ignore_index: int) -> None:
+    """``ignore_index`` must be a value of the labels' dtype: compared with int32 labels,
+    ``2**32 - 1`` would wrap around to ``-1`` and ignore the wrong label."""
+    info = torch.iinfo(labels.dtype)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(
+            f"ignore_index={ignore_index} does not fit the labels' dtype {labels.dtype} "
+            f"([{info.min}, {info.max}]); use a value in that range (e.g. -100) or wider labels"
+        )
+
+
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     """Raise if a label is neither ``ignore_index`` nor a token id in ``[0, vocab_size)``.
 
-    Reads tensor values, so it is skipped when value checks are off.
+    The range of ``ignore_index`` is always checked; the labels' values are read only
+    when value checks are on.
     """
+    check_ignore_index(labels, ignore_index)
     if not value_checks_enabled() or labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
@@ -158,58 +176,18 @@ def check_num_items(num_items_in_batch: object) -> torch.Tensor | float | None:
     return float(num_items_in_batch)  # also numpy scalars
 
 
-def check_loss_options(
-    *,
-    shift: object = True,
-    ignore_index: object,
-    reduction: object,
-    label_smoothing: object,
-    z_loss: object,
-    softcap: object,
-    normalize: object,
-    token_loss: object = "ce",
-    focal_gamma: object = None,
-) -> None:
-    """Options shared by ``causal_lm_loss`` and the fused backends."""
-    check_bool("shift", shift)
-    check_int("ignore_index", ignore_index)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("normalize", normalize, NORMALIZATIONS)
-    _check_real("label_smoothing", label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:  # type: ignore[operator]
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    _check_real("z_loss", z_loss)
-    if not (math.isfinite(z_loss) and z_loss >= 0.0):  # type: ignore[arg-type, operator]
-        raise ValueError(f"z_loss must be a finite coefficient >= 0, got {z_loss}")
-    if softcap is not None:
-        _check_real("softcap", softcap)
-        if not (math.isfinite(softcap) and softcap > 0.0):  # type: ignore[arg-type, operator]
-            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-    resolve_focal_gamma(token_loss, focal_gamma)
-
-
-def resolve_focal_gamma(token_loss: object, focal_gamma: object) -> float:
-    """Check ``token_loss`` and ``focal_gamma`` together; returns the gamma to use.
-
-    ``focal_gamma`` belongs to the focal forms only: given with any other
-    ``token_loss`` it would silently do nothing, so it is refused. ``None`` means
-    ``DEFAULT_FOCAL_GAMMA`` for the focal forms (0.0, unused, for the others).
-    """
-    check_choice("token_loss", token_loss, TOKEN_LOSSES)
-    focal = token_loss in ("focal", "focal_attached")
-    if focal_gamma is None:
-        return DEFAULT_FOCAL_GAMMA if focal else 0.0
-    if not focal:
-        raise ValueError(
-            f"focal_gamma={focal_gamma!r} is only used with token_loss='focal' or 'focal_attached', "
-            f"but token_loss={token_loss!r}; leave focal_gamma=None"
-        )
-    _check_real("focal_gamma", focal_gamma)
-    if not (math.isfinite(focal_gamma) and focal_gamma >= 0.0):  # type: ignore[arg-type, operator]
-        raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma}")
-    return float(focal_gamma)  # type: ignore[arg-type]
-
-
-def _check_real(name: str, value: object) -> None:
+def check_real(name: str, value: object) -> None:
+    """``value`` is a real number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+def __getattr__(name: str) -> object:
+    # The option vocabularies live in lmloss._spec; this keeps older imports working.
+    # (check_loss_options now builds a LossSpec there.)
+    if name in ("NORMALIZATIONS", "REDUCTIONS", "TOKEN_LOSSES", "DEFAULT_FOCAL_GAMMA", "check_loss_options",
+                "resolve_focal_gamma"):
+        from lmloss import _spec
+
+        return getattr(_spec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,41 +28,38 @@ The teacher never gets a gradient: its logits are constants of the loss.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lmloss._engine.autograd import Job, Run, rows_loss
+from lmloss._engine.chunks import (
+    Buffers,
+    Grads,
+    Rows,
+    accumulate,
+    autocast_inputs,
+    buffer_rows,
+    default_chunk_rows,
+    hidden_chunks,
+    logits_into,
+)
+from lmloss._engine.plan import compute_dtype, finish, prepare
+from lmloss._spec import LossSpec, Normalize, Reduction
 from lmloss._validation import (
-    _check_real,
-    check_label_range,
     check_labels,
-    check_loss_options,
-    check_num_items,
-    check_token_weights,
+    check_logits,
+    check_real,
     value_checks_enabled,
 )
-from lmloss.fused import _autocast_inputs, _check_linear, check_backend_options
-from lmloss.fused.chunked import (
-    _accumulate,
-    _Buffers,
-    _Grads,
-    _logits_into,
-    _scored_rows,
-    check_forward_gradients,
-    default_chunk_rows,
-    remember_weight,
-)
-from lmloss.reference import (
-    _CHUNK_BYTES,
-    Normalize,
-    Reduction,
-    TargetPlan,
-    _check_logits,
-    mean_over_items,
-    plan_targets,
-    to_label_alignment,
-)
-__all__ = ["distillation_loss", "linear_distillation_loss"]
+from lmloss.fused import check_backend_options, check_linear
+
+__all__ = ["distillation_loss", "linear_distillation_loss", "check_distill_options"]
+
+# Upper bound on the bytes of the float32 chunks of logits on the logits path (student
+# and teacher together), as the reference's: the chunk loop costs nothing measurable.
+_CHUNK_BYTES = 256 * 2**20
 
 
 def distillation_loss(
@@ -98,15 +95,15 @@ def distillation_loss(
         attached to the graph.
     """
     check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
-    student_logits = _check_logits(student_logits)
+    student_logits = check_logits(student_logits)
     teacher_logits = _check_teacher_logits(teacher_logits, student_logits)
     labels = check_labels(labels, student_logits.shape[:-1])
     if labels.device != student_logits.device:
         raise ValueError(f"labels are on {labels.device} but student_logits are on {student_logits.device}")
     vocab_size = student_logits.shape[-1]
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    plan, num_items = _plan(labels, token_weights, vocab_size, num_items_in_batch, shift, ignore_index, normalize,
-                            dtype)
+    spec = _spec(shift, ignore_index, reduction, normalize)
+    dtype = compute_dtype(student_logits.dtype)
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype)
     per_token = _per_token_kd(
         student_logits.reshape(-1, vocab_size),
         teacher_logits.detach().reshape(-1, vocab_size),
@@ -116,7 +113,8 @@ def distillation_loss(
         float(alpha),
         dtype,
     ).view(labels.shape)
-    return _reduce(per_token * plan.coef, plan, num_items, reduction, shift)
+    weighted = per_token * plan.coef
+    return finish(weighted if reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
 
 
 def linear_distillation_loss(
@@ -161,15 +159,14 @@ def linear_distillation_loss(
     """
     check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
     check_backend_options("chunked", chunk_size)
-    h, w, b = _check_linear(*_autocast_inputs(student_hidden, student_weight, student_bias), prefix="student_")
-    th, tw, tb = _check_linear(*_autocast_inputs(teacher_hidden, teacher_weight, teacher_bias), prefix="teacher_")
+    h, w, b = check_linear(*autocast_inputs(student_hidden, student_weight, student_bias), prefix="student_")
+    th, tw, tb = check_linear(*autocast_inputs(teacher_hidden, teacher_weight, teacher_bias), prefix="teacher_")
     _check_teacher_head(h, w, th, tw)
     labels = check_labels(labels, h.shape[:-1])
     if labels.device != h.device:
         raise ValueError(f"labels are on {labels.device} but student_hidden is on {h.device}")
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    plan, num_items = _plan(labels, token_weights, w.shape[0], num_items_in_batch, shift, ignore_index, normalize,
-                            dtype)
+    spec = _spec(shift, ignore_index, reduction, normalize)
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, w.shape[0], spec, compute_dtype(h.dtype))
     teacher = tuple(None if t is None else t.detach() for t in (th, tw, tb))
     with torch.autocast(h.device.type, enabled=False):
         result = _linear_kd(
@@ -186,9 +183,7 @@ def linear_distillation_loss(
             reduction != "none",
             chunk_size,
         )
-    if reduction == "none":
-        return to_label_alignment(result.view(labels.shape), shift)
-    return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+    return finish(result, plan, labels.shape, spec, num_items)
 
 
 # --- checks and shared steps ------------------------------------------------------------
@@ -198,25 +193,17 @@ def check_distill_options(
     temperature: object, alpha: object, shift: object, ignore_index: object, reduction: object, normalize: object
 ) -> None:
     """The options of both distillation losses; raises ``ValueError``/``TypeError``."""
-    check_loss_options(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=0.0,
-        z_loss=0.0,
-        softcap=None,
-        normalize=normalize,
-    )
-    _check_real("temperature", temperature)
+    LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, normalize=normalize)  # type: ignore[arg-type]
+    check_real("temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    _check_real("alpha", alpha)
+    check_real("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:  # type: ignore[operator]
         raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}")
 
 
 def _check_teacher_logits(teacher_logits: object, student_logits: torch.Tensor) -> torch.Tensor:
-    teacher_logits = _check_logits(teacher_logits)
+    teacher_logits = check_logits(teacher_logits)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits has shape {tuple(teacher_logits.shape)} but student_logits has shape "
@@ -243,30 +230,9 @@ def _check_teacher_head(h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: 
         raise ValueError(f"teacher_hidden is on {th.device} but student_hidden is on {h.device}")
 
 
-def _plan(
-    labels: torch.Tensor,
-    token_weights: torch.Tensor | None,
-    vocab_size: int,
-    num_items_in_batch: object,
-    shift: bool,
-    ignore_index: int,
-    normalize: Normalize,
-    dtype: torch.dtype,
-) -> tuple[TargetPlan, torch.Tensor | float | None]:
-    check_label_range(labels, vocab_size, ignore_index)
-    weights = None if token_weights is None else check_token_weights(token_weights, labels)
-    num_items = check_num_items(num_items_in_batch)
-    plan = plan_targets(labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=dtype)
-    return plan, num_items
-
-
-def _reduce(
-    weighted: torch.Tensor, plan: TargetPlan, num_items: torch.Tensor | float | None, reduction: str, shift: bool
-) -> torch.Tensor:
-    if reduction == "none":
-        return to_label_alignment(weighted, shift)
-    total = weighted.sum()
-    return total if reduction == "sum" else mean_over_items(total, plan.item_count, num_items)
+def _spec(shift: bool, ignore_index: int, reduction: Reduction, normalize: Normalize) -> LossSpec:
+    """The target options of a distillation loss (no per-token CE options)."""
+    return LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, normalize=normalize)
 
 
 # --- on logits ------------------------------------------------------------------------------
@@ -355,57 +321,20 @@ def _linear_kd(
         row_bytes = 3 * compute + sum(t.element_size() for t in (hidden, t_hidden) if t.element_size() < compute)
         chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(),
                                         row_bytes)
-    grad = torch.is_grad_enabled()
-    needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
-             grad and bias is not None and bias.requires_grad)
-    teacher = (t_hidden, t_weight, t_bias)
-    return _LinearDistillation.apply(hidden, weight, bias, teacher, targets, coef,
-                                     (temperature, alpha), reduce_sum, chunk_rows, needs)
+    runner = partial(_runner, (t_hidden, t_weight, t_bias), (temperature, alpha), chunk_rows)
+    job = Job("linear_distillation_loss", "use distillation_loss on logits", runner)
+    return rows_loss(Rows(hidden, weight, bias, targets, coef), job, reduce_sum)
 
 
-class _LinearDistillation(torch.autograd.Function):
-    """Student gradients made in forward (sum/mean) or recomputed with the upstream
-    gradient folded in (``reduction="none"``), as in the chunked cross-entropy."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        options: tuple[float, float],
-        reduce_sum: bool,
-        chunk_rows: int,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = _scored_rows(coef)
-        ctx.options, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = options, reduce_sum, chunk_rows, needs
-        if reduce_sum:
-            grads = _Grads.allocate(hidden, weight, bias, needs) if any(needs) else None
-            losses = _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, grads)
-            ctx.grads = grads
-            remember_weight(ctx, weight)
-            return losses.sum()
-        ctx.teacher = teacher  # constants: held as they are, no version tracking needed
-        ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-        return _run(hidden, weight, bias, teacher, targets, coef, rows, options, chunk_rows, None)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        if ctx.reduce_sum:
-            check_forward_gradients(ctx, "linear_distillation_loss", "use distillation_loss on logits")
-            grads, ctx.grads = ctx.grads.scaled_(grad_output), None
-        else:
-            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            grads = _Grads.allocate(hidden, weight, bias, ctx.needs)
-            upstream = coef * grad_output.to(coef.dtype)  # each token's upstream gradient
-            with torch.autocast(hidden.device.type, enabled=False):
-                _run(hidden, weight, bias, ctx.teacher, targets, upstream, rows, ctx.options, ctx.chunk_rows, grads)
-            grads = grads.finished()
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None, None
+def _runner(
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    options: tuple[float, float],
+    chunk_rows: int,
+    rows: Rows,
+    scored: torch.Tensor | None,
+) -> Run:
+    """The student's chunk loop; the teacher's tensors are constants of the loss, held as they are."""
+    return lambda coef, grads: _run(*rows.inputs, teacher, rows.targets, coef, scored, options, chunk_rows, grads)
 
 
 def _run(
@@ -418,26 +347,21 @@ def _run(
     rows: torch.Tensor | None,
     options: tuple[float, float],
     chunk_rows: int,
-    grads: _Grads | None,
+    grads: Grads | None,
 ) -> torch.Tensor:
     """Loop over chunks of scored rows; returns the ``[N]`` weighted per-position losses."""
     t_hidden, t_weight, t_bias = teacher
-    n_scored = hidden.shape[0] if rows is None else rows.numel()
     losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
-    size = min(chunk_rows, max(n_scored, 1))
-    student_buffers = _Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
-    teacher_buffers = _Buffers(size, weight.shape[0], t_weight.dtype, coef.dtype, hidden.device)
-    for start in range(0, n_scored, chunk_rows):
-        if rows is None:
-            index: torch.Tensor | slice = slice(start, min(start + chunk_rows, n_scored))
-        else:
-            index = rows[start : start + chunk_rows]
-        h, a = hidden[index], coef[index]
-        zs = _logits_into(h, weight, bias, student_buffers)
-        zt = _logits_into(t_hidden[index], t_weight, t_bias, teacher_buffers)
+    size = buffer_rows(hidden.shape[0], rows, chunk_rows)
+    student_buffers = Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
+    teacher_buffers = Buffers(size, weight.shape[0], t_weight.dtype, coef.dtype, hidden.device)
+    for index, h in hidden_chunks(hidden, coef, rows, chunk_rows):
+        a = coef[index]
+        zs = logits_into(h, weight, bias, student_buffers)
+        zt = logits_into(t_hidden[index], t_weight, t_bias, teacher_buffers)
         loss = _kd_chunk_(zs, zt, targets[index], a, *options, want_grad=grads is not None)
         if grads is not None:
-            _accumulate(zs, h, weight, grads, student_buffers, index)
+            accumulate(zs, h, weight, grads, student_buffers, index)
         losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
     return losses
 

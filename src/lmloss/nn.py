@@ -3,57 +3,69 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from lmloss._validation import check_loss_options
-from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
-from lmloss.reference import Normalize, Reduction, TokenLoss, causal_lm_loss
+from lmloss._spec import (
+    SPEC_OPTIONS,
+    Backend,
+    LossSpec,
+    Normalize,
+    Reduction,
+    TokenLoss,
+)
+from lmloss.fused import check_backend_options, linear_cross_entropy
+from lmloss.reference import causal_lm_loss
 
-__all__ = ["CausalLMLoss", "DistillationLoss", "LinearCrossEntropyLoss", "LinearDistillationLoss"]
+__all__ = ["CausalLMLoss", "DistillationLoss", "LinearDistillationLoss", "LinearCrossEntropyLoss"]
 
 
 class _LossModule(nn.Module):
-    """Holds the loss options, checked once at construction, as ``self.options``."""
+    """Holds its options, checked together at construction and again whenever one is set.
+
+    Options read and set as attributes (``module.reduction = "sum"``), like torch.nn
+    losses; a bad value raises and leaves the module unchanged. The per-token options
+    live in a :class:`~lmloss._spec.LossSpec` (``module.spec``); others (the backend,
+    the chunk size, a distillation temperature) beside it.
+    """
+
+    _options: dict[str, object]
+    spec: LossSpec
 
     def __init__(self, **options: object) -> None:
         super().__init__()
-        check_loss_options(**{k: options[k] for k in _SHARED_CHECKS})
-        self.options = options
+        self.__dict__["_options"] = {}
+        self.__dict__["spec"] = self._checked(options)
+        self.__dict__["_options"] = dict(options)
+
+    def _checked(self, options: dict[str, object]) -> LossSpec:
+        """Check ``options`` together; returns their spec."""
+        return LossSpec(**{k: options[k] for k in SPEC_OPTIONS if k in options})  # type: ignore[arg-type]
 
     def __setattr__(self, name: str, value: object) -> None:
-        # Setting an option (module.reduction = "none") changes what forward uses.
-        options = self.__dict__.get("options")
+        options = self.__dict__.get("_options")
         if options is not None and name in options:
             updated = {**options, name: value}
-            check_loss_options(**{k: updated[k] for k in _SHARED_CHECKS})
+            self.__dict__["spec"] = self._checked(updated)  # raises before anything changes
             options[name] = value
         else:
-            super().__setattr__(name, value)
+            super().__setattr__(name, value)  # type: ignore[arg-type]
 
-    def __getattr__(self, name: str) -> object:
-        # Options read as attributes (module.reduction), like torch.nn losses.
-        options = self.__dict__.get("options", {})
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("_options", {})
         if name in options:
             return options[name]
         return super().__getattr__(name)
 
+    @property
+    def options(self) -> dict[str, object]:
+        """A copy of every option, by name."""
+        return dict(self._options)
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-_SHARED_CHECKS = (
-    "shift",
-    "ignore_index",
-    "reduction",
-    "label_smoothing",
-    "z_loss",
-    "softcap",
-    "normalize",
-    "token_loss",
-    "focal_gamma",
-)
+        return ", ".join(f"{k}={v!r}" for k, v in self._options.items())
 
 
 class CausalLMLoss(_LossModule):
@@ -111,7 +123,8 @@ class CausalLMLoss(_LossModule):
     ) -> torch.Tensor:
         """Loss of ``logits [..., T, V]`` against ``labels [..., T]``."""
         return causal_lm_loss(
-            logits, labels, num_items_in_batch=num_items_in_batch, token_weights=token_weights, **self.options
+            logits, labels, num_items_in_batch=num_items_in_batch, token_weights=token_weights,
+            **self.spec.options(),  # type: ignore[arg-type]
         )
 
 
@@ -145,7 +158,6 @@ class LinearCrossEntropyLoss(_LossModule):
         backend: Backend = "auto",
         chunk_size: int | None = None,
     ) -> None:
-        check_backend_options(backend, chunk_size)
         super().__init__(
             shift=shift,
             ignore_index=ignore_index,
@@ -159,6 +171,10 @@ class LinearCrossEntropyLoss(_LossModule):
             backend=backend,
             chunk_size=chunk_size,
         )
+
+    def _checked(self, options: dict[str, object]) -> LossSpec:
+        check_backend_options(options["backend"], options["chunk_size"])
+        return super()._checked(options)
 
     def forward(
         self,
@@ -178,7 +194,9 @@ class LinearCrossEntropyLoss(_LossModule):
             bias=bias,
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
-            **self.options,  # type: ignore[arg-type]
+            backend=self._options["backend"],  # type: ignore[arg-type]
+            chunk_size=self._options["chunk_size"],  # type: ignore[arg-type]
+            **self.spec.options(),  # type: ignore[arg-type]
         )
 
 
@@ -199,20 +217,20 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reducti
     return reduction
 
 
-class _DistillationOptions(nn.Module):
-    """Distillation options, checked at construction (see :mod:`lmloss.distill`)."""
+class _DistillationOptions(_LossModule):
+    """Distillation options, checked at construction and when set (see :mod:`lmloss.distill`)."""
 
-    def __init__(self, *, temperature: float, alpha: float, shift: bool, ignore_index: int,
-                 reduction: Reduction, normalize: Normalize) -> None:
-        super().__init__()
+    def _checked(self, options: dict[str, object]) -> LossSpec:
         from lmloss.distill import check_distill_options
 
-        check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
-        self.options = dict(temperature=temperature, alpha=alpha, shift=shift, ignore_index=ignore_index,
-                            reduction=reduction, normalize=normalize)
+        check_distill_options(options["temperature"], options["alpha"], options["shift"], options["ignore_index"],
+                              options["reduction"], options["normalize"])
+        if "chunk_size" in options:
+            check_backend_options("auto", options["chunk_size"])
+        return super()._checked(options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    def _distill_options(self) -> dict[str, object]:
+        return {k: v for k, v in self._options.items() if k != "chunk_size"}
 
 
 class DistillationLoss(_DistillationOptions):
@@ -234,7 +252,7 @@ class DistillationLoss(_DistillationOptions):
         from lmloss.distill import distillation_loss
 
         return distillation_loss(student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
-                                 token_weights=token_weights, **self.options)
+                                 token_weights=token_weights, **self._distill_options())  # type: ignore[arg-type]
 
 
 class LinearDistillationLoss(_DistillationOptions):
@@ -250,9 +268,7 @@ class LinearDistillationLoss(_DistillationOptions):
                  ignore_index: int = -100, reduction: Reduction = "mean", normalize: Normalize = "token",
                  chunk_size: int | None = None) -> None:
         super().__init__(temperature=temperature, alpha=alpha, shift=shift, ignore_index=ignore_index,
-                         reduction=reduction, normalize=normalize)
-        check_backend_options("auto", chunk_size)
-        self.chunk_size = chunk_size
+                         reduction=reduction, normalize=normalize, chunk_size=chunk_size)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                 teacher_weight: torch.Tensor, labels: torch.Tensor, *, student_bias: torch.Tensor | None = None,
@@ -263,4 +279,4 @@ class LinearDistillationLoss(_DistillationOptions):
         return linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                         student_bias=student_bias, teacher_bias=teacher_bias,
                                         num_items_in_batch=num_items_in_batch, token_weights=token_weights,
-                                        chunk_size=self.chunk_size, **self.options)
+                                        **self._options)  # type: ignore[arg-type]

@@ -9,22 +9,12 @@ the loss only needs four numbers from each rank's slice ``z_r`` of the logits:
     m_r = max(z_r)               s_r = sum(exp(z_r - m_r))
     t_r = z_r[y] if y is in r's shard, else 0      u_r = sum(z_r)  (label smoothing)
 
-and then, identically on every rank,
-
-    M = max_r m_r     lse = M + log(sum_r s_r * exp(m_r - M))     z_y = sum_r t_r
-    ce = (1-e) * (lse - z_y) + e * (lse - sum_r u_r / V)
-    loss = w * ce + c * lse**2
-
-where ``w`` is 1 for plain cross-entropy, or the DFT/focal weight of the token
-(``token_loss``): with ``p = exp(z_y - lse)`` the target probability, DFT ``w = p``,
-focal ``w = (1 - p)^gamma``. ``p`` is known on every rank once the statistics are
-combined, so the weight costs no collective. Its gradient is folded into each row's
-coefficients (``a`` the token's coefficient, ``s`` the global softmax):
-
-    d loss / dz = a * ((w + 2c*lse + k) * s - ((1-e) * w + k) * onehot(y) - w * e / V)
-
-with ``k = gamma * (1-p)^(gamma-1) * p * ce`` for ``"focal_attached"`` (the weight's
-own derivative, Lin et al. 2017) and ``k = 0`` for the detached forms.
+and then, identically on every rank, ``M = max_r m_r``, ``lse = M + log(sum_r s_r *
+exp(m_r - M))``, ``z_y = sum_r t_r`` and ``sum(z) = sum_r u_r``. From these the loss,
+its DFT/focal weight and the gradient of each shard's logits are the engine's
+(``lmloss._engine.reducer.ShardReducer`` and ``lmloss._engine.rowmath``, the same
+code as on one process); the weight costs no collective. This module holds what is
+about parallelism: the layout, the collectives and the fail-together protocol.
 
 **Collectives.** The four numbers of a chunk of ``c`` tokens travel in *one*
 all-gather of a ``[c, 4]`` tensor and every rank combines them locally. The
@@ -78,32 +68,29 @@ job under torchrun). With gloo (CPU tensors) the flag is read whatever the setti
 from __future__ import annotations
 
 import math as _math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
+from lmloss._engine.chunks import (
+    autocast_inputs,
+    chunk_indices,
+    needs_grad,
+    scored_rows,
+)
+from lmloss._engine.plan import compute_dtype, finish, prepare
+from lmloss._engine.reducer import ShardReducer
+from lmloss._engine.rowmath import LossMath
+from lmloss._engine.sharded import ShardedLinearCE, ShardedLogitsCE
+from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
 from lmloss._validation import (
     check_int,
-    check_label_range,
     check_labels,
-    check_loss_options,
-    check_num_items,
     check_tensor,
-    check_token_weights,
-    resolve_focal_gamma,
     value_checks_enabled,
-)
-from lmloss.reference import (
-    Normalize,
-    Reduction,
-    TargetPlan,
-    TokenLoss,
-    mean_over_items,
-    plan_targets,
-    target_weight,
-    to_label_alignment,
 )
 
 __all__ = [
@@ -329,332 +316,24 @@ def _gather_stats(stats: torch.Tensor, layout: _Layout, *, first: bool) -> torch
     return out
 
 
-# --- the math of one chunk ----------------------------------------------------------------
+# --- the engine's seam: statistics of a vocabulary shard ----------------------------------------
 
 
-@dataclass(frozen=True)
-class _Math:
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    token_loss: str = "ce"  # "ce", "dft", "focal" or "focal_attached"
-    focal_gamma: float = 0.0
-
-    @property
-    def weighted(self) -> bool:
-        """Whether each token's cross-entropy is scaled by a DFT/focal weight ``w``."""
-        return self.token_loss != "ce"
-
-    @property
-    def attached(self) -> bool:
-        """Whether the weight's own derivative (the term ``k``) enters the gradient."""
-        return self.token_loss == "focal_attached" and self.focal_gamma != 0
+def _reducer(layout: _Layout) -> ShardReducer:
+    """The engine's reducer for this rank's shard: one all-gather of ``[c, 4]`` per exchange."""
+    return ShardReducer(
+        layout.start, layout.size, layout.vocab_size, lambda stats, first: _gather_stats(stats, layout, first=first)
+    )
 
 
-def _local_targets(y: torch.Tensor, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets as columns of this shard (0 where the target lives elsewhere) and which are here."""
-    own = (y >= layout.start) & (y < layout.start + layout.size)
-    return torch.where(own, y - layout.start, torch.zeros_like(y)), own
-
-
-def _softcap_(z: torch.Tensor, softcap: float | None, derivative: bool) -> torch.Tensor | None:
-    """``z <- s * tanh(z / s)`` in place; returns ``1 - (z/s)^2`` (its derivative) if asked."""
-    if softcap is None:
+def _sum_hidden(layout: _Layout) -> Callable[[torch.Tensor], None] | None:
+    """The all-reduce of the hidden-state gradient: each rank holds ``dz_r @ W_r``, its shard's part."""
+    if layout.world_size == 1:
         return None
-    z.div_(softcap).tanh_()
-    cap = (1.0 - z * z) if derivative else None
-    z.mul_(softcap)
-    return cap
-
-
-def _local_stats_(z: torch.Tensor, y_local: torch.Tensor, own: torch.Tensor, math: _Math) -> torch.Tensor:
-    """``[c, 4]`` (max, sum of exp below the max, target logit, sum of logits) of this shard.
-
-    Overwrites ``z`` with ``exp(z - max)``: the gradient needs exactly that, rescaled.
-    """
-    rows = z.shape[0]
-    if z.shape[1] == 0:  # an empty shard: contributes exp(-inf) = 0 to every sum
-        empty = z.new_zeros(rows, 4)
-        empty[:, 0] = -_math.inf
-        return empty
-    target = torch.where(own, z.gather(1, y_local.unsqueeze(1)).squeeze(1), z.new_zeros(()))
-    total = z.sum(dim=1) if math.label_smoothing > 0 else z.new_zeros(rows)
-    peak = z.amax(dim=1)
-    z.sub_(peak.unsqueeze(1)).exp_()
-    return torch.stack([peak, z.sum(dim=1), target, total], dim=1)
-
-
-def _combine(gathered: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[P, c, 4]`` statistics -> global log-sum-exp, target logit, sum of logits (each ``[c]``, ``dtype``)."""
-    peaks = gathered[..., 0]
-    peak = peaks.amax(dim=0)
-    lse = peak + (gathered[..., 1] * torch.exp(peaks - peak)).sum(dim=0).log()
-    return lse.to(dtype), gathered[..., 2].sum(dim=0).to(dtype), gathered[..., 3].sum(dim=0).to(dtype)
-
-
-@dataclass(frozen=True)
-class _Terms:
-    """Per-token results of the combine step (each ``[c]``).
-
-    ``w`` is the DFT/focal weight (None for plain cross-entropy) and ``k`` the
-    attached focal loss's gradient term (None otherwise); backward needs both.
-    """
-
-    loss: torch.Tensor
-    w: torch.Tensor | None
-    k: torch.Tensor | None
-
-
-def _token_loss(lse: torch.Tensor, z_y: torch.Tensor, sum_z: torch.Tensor, math: _Math, vocab_size: int) -> _Terms:
-    """The per-token loss from global statistics, as ``causal_lm_loss`` defines it."""
-    nll = lse - z_y
-    ce = nll
-    if math.label_smoothing > 0:
-        ce = (1.0 - math.label_smoothing) * nll + math.label_smoothing * (lse - sum_z / vocab_size)
-    w = k = None
-    loss = ce
-    if math.weighted:
-        # The weight uses the hard target's probability, as the reference does.
-        w = target_weight(-nll, math.token_loss, math.focal_gamma)
-        loss = ce * w
-        if math.attached:
-            k = _focal_term(nll, ce, math.focal_gamma)
-    if math.z_loss > 0:
-        loss = loss + math.z_loss * lse.square()  # not weighted: it regularizes the normalizer
-    return _Terms(loss, w, k)
-
-
-def _focal_term(nll: torch.Tensor, ce: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``k = gamma (1-p)^(gamma-1) p ce``: ``d w / dz = k / ce * (softmax - onehot(y))``.
-
-    0 where ``p`` rounds to 1 (the weight's limit, as the reference takes it), which
-    also keeps ``(1-p)^(gamma-1)`` finite for ``gamma < 1``.
-    """
-    p = torch.exp(-nll)
-    q = torch.clamp(-torch.expm1(-nll), min=0.0)  # 1 - p, precise near p = 1
-    positive = q > 0
-    safe = torch.where(positive, q, torch.ones_like(q))
-    return torch.where(positive, gamma * safe.pow(gamma - 1.0) * p * ce, torch.zeros_like(q))
-
-
-def _logit_grad_(
-    z: torch.Tensor,
-    to_softmax: torch.Tensor,
-    lse: torch.Tensor,
-    y_local: torch.Tensor,
-    own: torch.Tensor,
-    a: torch.Tensor,
-    w: torch.Tensor | None,
-    k: torch.Tensor | None,
-    math: _Math,
-    vocab_size: int,
-    cap: torch.Tensor | None,
-) -> None:
-    """``z`` (holding ``exp(z - ref)``) <- d(sum of a * loss)/d(raw logits of this shard).
-
-    ``to_softmax[i] = exp(ref_i - lse_i)`` turns row ``i`` into the global softmax;
-    then ``a * ((w + 2c*lse + k) * softmax - ((1-e) * w + k) * onehot(y) - w * e / V)``
-    (``w = 1``, ``k = 0`` for plain cross-entropy), times the softcap derivative.
-    """
-    aw = a if w is None else a * w
-    row_scale = aw + 2.0 * math.z_loss * a * lse if math.z_loss > 0 else aw
-    onehot = (1.0 - math.label_smoothing) * aw
-    if k is not None:
-        row_scale, onehot = row_scale + a * k, onehot + a * k
-    z.mul_((row_scale * to_softmax).unsqueeze(1))
-    if math.label_smoothing > 0:
-        z.sub_((aw * (math.label_smoothing / vocab_size)).unsqueeze(1))
-    if z.shape[1] > 0:  # the one-hot term lives on the rank that owns the target
-        hit = torch.where(own, -onehot, torch.zeros_like(onehot))
-        z.scatter_add_(1, y_local.unsqueeze(1), hit.unsqueeze(1).to(z.dtype))
-    if cap is not None:
-        z.mul_(cap)
-
-
-def _chunks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int) -> list[torch.Tensor | slice]:
-    """Row indices of each chunk: slices of every row, or pieces of the scored rows."""
-    if rows is None:
-        return [slice(s, min(s + chunk_rows, n_rows)) for s in range(0, n_rows, chunk_rows)]
-    return list(rows.split(chunk_rows)) if rows.numel() else []  # split() of nothing gives one empty piece
-
-
-def _scored_rows(coef: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the scored rows, or None for every row (static shapes, value checks off).
-
-    ``coef`` comes from the replicated labels, so every rank finds the same rows and
-    runs the same number of chunks (and collectives).
-    """
-    if not value_checks_enabled():
-        return None
-    rows = coef.nonzero().squeeze(1)
-    return None if rows.numel() == coef.numel() else rows
+    return lambda grad: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=layout.group)
 
 
 # --- fused: hidden states and the weight shard ---------------------------------------------
-
-
-@dataclass
-class _Grads:
-    """float32 (or float64) accumulators; cast to the inputs' dtypes when finished."""
-
-    hidden: torch.Tensor | None
-    weight: torch.Tensor | None
-    dtypes: tuple[torch.dtype, torch.dtype]
-
-    @classmethod
-    def allocate(cls, hidden: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool]) -> _Grads:
-        def buffer(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
-            if not needed:
-                return None
-            return torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
-
-        return cls(buffer(hidden, needs[0]), buffer(weight, needs[1]), (hidden.dtype, weight.dtype))
-
-    def finish(self, scale: torch.Tensor | None, layout: _Layout, any_row: bool) -> tuple[torch.Tensor | None, ...]:
-        if self.hidden is not None and any_row and layout.world_size > 1:
-            # Each rank holds dz_r @ W_r, its shard's part of d loss / d hidden.
-            dist.all_reduce(self.hidden, op=dist.ReduceOp.SUM, group=layout.group)
-        out = []
-        for grad, dtype in zip((self.hidden, self.weight), self.dtypes):
-            if grad is not None and scale is not None:
-                grad.mul_(scale.to(grad.dtype))  # in the wide dtype: the scale is not rounded first
-            out.append(None if grad is None else grad.to(dtype))
-        return tuple(out)
-
-
-@dataclass
-class _RowTerms:
-    """``[N]`` per-row results kept for backward: log-sum-exp, and ``w``/``k`` when used."""
-
-    lse: torch.Tensor
-    w: torch.Tensor | None
-    k: torch.Tensor | None
-
-    @classmethod
-    def zeros(cls, like: torch.Tensor, math: _Math) -> _RowTerms:
-        def buffer(needed: bool) -> torch.Tensor | None:
-            return torch.zeros_like(like) if needed else None
-
-        return cls(torch.zeros_like(like), buffer(math.weighted), buffer(math.attached))
-
-    def store(self, index: torch.Tensor | slice, lse: torch.Tensor, terms: _Terms) -> None:
-        self.lse[index] = lse
-        if self.w is not None and terms.w is not None:
-            self.w[index] = terms.w
-        if self.k is not None and terms.k is not None:
-            self.k[index] = terms.k
-
-    def rows(self, index: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        return self.lse[index], _at(self.w, index), _at(self.k, index)
-
-
-def _at(values: torch.Tensor | None, index: torch.Tensor | slice) -> torch.Tensor | None:
-    return None if values is None else values[index]
-
-
-def _fused_loop(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    rows: torch.Tensor | None,
-    layout: _Layout,
-    math: _Math,
-    chunk_rows: int,
-    grads: _Grads | None,
-    saved: _RowTerms | None = None,
-) -> tuple[torch.Tensor, _RowTerms]:
-    """Chunks of scored rows: ``[N]`` weighted losses and the per-row terms of backward.
-
-    With ``saved`` (backward of ``reduction="none"``) the statistics are known:
-    no collective, only the gradients (``coef`` then holds the upstream gradients).
-    """
-    losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
-    kept = _RowTerms.zeros(losses, math)
-    for i, index in enumerate(_chunks(hidden.shape[0], rows, chunk_rows)):
-        h, y, a = hidden[index], targets[index], coef[index]
-        z = torch.mm(h, weight.t()).to(coef.dtype)  # products in the inputs' dtype, math in float32+
-        cap = _softcap_(z, math.softcap, derivative=grads is not None)
-        y_local, own = _local_targets(y, layout)
-        if saved is None:
-            stats = _local_stats_(z, y_local, own, math)
-            lse, z_y, sum_z = _combine(_gather_stats(stats, layout, first=i == 0), coef.dtype)
-            terms = _token_loss(lse, z_y, sum_z, math, layout.vocab_size)
-            losses[index] = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
-            kept.store(index, lse, terms)
-            w, k = terms.w, terms.k
-            to_softmax = torch.exp(stats[:, 0] - lse)
-        else:
-            lse, w, k = saved.rows(index)
-            z.sub_(lse.unsqueeze(1)).exp_()
-            to_softmax = torch.ones_like(lse)
-        if grads is not None:
-            _logit_grad_(z, to_softmax, lse, y_local, own, a, w, k, math, layout.vocab_size, cap)
-            _accumulate(z, h, weight, grads, index)
-    return losses, kept
-
-
-def _accumulate(
-    dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grads: _Grads, index: torch.Tensor | slice
-) -> None:
-    """``dh[index] = dz @ W_r`` (this shard's part) and ``dW_r += dz^T @ h``, accumulated wide."""
-    if grads.hidden is not None:
-        grads.hidden[index] = torch.mm(dz.to(weight.dtype), weight).to(grads.hidden.dtype)
-    if grads.weight is not None:
-        grads.weight.addmm_(dz.t(), h.to(dz.dtype))
-
-
-class _VocabParallelLinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        layout: _Layout,
-        math: _Math,
-        reduce_sum: bool,
-        chunk_rows: int,
-        needs: tuple[bool, bool],
-    ) -> torch.Tensor:
-        rows = _scored_rows(coef)
-        ctx.layout, ctx.math, ctx.chunk_rows, ctx.needs, ctx.reduce_sum = layout, math, chunk_rows, needs, reduce_sum
-        ctx.any_row = rows is None or rows.numel() > 0
-        if reduce_sum:
-            # The loss is linear in the gradients: make them now, scale them in backward.
-            grads = _Grads.allocate(hidden, weight, needs) if any(needs) else None
-            losses, _ = _fused_loop(hidden, weight, targets, coef, rows, layout, math, chunk_rows, grads)
-            ctx.grads, ctx.weight, ctx.weight_version = grads, weight, weight._version
-            return losses.sum()
-        losses, kept = _fused_loop(hidden, weight, targets, coef, rows, layout, math, chunk_rows, None)
-        ctx.save_for_backward(hidden, weight, targets, coef, rows, kept.lse, kept.w, kept.k)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        if ctx.reduce_sum:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "lmloss vocab_parallel_linear_cross_entropy: backward was called twice; its gradients are "
-                    "made in forward and scaled in place, so retain_graph is not supported"
-                )
-            if ctx.weight._version != ctx.weight_version:
-                raise RuntimeError(
-                    "lmloss vocab_parallel_linear_cross_entropy: the weight shard was modified in place between "
-                    "forward and backward; its gradients were made in forward and would be stale"
-                )
-            grads, ctx.grads = ctx.grads, None
-            d_hidden, d_weight = grads.finish(grad_output, ctx.layout, ctx.any_row)
-        else:
-            hidden, weight, targets, coef, rows, lse, w, k = ctx.saved_tensors
-            grads = _Grads.allocate(hidden, weight, ctx.needs)
-            upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
-            saved = _RowTerms(lse, w, k)
-            with torch.autocast(hidden.device.type, enabled=False):
-                _fused_loop(hidden, weight, targets, upstream, rows, ctx.layout, ctx.math, ctx.chunk_rows, grads, saved)
-            d_hidden, d_weight = grads.finish(None, ctx.layout, ctx.any_row)
-        return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -713,88 +392,34 @@ def vocab_parallel_linear_cross_entropy(
             ``torch.distributed`` is not initialized. A bad ``weight_shard`` (or
             ``vocab_start``) on one rank raises on every rank (see the module doc).
     """
-    gamma = _check_options(shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
-                           token_loss, focal_gamma, chunk_size)
-    hidden, weight_shard = _autocast_inputs(hidden, weight_shard)
+    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+    _check_chunk_size(chunk_size)
+    hidden, weight_shard = autocast_inputs(hidden, weight_shard)
     hidden = _check_hidden(hidden)
     labels = _check_labels_on(labels, hidden.shape[:-1], hidden.device)
     # Everything above is replicated (fails alike everywhere); the shard is this rank's own.
     problem = _weight_problem(hidden, weight_shard)
     shard_rows = 0 if problem is not None else weight_shard.shape[0]
     layout, problem = _resolve_layout(group, shard_rows, vocab_start, vocab_size, problem)
-    plan, num_items = _plan(labels, token_weights, num_items_in_batch, layout, hidden.dtype,
-                            shift=shift, ignore_index=ignore_index, normalize=normalize)
-    math = _Math(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), token_loss, gamma)
+    # Labels are replicated, so every rank raises alike (or none does).
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec,
+                              compute_dtype(hidden.dtype))
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
         chunk_size = _default_chunk_rows(hidden2d, layout, plan.coef.dtype)
     if problem is not None:
         _fail_together(problem, _first_gather_rows(plan.coef, chunk_size), layout, labels.device)
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hidden.requires_grad, grad_on and weight_shard.requires_grad)
+    needs = needs_grad(hidden, weight_shard)
     with torch.autocast(hidden.device.type, enabled=False):
-        result = _VocabParallelLinearCE.apply(
+        result = ShardedLinearCE.apply(
             hidden2d, weight_shard, plan.targets.reshape(-1), plan.coef.reshape(-1),
-            layout, math, reduction != "none", chunk_size, needs,
+            _reducer(layout), LossMath.from_spec(spec), reduction != "none", chunk_size, needs, _sum_hidden(layout),
         )
-    return _reduce(result, plan, labels, reduction, shift, num_items)
+    return finish(result, plan, labels.shape, spec, num_items)
 
 
 # --- logits shard given ---------------------------------------------------------------------
-
-
-class _VocabParallelCE(torch.autograd.Function):
-    """``[N, V_r]`` logits shard -> ``[N]`` weighted per-row losses; one all-gather in forward."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        layout: _Layout,
-        math: _Math,
-        chunk_rows: int,
-    ) -> torch.Tensor:
-        rows = _scored_rows(coef)
-        chunks = _chunks(logits.shape[0], rows, chunk_rows)
-        losses = torch.zeros(logits.shape[0], dtype=coef.dtype, device=logits.device)
-        kept = _RowTerms.zeros(losses, math)
-        if chunks:
-            # Local statistics of every chunk first, then one all-gather for all of them:
-            # nothing here needs the global numbers before the end.
-            stats = []
-            for index in chunks:
-                z = logits[index].to(coef.dtype, copy=True)
-                _softcap_(z, math.softcap, derivative=False)
-                stats.append(_local_stats_(z, *_local_targets(targets[index], layout), math))
-            lse, z_y, sum_z = _combine(_gather_stats(torch.cat(stats), layout, first=True), coef.dtype)
-            scored = slice(None) if rows is None else rows
-            a = coef[scored]
-            terms = _token_loss(lse, z_y, sum_z, math, layout.vocab_size)
-            losses[scored] = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
-            kept.store(scored, lse, terms)
-        ctx.layout, ctx.math, ctx.chunk_rows = layout, math, chunk_rows
-        ctx.save_for_backward(logits, targets, coef, rows, kept.lse, kept.w, kept.k)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        logits, targets, coef, rows, lse_all, w_all, k_all = ctx.saved_tensors
-        saved = _RowTerms(lse_all, w_all, k_all)
-        grad = torch.zeros_like(logits)
-        upstream = coef * grad_output.to(coef.dtype)
-        math, layout = ctx.math, ctx.layout
-        for index in _chunks(logits.shape[0], rows, ctx.chunk_rows):
-            z = logits[index].to(coef.dtype, copy=True)
-            cap = _softcap_(z, math.softcap, derivative=True)
-            lse, w, k = saved.rows(index)
-            z.sub_(lse.unsqueeze(1)).exp_()  # the global softmax, from the saved log-sum-exp
-            y_local, own = _local_targets(targets[index], layout)
-            _logit_grad_(z, torch.ones_like(lse), lse, y_local, own, upstream[index], w, k, math, layout.vocab_size,
-                         cap)
-            grad[index] = z.to(grad.dtype)
-        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -836,8 +461,8 @@ def vocab_parallel_cross_entropy(
         ValueError: as :func:`vocab_parallel_linear_cross_entropy`; a bad
             ``logits_shard`` on one rank raises on every rank.
     """
-    gamma = _check_options(shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
-                           token_loss, focal_gamma, None)
+    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
     labels = check_labels(labels)
     if labels.ndim < 1:
         raise ValueError("labels must have shape [..., T] (at least 1-D), got a 0-D tensor")
@@ -845,57 +470,22 @@ def vocab_parallel_cross_entropy(
     problem = _logits_problem(logits_shard, labels)
     shard_columns = 0 if problem is not None else logits_shard.shape[-1]
     layout, problem = _resolve_layout(group, shard_columns, vocab_start, vocab_size, problem)
-    dtype = torch.float32 if problem is not None else logits_shard.dtype
-    plan, num_items = _plan(labels, token_weights, num_items_in_batch, layout, dtype,
-                            shift=shift, ignore_index=ignore_index, normalize=normalize)
+    dtype = compute_dtype(torch.float32 if problem is not None else logits_shard.dtype)
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec, dtype)
     if problem is not None:  # the forward gathers the statistics of every scored row at once
         _fail_together(problem, _first_gather_rows(plan.coef, max(1, labels.numel())), layout, labels.device)
-    math = _Math(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), token_loss, gamma)
     # Explicit row count: an empty shard ([..., T, 0]) leaves -1 ambiguous.
     logits2d = logits_shard.reshape(labels.numel(), logits_shard.shape[-1])
     itemsize = torch.finfo(plan.coef.dtype).bits // 8
     chunk_rows = max(1, _CHUNK_BYTES // max(1, logits2d.shape[1] * itemsize))  # local: no collective per chunk
-    per_row = _VocabParallelCE.apply(
-        logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), layout, math, chunk_rows
+    per_row = ShardedLogitsCE.apply(
+        logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), _reducer(layout), LossMath.from_spec(spec),
+        chunk_rows,
     )
-    return _reduce(per_row, plan, labels, reduction, shift, num_items)
+    return finish(per_row, plan, labels.shape, spec, num_items)
 
 
 # --- shared plumbing ------------------------------------------------------------------------
-
-
-def _plan(
-    labels: torch.Tensor,
-    token_weights: torch.Tensor | None,
-    num_items_in_batch: object,
-    layout: _Layout,
-    dtype: torch.dtype,
-    *,
-    shift: bool,
-    ignore_index: int,
-    normalize: Normalize,
-) -> tuple[TargetPlan, torch.Tensor | float | None]:
-    # Labels are replicated, so every rank raises alike (or none does).
-    check_label_range(labels, layout.vocab_size, ignore_index)
-    weights = None if token_weights is None else check_token_weights(token_weights, labels)
-    num_items = check_num_items(num_items_in_batch)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    plan = plan_targets(labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=compute)
-    return plan, num_items
-
-
-def _reduce(
-    result: torch.Tensor,
-    plan: TargetPlan,
-    labels: torch.Tensor,
-    reduction: str,
-    shift: bool,
-    num_items: torch.Tensor | float | None,
-) -> torch.Tensor:
-    if reduction == "none":
-        return to_label_alignment(result.view(labels.shape), shift)
-    total = result if result.ndim == 0 else result.sum()
-    return total if reduction == "sum" else mean_over_items(total, plan.item_count, num_items)
 
 
 def _default_chunk_rows(hidden2d: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> int:
@@ -908,25 +498,9 @@ def _default_chunk_rows(hidden2d: torch.Tensor, layout: _Layout, dtype: torch.dt
     return int(max(1, min(max(n_rows, 1), max(_MIN_CHUNK_ROWS, budget // (row_bytes * columns)))))
 
 
-def _check_options(
-    shift: object,
-    ignore_index: object,
-    reduction: object,
-    label_smoothing: object,
-    z_loss: object,
-    softcap: object,
-    normalize: object,
-    token_loss: object,
-    focal_gamma: object,
-    chunk_size: object,
-) -> float:
-    """Replicated options; returns the focal gamma to use."""
-    check_loss_options(shift=shift, ignore_index=ignore_index, reduction=reduction,
-                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, normalize=normalize)
-    gamma = resolve_focal_gamma(token_loss, focal_gamma)
+def _check_chunk_size(chunk_size: object) -> None:
     if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-    return gamma
 
 
 def _first_gather_rows(coef: torch.Tensor, chunk_rows: int) -> int:
@@ -936,7 +510,7 @@ def _first_gather_rows(coef: torch.Tensor, chunk_rows: int) -> int:
     can join exactly the gather the good ranks make.
     """
     flat = coef.reshape(-1)
-    chunks = _chunks(flat.shape[0], _scored_rows(flat), chunk_rows)
+    chunks = chunk_indices(flat.shape[0], scored_rows(flat), chunk_rows)
     if not chunks:
         return 0
     first = chunks[0]
@@ -948,15 +522,6 @@ def _check_labels_on(labels: object, shape: torch.Size, device: torch.device) ->
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the scores are on {device}")
     return labels
-
-
-def _autocast_inputs(hidden: object, weight: object) -> tuple[object, object]:
-    """Under autocast the products take autocast's dtype, as ``F.linear`` would."""
-    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
-        return hidden, weight
-    dtype = torch.get_autocast_dtype(hidden.device.type)
-    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (hidden, weight)]
-    return cast[0], cast[1]
 
 
 def _check_hidden(hidden: object) -> torch.Tensor:

@@ -23,23 +23,17 @@ How the loss is built, in four steps:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lmloss._validation import (
-    check_label_range,
-    check_labels,
-    check_loss_options,
-    check_num_items,
-    check_tensor,
-    check_token_weights,
-    resolve_focal_gamma,
-    value_checks_enabled,
-)
+# TargetPlan, plan_targets, to_label_alignment, mean_over_items: re-exported for older imports from here.
+from lmloss._engine.plan import TargetPlan as TargetPlan
+from lmloss._engine.plan import align, compute_dtype, finish, prepare
+from lmloss._engine.plan import mean_over_items as mean_over_items
+from lmloss._engine.plan import plan_targets as plan_targets
+from lmloss._engine.plan import to_label_alignment as to_label_alignment
+from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
+from lmloss._validation import check_labels, check_logits, value_checks_enabled
 
 __all__ = ["causal_lm_loss"]
 
@@ -48,9 +42,8 @@ __all__ = ["causal_lm_loss"]
 # never holds a second full-size copy of its logits.
 _CHUNK_BYTES = 256 * 2**20
 
-Reduction = Literal["mean", "sum", "none"]
-Normalize = Literal["token", "sequence"]
-TokenLoss = Literal["ce", "dft", "focal", "focal_attached"]
+# Target alignment lives in the engine's planning; normalize.py still uses this name.
+_align = align
 
 
 def causal_lm_loss(
@@ -134,160 +127,27 @@ def causal_lm_loss(
             (with its position), mismatched shapes or devices, wrong dtypes,
             unknown options or a bad ``num_items_in_batch``.
     """
-    check_loss_options(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalize=normalize,
-    )
-    gamma = resolve_focal_gamma(token_loss, focal_gamma)
-    logits = _check_logits(logits)
+    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+    logits = check_logits(logits)
     labels = check_labels(labels, logits.shape[:-1])
     if labels.device != logits.device:
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     vocab_size = logits.shape[-1]
-    check_label_range(labels, vocab_size, ignore_index)
-    weights = None if token_weights is None else check_token_weights(token_weights, labels)
-    num_items = check_num_items(num_items_in_batch)
-
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    plan = plan_targets(
-        labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=compute_dtype
-    )
-    per_token = _per_token_losses(
-        logits.reshape(-1, vocab_size),
-        plan.targets.reshape(-1),
-        (plan.coef != 0).reshape(-1),
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-        token_loss=token_loss,
-        focal_gamma=gamma,
-        dtype=compute_dtype,
-    ).view(labels.shape)
-    weighted = per_token * plan.coef
-    if reduction == "none":
-        return to_label_alignment(weighted, shift)
-    total = weighted.sum()
-    return total if reduction == "sum" else mean_over_items(total, plan.item_count, num_items)
-
-
-@dataclass(frozen=True)
-class TargetPlan:
-    """What every backend needs to know about the targets, per *position*.
-
-    Attributes:
-        targets: ``[..., T]`` the target of each position (``ignore_index`` where none).
-        coef: ``[..., T]`` the factor of each position's loss in the sum: its token
-            weight (1 for a plain loss), divided by its row's weight sum under
-            ``normalize="sequence"``; exactly 0 where nothing is scored.
-        item_count: 0-dim, the default divisor of ``"mean"`` (target tokens, weight
-            sum, or rows with a target).
-    """
-
-    targets: torch.Tensor
-    coef: torch.Tensor
-    item_count: torch.Tensor
-
-
-def plan_targets(
-    labels: torch.Tensor,
-    weights: torch.Tensor | None,
-    *,
-    shift: bool,
-    ignore_index: int,
-    normalize: Normalize,
-    dtype: torch.dtype,
-) -> TargetPlan:
-    """Align targets and weights with positions and fold the normalization into ``coef``."""
-    targets, item_weights = _align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=dtype)
-    if normalize == "sequence":
-        coef, item_count = _per_sequence(item_weights)
-    else:
-        coef, item_count = item_weights, item_weights.sum()
-    return TargetPlan(targets, coef, item_count)
-
-
-def to_label_alignment(per_position: torch.Tensor, shift: bool) -> torch.Tensor:
-    """``reduction="none"`` output: the loss of target ``labels[t]`` sits at ``t``."""
-    if not shift or per_position.shape[-1] == 0:
-        return per_position
-    return F.pad(per_position[..., :-1], (1, 0))
-
-
-def mean_over_items(
-    total: torch.Tensor, item_count: torch.Tensor, num_items: torch.Tensor | float | None
-) -> torch.Tensor:
-    """``total / num_items_in_batch`` (or ``/ item_count``), an exact 0 when there is no item."""
-    divisor = item_count if num_items is None else _as_divisor(num_items, item_count)
-    # where() on the divisor (not on the quotient) keeps the all-masked gradient 0, not NaN.
-    return total / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
-
-
-def _check_logits(logits: object) -> torch.Tensor:
-    logits = check_tensor("logits", logits)
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if logits.ndim < 2:
-        raise ValueError(f"logits must have shape [..., T, V] (at least 2-D), got shape {tuple(logits.shape)}")
-    if logits.shape[-1] == 0:
-        raise ValueError("logits have a vocabulary dimension of size 0")
-    return logits
-
-
-def _align(
-    labels: torch.Tensor,
-    weights: torch.Tensor | None,
-    *,
-    shift: bool,
-    ignore_index: int,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and item weights per *position* (``[..., T]``), 0 weight where unscored."""
-    if shift and labels.shape[-1] > 0:
-        # Pad-then-slice keeps [..., T] so the logits need no (copying) slice.
-        targets = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
-        if weights is not None:
-            weights = F.pad(weights[..., 1:], (0, 1), value=0.0)
-    else:
-        targets = labels
-    valid = targets != ignore_index
-    item_weights = valid.to(dtype) if weights is None else weights.to(dtype) * valid
-    return targets, item_weights
-
-
-def _per_sequence(item_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights divided by their row's weight sum; the items are the rows with a target."""
-    row_weight = item_weights.sum(dim=-1, keepdim=True)
-    has_target = row_weight > 0
-    coef = item_weights / torch.where(has_target, row_weight, torch.ones_like(row_weight))
-    return coef, has_target.sum().to(item_weights.dtype)
-
-
-def _as_divisor(num_items: torch.Tensor | float, item_count: torch.Tensor) -> torch.Tensor:
-    divisor = torch.as_tensor(num_items, dtype=item_count.dtype, device=item_count.device)
-    if value_checks_enabled() and bool(divisor == 0) and bool(item_count > 0):
-        raise ValueError(
-            f"num_items_in_batch is 0 but this batch has {float(item_count):g} target item(s): it must count "
-            "every target of the step (see lmloss.count_targets)"
-        )
-    return divisor
+    dtype = compute_dtype(logits.dtype)
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype)
+    scored = (plan.coef != 0).reshape(-1)
+    per_token = _per_token_losses(logits.reshape(-1, vocab_size), plan.targets.reshape(-1), scored, spec, dtype)
+    weighted = per_token * plan.coef.reshape(-1)
+    return finish(weighted if spec.reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
 
 
 def _per_token_losses(
     logits2d: torch.Tensor,
     targets: torch.Tensor,
     scored: torch.Tensor,
-    *,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    spec: LossSpec,
     dtype: torch.dtype,
-    token_loss: str = "ce",
-    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """``[N]`` losses of ``[N, V]`` logits, computed chunk by chunk; 0 where not ``scored``."""
     n_rows, vocab_size = logits2d.shape
@@ -296,7 +156,7 @@ def _per_token_losses(
     # With several chunks, recomputing each in backward keeps only the input's own
     # storage alive instead of a float32 copy of every chunk.
     recompute = n_rows > rows and torch.is_grad_enabled() and logits2d.requires_grad
-    options = (label_smoothing, z_loss, softcap, dtype, token_loss, focal_gamma)
+    options = (spec, dtype)
     pieces = []
     for chunk, chunk_targets, chunk_scored in zip(logits2d.split(rows), targets.split(rows), scored.split(rows)):
         if recompute:
@@ -313,41 +173,29 @@ def _chunk_losses(
     chunk: torch.Tensor,
     targets: torch.Tensor,
     scored: torch.Tensor,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    spec: LossSpec,
     dtype: torch.dtype,
-    token_loss: str = "ce",
-    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Per-row loss of one chunk; only scored rows are upcast and computed.
 
     With value checks off (graph capture) nothing may depend on tensor values, so
     every row is computed and the unscored ones are masked instead of skipped.
     """
-    options = (label_smoothing, z_loss, softcap, token_loss, focal_gamma)
     if not value_checks_enabled():
         safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
-        loss = _row_losses(chunk.to(dtype), safe_targets, *options)
+        loss = _row_losses(chunk.to(dtype), safe_targets, spec)
         return torch.where(scored, loss, torch.zeros_like(loss))
     index = scored.nonzero().squeeze(1)
     if index.numel() == chunk.shape[0]:  # the common case: skip the gather and scatter
-        return _row_losses(chunk.to(dtype), targets, *options)
+        return _row_losses(chunk.to(dtype), targets, spec)
     z = chunk.index_select(0, index).to(dtype)
-    loss = _row_losses(z, targets.index_select(0, index), *options)
+    loss = _row_losses(z, targets.index_select(0, index), spec)
     return loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)
 
 
-def _row_losses(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    token_loss: str = "ce",
-    focal_gamma: float = 0.0,
-) -> torch.Tensor:
+def _row_losses(z: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """``[n]`` losses of ``[n, V]`` logits (already in the compute dtype)."""
+    softcap, label_smoothing, z_loss = spec.softcap, spec.label_smoothing, spec.z_loss
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
@@ -356,8 +204,8 @@ def _row_losses(
     if label_smoothing > 0:
         # F.cross_entropy's smoothing: (1-e)*nll + e * mean over classes of -log p.
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
-    if token_loss != "ce":
-        loss = loss * target_weight(-nll, token_loss, focal_gamma)
+    if spec.token_loss != "ce":
+        loss = loss * target_weight(-nll, spec.token_loss, spec.gamma)
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
     return loss

@@ -31,7 +31,7 @@ import triton  # noqa: F401  (fail loudly where Triton is missing)
 
 import lmloss
 from lmloss import causal_lm_loss
-from lmloss.fused.chunked import LossMath
+from lmloss._engine.rowmath import LossMath
 from lmloss.fused.triton import interpreting, math_constexprs, tiles_for, triton_linear_cross_entropy
 
 MODES = ("triton", "triton-lowmem")

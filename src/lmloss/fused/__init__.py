@@ -14,45 +14,28 @@ bias``; only the backend differs:
 - ``"auto"``: ``"reference"`` when the logits are small enough that chunking cannot
   pay (below ``REFERENCE_MAX_LOGITS`` elements), else ``"chunked"``.
 
-A backend is a function in ``_RUNNERS`` that takes the checked ``hidden``,
-``weight``, ``bias``, ``labels`` and ``chunk_size`` and every loss option as
-keywords; adding one is a new entry there and in ``BACKENDS``.
+A backend is a function in ``_RUNNERS`` that takes one checked call
+(``lmloss._engine.chunks.LinearCall``: the tensors, the ``LossSpec`` and the per-call
+data); adding one is a new entry there and in ``lmloss._spec.Backend``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from lmloss._validation import (
-    check_choice,
-    check_int,
-    check_label_range,
-    check_labels,
-    check_loss_options,
-    check_num_items,
-    check_tensor,
-    check_token_weights,
-    resolve_focal_gamma,
-)
-from lmloss.fused.chunked import LossMath, chunked_linear_cross_entropy
-from lmloss.reference import (
-    Normalize,
-    Reduction,
-    TokenLoss,
-    causal_lm_loss,
-    mean_over_items,
-    plan_targets,
-    to_label_alignment,
-)
+from lmloss._engine.chunks import LinearCall, autocast_inputs
+from lmloss._engine.plan import align
+from lmloss._engine.rowmath import LossMath
+from lmloss._spec import BACKENDS, Backend, LossSpec, Normalize, Reduction, TokenLoss
+from lmloss._validation import check_choice, check_int, check_labels, check_tensor
+from lmloss.fused.chunked import chunked_linear_cross_entropy
+from lmloss.reference import causal_lm_loss
 
-__all__ = ["linear_cross_entropy", "BACKENDS"]
+__all__ = ["linear_cross_entropy", "BACKENDS", "Backend", "check_backend_options", "check_linear"]
 
-Backend = Literal["auto", "chunked", "reference", "triton", "triton-lowmem"]
-BACKENDS: tuple[str, ...] = ("auto", "chunked", "reference", "triton", "triton-lowmem")
 # Below this many logits one matrix product and the reference loss beat the chunk
 # loop's fixed costs; above it the chunked backend wins, by 2x already at 2**18
 # (CPU, forward+backward; BENCHMARKS.md, "backend='auto'").
@@ -105,118 +88,60 @@ def linear_cross_entropy(
         synchronise a GPU once; ``with lmloss.validation(False):`` turns both off
         (ignored rows are then masked, not dropped) for CUDA graphs.
     """
-    check_loss_options(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalize=normalize,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
     check_backend_options(backend, chunk_size)
-    hidden, weight, bias = _check_linear(*_autocast_inputs(hidden, weight, bias))
+    hidden, weight, bias = check_linear(*autocast_inputs(hidden, weight, bias))
     labels = check_labels(labels, hidden.shape[:-1])
     if labels.device != hidden.device:
         raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
-
-    options = dict(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        token_weights=token_weights,
-        normalize=normalize,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
     # The products run in the inputs' dtypes, cast above as autocast would have cast
     # them; autocast itself is off so both backends (and both products) agree.
     with torch.autocast(hidden.device.type, enabled=False):
         run = _RUNNERS[_pick_backend(backend, hidden, weight)]
-        return run(hidden, weight, bias, labels, chunk_size, **options)
+        return run(LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size))
 
 
-def _reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    chunk_size: int | None,
-    **options: object,
-) -> torch.Tensor:
-    """The reference backend: materialize the logits (``chunk_size`` is not used)."""
-    return causal_lm_loss(F.linear(hidden, weight, bias), labels, **options)  # type: ignore[arg-type]
+def _reference(call: LinearCall) -> torch.Tensor:
+    """The reference backend: materialize the logits (``chunk_size`` is not used).
+
+    Unscored positions (ignored targets, the last one when shifted) get zero hidden
+    states first: their logits are not used, and a non-finite hidden state there
+    would otherwise turn the weight's gradient (``dz^T @ h``, ``0 * NaN``) into NaN.
+    """
+    spec, hidden = call.spec, call.hidden
+    _, item = align(call.labels, None, shift=spec.shift, ignore_index=spec.ignore_index, dtype=hidden.dtype)
+    hidden = torch.where((item != 0).unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    return causal_lm_loss(
+        F.linear(hidden, call.weight, call.bias), call.labels, token_weights=call.token_weights,  # type: ignore[arg-type]
+        num_items_in_batch=call.num_items_in_batch, **spec.options(),  # type: ignore[arg-type]
+    )
 
 
-def _chunked(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    chunk_size: int | None,
-    *,
-    shift: bool,
-    ignore_index: int,
-    reduction: Reduction,
-    num_items_in_batch: torch.Tensor | int | float | None,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    token_weights: torch.Tensor | None,
-    normalize: Normalize,
-    token_loss: TokenLoss = "ce",
-    focal_gamma: float | None = None,
-) -> torch.Tensor:
+def _chunked(call: LinearCall) -> torch.Tensor:
     """The chunked backend on checked inputs: targets planned as the reference does."""
-    check_label_range(labels, weight.shape[0], ignore_index)
-    weights = None if token_weights is None else check_token_weights(token_weights, labels)
-    num_items = check_num_items(num_items_in_batch)
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    plan = plan_targets(labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=dtype)
-    math = LossMath(
-        float(label_smoothing),
-        float(z_loss),
-        None if softcap is None else float(softcap),
-        token_loss=token_loss,
-        focal_gamma=resolve_focal_gamma(token_loss, focal_gamma),
-    )
-    result = chunked_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        bias,
-        plan.targets.reshape(-1),
-        plan.coef.reshape(-1),
-        math=math,
-        reduce_sum=reduction != "none",
-        chunk_rows=chunk_size,
-    )
-    if reduction == "none":
-        return to_label_alignment(result.view(labels.shape), shift)
-    return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+    rows, plan, num_items = call.planned()
+    math, reduce_sum = LossMath.from_spec(call.spec), call.spec.reduction != "none"
+    result = chunked_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=call.chunk_size)
+    return call.finish(result, plan, num_items)
 
 
-def _triton(*args: object, **options: object) -> torch.Tensor:
+def _triton(call: LinearCall) -> torch.Tensor:
     # Imported on use: triton is optional (the ``gpu`` extra) and slow to import.
-    from lmloss.fused.triton import triton_linear_cross_entropy
+    from lmloss.fused.triton import triton_backend
 
-    return triton_linear_cross_entropy(*args, lowmem=False, **options)  # type: ignore[arg-type]
+    return triton_backend(call, lowmem=False)
 
 
-def _triton_lowmem(*args: object, **options: object) -> torch.Tensor:
-    from lmloss.fused.triton import triton_linear_cross_entropy
+def _triton_lowmem(call: LinearCall) -> torch.Tensor:
+    from lmloss.fused.triton import triton_backend
 
-    return triton_linear_cross_entropy(*args, lowmem=True, **options)  # type: ignore[arg-type]
+    return triton_backend(call, lowmem=True)
 
 
 # Backend name -> function; "auto" is resolved by _pick_backend first (never to a Triton
 # backend until they are measured on a GPU).
-_RUNNERS: dict[str, Callable[..., torch.Tensor]] = {
+_RUNNERS: dict[str, Callable[[LinearCall], torch.Tensor]] = {
     "reference": _reference, "chunked": _chunked, "triton": _triton, "triton-lowmem": _triton_lowmem,
 }
 
@@ -228,17 +153,8 @@ def check_backend_options(backend: object, chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
 
 
-def _autocast_inputs(hidden: object, weight: object, bias: object) -> tuple[object, object, object]:
-    """Under autocast, the products take autocast's dtype, as ``F.linear`` would."""
-    if not isinstance(hidden, torch.Tensor) or not torch.is_autocast_enabled(hidden.device.type):
-        return hidden, weight, bias
-    dtype = torch.get_autocast_dtype(hidden.device.type)
-    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (hidden, weight, bias)]
-    return cast[0], cast[1], cast[2]
-
-
-def _check_linear(
-    hidden: object, weight: object, bias: object, prefix: str = ""
+def check_linear(
+    hidden: object, weight: object, bias: object, *, prefix: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Shapes, dtypes and devices of an ``lm_head`` problem; ``prefix`` (e.g.
     ``"teacher_"``) names the arguments in the messages."""

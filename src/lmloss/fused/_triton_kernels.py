@@ -33,7 +33,6 @@ of two bf16 numbers fits a float32.
 import triton
 import triton.language as tl
 
-
 # --- shared per-logit math -------------------------------------------------------------
 
 

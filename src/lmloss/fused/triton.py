@@ -39,25 +39,33 @@ float64 inputs use the chunked backend (the kernels compute in float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 from typing import Any
 
 import torch
 import triton
 
-from lmloss._validation import check_label_range, check_num_items, check_token_weights, value_checks_enabled
-from lmloss.fused.chunked import (
-    LossMath,
-    check_forward_gradients,
-    chunked_linear_cross_entropy,
+from lmloss._engine.autograd import Job, Run, rows_loss
+from lmloss._engine.chunks import (
+    Grads,
+    LinearCall,
+    Rows,
+    buffer_rows,
+    chunk_indices,
     default_chunk_rows,
-    remember_weight,
+    needs_grad,
+    scored_rows,
 )
-from lmloss.reference import Normalize, Reduction, mean_over_items, plan_targets, to_label_alignment
+from lmloss._engine.guard import refuse_create_graph
+from lmloss._engine.rowmath import LossMath, token_terms
+from lmloss._spec import SPEC_OPTIONS, LossSpec, Normalize, Reduction
+from lmloss.fused.chunked import chunked_linear_cross_entropy
 
 __all__ = [
     "TRITON_BACKENDS",
     "triton_linear_cross_entropy",
+    "triton_backend",
     "triton_rows_linear_cross_entropy",
     "lowmem_rows_linear_cross_entropy",
     "interpreting",
@@ -67,6 +75,8 @@ __all__ = [
 ]
 
 TRITON_BACKENDS: tuple[str, ...] = ("triton", "triton-lowmem")
+# The LossSpec options the kernels compute (the others must be off; see _refuse_unsupported).
+KERNEL_OPTIONS = ("shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize")
 
 # aten::mm.dtype / addmm.dtype (bf16 in, float32 out) exist on CUDA from PyTorch 2.8 on.
 _HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
@@ -111,27 +121,31 @@ def triton_linear_cross_entropy(
         A float32 scalar, or ``[..., T]`` aligned with ``labels`` for ``reduction="none"``
         (float64 for float64 inputs).
     """
+    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                    z_loss=z_loss, softcap=softcap, normalize=normalize,
+                    token_loss=other_options.get("token_loss", "ce"), focal_gamma=other_options.get("focal_gamma"))
     _refuse_unsupported(other_options)
-    if hidden.dtype != torch.float64:
-        kernels_for(hidden.device)  # fail fast where the kernels cannot run
-    check_label_range(labels, weight.shape[0], ignore_index)
-    weights = None if token_weights is None else check_token_weights(token_weights, labels)
-    num_items = check_num_items(num_items_in_batch)
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    plan = plan_targets(labels, weights, shift=shift, ignore_index=ignore_index, normalize=normalize, dtype=dtype)
-    math = LossMath(float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, plan.targets.reshape(-1), plan.coef.reshape(-1))
-    reduce_sum = reduction != "none"
-    if dtype == torch.float64:
+    call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size)
+    return triton_backend(call, lowmem=lowmem)
+
+
+def triton_backend(call: LinearCall, *, lowmem: bool) -> torch.Tensor:
+    """The backend as ``lmloss.linear_cross_entropy`` calls it: one checked call."""
+    # Every spec option the kernels do not compute must be off (a new option is refused
+    # here until the kernels learn it, instead of being silently ignored).
+    _refuse_unsupported({name: getattr(call.spec, name) for name in SPEC_OPTIONS if name not in KERNEL_OPTIONS})
+    if call.hidden.dtype != torch.float64:
+        kernels_for(call.hidden.device)  # fail fast where the kernels cannot run
+    rows, plan, num_items = call.planned()
+    math, reduce_sum = LossMath.from_spec(call.spec), call.spec.reduction != "none"
+    if call.hidden.dtype == torch.float64:
         # The kernels compute in float32; float64 (a CPU test dtype) keeps its precision.
-        result = chunked_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
+        result = chunked_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=call.chunk_size)
     elif lowmem:
-        result = lowmem_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum)
+        result = lowmem_rows_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum)
     else:
-        result = triton_rows_linear_cross_entropy(*args, math=math, reduce_sum=reduce_sum, chunk_rows=chunk_size)
-    if reduction == "none":
-        return to_label_alignment(result.view(labels.shape), shift)
-    return result if reduction == "sum" else mean_over_items(result, plan.item_count, num_items)
+        result = triton_rows_linear_cross_entropy(rows, math=math, reduce_sum=reduce_sum, chunk_rows=call.chunk_size)
+    return call.finish(result, plan, num_items)
 
 
 def _refuse_unsupported(options: dict[str, Any]) -> None:
@@ -252,90 +266,43 @@ def math_constexprs(math: LossMath, bias: bool) -> dict[str, bool]:
     )
 
 
-def _needs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
-    grad = torch.is_grad_enabled()
-    return (
-        grad and hidden.requires_grad,
-        grad and weight.requires_grad,
-        grad and bias is not None and bias.requires_grad,
-    )
-
-
-def _scored_rows(coef: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the scored positions, or None to compute every row (static shapes)."""
-    if not value_checks_enabled():
-        return None
-    rows = coef.nonzero().squeeze(1)
-    return None if rows.numel() == coef.numel() else rows
-
-
-class _Grads:
-    """float32 gradient accumulators, cast to the inputs' dtypes once at the end."""
-
-    def __init__(
-        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]
-    ):
-        def zeros(t: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
-            return None if t is None or not needed else torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-
-        self.hidden, self.weight, self.bias = zeros(hidden, needs[0]), zeros(weight, needs[1]), zeros(bias, needs[2])
-        self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-
-    def finished(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-        """The gradients, times the upstream scalar ``scale`` (in float32, before rounding)."""
-        out = []
-        for grad, dtype in zip((self.hidden, self.weight, self.bias), self.dtypes):
-            if grad is not None and scale is not None:
-                grad.mul_(scale.to(torch.float32))
-            out.append(None if grad is None or dtype is None else grad.to(dtype))
-        return tuple(out)
-
-
 def _loss_of_stats(
     lse: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None, vocab: int, math: LossMath
 ) -> torch.Tensor:
     """``[n]`` losses from the ``[n]`` log-sum-exps, target logits and logit sums (softcapped)."""
-    loss = lse - target
-    if total is not None:
-        loss = (1.0 - math.label_smoothing) * loss + math.label_smoothing * (lse - total / vocab)
-    if math.z_loss > 0:
-        loss = loss + math.z_loss * lse.square()
-    return loss
+    return token_terms(lse, lse - target, total, math, vocab).loss
 
 
 # --- speed mode ---------------------------------------------------------------------------
 
 
 def triton_rows_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    math: LossMath,
-    reduce_sum: bool,
-    chunk_rows: int | None = None,
+    rows: Rows, *, math: LossMath, reduce_sum: bool, chunk_rows: int | None = None
 ) -> torch.Tensor:
     """Speed mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
 
     Args:
-        hidden: ``[N, D]`` float32/bf16/fp16 hidden states; weight: ``[V, D]``; bias: ``[V]`` or None.
-        targets: ``[N]`` target ids (any value where ``coef`` is 0).
-        coef: ``[N]`` float32 factor of each row's loss; 0 means not scored.
+        rows: float32/bf16/fp16 ``[N, D]`` hidden states, the head, ``[N]`` targets and
+            float32 coefficients (``_engine.chunks.Rows``).
         math: label smoothing, z-loss, softcap.
         reduce_sum: the scalar sum, with gradients made during forward.
         chunk_rows: rows per chunk; default from ``default_chunk_rows``.
     """
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    wide = _wide_logits(hidden)
+    rows = _contiguous(rows)
+    hidden, weight = rows.hidden, rows.weight
     if chunk_rows is None:
-        row_bytes = (4 + hidden.element_size()) if wide else hidden.element_size()
+        row_bytes = (4 + hidden.element_size()) if _wide_logits(hidden) else hidden.element_size()
         chunk_rows = default_chunk_rows(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
-    needs = _needs(hidden, weight, bias)
-    return _TritonRows.apply(hidden, weight, bias, targets, coef, math, reduce_sum, chunk_rows, needs)
+    # The products add into the weight's gradient: it is zeroed first.
+    job = Job("linear_cross_entropy (triton)", "use backend='triton-lowmem'", partial(_runner, math, chunk_rows),
+              zero_weight=True)
+    return rows_loss(rows, job, reduce_sum)
+
+
+def _contiguous(rows: Rows) -> Rows:
+    return Rows(rows.hidden.contiguous(), rows.weight.contiguous(), rows.bias, rows.targets, rows.coef)
 
 
 def _wide_logits(hidden: torch.Tensor) -> bool:
@@ -343,72 +310,23 @@ def _wide_logits(hidden: torch.Tensor) -> bool:
     return _HAS_OUT_DTYPE and hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
 
 
-class _TritonRows(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        math: LossMath,
-        reduce_sum: bool,
-        chunk_rows: int,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = _scored_rows(coef)
-        ctx.math, ctx.reduce_sum, ctx.chunk_rows, ctx.needs = math, reduce_sum, chunk_rows, needs
-        if not reduce_sum:
-            ctx.save_for_backward(hidden, weight, bias, targets, coef, rows)
-            return _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, None)
-        grads = _Grads(hidden, weight, bias, needs) if any(needs) else None
-        losses = _run_chunks(hidden, weight, bias, targets, coef, coef, rows, math, chunk_rows, grads)
-        # Gradients made now go stale if the weight changes before backward (an early
-        # optimizer.step()): its version counter tells.
-        ctx.grads = grads
-        remember_weight(ctx, weight)
-        return losses.sum()
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        if ctx.reduce_sum:
-            check_forward_gradients(ctx, "linear_cross_entropy (triton)", "use backend='triton-lowmem'")
-            grads, ctx.grads = ctx.grads, None
-            dh, dw, db = grads.finished(grad_output)
-        else:
-            hidden, weight, bias, targets, coef, rows = ctx.saved_tensors
-            grads = _Grads(hidden, weight, bias, ctx.needs)
-            upstream = coef * grad_output.to(coef.dtype)  # each token's own upstream gradient
-            _run_chunks(hidden, weight, bias, targets, coef, upstream, rows, ctx.math, ctx.chunk_rows, grads)
-            dh, dw, db = grads.finished()
-        return dh, dw, db, None, None, None, None, None, None
+def _runner(math: LossMath, chunk_rows: int, rows: Rows, scored: torch.Tensor | None) -> Run:
+    """``run(g, grads)``: the losses weighted by ``coef``, the gradients of ``sum(g * loss)``."""
+    return lambda g, grads: _run_chunks(rows, g, scored, math, chunk_rows, grads)
 
 
 def _run_chunks(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    g: torch.Tensor,
-    rows: torch.Tensor | None,
-    math: LossMath,
-    chunk_rows: int,
-    grads: _Grads | None,
+    rows: Rows, g: torch.Tensor, scored: torch.Tensor | None, math: LossMath, chunk_rows: int, grads: Grads | None
 ) -> torch.Tensor:
     """``[N]`` weighted losses (``coef`` * loss); with ``grads``, add each chunk's gradients
     of ``sum(g * loss)``."""
-    n_scored = hidden.shape[0] if rows is None else rows.numel()
-    losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    chunk = _Chunk(min(chunk_rows, max(n_scored, 1)), weight, grads is not None, _wide_logits(hidden))
-    for start in range(0, n_scored, chunk_rows):
-        if rows is None:
-            index: torch.Tensor | slice = slice(start, min(start + chunk_rows, n_scored))
-        else:
-            index = rows[start : start + chunk_rows]
-        a = coef[index]
-        loss = chunk.run(hidden[index], weight, bias, targets[index], g[index], math, grads, index)
+    hidden, weight, bias = rows.inputs
+    n_rows = hidden.shape[0]
+    losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    chunk = _Chunk(buffer_rows(n_rows, scored, chunk_rows), weight, grads is not None, _wide_logits(hidden))
+    for index in chunk_indices(n_rows, scored, chunk_rows):
+        a = rows.coef[index]
+        loss = chunk.run(hidden[index], weight, bias, rows.targets[index], g[index], math, grads, index)
         losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
     return losses
 
@@ -437,7 +355,7 @@ class _Chunk:
         y: torch.Tensor,
         g: torch.Tensor,
         math: LossMath,
-        grads: _Grads | None,
+        grads: Grads | None,
         index: torch.Tensor | slice,
     ) -> torch.Tensor:
         """Unweighted ``[c]`` losses of the chunk; with ``grads``, accumulate its gradients."""
@@ -461,7 +379,7 @@ class _Chunk:
 
 
 def _accumulate(
-    dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grads: _Grads, index: torch.Tensor | slice, wide: bool
+    dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grads: Grads, index: torch.Tensor | slice, wide: bool
 ) -> None:
     """``dh[index] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)``, all accumulated in float32."""
     if grads.hidden is not None:
@@ -483,24 +401,15 @@ def _accumulate(
 # --- memory mode --------------------------------------------------------------------------
 
 
-def lowmem_rows_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    math: LossMath,
-    reduce_sum: bool,
-) -> torch.Tensor:
+def lowmem_rows_linear_cross_entropy(rows: Rows, *, math: LossMath, reduce_sum: bool) -> torch.Tensor:
     """Memory mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
 
     Arguments as :func:`triton_rows_linear_cross_entropy` (no chunks). The gradients
     are made in backward by recomputing the logits tiles.
     """
-    hidden, weight = hidden.contiguous(), weight.contiguous()
-    needs = _needs(hidden, weight, bias)
-    return _LowMem.apply(hidden, weight, bias, targets, coef, math, reduce_sum, needs)
+    rows = _contiguous(rows)
+    needs = needs_grad(*rows.inputs)
+    return _LowMem.apply(*rows.inputs, rows.targets, rows.coef, math, reduce_sum, needs)
 
 
 class _LowMem(torch.autograd.Function):
@@ -516,7 +425,7 @@ class _LowMem(torch.autograd.Function):
         reduce_sum: bool,
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
-        rows = _scored_rows(coef)
+        rows = scored_rows(coef)
         y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
         lse, loss = _lowmem_forward(hidden, weight, bias, rows, y, math)
         weighted = torch.where(a != 0, loss * a, torch.zeros_like(loss))
@@ -527,16 +436,17 @@ class _LowMem(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
         hidden, weight, bias, rows, y, a, lse = ctx.saved_tensors
-        grads = _Grads(hidden, weight, bias, ctx.needs)
+        grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
         if any(ctx.needs) and y.numel() > 0:
             upstream = grad_output.to(torch.float32)
             if not ctx.reduce_sum and rows is not None:
                 upstream = upstream[rows]
             g = (a * upstream).contiguous()  # each scored row's factor of d(loss)
             _lowmem_backward(hidden, weight, bias, rows, y, g, lse, ctx.math, grads)
-        dh, dw, db = grads.finished()
-        return dh, dw, db, None, None, None, None, None
+        grads.finished()
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
 
 
 def _lowmem_forward(
@@ -591,7 +501,7 @@ def _lowmem_backward(
     g: torch.Tensor,
     lse: torch.Tensor,
     math: LossMath,
-    grads: _Grads,
+    grads: Grads,
 ) -> None:
     """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically)."""
     n, vocab = y.numel(), weight.shape[0]

@@ -72,11 +72,22 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from lmloss._validation import check_bool, check_int, check_loss_options, value_checks_enabled
-from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
-from lmloss.reference import TokenLoss, causal_lm_loss
+from lmloss._spec import Backend, LossSpec, TokenLoss
+from lmloss._validation import check_bool, check_int, value_checks_enabled
+from lmloss.fused import check_backend_options, linear_cross_entropy
+from lmloss.reference import causal_lm_loss
 
 __all__ = ["apply", "is_applied", "placeholder_token_ids", "remove", "trainer_loss"]
+
+# The LossSpec options that apply() and trainer_loss() do not take, and why: the
+# model's loss always shifts and means over the step's targets (num_items_in_batch
+# from Trainer), and a model's logit softcap is its own config's.
+SPEC_OPTIONS_FIXED = {
+    "shift": "transformers' causal-LM loss always shifts the labels",
+    "reduction": "a model's loss is the mean over the step's targets",
+    "normalize": "Trainer counts num_items_in_batch in tokens",
+    "softcap": "the model's final_logit_softcapping",
+}
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -145,21 +156,15 @@ def apply(
                 "apply it to a freshly loaded model instead"
             )
         raise ValueError("lmloss is already applied to this model; call remove(model) first to change its options")
-    check_loss_options(
-        ignore_index=ignore_index,
-        reduction="mean",
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=None,
-        normalize="token",
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    # The other per-token options are fixed here: transformers shifts, means over the
+    # step's targets, and the softcap is the model's own (see SPEC_OPTIONS_FIXED).
+    LossSpec(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, token_loss=token_loss,
+             focal_gamma=focal_gamma)
     check_backend_options(backend, chunk_size)
     check_bool("eval_logits", eval_logits)
     head = _output_head(target)
     ids = placeholder_token_ids(target) if ignore_token_ids is None else _check_token_ids(ignore_token_ids)
-    scale, softcap = _logit_transform(target)
+    scale, softcap = logit_transform(target)
     state = _Fused(
         head=head,
         loss_options=dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
@@ -252,16 +257,10 @@ def trainer_loss(
     Returns:
         ``loss_func(outputs, labels, num_items_in_batch=None) -> Tensor`` (a float32 scalar).
     """
-    check_loss_options(
-        ignore_index=ignore_index,
-        reduction="mean",
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=None,
-        normalize="token",
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    # The other per-token options are fixed here: transformers shifts, means over the
+    # step's targets, and the softcap is the model's own (see SPEC_OPTIONS_FIXED).
+    LossSpec(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, token_loss=token_loss,
+             focal_gamma=focal_gamma)
     ids = _check_token_ids(ignore_token_ids)
     options = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    token_loss=token_loss, focal_gamma=focal_gamma)
@@ -644,7 +643,7 @@ def _config_value(config: Any, key: str) -> Any:
     return value
 
 
-def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     """(scale, softcap) such that the model's logits are ``softcap(scale * (h W^T + b))``."""
     config = getattr(model, "config", None)
     softcap = _config_value(config, "final_logit_softcapping")

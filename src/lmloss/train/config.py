@@ -15,6 +15,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lmloss._spec import BACKENDS, DEFAULT_FOCAL_GAMMA, NORMALIZATIONS, TOKEN_LOSSES
+
 __all__ = ["DataSource", "TrainConfig", "add_arguments", "config_from_args", "load_config_file", "parse_data_source"]
 
 BUILTIN_MODELS = ("tiny", "small")
@@ -22,7 +24,12 @@ BUILTIN_DATA_EPOCHS = 15.0  # the built-in set is small and regular: 15 passes t
 DEFAULT_EPOCHS = 3.0
 PRECISIONS = ("float32", "bfloat16")
 MASKING = ("assistant", "all", "last_assistant", "everything")
-TOKEN_LOSSES = ("ce", "dft", "focal", "focal_attached")
+# The per-token loss options (lmloss._spec.LossSpec) that are not flags, and why.
+LOSS_OPTIONS_FIXED = {
+    "shift": "a causal LM's labels are its input ids: always shifted",
+    "ignore_index": "the collators mark untrained positions with -100",
+    "reduction": "a step's loss is the mean over its targets",
+}
 
 
 def _opt(default: Any, help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
@@ -97,12 +104,14 @@ class TrainConfig:
     softcap: float | None = _opt(None, "tanh soft-capping of the logits (Gemma 2 uses 30)", group="loss",
                                  metavar="S")
     normalize: str = _opt("token", "token: mean over the step's target tokens; sequence: mean of per-sequence means",
-                          group="loss", choices=("token", "sequence"))
+                          group="loss", choices=NORMALIZATIONS)
     token_loss: str = _opt("ce", "ce: cross-entropy; dft: scaled by the detached target probability; focal: "
                            "scaled by the detached (1 - p)^gamma; focal_attached: focal loss of Lin et al.", group="loss",
                            choices=TOKEN_LOSSES)
-    focal_gamma: float = _opt(2.0, "gamma of --token-loss focal", group="loss")
-    loss_backend: str = _opt("auto", "linear cross-entropy backend (auto, chunked, reference)", group="loss")
+    focal_gamma: float | None = _opt(None, f"gamma of --token-loss focal (default {DEFAULT_FOCAL_GAMMA:g})",
+                                     group="loss", metavar="G")
+    loss_backend: str = _opt("auto", "linear cross-entropy backend (auto: reference for small logits, else "
+                             "chunked; triton, triton-lowmem: CUDA)", group="loss", choices=BACKENDS)
     chunk_size: int | None = _opt(None, "rows per chunk of the fused loss (default: from a memory budget)",
                                   group="loss", metavar="N")
     # --- hardware
@@ -219,6 +228,8 @@ def check_config(c: TrainConfig) -> None:
         raise ValueError(f"--label-smoothing must be in [0, 1], got {c.label_smoothing}")
     for name in ("lr", "weight_decay", "z_loss", "focal_gamma", "min_lr_ratio"):
         value = getattr(c, name)
+        if value is None:  # focal_gamma: the library's default
+            continue
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"--{_flag(name)} must be a finite number >= 0, got {value}")
     if c.min_lr_ratio > 1:
@@ -227,7 +238,8 @@ def check_config(c: TrainConfig) -> None:
         raise ValueError(f"--softcap must be a positive number, got {c.softcap}")
     if c.max_grad_norm is not None and not (math.isfinite(c.max_grad_norm) and c.max_grad_norm >= 0):
         raise ValueError(f"--max-grad-norm must be a finite number >= 0, got {c.max_grad_norm}")
-    if c.focal_gamma != 2.0 and c.token_loss not in ("focal", "focal_attached"):
+    # An explicit default (saved by runs from before the default was None) is harmless.
+    if c.focal_gamma not in (None, DEFAULT_FOCAL_GAMMA) and c.token_loss not in ("focal", "focal_attached"):
         raise ValueError("--focal-gamma is only used with --token-loss focal or focal_attached")
     if c.train_on_prompt and c.masking not in ("assistant", "everything"):
         raise ValueError(f"--train-on-prompt and --masking {c.masking} conflict: --train-on-prompt means "

@@ -97,9 +97,9 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     """``(scale, softcap)`` such that the model's logits are ``softcap(scale * (h W^T + b))``:
     Gemma 2's final-logit soft-capping, Cohere's and Granite's logit scales (also when
     nested in a multimodal ``text_config``)."""
-    from lmloss.integrations.transformers import _logit_transform
+    from lmloss.integrations.transformers import logit_transform as of_model
 
-    return _logit_transform(model)
+    return of_model(model)
 
 
 class LossModel(nn.Module):

@@ -1,0 +1,11 @@
+"""The one implementation behind every fast path of lmloss (private: the names inside
+are public to lmloss's own modules, not to users).
+
+- ``plan``: targets per position (alignment, ``TargetPlan``, the mean over items).
+- ``rowmath``: the per-token loss terms and the logits gradient, written once.
+- ``reducer``: the row statistics of a chunk, on one process or over a vocabulary-
+  sharded group (the seam vocabulary parallelism plugs into).
+- ``chunks``: the chunk machinery (scored rows, buffers, gradient accumulation,
+  chunk sizing, autocast of inputs).
+- ``guard``: the checks of a loss whose gradients are made in forward.
+"""
