@@ -27,6 +27,8 @@ def _cmd(run: Path, *extra: str) -> list[str]:
 
 
 def _train_losses(run: Path) -> dict[int, float]:
+    if not (run / "metrics.jsonl").is_file():
+        return {}
     return {r["step"]: r["train/loss"] for r in read_jsonl(run / "metrics.jsonl").records if r["split"] == "train"}
 
 
@@ -75,6 +77,7 @@ def test_signal_saves_a_checkpoint_reports_and_resumes_exactly(tmp_path, signum)
     process = subprocess.Popen(_cmd(whole), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while max(_train_losses(whole), default=0) < last:
         assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.monotonic() < deadline + 240
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()

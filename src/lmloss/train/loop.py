@@ -18,7 +18,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -340,9 +339,8 @@ class Trainer:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            warnings.warn("matplotlib is not installed: this run writes no plots (pip install 'lmloss[plot]'; "
-                          "`lmloss plot RUN_DIR` draws them later)", stacklevel=2)
-            self.log("warning: matplotlib is not installed: no plots for this run (`lmloss plot` draws them later)")
+            self.log("warning: matplotlib is not installed: this run writes no plots (pip install 'lmloss[plot]'; "
+                     "`lmloss plot RUN_DIR` draws them later)")
             return False
         return True
 
