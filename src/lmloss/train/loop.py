@@ -42,7 +42,7 @@ from lmloss.train.modeling import (LossModel, correct_targets, head_of, load_mod
 from lmloss.train.report import generate_answers, summarize, write_report, write_summary
 from lmloss.train.stopping import StopRequest, exit_code
 
-__all__ = ["Trainer", "train", "exit_code"]
+__all__ = ["Trainer", "exit_code", "train"]
 
 CONFIG_FILE = "config.json"
 BUILTIN_PROMPT = [{"role": "user", "content": "Where is the capital of China?"}]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmloss._files import check_writable_dir
 
-__all__ = ["LOCK_FILE", "RUN_FILES", "RunLock", "RunDirError", "clear_run", "foreign_entries", "has_run",
+__all__ = ["LOCK_FILE", "RUN_FILES", "RunDirError", "RunLock", "clear_run", "foreign_entries", "has_run",
            "prepare_output_dir"]
 
 LOCK_FILE = ".lmloss.lock"
