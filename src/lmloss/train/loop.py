@@ -149,7 +149,7 @@ class Trainer:
         """Lock the directory against a second run; refuse to mix two runs in it (or to
         delete what no run wrote); find the checkpoint to resume from."""
         if self.procs.main:
-            self.run_dir = rundir.prepare_output_dir(config.output_dir)
+            self.run_dir = rundir.prepare_output_dir(config.output_dir, resume=config.resume)
             self.lock = rundir.RunLock(self.run_dir)
             self.lock.acquire()
         self.procs.barrier()

@@ -33,17 +33,21 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (bad input: the CLI exits 2)."""
 
 
-def prepare_output_dir(path: str) -> Path:
-    """``--output-dir`` as a directory that exists and can be written (made if missing).
+def prepare_output_dir(path: str, *, resume: bool = False) -> Path:
+    """``--output-dir`` as a directory that exists and can be written (made if missing,
+    unless ``resume``: there is nothing to continue in a directory that does not exist).
 
-    Raises :class:`RunDirError` for an empty path, a file, or a directory that cannot
-    be written, naming the path.
+    Raises :class:`RunDirError` for an empty path, a file, a missing directory to resume,
+    or a directory that cannot be written, naming the path.
     """
     if not str(path).strip():
         raise RunDirError("--output-dir is empty: name a directory for the run (e.g. runs/train)")
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise RunDirError(f"--output-dir {path!r} is a file, not a directory")
+    if resume and not root.exists():
+        raise RunDirError(f"--resume: {path!r} does not exist, so there is no run to continue (start the run "
+                          f"without --resume)")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
