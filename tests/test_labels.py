@@ -15,12 +15,12 @@ import warnings
 
 import pytest
 import torch
-from _tokenizers import CHATML_TEMPLATE, build_chatml_tokenizer, build_plain_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import ByT5Tokenizer
 
 import lmloss
+from _tokenizers import CHATML_TEMPLATE, build_chatml_tokenizer, build_plain_tokenizer
 from lmloss.labels import (
     CHAT_MODES,
     DatasetReport,

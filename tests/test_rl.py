@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmloss
-from lmloss.rl import LOSS_TYPES, policy_loss
 from _dist import run_gloo
 from _trl import trl_grpo_loss
+from lmloss.rl import LOSS_TYPES, policy_loss
 
 B, T = 5, 7
 TRL_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")

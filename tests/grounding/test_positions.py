@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 from _grounding_cases import COMMA, DIGITS, END, START, digit_row, python_giou
-from _tokenizers import build_chatml_tokenizer
 
+from _tokenizers import build_chatml_tokenizer
 from lmloss.grounding import (
     BoxTokenIds,
     box_loss,

@@ -464,7 +464,7 @@ class MixtureIterator(Iterator[tuple[str, Any]]):
         self.samples_per_step = samples_per_step
         self.stream = stream
         self._drawn = 0
-        self._consumed = {name: 0 for name in sources}
+        self._consumed = dict.fromkeys(sources, 0)
         self._cache: tuple[int, list[str]] | None = None
 
     @property
