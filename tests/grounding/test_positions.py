@@ -196,7 +196,7 @@ def test_qwen25_vl_positions_in_a_real_tokenized_batch(json_tokenizer):
 
 def test_qwen25_vl_box_loss_equals_the_materialized_float64_computation(json_tokenizer):
     tok = json_tokenizer
-    chats, examples, input_ids, labels = _qwen25_batch(tok)
+    chats, examples, _input_ids, labels = _qwen25_batch(tok)
     targets = find_box_targets(labels, BoxTokenIds.from_tokenizer(tok, "qwen2.5-vl"), image_size=QWEN25_SIZES)
     g = torch.Generator().manual_seed(5)
     vocab, dim = len(tok), 8

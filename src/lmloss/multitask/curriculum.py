@@ -30,6 +30,7 @@ uninterrupted run would have drawn; ``MixtureIterator`` reads map-style sources
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import numbers
 import random
@@ -264,7 +265,7 @@ class PiecewiseLinearSchedule(Schedule):
         points = self._points
         if step <= points[0][0]:
             return points[0][1]
-        for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        for (s0, v0), (s1, v1) in itertools.pairwise(points):
             if step <= s1:
                 return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
         return points[-1][1]
