@@ -387,6 +387,9 @@ class MixtureSampler:
         seed: the run's seed.
     """
 
+    schedule: MixtureSchedule
+    seed: int
+
     def __init__(self, schedule: MixtureSchedule, seed: int = 0) -> None:
         if not isinstance(schedule, MixtureSchedule):
             raise ValueError(f"schedule must be a MixtureSchedule, got {type(schedule).__name__}")
