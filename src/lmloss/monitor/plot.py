@@ -381,10 +381,10 @@ def _save(figure: Any, path: Path) -> Path:
 
 def _matplotlib() -> Any:
     try:
-        import matplotlib
+        import matplotlib as mpl
     except ImportError as error:
         raise ImportError("lmloss plots need matplotlib: pip install 'lmloss[plot]'") from error
-    return matplotlib
+    return mpl
 
 
 def plot_run(run_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[str] | None = None,
