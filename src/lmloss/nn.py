@@ -237,7 +237,7 @@ def _checked_class_weights(value: object) -> torch.Tensor | None:
     if value is None:
         return None
     check_class_weights(value, None, None, torch.float64)
-    return value.detach()  # type: ignore[union-attr]
+    return value.detach()  # type: ignore[attr-defined]
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reduction:

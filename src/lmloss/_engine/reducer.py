@@ -159,8 +159,8 @@ class ShardReducer:
         stats = self.local_stats_(z, y_local, own, math)
         lse, z_y, sum_z = combine_stats(self.gather(stats, first), z.dtype)
         to_softmax = torch.exp(stats[:, 0].to(lse.dtype) - lse)
-        sum_z = sum_z if math.label_smoothing > 0 else None
-        return RowStats(lse, lse - z_y, sum_z, y_local, own, to_softmax, self.row_classes(y))
+        smoothing_sum = sum_z if math.label_smoothing > 0 else None
+        return RowStats(lse, lse - z_y, smoothing_sum, y_local, own, to_softmax, self.row_classes(y))
 
 
 @dataclass
