@@ -280,3 +280,21 @@ def test_the_module_holds_the_weights_as_torch_does():
         nn.CausalLMLoss(weight=u, class_weights=u)
     module.class_weights = None
     assert module.weight is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_static_shapes_give_the_same_loss(backend, reduction):
+    """Under lmloss.validation(False) every row is computed (unscored ones masked)."""
+    problem = _problem((3, 7), seed=8)
+    options = dict(label_smoothing=0.1, z_loss=0.01, reduction=reduction)
+    results = []
+    for checks in (True, False):
+        hidden, weight = _inputs(problem)
+        with lmloss.validation(checks):
+            loss = _loss(backend, hidden, weight, problem["labels"], problem["classes"], **options)
+        results.append((loss, _grads(loss, (hidden, weight), problem["upstream"])))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
