@@ -233,7 +233,7 @@ def _calls() -> list[Callable[[torch.Tensor], object]]:
         lambda u: lmloss.causal_lm_loss(h @ w.T, labels, class_weights=u),
         lambda u: lmloss.linear_cross_entropy(h, w, labels, class_weights=u, backend="chunked"),
         lambda u: lmloss.linear_cross_entropy(h, w, labels, class_weights=u, backend="reference"),
-        lambda u: nn.CausalLMLoss(weight=u)(h @ w.T, labels),
+        lambda u: nn.CausalLMLoss(class_weights=u)(h @ w.T, labels),  # weight=: see the module test
         lambda u: nn.LinearCrossEntropyLoss(class_weights=u)(h, w, labels),
         lambda u: count_targets(labels, class_weights=u),
     ]
@@ -278,6 +278,8 @@ def test_the_module_holds_the_weights_as_torch_does():
     assert "class_weights" in nn.LinearCrossEntropyLoss(class_weights=u).state_dict()
     with pytest.raises(ValueError, match="not both"):
         nn.CausalLMLoss(weight=u, class_weights=u)
+    with pytest.raises(ValueError, match=r"weight must be finite and non-negative, got weight\[2\] = -1.0"):
+        nn.CausalLMLoss(weight=torch.tensor([1.0, 0.0, -1.0]))
     module.class_weights = None
     assert module.weight is None
 

@@ -274,6 +274,11 @@ def _errors(data: dict[str, torch.Tensor], rank: int) -> list[str]:
                                                     vocab_start=start, vocab_size=V),
         lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
                                                     vocab_start=start, vocab_size=V, chunk_size=0),
+        # class weights are all [V] of them on every rank, not the rank's shard
+        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
+                                                    class_weights=data["classes/some"][start:stop]),
+        lambda: vocab_parallel_cross_entropy(hidden @ shard.T, data["labels/default"], group=None,
+                                             vocab_start=start, vocab_size=V, class_weights=-data["classes/some"]),
     ]
     messages = []
     for attempt in attempts:
@@ -612,12 +617,14 @@ def test_bad_input_on_one_rank_corners(launched):
 def test_bad_input_raises_on_every_rank(launched):
     _, _, ranks = launched
     for rank in ranks:
-        label, gap, total, dtype, chunk = rank["errors"]
+        label, gap, total, dtype, chunk, shard_classes, negative = rank["errors"]
         assert "labels[1, 2] = 23 is outside the vocabulary [0, 23)" in label
         assert "must tile [0, V) without gap or overlap: rank 1 starts at 10" in gap
         assert "vocab_size=24 but the shards of the group add up to 23" in total
         assert "must have the same dtype" in dtype and "bad input on ranks 0, 1" in dtype
         assert "chunk_size must be >= 1" in chunk
+        assert "class_weights must have shape [V] = [23]" in shard_classes
+        assert "class_weights must be finite and non-negative" in negative
 
 
 def test_vocab_shard_bounds_tile_the_vocabulary():

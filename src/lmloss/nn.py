@@ -110,7 +110,8 @@ class CausalLMLoss(_LossModule):
     ) -> None:
         if weight is not None and class_weights is not None:
             raise ValueError("give the class weights as weight= (torch's name) or class_weights=, not both")
-        classes = _checked_class_weights(weight if weight is not None else class_weights)
+        classes = _checked_class_weights(weight, "weight") if weight is not None else _checked_class_weights(
+            class_weights)
         if size_average is not None or reduce is not None:
             reduction = _legacy_reduction(size_average, reduce)
         super().__init__(
@@ -231,12 +232,12 @@ class LinearCrossEntropyLoss(_LossModule):
         )
 
 
-def _checked_class_weights(value: object) -> torch.Tensor | None:
+def _checked_class_weights(value: object, name: str = "class_weights") -> torch.Tensor | None:
     """A module's class weights, checked as far as they can be without the vocabulary size
     (``[V]``, floating point, finite, non-negative); kept as given (a buffer)."""
     if value is None:
         return None
-    check_class_weights(value, None, None, torch.float64)
+    check_class_weights(value, None, None, torch.float64, name)
     return value.detach()  # type: ignore[attr-defined]
 
 
