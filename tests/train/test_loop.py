@@ -108,6 +108,8 @@ def test_resume_refuses_changed_math_and_missing_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     with pytest.raises(ValueError, match="--lr"):
         train(TrainConfig(output_dir=run, resume=True, lr=0.5), log=lambda _: None)
+    with pytest.raises(ValueError, match="differ from it: --train-turn-suffix"):  # it changes the labels
+        train(TrainConfig(output_dir=run, resume=True, train_turn_suffix=True), log=lambda _: None)
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny(tmp_path, max_steps=2), log=lambda _: None)
     (tmp_path / "empty").mkdir()
