@@ -104,7 +104,9 @@ class TrainConfig:
                                        group="optimizer")
     # --- loss
     label_smoothing: float = _opt(0.0, "label smoothing in [0, 1]", group="loss")
-    z_loss: float = _opt(0.0, "z-loss coefficient (adds c * logsumexp^2 per target)", group="loss")
+    z_loss: float = _opt(0.0, "z-loss coefficient (adds c * logsumexp^2 per target; its share of the loss is "
+                         "logged as train/z_loss, for one more forward of the output layer per micro-batch)",
+                         group="loss")
     softcap: float | None = _opt(None, "tanh soft-capping of the logits (Gemma 2 uses 30)", group="loss",
                                  metavar="S")
     normalize: str = _opt("token", "token: mean over the step's target tokens; sequence: mean of per-sequence means",
