@@ -316,3 +316,52 @@ def test_long_samples_are_audited_in_a_bounded_window(chatml_tokenizer, chat_lay
     report = audit([GOOD_CHAT], chatml_tokenizer, max_length=chat_layout["total"] - 2)  # cuts <|im_end|>, "\n"
     [cut] = [i for i in report.issues if i.kind == "cut"]
     assert f"1 of {chat_layout['answer']} targets beyond" in cut.message and "at least" not in cut.message
+
+
+# ------------------------------------------------------- the options of lmloss train
+
+
+def _train_fractions(path: str, tokenizer, **options) -> list[float]:
+    """Supervised fraction of every sample as ``lmloss train`` encodes it."""
+    from lmloss.train.config import TrainConfig
+    from lmloss.train.data import DataReport, encode_records, load_records
+
+    config = TrainConfig(data=[path], eval_fraction=0.0, max_length=4096, **options)
+    (source,), _ = load_records(config)
+    examples = encode_records(source.records, tokenizer, config, DataReport(), "train")
+    return [_num(ex["labels"][1:]) / len(ex["input_ids"]) for ex in examples]
+
+
+def test_train_turn_suffix_is_audited_as_train_encodes_it(tmp_path, tok_dir, chatml_tokenizer, chat_layout, capsys):
+    # --train-turn-suffix (LLaMA-Factory's labels) also trains the "\n" after <|im_end|>.
+    newline = len(_ids(chatml_tokenizer, "\n"))
+    assert newline == 1
+    report = audit([GOOD_CHAT], chatml_tokenizer, train_turn_suffix=True)
+    assert report.fractions == [pytest.approx((chat_layout["answer"] + newline) / chat_layout["total"])]
+    assert report.ok and report.train_turn_suffix
+    two_turns = {"messages": GOOD_CHAT["messages"] * 2}
+    data = _write(tmp_path / "d.jsonl", [GOOD_CHAT, two_turns])
+    for mode in ("last_assistant", "all", "assistant"):
+        ours = audit(read_jsonl_records(data), chatml_tokenizer, mode=mode, train_turn_suffix=True).fractions
+        assert ours == _train_fractions(data, chatml_tokenizer, masking=mode, train_turn_suffix=True)
+        assert ours != _train_fractions(data, chatml_tokenizer, masking=mode)
+    assert main(["check", data, "--tokenizer", tok_dir, "--train-turn-suffix", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_turn_suffix"] is True
+    assert (out["supervised_fraction"]["min"], out["supervised_fraction"]["max"]) == (min(ours), max(ours))
+    assert main(["check", data, "--tokenizer", tok_dir, "--train-turn-suffix"]) == 0
+    assert "(mode=assistant, max_length=None, train_turn_suffix)" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="train_turn_suffix must be a bool"):
+        audit([GOOD_CHAT], chatml_tokenizer, train_turn_suffix="yes")
+
+
+def test_mode_all_trains_a_prompt_completion_pair_as_train_does(tmp_path, chatml_tokenizer):
+    # Reproduction: `lmloss check --mode all` trained the prompt of prompt/completion
+    # samples (fraction 0.96 here) while `lmloss train --masking all` trains only the
+    # completion (0.42): --mode all is about chat turns, as in lmloss.encode_dataset.
+    data = _write(tmp_path / "pc.jsonl", [{"prompt": "Translate the word cat into French.",
+                                           "completion": "The French word for cat is chat."}])
+    for mode in ("assistant", "all", "last_assistant", "everything"):
+        ours = audit(read_jsonl_records(data), chatml_tokenizer, mode=mode).fractions
+        assert ours == _train_fractions(data, chatml_tokenizer, masking=mode)
+    assert audit(read_jsonl_records(data), chatml_tokenizer, mode="all").fractions[0] < 0.5

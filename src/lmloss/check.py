@@ -39,6 +39,7 @@ from typing import Any, Literal
 from lmloss._validation import check_choice
 from lmloss.jsonl import DataError, Record, empty_file_error, read_jsonl_records, read_jsonl_samples, scan_samples
 from lmloss.labels import CHAT_MODES, check_token_id_set, encode_chat, encode_prompt_completion
+from lmloss.labels.options import check_flag
 from lmloss.samples import pretokenized_example
 from lmloss.tokenizer import load_tokenizer
 
@@ -98,6 +99,8 @@ class AuditReport:
         issues: every finding, in sample order.
         max_length: the truncation length, or ``None``.
         mode: the chat labelling mode.
+        train_turn_suffix: chat turns also train what the template writes after their
+            end-of-turn token (see :func:`lmloss.encode_chat`).
         pad_is_eos: the tokenizer's pad token is its eos token.
     """
 
@@ -107,6 +110,7 @@ class AuditReport:
     issues: list[Issue] = field(default_factory=list)
     max_length: int | None = None
     mode: str = "assistant"
+    train_turn_suffix: bool = False
     pad_is_eos: bool = False
 
     @property
@@ -151,6 +155,7 @@ class AuditReport:
             "num_samples": self.num_samples,
             "num_encoded": len(self.lengths),
             "mode": self.mode,
+            "train_turn_suffix": self.train_turn_suffix,
             "max_length": self.max_length,
             "pad_is_eos": self.pad_is_eos,
             "counts": {kind: self.count(kind) for kind, _, _ in _TABLE_ROWS},
@@ -179,6 +184,7 @@ def audit(
     truncation_side: str = "right",
     eos_token_ids: Iterable[int] | None = None,
     vocab_size: int | None = None,
+    train_turn_suffix: bool = False,
 ) -> AuditReport:
     """Encode each sample as training would and check its labels.
 
@@ -188,7 +194,8 @@ def audit(
         tokenizer: a transformers tokenizer (chat samples need a chat template).
         max_length: truncate to this many tokens, as training would.
         mode: chat labelling mode (see :func:`lmloss.encode_chat`); for
-            prompt/completion samples, ``"all"``/``"everything"`` also train the prompt.
+            prompt/completion samples, ``"everything"`` also trains the prompt (as
+            ``lmloss train --masking``; ``"all"`` is about chat turns).
         ignore_token_ids: placeholder ids that must never be targets; encoders
             mask them, pre-tokenized labels are checked as given.
         ignore_index: the label of untrained tokens.
@@ -197,6 +204,9 @@ def audit(
             default: the tokenizer's eos and the end-of-turn tokens it knows.
         vocab_size: pre-tokenized ids must lie in ``[0, vocab_size)``; default
             ``len(tokenizer)``, as ``lmloss train`` checks them.
+        train_turn_suffix: chat samples also train what the template writes after
+            each trained turn's end-of-turn token, as ``lmloss train --train-turn-suffix``
+            (see :func:`lmloss.encode_chat`).
 
     Returns:
         An :class:`AuditReport`. Samples that cannot be encoded are reported as
@@ -206,15 +216,17 @@ def audit(
     """
     check_choice("mode", mode, CHAT_MODES)
     check_choice("truncation_side", truncation_side, _TRUNCATION_SIDES)
+    check_flag("train_turn_suffix", train_turn_suffix)
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
     placeholders = check_token_id_set("ignore_token_ids", ignore_token_ids)
     eos_ids = _eos_ids(tokenizer) if eos_token_ids is None else check_token_id_set("eos_token_ids", eos_token_ids)
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    report = AuditReport(max_length=max_length, mode=mode, pad_is_eos=pad_id is not None and pad_id in eos_ids)
+    report = AuditReport(max_length=max_length, mode=mode, train_turn_suffix=train_turn_suffix,
+                         pad_is_eos=pad_id is not None and pad_id in eos_ids)
     vocab = len(tokenizer) if vocab_size is None else vocab_size
     checker = _SampleChecker(tokenizer, mode, placeholders, eos_ids, ignore_index, report.pad_is_eos, vocab,
-                             audit_window(max_length), truncation_side)  # fmt: skip
+                             audit_window(max_length), truncation_side, train_turn_suffix)  # fmt: skip
     for index, sample in enumerate(samples):
         where, data = (sample.where, sample.data) if isinstance(sample, Record) else (f"sample {index}", sample)
         _audit_one(report, checker, where, data, truncation_side)
@@ -293,6 +305,7 @@ class _SampleChecker:
     vocab_size: int
     window: int | None
     truncation_side: str
+    train_turn_suffix: bool = False
 
     def encode(self, data: Mapping[str, Any]) -> tuple[list[int], list[int], bool]:
         """``(input_ids, labels, complete)`` before truncation (applied afterwards, so cuts can
@@ -304,11 +317,11 @@ class _SampleChecker:
             ex = encode_chat(
                 data["messages"], self.tokenizer, mode=self.mode,  # type: ignore[arg-type]
                 ignore_index=self.ignore_index, ignore_token_ids=self.placeholders, tools=data.get("tools"),
-                **window,  # type: ignore[arg-type]
+                train_turn_suffix=self.train_turn_suffix, **window,  # type: ignore[arg-type]
             )  # fmt: skip
         elif "prompt" in data and "completion" in data:
             ex = encode_prompt_completion(
-                data["prompt"], data["completion"], self.tokenizer, train_on_prompt=self.mode in ("all", "everything"),
+                data["prompt"], data["completion"], self.tokenizer, train_on_prompt=self.mode == "everything",
                 ignore_index=self.ignore_index, ignore_token_ids=self.placeholders, **window,  # type: ignore[arg-type]
             )  # fmt: skip
         elif "input_ids" in data and "labels" in data:
@@ -429,7 +442,7 @@ def format_report(report: AuditReport, max_errors: int = 20) -> str:
 
 
 def _header(report: AuditReport) -> str:
-    extra = ", pad == eos" if report.pad_is_eos else ""
+    extra = (", train_turn_suffix" if report.train_turn_suffix else "") + (", pad == eos" if report.pad_is_eos else "")
     return (
         f"lmloss check: {report.num_samples} samples, {len(report.lengths)} encoded "
         f"(mode={report.mode}, max_length={report.max_length}{extra})"
@@ -459,6 +472,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="truncate as training would")
     parser.add_argument("--truncation-side", choices=_TRUNCATION_SIDES, default="right")
     parser.add_argument("--mode", choices=CHAT_MODES, default="assistant", help="which chat tokens are trained")
+    parser.add_argument("--train-turn-suffix", action="store_true",
+                        help="also train what the chat template writes after each trained turn's end-of-turn token "
+                        "(the newline after <|im_end|> in ChatML), as LLaMA-Factory's templates do and as "
+                        "lmloss train --train-turn-suffix does")
     parser.add_argument("--ignore-token-ids", type=_id_list, default=(), metavar="IDS",
                         help="comma-separated placeholder ids never to be targets, e.g. 151655,151656")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print a machine-readable report")
@@ -490,6 +507,7 @@ def run(args: argparse.Namespace) -> int:
     report = audit(
         records, tokenizer, max_length=args.max_length, mode=args.mode,
         ignore_token_ids=args.ignore_token_ids, truncation_side=args.truncation_side,
+        train_turn_suffix=args.train_turn_suffix,
     )  # fmt: skip
     # Unreadable lines count as samples: the percentages are of what the files hold.
     report.num_samples += len(read_issues)

@@ -21,9 +21,10 @@ def test_no_flags_is_the_default_config():
 
 def test_flags_map_to_fields():
     c = parse("--max-steps", "7", "--no-packing", "--lr", "0.1", "--softcap", "30", "--data", "a.jsonl", "b.jsonl:2",
-              "--precision", "bfloat16", "--masking", "last_assistant", "--batch-tokens", "2048")
-    assert (c.max_steps, c.packing, c.lr, c.softcap, c.precision, c.masking, c.batch_tokens) == (
-        7, False, 0.1, 30.0, "bfloat16", "last_assistant", 2048)
+              "--precision", "bfloat16", "--masking", "last_assistant", "--batch-tokens", "2048", "--train-turn-suffix")
+    assert (c.max_steps, c.packing, c.lr, c.softcap, c.precision, c.masking, c.batch_tokens, c.train_turn_suffix) == (
+        7, False, 0.1, 30.0, "bfloat16", "last_assistant", 2048, True)
+    assert parse().train_turn_suffix is False
     assert c.sources == [DataSource("a.jsonl", 1.0), DataSource("b.jsonl", 2.0)]
 
 

@@ -76,6 +76,34 @@ def test_prompt_completion_masks_the_prompt(tmp_path, tokenizer):
     assert example["input_ids"][-1] == tokenizer.eos_token_id
 
 
+TWO_TURNS = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+                          {"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}]}
+
+
+@pytest.mark.parametrize("masking", ["assistant", "last_assistant", "all"])
+def test_train_turn_suffix_reaches_chat_encoding(tmp_path, tokenizer, masking):
+    """--train-turn-suffix labels chats exactly as encode_chat(train_turn_suffix=True): the
+    newline after each trained <|im_end|> becomes a target (LLaMA-Factory's labels)."""
+    from lmloss.labels import encode_chat
+
+    lines = [CHAT, TWO_TURNS]
+    recs, plain_config = records(tmp_path, lines, masking=masking)
+    recs, suffix_config = records(tmp_path, lines, masking=masking, train_turn_suffix=True)
+    plain = encode_records(recs, tokenizer, plain_config, DataReport(), "train")
+    suffixed = encode_records(recs, tokenizer, suffix_config, DataReport(), "train")
+    for line, ex, ex_plain in zip(lines, suffixed, plain):
+        assert ex == encode_chat(line["messages"], tokenizer, mode=masking, train_turn_suffix=True)
+        assert ex["input_ids"] == ex_plain["input_ids"]
+        # The labels differ exactly at the newline after trained turns' <|im_end|>.
+        changed = [t for t, (a, b) in enumerate(zip(ex["labels"], ex_plain["labels"])) if a != b]
+        assert changed and all(ex_plain["labels"][t] == -100 for t in changed)
+        assert all(tokenizer.decode([ex["input_ids"][t]]) == "\n" for t in changed)
+        assert all(tokenizer.convert_ids_to_tokens(ex["input_ids"][t - 1]) == "<|im_end|>" for t in changed)
+    # One newline per trained assistant turn ("all" trains user contents, not their <|im_end|>).
+    trained_turns = {"assistant": [1, 2], "last_assistant": [1, 1], "all": [1, 2]}[masking]
+    assert [sum(a != b for a, b in zip(x["labels"], y["labels"])) for x, y in zip(suffixed, plain)] == trained_turns
+
+
 def _example(tag: int) -> dict:
     return {"input_ids": [tag] * (tag % 5 + 1), "labels": [tag] * (tag % 5 + 1)}
 

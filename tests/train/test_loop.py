@@ -27,8 +27,8 @@ def tiny(tmp_path: Path, **changes: object) -> TrainConfig:
     return TrainConfig(**{**TINY, "output_dir": str(tmp_path / "run"), **changes})
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl").records if r["split"] == "train"}
+def train_losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_jsonl(run_dir / "metrics.jsonl").records if r["split"] == "train"}
 
 
 def eval_losses(run_dir: Path) -> dict[int, float]:
@@ -108,6 +108,8 @@ def test_resume_refuses_changed_math_and_missing_checkpoint(tmp_path):
     run = str(tmp_path / "run")
     with pytest.raises(ValueError, match="--lr"):
         train(TrainConfig(output_dir=run, resume=True, lr=0.5), log=lambda _: None)
+    with pytest.raises(ValueError, match="differ from it: --train-turn-suffix"):  # it changes the labels
+        train(TrainConfig(output_dir=run, resume=True, train_turn_suffix=True), log=lambda _: None)
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny(tmp_path, max_steps=2), log=lambda _: None)
     (tmp_path / "empty").mkdir()
@@ -179,20 +181,25 @@ def test_killed_run_leaves_no_corrupt_checkpoint_and_resumes_exactly(tmp_path):
 
 @pytest.mark.distributed
 def test_torchrun_two_processes_equal_one_process(tmp_path):
-    """2 processes x 2 micro-batches per step (DDP, gloo) = 1 process x 4 micro-batches."""
+    """2 processes x 2 micro-batches per step (DDP, gloo) = 1 process x 4 micro-batches, for
+    the loss and for the z-loss share (both ride the step's one all-reduce)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cli(*_tiny_flags(one, "--max-steps", "4", "--grad-accum", "4", "--packing")), check=True,
-                   capture_output=True)
+    subprocess.run(_cli(*_tiny_flags(one, "--max-steps", "4", "--grad-accum", "4", "--packing", "--z-loss", "1e-2")),
+                   check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "lmloss.cli", "train", *_tiny_flags(two, "--max-steps", "4", "--grad-accum", "2",
-                                                                       "--packing")],
+                                                                       "--packing", "--z-loss", "1e-2")],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = train_losses(one), train_losses(two)
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4)
+    z_one, z_two = (train_losses(run, "train/z_loss") for run in (one, two))
+    for step in a:
+        assert 0.05 < z_one[step] < a[step]
+        assert z_two[step] == pytest.approx(z_one[step], rel=1e-4)
     assert eval_losses(two)[4] == pytest.approx(eval_losses(one)[4], rel=1e-4)
     summary_one = json.loads((one / "summary.json").read_text())
     summary_two = json.loads((two / "summary.json").read_text())
@@ -223,6 +230,50 @@ def test_sequence_normalization_is_per_sample_when_packed(tmp_path):
 def train_losses_of(path: Path, **changes: object) -> dict[int, float]:
     train(tiny(path, **changes), log=lambda _: None)
     return train_losses(path / "run")
+
+
+def test_z_loss_is_logged_as_its_share_of_the_loss(tmp_path):
+    """--z-loss c logs train/z_loss = c * sum(lse^2) / N over all targets of the step (both
+    micro-batches), computed here in float64 from the model's own logits; a run without
+    z-loss logs no train/z_loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmloss.batching import PaddingCollator
+    from lmloss.train.data import DataReport, TrainData, encode_records, epoch_micro_batches, load_records
+
+    c = 1e-2
+    # lr=0: the weights never change, so the checkpoint holds those of every step.
+    config = tiny(tmp_path, max_steps=2, z_loss=c, lr=0.0, packing=False, eval_every=2, samples=0)
+    train(config, log=lambda _: None)
+    run = tmp_path / "run"
+    logged = {r["step"]: r for r in read_jsonl(run / "metrics.jsonl").records if r["split"] == "train"}
+    path = ckpt.latest_checkpoint(run)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    sources, _ = load_records(config)
+    encoded = [encode_records(s.records, tokenizer, config, DataReport(), s.name) for s in sources]
+    micro = epoch_micro_batches(TrainData(encoded, [s.weight for s in sources], [], [], DataReport()), config, 0)
+    collate = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+    for step in (1, 2):
+        batches = [collate(group) for group in micro[2 * (step - 1):2 * step]]  # grad_accum=2 micro-batches
+        lse_squared, ce, n = 0.0, 0.0, 0
+        with torch.no_grad():
+            for b in batches:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+                labels = b["labels"][:, 1:]
+                scored = labels != -100
+                lse = logits[scored].logsumexp(-1)
+                lse_squared += float(lse.square().sum())
+                ce += float(torch.nn.functional.cross_entropy(logits[scored], labels[scored], reduction="sum"))
+                n += int(scored.sum())
+        z = c * lse_squared / n
+        assert 0.1 < z < 1.0  # lse is about log(300) = 5.7 at random initialisation: a visible share
+        assert logged[step]["train/z_loss"] == pytest.approx(z, rel=1e-4)
+        assert logged[step]["train/loss"] == pytest.approx(ce / n + z, rel=1e-5)
+    plain = tiny(tmp_path / "plain", max_steps=1, eval_every=1, samples=0)
+    train(plain, log=lambda _: None)
+    (record,) = [r for r in read_jsonl(tmp_path / "plain" / "run" / "metrics.jsonl").records if r["split"] == "train"]
+    assert "train/z_loss" not in record
 
 
 def test_empty_epoch_and_zero_clip_norm(tmp_path):

@@ -44,3 +44,29 @@ def test_per_sample_weights_by_hand():
     want = torch.tensor([[0, third, third, third, 0, 1, 0], [0, third, 0, third, third, 0, 0]])
     torch.testing.assert_close(w, want.float())
     assert w.sum().item() == pytest.approx(3.0)  # three samples with a target
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "softcap": 2.0}, {"token_loss": "dft"}])
+def test_z_share_is_the_z_loss_term_of_the_loss(options):
+    """``z_share=True`` returns the loss unchanged and the z-loss term's part of it,
+    ``c * mean(lse^2)`` over the targets (of the soft-capped logits), here in float64."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT)).float()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50)
+    ids = torch.randint(0, V, (2, 9))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    c = 1e-2
+    loss_model = LossModel(model, {"z_loss": c, **options})
+    loss, z = loss_model({"input_ids": ids, "labels": labels}, z_share=True)
+    torch.testing.assert_close(loss, loss_model({"input_ids": ids, "labels": labels}))
+    assert loss.requires_grad and not z.requires_grad
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double()
+    if "softcap" in options:
+        logits = options["softcap"] * torch.tanh(logits / options["softcap"])
+    scored = labels[:, 1:] != -100
+    want = c * logits[scored].logsumexp(-1).square().mean()
+    assert want > 0.1  # a share far above float32 noise
+    torch.testing.assert_close(z.double(), want, rtol=2e-5, atol=0)

@@ -72,6 +72,10 @@ class TrainConfig:
                         "trains prompts of prompt/completion samples)", group="model and data", choices=MASKING)
     train_on_prompt: bool = _opt(False, "train on prompts too (the same as --masking everything)",
                                  group="model and data")
+    train_turn_suffix: bool = _opt(False, "also train what the chat template writes after each trained turn's "
+                                   "end-of-turn token (the newline after <|im_end|> in ChatML), as LLaMA-Factory's "
+                                   "templates do: the labels of a LLaMA-Factory recipe, token for token (chat "
+                                   "samples; lmloss check takes the same flag)", group="model and data")
     max_length: int = _opt(256, "tokens per sample (longer ones are truncated; reported) and per packed row",
                            group="model and data")
     skip_bad_samples: bool = _opt(False, "skip samples that cannot be encoded (unknown role, no assistant turn...) "
@@ -100,7 +104,9 @@ class TrainConfig:
                                        group="optimizer")
     # --- loss
     label_smoothing: float = _opt(0.0, "label smoothing in [0, 1]", group="loss")
-    z_loss: float = _opt(0.0, "z-loss coefficient (adds c * logsumexp^2 per target)", group="loss")
+    z_loss: float = _opt(0.0, "z-loss coefficient (adds c * logsumexp^2 per target; its share of the loss is "
+                         "logged as train/z_loss, for one more forward of the output layer per micro-batch)",
+                         group="loss")
     softcap: float | None = _opt(None, "tanh soft-capping of the logits (Gemma 2 uses 30)", group="loss",
                                  metavar="S")
     normalize: str = _opt("token", "token: mean over the step's target tokens; sequence: mean of per-sequence means",

@@ -215,7 +215,7 @@ def _encode(data: dict[str, Any], tokenizer: Any, config: TrainConfig) -> Exampl
     bound = config.max_length + 1
     if "messages" in data:
         return encode_chat(data["messages"], tokenizer, mode=mode, tools=data.get("tools"),  # type: ignore[arg-type]
-                           max_length=bound)
+                           max_length=bound, train_turn_suffix=config.train_turn_suffix)
     if "prompt" in data:
         return encode_prompt_completion(data["prompt"], data["completion"], tokenizer,
                                         train_on_prompt=mode == "everything", max_length=bound)

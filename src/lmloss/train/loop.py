@@ -15,16 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import lmloss
@@ -39,6 +37,7 @@ from lmloss.train.data import (DataReport, TrainData, encode_records, epoch_micr
                                texts_of)
 from lmloss.train.modeling import (LossModel, correct_targets, head_of, load_model, load_tokenizer, logit_transform,
                                    per_sample_weights)
+from lmloss.train.processes import start_processes
 from lmloss.train.report import generate_answers, summarize, write_report, write_summary
 from lmloss.train.stopping import StopRequest, exit_code
 
@@ -63,65 +62,6 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
     return Trainer(config, log=log, given=given).run()
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Processes:
-    """This process's place under ``torchrun`` (world size 1 without it)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    group: dist.ProcessGroup | None = None
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(self.group)
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """The sum over processes (``value`` must be on this process's device: NCCL)."""
-        if self.group is None:
-            return value
-        value = value.clone()
-        dist.all_reduce(value, group=self.group)
-        return value
-
-
-def _start_processes(device_option: str) -> tuple[Processes, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(device_option, local_rank if world > 1 else None)
-    if world <= 1:
-        return Processes(), device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before NCCL starts: one GPU per process
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, dist.group.WORLD), device
-
-
-def _device(option: str, local_rank: int | None) -> torch.device:
-    if option == "auto":
-        option = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(option)
-    except RuntimeError as err:
-        raise ValueError(f"--device {option!r} is not a device (use cpu, cuda or cuda:N)") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available to this PyTorch; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank or 0)
-    elif device.type != "cpu":
-        raise ValueError(f"--device {option!r}: lmloss train runs on cpu or cuda")
-    return device
-
-
 # -------------------------------------------------------------------------------- trainer
 
 
@@ -130,7 +70,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print,
                  given: set[str] | None = None) -> None:
-        self.procs, self.device = _start_processes(config.device)
+        self.procs, self.device = start_processes(config.device)
         self.log = log if self.procs.main else (lambda _: None)
         self.lock: rundir.RunLock | None = None
         self.run_dir = Path(config.output_dir)
@@ -383,36 +323,41 @@ class Trainer:
         began = time.perf_counter()
         examples = self._step_micro_batches(step)
         batches = list(self._batches(examples))
-        total = torch.zeros((), device=self.device)
+        total, z_total = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         weights_key = "token_weights" if self._per_sample_weights else None
         normalize = self.loss_model.loss_options["normalize"]
+        # The z-loss term's share costs one more forward of the fused head per micro-batch:
+        # only when there is a z-loss.
+        z_share = self.config.z_loss > 0
         for mb in lmloss.micro_batches(batches, group=self.procs.group, normalize=normalize, weights_key=weights_key):
             # DDP: synchronise gradients once, in the backward of the step's last micro-batch.
             skip_sync = not mb.is_last and self.procs.world > 1
             with self.step_model.no_sync() if skip_sync else contextlib.nullcontext():
                 with self._autocast():
-                    loss = self.step_model(mb.batch, mb.num_items_in_batch)
+                    out = self.step_model(mb.batch, mb.num_items_in_batch, z_share=z_share)
+                loss, z = out if z_share else (out, None)
                 (loss * mb.loss_scale).backward()
             total += loss.detach()
+            if z is not None:
+                z_total += z
         grad_norm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # One all-reduce for the step's numbers: each process's loss is its share of the step
-        # mean (their sum is the step mean); input and target tokens add up.
+        # One all-reduce for the step's numbers: each process's loss (and z-loss share) is its
+        # share of the step mean (their sum is the step mean); input and target tokens add up.
         inputs = sum(len(ex["input_ids"]) for group in examples for ex in group)
         targets = sum(lmloss.count_targets(b["labels"]).double() for b in batches)
         # The stop flag rides along, so that every process stops after the same step.
         stop = float(self.stop.signum is not None)
-        numbers = torch.stack([total.double(), torch.as_tensor(inputs, dtype=torch.float64, device=self.device),
-                               torch.as_tensor(targets, dtype=torch.float64, device=self.device),
-                               torch.as_tensor(stop, dtype=torch.float64, device=self.device)])
-        loss, inputs, targets, stops = self.procs.sum(numbers).tolist()
+        numbers = torch.stack([total.double(), z_total.double()] + [
+            torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in (inputs, targets, stop)])
+        loss, z_loss, inputs, targets, stops = self.procs.sum(numbers).tolist()
         self.counters["tokens_seen"] += int(inputs)
         self.counters["target_tokens_seen"] += int(targets)
         self.counters["train_seconds"] += time.perf_counter() - began
         self.monitor.update(step, loss=loss, tokens=int(targets), grad_norm=grad_norm,
-                            lr=self.scheduler.get_last_lr()[0])
+                            lr=self.scheduler.get_last_lr()[0], z_loss=z_loss if z_share else None)
         return stops > 0
 
     def _clip(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -122,15 +122,40 @@ class LossModel(nn.Module):
         # use_cache=False: transformers separates packed samples by position_ids only without a cache.
         return backbone_of(self.model)(**inputs, use_cache=False).last_hidden_state
 
-    def forward(self, batch: Mapping[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None,
-                **overrides: Any) -> torch.Tensor:
+    @overload
+    def forward(self, batch: Mapping[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None, *,
+                z_share: Literal[False] = False, **overrides: Any) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, batch: Mapping[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None, *,
+                z_share: Literal[True], **overrides: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(self, batch: Mapping[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None, *,
+                z_share: bool = False, **overrides: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The loss (0-dim); with ``z_share=True``, ``(loss, z)`` where ``z`` (0-dim, detached)
+        is the z-loss term's part of ``loss`` (``loss`` minus :meth:`z_free_loss`)."""
         head = head_of(self.model)
         options = {**self.loss_options, **overrides}
         if "token_weights" in batch:
             options["token_weights"] = batch["token_weights"]
         hidden, bias = self.scaled(self.hidden_states(batch), head.bias)
-        return lmloss.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=bias,
+        loss = lmloss.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=bias,
                                            num_items_in_batch=num_items_in_batch, **options)
+        if not z_share:
+            return loss
+        plain = self.z_free_loss(hidden, head.weight, bias, batch["labels"], num_items_in_batch, options)
+        return loss, loss.detach() - plain
+
+    @staticmethod
+    @torch.no_grad()
+    def z_free_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    num_items_in_batch: torch.Tensor | None, options: Mapping[str, Any]) -> torch.Tensor:
+        """The same loss with ``z_loss=0``: no gradient, so one more pass of the fused head
+        forward only (the backbone is not run again). ``loss - z_free_loss`` is the z term's
+        share, ``c * sum_i w_i lse_i^2 / N`` over the same targets, weights and ``N`` as the
+        loss, so its sum over a step's micro-batches and processes is the step's share."""
+        return lmloss.linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=num_items_in_batch,
+                                           **{**options, "z_loss": 0.0})
 
     def scaled(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``scale * (h W^T + b)`` as ``(scale h) W^T + scale b``."""
