@@ -55,12 +55,12 @@ from lmloss._engine.reducer import ShardReducer
 from lmloss._engine.rowmath import softcap_
 
 __all__ = [
-    "LogprobOptions",
-    "LogprobStats",
-    "LogprobReducer",
     "LocalLogprobs",
-    "ShardLogprobs",
+    "LogprobOptions",
+    "LogprobReducer",
+    "LogprobStats",
     "SavedLogprobs",
+    "ShardLogprobs",
     "linear_logprobs",
 ]
 

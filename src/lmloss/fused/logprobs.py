@@ -16,7 +16,13 @@ from lmloss._engine.chunks import autocast_inputs, default_chunk_rows
 from lmloss._engine.logprobs import LocalLogprobs, LogprobOptions, linear_logprobs
 from lmloss._engine.plan import compute_dtype, plan_targets, to_label_alignment
 from lmloss._spec import check_softcap
-from lmloss._validation import check_bool, check_int, check_label_range, check_labels, check_real
+from lmloss._validation import (
+    check_bool,
+    check_int,
+    check_label_range,
+    check_labels,
+    check_real,
+)
 from lmloss.fused import check_backend_options, check_linear
 
 __all__ = ["chunked_token_logprobs"]
