@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-
 from _dist import run_gloo
+
 from lmloss import causal_lm_loss
 from lmloss.parallel import (
     vocab_parallel_cross_entropy,
@@ -67,7 +66,11 @@ def _grads(model: Any) -> dict[str, Any]:
 
 
 def _model_calls(data: dict[str, torch.Tensor], mesh: Any) -> dict[str, Any]:
-    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        loss_parallel,
+        parallelize_module,
+    )
 
     model = parallelize_module(make_model(), mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
     ids, labels = data["ids"], data["labels"]

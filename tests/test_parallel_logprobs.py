@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import run_gloo
 from test_parallel import CollectiveCounter
 
-from _dist import run_gloo
 from lmloss import validation
 from lmloss.logprobs import TokenLogprobs
 from lmloss.parallel import vocab_parallel_linear_token_logprobs
@@ -238,7 +238,7 @@ def test_the_cases_cover_what_they_claim(launched):
 
 @pytest.mark.distributed
 def test_all_masked_batches_give_zeros_and_zero_gradients(launched):
-    data, cases, ranks = launched
+    _, cases, ranks = launched
     masked = [i for i, c in enumerate(cases) if c["options"].get("labels") == "masked" or c["shape"] == "3x1"
               and c["options"]["shift"]]
     assert len(masked) == 4
@@ -267,7 +267,7 @@ def test_one_gather_per_chunk_forward_one_all_reduce_backward(launched):
 
 @pytest.mark.distributed
 def test_bad_input_raises_on_every_rank(launched):
-    data, _, ranks = launched
+    _, _, ranks = launched
     for rank, result in enumerate(ranks):
         dtype, bias, labels, temperature, chunk, good = result["bad"]
         assert "bad input on rank 1 of the group" in dtype

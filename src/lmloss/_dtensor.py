@@ -72,6 +72,8 @@ def mesh_shard(tensor: Any, dim: int, name: str, made_by: str) -> MeshShard:
             what makes the expected layout.
     """
     api = _dtensor_api()
+    if api is None:
+        raise ValueError(f"{name} looks sharded, but this build of torch has no torch.distributed.tensor")
     placements = tuple(tensor.placements)
     dim = dim % tensor.ndim
     sharding = [i for i, p in enumerate(placements) if type(p) is api.Shard and p.dim % tensor.ndim == dim]
