@@ -278,3 +278,27 @@ def test_bad_input_raises_on_every_rank(launched):
         assert "temperature must be a finite number > 0" in temperature
         assert "chunk_size must be >= 1" in chunk
         assert isinstance(good, torch.Tensor) and good.shape == (2, 6)
+
+
+def test_takes_the_options_of_linear_token_logprobs_spelled_alike():
+    import inspect
+
+    import lmloss
+
+    ours = inspect.signature(vocab_parallel_linear_token_logprobs).parameters
+    theirs = inspect.signature(lmloss.linear_token_logprobs).parameters
+    for name, param in theirs.items():
+        if name in ("weight", "backend"):  # the shard is weight_shard; there is one backend
+            continue
+        assert name in ours, name
+        assert (ours[name].kind, ours[name].default, str(ours[name].annotation)) == (
+            param.kind, param.default, str(param.annotation)), name
+    assert list(ours)[:3] == ["hidden", "weight_shard", "labels"]
+    assert ours["group"].kind is inspect.Parameter.KEYWORD_ONLY and ours["group"].default is inspect.Parameter.empty
+
+
+def test_without_torch_distributed_the_error_says_so():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="need torch.distributed initialized"):
+        vocab_parallel_linear_token_logprobs(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long),
+                                             group=None)
