@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from _dist import run_gloo
 
@@ -149,6 +150,9 @@ def _errors(data: dict[str, torch.Tensor], mesh: Any) -> list[str]:
                                                     labels, group=None),
         lambda: vocab_parallel_linear_cross_entropy(hidden, sharded, labels, group=None, vocab_size=V + 1),
         lambda: vocab_parallel_linear_token_logprobs(hidden, sharded, labels, group=None, bias=data["bias"]),
+        # the mesh's group (or one with its ranks) and the mesh's layout, given: accepted
+        lambda: vocab_parallel_linear_cross_entropy(hidden, sharded, labels, group=dist.group.WORLD,
+                                                    vocab_start=0 if dist.get_rank() == 0 else 12, vocab_size=V),
     ]
     messages = []
     for attempt in attempts:
@@ -272,7 +276,8 @@ def test_a_two_dimensional_mesh_uses_the_sharding_dimension(launched):
 def test_other_layouts_get_a_clear_error(launched):
     _, ranks = launched
     for rank in ranks:
-        replicated, dim1, logits_dim0, plain_weight, size, plain_bias = rank["errors"]
+        replicated, dim1, logits_dim0, plain_weight, size, plain_bias, given = rank["errors"]
+        assert given == "no error"
         assert "placements (Replicate(),)" in replicated and "expected Shard(0) on exactly one mesh" in replicated
         assert "ColwiseParallel" in replicated
         assert "placements (Shard(dim=1),)" in dim1 and "expected Shard(0)" in dim1

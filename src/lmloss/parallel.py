@@ -388,7 +388,8 @@ def vocab_parallel_linear_cross_entropy(
             ``lm_head.weight``: the group and the layout then come from its mesh and
             placements (``group``, ``vocab_start``, ``vocab_size`` may be None), ``hidden``
             and ``labels`` may be DTensors on that mesh (replicated over the shard's mesh
-            dimension first), and its gradient is a DTensor with the same placements.
+            dimension first), and its gradient is a DTensor with the same placements (the
+            loss itself is a plain tensor, the same on every rank).
         labels: ``[..., T]`` *global* token ids (``ignore_index`` where nothing is
             trained), the same on every rank.
         group: the tensor-parallel process group (``None``: the default group, or the
