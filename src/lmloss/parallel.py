@@ -47,6 +47,12 @@ Every rank must call with the same hidden states, labels, options and chunk size
 (the number of chunks, and so of collectives, follows from them), as in any
 tensor-parallel region.
 
+**DTensor** (PyTorch's tensor parallelism): a weight sharded ``Shard(0)`` over a mesh
+dimension, as ``ColwiseParallel`` makes ``lm_head.weight``, or logits sharded on the
+last dim, give the group and the layout themselves (``lmloss._dtensor``: torch.chunk's
+layout, checked against the local shard); the math runs on the local shard, and
+autograd returns its gradient to the DTensor with the same placements.
+
 **Bad input on one rank** (a shard of the wrong dtype, device or shape, a shard that
 does not fit ``vocab_size``) must not leave the other ranks waiting in a collective
 for it. Each rank checks its own inputs locally, then tells the others in the first
