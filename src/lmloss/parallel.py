@@ -597,7 +597,7 @@ def vocab_parallel_linear_token_logprobs(
     scored = plan.coef.reshape(-1) != 0
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
-        chunk_size = _default_chunk_rows(hidden2d, layout, dtype)
+        chunk_size = _default_chunk_rows(hidden2d, layout, dtype, buffers=2)  # the logits and exp(x - max)
     if problem is not None:
         _fail_together(problem, _first_gather_rows(scored, chunk_size), layout, labels.device)
     options = LogprobOptions(float(temperature), None if softcap is None else float(softcap), with_entropy, chunk_size)
@@ -610,12 +610,13 @@ def vocab_parallel_linear_token_logprobs(
 # --- shared plumbing ------------------------------------------------------------------------
 
 
-def _default_chunk_rows(hidden2d: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> int:
+def _default_chunk_rows(hidden2d: torch.Tensor, layout: _Layout, dtype: torch.dtype, buffers: int = 1) -> int:
     """Rows per chunk from rank-independent numbers (``V / P``, not ``V_r``): uneven
-    shards must still run the same number of chunks, i.e. of collectives."""
+    shards must still run the same number of chunks, i.e. of collectives.
+    ``buffers``: how many ``[chunk, V_r]`` buffers of ``dtype`` a chunk holds."""
     n_rows, width = hidden2d.shape
     columns = -(-layout.vocab_size // layout.world_size)
-    row_bytes = torch.finfo(dtype).bits // 8
+    row_bytes = buffers * (torch.finfo(dtype).bits // 8)
     budget = max(_CHUNK_BYTES, n_rows * width * hidden2d.element_size())
     return int(max(1, min(max(n_rows, 1), max(_MIN_CHUNK_ROWS, budget // (row_bytes * columns)))))
 
