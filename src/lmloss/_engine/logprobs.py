@@ -34,6 +34,7 @@ chunk buffer (the gradient's starting point):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -186,7 +187,8 @@ class SavedLogprobs:
         return self
 
 
-SumHidden = Any  # Callable[[torch.Tensor], None]: sums the hidden-state gradient over the shards
+# Sums the hidden-state gradient over the shards, in place (each holds dz_r @ W_r).
+SumHidden = Callable[[torch.Tensor], None]
 
 
 def linear_logprobs(
