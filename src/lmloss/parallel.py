@@ -27,7 +27,10 @@ the ``[c, V_r]`` chunk of logits, so latency, not bandwidth, decides. Counts per
   scored tokens; backward, one all-reduce (SUM) of the hidden-state gradient.
 * ``vocab_parallel_cross_entropy`` (logits given): forward, one all-gather for the
   whole call; backward, none.
-* Either: one more all-gather (of each rank's ``(start, size)``) when
+* ``vocab_parallel_linear_token_logprobs``: forward, one all-gather per chunk of
+  scored tokens (the entropy's statistic rides in the same ``[c, 4]``); backward,
+  one all-reduce (SUM) of the hidden-state gradient (the statistics are kept).
+* Any of them: one more all-gather (of each rank's ``(start, size)``) when
   ``vocab_start``/``vocab_size`` are not both given. With no scored token at all
   (an all-masked batch) that layout gather is the only collective left, so nothing
   can wait on a rank that skipped work.
@@ -43,6 +46,12 @@ gradient is the local one of ``logits_shard``.
 Every rank must call with the same hidden states, labels, options and chunk size
 (the number of chunks, and so of collectives, follows from them), as in any
 tensor-parallel region.
+
+**DTensor** (PyTorch's tensor parallelism): a weight sharded ``Shard(0)`` over a mesh
+dimension, as ``ColwiseParallel`` makes ``lm_head.weight``, or logits sharded on the
+last dim, give the group and the layout themselves (``lmloss._dtensor``: torch.chunk's
+layout, checked against the local shard); the math runs on the local shard, and
+autograd returns its gradient to the DTensor with the same placements.
 
 **Bad input on one rank** (a shard of the wrong dtype, device or shape, a shard that
 does not fit ``vocab_size``) must not leave the other ranks waiting in a collective
@@ -75,27 +84,45 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from lmloss._dtensor import local_bias, localize
 from lmloss._engine.chunks import (
     autocast_inputs,
     chunk_indices,
     needs_grad,
     scored_rows,
 )
-from lmloss._engine.plan import compute_dtype, finish, prepare
+from lmloss._engine.logprobs import LogprobOptions, ShardLogprobs, linear_logprobs
+from lmloss._engine.plan import (
+    compute_dtype,
+    finish,
+    plan_targets,
+    prepare,
+    to_label_alignment,
+)
 from lmloss._engine.reducer import ShardReducer
 from lmloss._engine.rowmath import LossMath
 from lmloss._engine.sharded import ShardedLinearCE, ShardedLogitsCE
+from lmloss._shard_inputs import (
+    bias_problem,
+    check_hidden,
+    check_labels_on,
+    check_logprob_options,
+    logits_problem,
+    weight_problem,
+)
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
 from lmloss._validation import (
     check_int,
+    check_label_range,
     check_labels,
-    check_tensor,
     value_checks_enabled,
 )
+from lmloss.logprobs import TokenLogprobs
 
 __all__ = [
     "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_token_logprobs",
     "vocab_layout",
     "vocab_shard_bounds",
 ]
@@ -366,10 +393,17 @@ def vocab_parallel_linear_cross_entropy(
         hidden: ``[..., T, D]`` final hidden states, the same on every rank of ``group``.
         weight_shard: ``[V_r, D]`` this rank's rows ``[vocab_start, vocab_start + V_r)``
             of the ``lm_head`` weight, same dtype as ``hidden``. Shards may differ in size.
+            Or the ``[V, D]`` DTensor sharded on dim 0 that ``ColwiseParallel`` makes of
+            ``lm_head.weight``: the group and the layout then come from its mesh and
+            placements (``group``, ``vocab_start``, ``vocab_size`` may be None), ``hidden``
+            and ``labels`` may be DTensors on that mesh (replicated over the shard's mesh
+            dimension first), and its gradient is a DTensor with the same placements (the
+            loss itself is a plain tensor, the same on every rank).
         labels: ``[..., T]`` *global* token ids (``ignore_index`` where nothing is
             trained), the same on every rank.
-        group: the tensor-parallel process group (``None``: the default group).
-            Every rank of it must call (collectives inside, see the module doc).
+        group: the tensor-parallel process group (``None``: the default group, or the
+            mesh's for a DTensor). Every rank of it must call (collectives inside, see the
+            module doc).
         vocab_start, vocab_size: this shard's first row and the full vocabulary size.
             If either is ``None`` both come from one all-gather of the shard sizes
             (shards in rank order unless ``vocab_start`` is given), which also checks
@@ -401,11 +435,15 @@ def vocab_parallel_linear_cross_entropy(
     spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
     _check_chunk_size(chunk_size)
+    local = localize(weight_shard, 0, "weight_shard", group, vocab_start, vocab_size,
+                     {"hidden": hidden, "labels": labels, "token_weights": token_weights})
+    weight_shard, group, vocab_start, vocab_size = local.shard, local.group, local.vocab_start, local.vocab_size
+    hidden, labels, token_weights = local.replicated
     hidden, weight_shard = autocast_inputs(hidden, weight_shard)
-    hidden = _check_hidden(hidden)
-    labels = _check_labels_on(labels, hidden.shape[:-1], hidden.device)
+    hidden = check_hidden(hidden)
+    labels = check_labels_on(labels, hidden.shape[:-1], hidden.device)
     # Everything above is replicated (fails alike everywhere); the shard is this rank's own.
-    problem = _weight_problem(hidden, weight_shard)
+    problem = weight_problem(hidden, weight_shard)
     shard_rows = 0 if problem is not None else weight_shard.shape[0]
     layout, problem = _resolve_layout(group, shard_rows, vocab_start, vocab_size, problem)
     # Labels are replicated, so every rank raises alike (or none does).
@@ -454,6 +492,9 @@ def vocab_parallel_cross_entropy(
     Args:
         logits_shard: ``[..., T, V_r]`` this rank's columns ``[vocab_start, vocab_start + V_r)``
             of the logits (e.g. the output of a column-parallel ``lm_head``), any float dtype.
+            Or the ``[..., T, V]`` DTensor sharded on the last dim that a ``ColwiseParallel``
+            ``lm_head`` returns with ``use_local_output=False`` (what ``loss_parallel``
+            takes): the group and the layout come from its mesh, as for a DTensor weight.
         labels: ``[..., T]`` *global* token ids, the same on every rank.
         group, vocab_start, vocab_size: as in :func:`vocab_parallel_linear_cross_entropy`.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
@@ -473,11 +514,15 @@ def vocab_parallel_cross_entropy(
     """
     spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+    local = localize(logits_shard, -1, "logits_shard", group, vocab_start, vocab_size,
+                     {"labels": labels, "token_weights": token_weights})
+    logits_shard, group, vocab_start, vocab_size = local.shard, local.group, local.vocab_start, local.vocab_size
+    labels, token_weights = local.replicated
     labels = check_labels(labels)
     if labels.ndim < 1:
         raise ValueError("labels must have shape [..., T] (at least 1-D), got a 0-D tensor")
     # Labels are replicated (fail alike everywhere); the logits shard is this rank's own.
-    problem = _logits_problem(logits_shard, labels)
+    problem = logits_problem(logits_shard, labels)
     shard_columns = 0 if problem is not None else logits_shard.shape[-1]
     layout, problem = _resolve_layout(group, shard_columns, vocab_start, vocab_size, problem)
     dtype = compute_dtype(torch.float32 if problem is not None else logits_shard.dtype)
@@ -496,15 +541,93 @@ def vocab_parallel_cross_entropy(
     return finish(per_row, plan, labels.shape, spec, num_items)
 
 
+# --- token log-probs and entropy --------------------------------------------------------------
+
+
+def vocab_parallel_linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    shift: bool = True,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> TokenLogprobs:
+    """:func:`lmloss.linear_token_logprobs` with the ``lm_head`` sharded by vocabulary over ``group``.
+
+    Each rank sends, per scored token and chunk, its shard's max, sum of exponentials,
+    target logit and (for the entropy) ``sum exp(x - max) * (x - max)`` in the one
+    all-gather of the chunk (:mod:`lmloss._engine.logprobs`); no rank holds full logits.
+
+    Args:
+        hidden: ``[..., T, D]`` final hidden states, the same on every rank of ``group``.
+        weight_shard: ``[V_r, D]`` this rank's rows of ``lm_head.weight``, or its DTensor
+            sharded on dim 0, as in :func:`vocab_parallel_linear_cross_entropy`.
+        labels: ``[..., T]`` *global* token ids, the same on every rank.
+        group, vocab_start, vocab_size: as in :func:`vocab_parallel_linear_cross_entropy`.
+        bias: ``[V_r]`` this rank's rows of ``lm_head.bias`` (a DTensor like the weight's), or None.
+        shift, ignore_index, temperature, softcap, with_entropy: as in
+            :func:`lmloss.linear_token_logprobs` on the full weight.
+        chunk_size: tokens per chunk (one all-gather each), the same on every rank;
+            default from a 256 MiB budget for a ``[chunk, V / P]`` float32 buffer.
+
+    Returns:
+        :class:`lmloss.TokenLogprobs`, the same on every rank: ``[..., T]`` float32
+        (float64 for float64 inputs) aligned with ``labels``, 0 where nothing is scored.
+        Both outputs are differentiable with any upstream gradients: backward recomputes
+        each chunk's logits from the kept log-sum-exps (no exchange) and all-reduces the
+        hidden-state gradient inside (each rank gets the full one; do not reduce it again),
+        and each rank gets the gradient of its own shard (and bias).
+
+    Raises:
+        ValueError: on bad options, labels outside the full vocabulary, or shards that do
+            not fit it; a bad shard on one rank raises on every rank (see the module doc).
+    """
+    check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
+    _check_chunk_size(chunk_size)
+    local = localize(weight_shard, 0, "weight_shard", group, vocab_start, vocab_size,
+                     {"hidden": hidden, "labels": labels})
+    weight_shard, group, vocab_start, vocab_size = local.shard, local.group, local.vocab_start, local.vocab_size
+    (hidden, labels), bias = local.replicated, local_bias(bias, local.piece)
+    hidden, weight_shard, bias = autocast_inputs(hidden, weight_shard, bias)
+    hidden = check_hidden(hidden)
+    labels = check_labels_on(labels, hidden.shape[:-1], hidden.device)
+    problem = weight_problem(hidden, weight_shard)
+    problem = problem or bias_problem(weight_shard, bias)
+    layout, problem = _resolve_layout(group, 0 if problem else weight_shard.shape[0], vocab_start, vocab_size, problem)
+    check_label_range(labels, layout.vocab_size, ignore_index)  # replicated: raises alike everywhere
+    dtype = compute_dtype(hidden.dtype)
+    plan = plan_targets(labels, None, shift=shift, ignore_index=ignore_index, normalize="token", dtype=dtype)
+    scored = plan.coef.reshape(-1) != 0
+    hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
+    if chunk_size is None:
+        chunk_size = _default_chunk_rows(hidden2d, layout, dtype, buffers=2)  # the logits and exp(x - max)
+    if problem is not None:
+        _fail_together(problem, _first_gather_rows(scored, chunk_size), layout, labels.device)
+    options = LogprobOptions(float(temperature), None if softcap is None else float(softcap), with_entropy, chunk_size)
+    logprobs, entropy = linear_logprobs(hidden2d, weight_shard, bias, plan.targets.reshape(-1), scored, options,
+                                        ShardLogprobs(_reducer(layout)), _sum_hidden(layout))
+    logprobs = to_label_alignment(logprobs.view(labels.shape), shift)
+    return TokenLogprobs(logprobs, to_label_alignment(entropy.view(labels.shape), shift) if with_entropy else None)
+
+
 # --- shared plumbing ------------------------------------------------------------------------
 
 
-def _default_chunk_rows(hidden2d: torch.Tensor, layout: _Layout, dtype: torch.dtype) -> int:
+def _default_chunk_rows(hidden2d: torch.Tensor, layout: _Layout, dtype: torch.dtype, buffers: int = 1) -> int:
     """Rows per chunk from rank-independent numbers (``V / P``, not ``V_r``): uneven
-    shards must still run the same number of chunks, i.e. of collectives."""
+    shards must still run the same number of chunks, i.e. of collectives.
+    ``buffers``: how many ``[chunk, V_r]`` buffers of ``dtype`` a chunk holds."""
     n_rows, width = hidden2d.shape
     columns = -(-layout.vocab_size // layout.world_size)
-    row_bytes = torch.finfo(dtype).bits // 8
+    row_bytes = buffers * (torch.finfo(dtype).bits // 8)
     budget = max(_CHUNK_BYTES, n_rows * width * hidden2d.element_size())
     return int(max(1, min(max(n_rows, 1), max(_MIN_CHUNK_ROWS, budget // (row_bytes * columns)))))
 
@@ -526,55 +649,3 @@ def _first_gather_rows(coef: torch.Tensor, chunk_rows: int) -> int:
         return 0
     first = chunks[0]
     return len(range(flat.shape[0])[first]) if isinstance(first, slice) else first.numel()
-
-
-def _check_labels_on(labels: object, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    labels = check_labels(labels, shape)
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the scores are on {device}")
-    return labels
-
-
-def _check_hidden(hidden: object) -> torch.Tensor:
-    hidden = check_tensor("hidden", hidden)
-    if not hidden.is_floating_point() or hidden.ndim < 2:
-        raise ValueError(
-            f"hidden must be a floating-point tensor of shape [..., T, D], got dtype {hidden.dtype} "
-            f"and shape {tuple(hidden.shape)}"
-        )
-    return hidden
-
-
-def _weight_problem(hidden: torch.Tensor, weight: object) -> str | None:
-    """What is wrong with this rank's ``weight_shard`` (``None``: nothing)."""
-    if not isinstance(weight, torch.Tensor):
-        return f"weight_shard must be a torch.Tensor, got {type(weight).__name__}"
-    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
-        return (
-            f"weight_shard must have shape [V_r, D] with D = hidden.shape[-1] = {hidden.shape[-1]} "
-            f"(rows of an lm_head.weight), got shape {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        return f"hidden ({hidden.dtype}) and weight_shard ({weight.dtype}) must have the same dtype"
-    if weight.device != hidden.device:
-        return f"weight_shard is on {weight.device} but hidden is on {hidden.device}"
-    return None
-
-
-def _logits_problem(logits: object, labels: torch.Tensor) -> str | None:
-    """What is wrong with this rank's ``logits_shard`` (``None``: nothing)."""
-    if not isinstance(logits, torch.Tensor):
-        return f"logits_shard must be a torch.Tensor, got {type(logits).__name__}"
-    if not logits.is_floating_point() or logits.ndim < 2:
-        return (
-            f"logits_shard must be a floating-point tensor of shape [..., T, V_r], got dtype "
-            f"{logits.dtype} and shape {tuple(logits.shape)}"
-        )
-    if logits.shape[:-1] != labels.shape:
-        return (
-            f"logits_shard has shape {tuple(logits.shape)} but its leading dimensions must match labels, "
-            f"{tuple(labels.shape)}"
-        )
-    if logits.device != labels.device:
-        return f"logits_shard is on {logits.device} but labels are on {labels.device}"
-    return None

@@ -7,5 +7,7 @@ are public to lmloss's own modules, not to users).
   sharded group (the seam vocabulary parallelism plugs into).
 - ``chunks``: the chunk machinery (scored rows, buffers, gradient accumulation,
   chunk sizing, autocast of inputs).
+- ``logprobs``: per-token log-probs and entropies by chunks, with a log-prob reducer
+  (the whole vocabulary, or a shard with one exchange per chunk).
 - ``guard``: the checks of a loss whose gradients are made in forward.
 """
