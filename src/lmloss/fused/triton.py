@@ -8,9 +8,11 @@ position). They differ in where the ``[tokens, vocab]`` logits live:
 ``"triton"`` (Liger-style): chunks of tokens; each chunk's logits come from the vendor
 matrix product (cuBLAS; on CUDA with bf16/fp16 inputs ``torch.mm(..., out_dtype=float32)``
 when this PyTorch has it, so the logits are not rounded), then ONE Triton kernel per
-chunk computes every row's loss (online log-sum-exp in float32, target logit, logit
-sum, z-loss, softcap) and, in a second sweep of the row, overwrites the chunk buffer
-with the gradient of the logits (in the inputs' dtype, computed in float32). Two more
+chunk computes every row's statistics (online log-sum-exp in float32, target logit,
+logit sum, after the softcap) and, in a second sweep of the row, overwrites the chunk
+buffer with the gradient of the logits (in the inputs' dtype, computed in float32). With
+a DFT/focal weight the second sweep is a second launch: the weight comes from the
+row's statistics, computed on the host between the two. Two more
 products give ``dh = dz @ W`` and ``dW += dz^T @ h`` (float32 accumulation). With
 ``reduction="sum"``/``"mean"`` the gradients are complete after forward and backward
 only scales them; with ``"none"`` backward recomputes the chunks with each token's
@@ -34,6 +36,13 @@ of the products, would still have to be read on the host, so it buys nothing her
 On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1``
 set before ``triton`` is imported; slow, for tests): otherwise a ``ValueError``.
 float64 inputs use the chunked backend (the kernels compute in float32).
+
+One row math. The kernels hold no loss formula: each row's loss is computed on the host
+from the kernels' row statistics by the engine's ``token_terms``, and the gradient of
+its logits is applied by the kernels in the form ``(a0 + a1*L) * softmax - b * onehot - c``
+with per-row coefficients derived from the engine's gradient (:func:`grad_coefficients`),
+so every option of the engine's row math (label smoothing, z-loss, softcap, DFT and
+focal weights, detached or attached) is computed here exactly as there.
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ from lmloss._engine.chunks import (
     scored_rows,
 )
 from lmloss._engine.guard import refuse_create_graph
-from lmloss._engine.rowmath import LossMath, token_terms
+from lmloss._engine.rowmath import LossMath, Terms, token_terms
 from lmloss._spec import SPEC_OPTIONS, LossSpec, Normalize, Reduction
 from lmloss.fused.chunked import chunked_linear_cross_entropy
 
@@ -72,11 +81,15 @@ __all__ = [
     "kernels_for",
     "tiles_for",
     "math_constexprs",
+    "grad_coefficients",
 ]
 
 TRITON_BACKENDS: tuple[str, ...] = ("triton", "triton-lowmem")
 # The LossSpec options the kernels compute (the others must be off; see _refuse_unsupported).
-KERNEL_OPTIONS = ("shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize")
+KERNEL_OPTIONS = (
+    "shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize", "token_loss",
+    "focal_gamma",
+)  # fmt: skip
 
 # aten::mm.dtype / addmm.dtype (bf16 in, float32 out) exist on CUDA from PyTorch 2.8 on.
 _HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
@@ -114,16 +127,17 @@ def triton_linear_cross_entropy(
         lowmem: ``True`` for ``"triton-lowmem"``.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
         softcap, token_weights, normalize: as in :func:`lmloss.causal_lm_loss`.
-        other_options: options newer than these backends, accepted only at a value
-            that turns them off (``token_loss="ce"``; otherwise False, 0 or None).
+        other_options: ``token_loss`` and ``focal_gamma`` (as in
+            :func:`lmloss.causal_lm_loss`), and options newer than these backends,
+            accepted only at a value that turns them off (False, 0 or None).
 
     Returns:
         A float32 scalar, or ``[..., T]`` aligned with ``labels`` for ``reduction="none"``
         (float64 for float64 inputs).
     """
+    token_loss, focal_gamma = other_options.pop("token_loss", "ce"), other_options.pop("focal_gamma", None)
     spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    z_loss=z_loss, softcap=softcap, normalize=normalize,
-                    token_loss=other_options.get("token_loss", "ce"), focal_gamma=other_options.get("focal_gamma"))
+                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
     _refuse_unsupported(other_options)
     call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size)
     return triton_backend(call, lowmem=lowmem)
@@ -149,20 +163,7 @@ def triton_backend(call: LinearCall, *, lowmem: bool) -> torch.Tensor:
 
 
 def _refuse_unsupported(options: dict[str, Any]) -> None:
-    """Options the kernels do not compute yet are refused unless they are off.
-
-    ``token_loss`` (DFT/focal weights) is off at ``"ce"``; its ``focal_gamma`` is then
-    unused (the caller has already refused a gamma without a focal ``token_loss``).
-    Any other, newer option is off at None, False or 0.
-    """
-    options = dict(options)
-    token_loss = options.pop("token_loss", "ce")
-    options.pop("focal_gamma", None)
-    if token_loss != "ce":
-        raise ValueError(
-            f"token_loss={token_loss!r} is not supported by the triton backends yet; use backend='chunked' "
-            "or backend='reference'"
-        )
+    """Options the kernels do not compute yet are refused unless they are off (None, False or 0)."""
     for name, value in options.items():
         if value is not None and value is not False and value != 0:
             raise ValueError(
@@ -257,20 +258,46 @@ def tiles_for(vocab: int, interpret: bool) -> Tiles:
 
 
 def math_constexprs(math: LossMath, bias: bool) -> dict[str, bool]:
-    """The option flags every kernel takes (each kernel compiles only what it uses)."""
-    return dict(
-        HAS_BIAS=bias,
-        HAS_SMOOTHING=math.label_smoothing > 0,
-        HAS_Z_LOSS=math.z_loss > 0,
-        HAS_SOFTCAP=math.softcap is not None,
-    )
+    """The option flags every kernel takes (each kernel compiles only what it uses). The
+    z-loss and DFT/focal weights are no flags: they live in the gradient's coefficients."""
+    return dict(HAS_BIAS=bias, HAS_SMOOTHING=math.label_smoothing > 0, HAS_SOFTCAP=math.softcap is not None)
 
 
-def _loss_of_stats(
-    lse: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None, vocab: int, math: LossMath
+def _terms_of_stats(
+    lse: torch.Tensor, nll: torch.Tensor, total: torch.Tensor | None, vocab: int, math: LossMath
+) -> Terms:
+    """The row math's terms from the ``[n]`` log-sum-exps, target negative log-likelihoods
+    and logit sums (softcapped)."""
+    return token_terms(lse, nll, total if math.label_smoothing > 0 else None, math, vocab)
+
+
+def grad_coefficients(
+    g: torch.Tensor, w: torch.Tensor | None, k: torch.Tensor | None, math: LossMath, vocab: int
 ) -> torch.Tensor:
-    """``[n]`` losses from the ``[n]`` log-sum-exps, target logits and logit sums (softcapped)."""
-    return token_terms(lse, lse - target, total, math, vocab).loss
+    """``[4, n]`` float32 rows ``(a0, a1, b, c)`` of the kernels' logits gradient
+    ``d(g * loss)/dz = (a0 + a1 * L) * softmax(z) - b * onehot(y) - c`` (then times the
+    softcap's derivative), for ``[n]`` gradient factors ``g``.
+
+    This is the engine's gradient (``lmloss._engine.rowmath``, whose docstring derives
+    it, and ``logits_grad_``) with its coefficient ``a = g``::
+
+        d loss/dz = a * ((w + 2cL + k) * s - ((1-e) * w + k) * onehot(y) - w * e / V)
+
+    so ``a0 = g * (w + k)``, ``a1 = 2 c g`` (the z-loss, whose ``L`` the row kernel may
+    know only after its first sweep), ``b = g * ((1-e) * w + k)``, ``c = g * w * e / V``.
+    ``w`` is the DFT/focal weight (None: 1) and ``k`` the attached focal loss's term
+    ``gamma * (1-p)^(gamma-1) * p * ce`` from ``d w / dz`` (None: 0), both from the row
+    math's ``token_terms``; a row with ``g = 0`` gets zeros.
+    """
+    g = g.to(torch.float32)
+    gw = g if w is None else g * w
+    a0, b = gw, (1.0 - math.label_smoothing) * gw
+    if k is not None:
+        gk = g * k
+        a0, b = a0 + gk, b + gk
+    a1 = 2.0 * math.z_loss * g
+    c = gw * (math.label_smoothing / vocab)
+    return torch.stack((a0, a1, b, c)).to(torch.float32).contiguous()
 
 
 # --- speed mode ---------------------------------------------------------------------------
@@ -284,7 +311,7 @@ def triton_rows_linear_cross_entropy(
     Args:
         rows: float32/bf16/fp16 ``[N, D]`` hidden states, the head, ``[N]`` targets and
             float32 coefficients (``_engine.chunks.Rows``).
-        math: label smoothing, z-loss, softcap.
+        math: the row math's options (label smoothing, z-loss, softcap, DFT/focal weights).
         reduce_sum: the scalar sum, with gradients made during forward.
         chunk_rows: rows per chunk; default from ``default_chunk_rows``.
     """
@@ -358,24 +385,52 @@ class _Chunk:
         grads: Grads | None,
         index: torch.Tensor | slice,
     ) -> torch.Tensor:
-        """Unweighted ``[c]`` losses of the chunk; with ``grads``, accumulate its gradients."""
+        """Unweighted ``[c]`` losses of the chunk; with ``grads``, accumulate its gradients
+        of ``sum(g * loss)``.
+
+        Plain cross-entropy: one launch, both sweeps (the coefficients are known before
+        it). With a DFT/focal weight: a statistics launch, the weights from the row
+        math on the host, then a gradient launch (one more read of the chunk).
+        """
         c, vocab = h.shape[0], weight.shape[0]
         z, dz = self.z[:c], self.dz[:c]
         if self.wide:
             torch.mm(h, weight.t(), out_dtype=torch.float32, out=z)
         else:
             torch.mm(h, weight.t(), out=z)
-        loss = torch.empty(c, dtype=torch.float32, device=h.device)
-        self.kernels.row_loss_grad_kernel[(c,)](
-            z, dz, z if bias is None else bias, y, g.to(torch.float32), loss,
-            z.stride(0), dz.stride(0), vocab,
-            math.label_smoothing, math.z_loss, 1.0 if math.softcap is None else math.softcap,
-            **math_constexprs(math, bias is not None), COMPUTE_GRAD=grads is not None,
-            BLOCK_V=self.tiles.row_block_v, num_warps=self.tiles.row_warps,
-        )  # fmt: skip
+        stats = torch.empty(3, c, dtype=torch.float32, device=h.device)
+        fused = grads is not None and not math.weighted
+        coef = grad_coefficients(g, None, None, math, vocab) if fused else stats
+        self._launch(z, dz, bias, y, coef, stats, math, stats_pass=True, grad_pass=fused)
+        terms = _terms_of_stats(stats[0], stats[1], stats[2], vocab, math)
+        if grads is not None and not fused:
+            coef = grad_coefficients(g, terms.w, terms.k, math, vocab)
+            self._launch(z, dz, bias, y, coef, stats, math, stats_pass=False, grad_pass=True)
         if grads is not None:
             _accumulate(dz, h, weight, grads, index, self.wide)
-        return loss
+        return terms.loss
+
+    def _launch(
+        self,
+        z: torch.Tensor,
+        dz: torch.Tensor,
+        bias: torch.Tensor | None,
+        y: torch.Tensor,
+        coef: torch.Tensor,
+        stats: torch.Tensor,
+        math: LossMath,
+        *,
+        stats_pass: bool,
+        grad_pass: bool,
+    ) -> None:
+        """One row kernel launch over the chunk's ``[c, V]`` logits ``z`` (see ``row_loss_grad_kernel``)."""
+        c, vocab = z.shape
+        self.kernels.row_loss_grad_kernel[(c,)](
+            z, dz, z if bias is None else bias, y, coef, stats,
+            z.stride(0), dz.stride(0), c, vocab, 1.0 if math.softcap is None else math.softcap,
+            **math_constexprs(math, bias is not None), STATS_PASS=stats_pass, GRAD_PASS=grad_pass,
+            BLOCK_V=self.tiles.row_block_v, num_warps=self.tiles.row_warps,
+        )  # fmt: skip
 
 
 def _accumulate(
@@ -427,24 +482,26 @@ class _LowMem(torch.autograd.Function):
     ) -> torch.Tensor:
         rows = scored_rows(coef)
         y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
-        lse, loss = _lowmem_forward(hidden, weight, bias, rows, y, math)
-        weighted = torch.where(a != 0, loss * a, torch.zeros_like(loss))
+        lse, terms = _lowmem_forward(hidden, weight, bias, rows, y, math)
+        weighted = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
         losses = weighted if rows is None else weighted.new_zeros(hidden.shape[0]).index_copy_(0, rows, weighted)
         ctx.math, ctx.reduce_sum, ctx.needs = math, reduce_sum, needs
-        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse)
+        # The DFT/focal weight and its term are the row's, whatever the upstream gradient.
+        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse, terms.w, terms.k)
         return losses.sum() if reduce_sum else losses
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
         refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
-        hidden, weight, bias, rows, y, a, lse = ctx.saved_tensors
+        hidden, weight, bias, rows, y, a, lse, w, k = ctx.saved_tensors
         grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
         if any(ctx.needs) and y.numel() > 0:
             upstream = grad_output.to(torch.float32)
             if not ctx.reduce_sum and rows is not None:
                 upstream = upstream[rows]
-            g = (a * upstream).contiguous()  # each scored row's factor of d(loss)
-            _lowmem_backward(hidden, weight, bias, rows, y, g, lse, ctx.math, grads)
+            g = a * upstream  # each scored row's factor of d(loss)
+            coef = grad_coefficients(g, w, k, ctx.math, weight.shape[0])
+            _lowmem_backward(hidden, weight, bias, rows, y, coef, lse, ctx.math, grads)
         grads.finished()
         return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
 
@@ -456,27 +513,30 @@ def _lowmem_forward(
     rows: torch.Tensor | None,
     y: torch.Tensor,
     math: LossMath,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n]`` log-sum-exp and unweighted loss of the ``n`` rows (compact order)."""
+) -> tuple[torch.Tensor, Terms]:
+    """``[n]`` log-sum-exp and the row math's terms (unweighted loss) of the ``n`` rows (compact order)."""
     n, vocab = y.numel(), weight.shape[0]
     tile = tiles_for(vocab, interpreting()).forward
     splits, per_split = _vocab_splits(hidden.device, n, vocab, tile)
     part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
     if n > 0:
-        flags = math_constexprs(math, bias is not None)
-        del flags["HAS_Z_LOSS"]  # added after the kernel, from the log-sum-exp
         kernels_for(hidden.device).lowmem_forward_kernel[(triton.cdiv(n, tile.block_m), splits)](
             hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y,
             part[0], part[1], part[2], part[3],
             n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
             1.0 if math.softcap is None else math.softcap, per_split,
-            **flags, HAS_ROWS=rows is not None, **tile.constexprs(hidden.dtype), **tile.launch(),
+            **math_constexprs(math, bias is not None), HAS_ROWS=rows is not None, **tile.constexprs(hidden.dtype),
+            **tile.launch(),
         )  # fmt: skip
     # Merge the splits: every split saw at least one column, so each max is finite.
     top = part[0].amax(dim=0)
-    lse = top + torch.log((part[1] * torch.exp(part[0] - top)).sum(dim=0))
+    log_s = torch.log((part[1] * torch.exp(part[0] - top)).sum(dim=0))
+    lse = top + log_s
+    # nll = lse - target without lse's rounding: exactly log_s when the target is the max
+    # (p = exp(-nll) near 1 keeps its precision, which focal weights depend on).
+    nll = (top - part[2].sum(dim=0)) + log_s
     total = part[3].sum(dim=0) if math.label_smoothing > 0 else None
-    return lse, _loss_of_stats(lse, part[2].sum(dim=0), total, vocab, math)
+    return lse, _terms_of_stats(lse, nll, total, vocab, math)
 
 
 def _vocab_splits(device: torch.device, n: int, vocab: int, tile: Tile) -> tuple[int, int]:
@@ -498,23 +558,24 @@ def _lowmem_backward(
     bias: torch.Tensor | None,
     rows: torch.Tensor | None,
     y: torch.Tensor,
-    g: torch.Tensor,
+    coef: torch.Tensor,
     lse: torch.Tensor,
     math: LossMath,
     grads: Grads,
 ) -> None:
-    """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically)."""
+    """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically), with the
+    ``[4, n]`` coefficients of ``g`` (:func:`grad_coefficients`)."""
     n, vocab = y.numel(), weight.shape[0]
     tile = tiles_for(vocab, interpreting()).backward
     dummy = lse  # any float32 tensor stands in for an absent gradient buffer
     dh, dw, db = grads.hidden, grads.weight, grads.bias
     grid = (triton.cdiv(n, tile.block_m), triton.cdiv(vocab, tile.block_v))
     kernels_for(hidden.device).lowmem_backward_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y, g, lse,
+        hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y, coef, lse,
         dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
         n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
         0 if dh is None else dh.stride(0), 0 if dw is None else dw.stride(0),
-        math.label_smoothing, math.z_loss, 1.0 if math.softcap is None else math.softcap,
+        1.0 if math.softcap is None else math.softcap,
         **math_constexprs(math, bias is not None), HAS_ROWS=rows is not None,
         NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
         **tile.constexprs(hidden.dtype), **tile.launch(),
