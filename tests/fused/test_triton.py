@@ -246,7 +246,31 @@ def behaviour() -> dict:
             out[name] = "no error"
         except RuntimeError as error:
             out[name] = str(error)
+    out["static_nan"] = static_nan_hidden()
     return out
+
+
+def static_nan_hidden() -> dict:
+    """Under ``lmloss.validation(False)`` (every row computed), a NaN hidden state at an
+    unscored position: each mode's loss and gradients, and the same with zeros there."""
+    case = BY_NAME["static-rows"]
+    results = {}
+    for mode in MODES:
+        for reduction in ("mean", "none"):
+            runs = []
+            for fill in (float("nan"), 0.0):
+                hidden, weight, bias, labels, _ = inputs(case)
+                labels[0, 3] = -100  # position 2 predicts it: unscored
+                with torch.no_grad():
+                    hidden[0, 2] = fill
+                with lmloss.validation(False):
+                    loss = lmloss.linear_cross_entropy(
+                        hidden, weight, labels, bias=bias, backend=mode, token_loss="focal_attached",
+                        **{**DEFAULTS, "reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-2},
+                    )  # fmt: skip
+                    runs.append((loss.detach(), torch.autograd.grad(loss.sum(), (hidden, weight, bias))))
+            results[mode, reduction] = runs
+    return results
 
 
 def child_main(out: str) -> None:
@@ -339,6 +363,19 @@ def test_ignored_rows_cost_no_product(interpreted):
     scored = int((labels[..., 1:] != -100).sum())
     assert 0 < scored < labels.numel()
     assert interpreted["behaviour"]["product_rows"] == scored
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_static_shapes_ignore_a_nan_hidden_state_at_an_unscored_row(interpreted, mode, reduction):
+    """Every row computed (validation off): the unscored row's NaN reaches neither the loss
+    nor any gradient, which equal those with zeros at that row (the dhidden row is 0)."""
+    (nan_loss, nan_grads), (zero_loss, zero_grads) = interpreted["behaviour"]["static_nan"][mode, reduction]
+    torch.testing.assert_close(nan_loss, zero_loss, rtol=0, atol=0)
+    for label, got_grad, want in zip(("hidden", "weight", "bias"), nan_grads, zero_grads):
+        assert torch.isfinite(got_grad).all(), label
+        torch.testing.assert_close(got_grad, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"d{label}: {m}")
+    assert bool((nan_grads[0][0, 2] == 0).all())
 
 
 def test_backward_twice_and_stale_weight(interpreted):

@@ -338,9 +338,14 @@ def lowmem_backward_kernel(
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0)
     # Padding rows get zero coefficients.
     a0 = tl.load(COEF + offs_m, mask=row_mask, other=0.0)
-    scale = a0 + tl.load(COEF + n_rows + offs_m, mask=row_mask, other=0.0) * lse
+    a1 = tl.load(COEF + n_rows + offs_m, mask=row_mask, other=0.0)
     onehot = tl.load(COEF + 2 * n_rows + offs_m, mask=row_mask, other=0.0)
     spread = tl.load(COEF + 3 * n_rows + offs_m, mask=row_mask, other=0.0)
+    # A row whose coefficients are all 0 (unscored, under static shapes) contributes
+    # nothing: it is treated as padding, so that its hidden state (maybe not finite) and
+    # its log-sum-exp are never read into a product.
+    row_mask = row_mask & ((a0 != 0) | (a1 != 0) | (onehot != 0) | (spread != 0))
+    scale = a0 + a1 * lse
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     z = _logits_tile(

@@ -61,8 +61,8 @@ from lmloss._engine.chunks import (
     LinearCall,
     Rows,
     buffer_rows,
-    chunk_indices,
     default_chunk_rows,
+    hidden_chunks,
     needs_grad,
     scored_rows,
 )
@@ -297,7 +297,9 @@ def grad_coefficients(
         a0, b = a0 + gk, b + gk
     a1 = 2.0 * math.z_loss * g
     c = gw * (math.label_smoothing / vocab)
-    return torch.stack((a0, a1, b, c)).to(torch.float32).contiguous()
+    coef = torch.stack((a0, a1, b, c)).to(torch.float32)
+    # Exact zeros where g = 0, even where an unscored row's statistics are not finite.
+    return torch.where(g != 0, coef, torch.zeros_like(coef)).contiguous()
 
 
 # --- speed mode ---------------------------------------------------------------------------
@@ -351,9 +353,10 @@ def _run_chunks(
     n_rows = hidden.shape[0]
     losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
     chunk = _Chunk(buffer_rows(n_rows, scored, chunk_rows), weight, grads is not None, _wide_logits(hidden))
-    for index in chunk_indices(n_rows, scored, chunk_rows):
+    # Static shapes: the unscored rows' hidden states come zeroed (a NaN there must not reach dW).
+    for index, h in hidden_chunks(hidden, g, scored, chunk_rows):
         a = rows.coef[index]
-        loss = chunk.run(hidden[index], weight, bias, rows.targets[index], g[index], math, grads, index)
+        loss = chunk.run(h, weight, bias, rows.targets[index], g[index], math, grads, index)
         losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
     return losses
 
