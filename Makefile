@@ -1,22 +1,29 @@
 # Everything a fresh machine needs, in two commands (see README.md):
 #   make train   installs, then runs the main job
 #   make test    installs, then runs the test suite (what .ci/run calls)
+#   make lint    installs, then runs ruff (lint and format check) and mypy (.ci/run calls it too)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test train gpu-wheels
+.PHONY: setup test lint train gpu-wheels
 
 setup: $(VENV)/.installed
 
 # Re-install whenever the dependencies or their pinned versions change.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,lint]"
 	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Style held by tools: their configuration is in pyproject.toml ([tool.ruff], [tool.mypy]).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The main job: lmloss train on its built-in default (a small Qwen2 on built-in chats, CPU, ~2 min).
 train: setup

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the methods live beside this script
-from gpu_linear_cross_entropy import (  # noqa: E402
+from gpu_linear_cross_entropy import (
     LMLOSS_BACKENDS,
     METHODS,
     HelpFormatter,

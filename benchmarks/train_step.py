@@ -162,9 +162,9 @@ def table(args: argparse.Namespace, seconds, memory, losses) -> str:
     import transformers
 
     lines = [
-        f"# Qwen2 {args.layers} layers, hidden {args.hidden}, V={args.vocab}, batch {args.batch}x{args.seq}, "
+        (f"# Qwen2 {args.layers} layers, hidden {args.hidden}, V={args.vocab}, batch {args.batch}x{args.seq}, "
         f"{args.dtype}, {args.device} ({device}), torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, median of {args.repeats}",
+        f"{transformers.__version__}, median of {args.repeats}"),
         "| method | step fwd+bwd (s) | vs transformers | peak step memory (MiB) | loss |",
         "|---|---:|---:|---:|---:|",
     ]

@@ -109,7 +109,7 @@ def _prompt(colour: str) -> str:
 
 def _encode_sample(colour: str, box: tuple[float, ...], vocab: Vocab, bins: int) -> tuple[list[int], list[int]]:
     prompt = vocab.encode(_prompt(colour))
-    bin_box = [min(int(math.floor(v * bins)), bins - 1) for v in box]  # quantize to bin indices
+    bin_box = [min(math.floor(v * bins), bins - 1) for v in box]  # quantize to bin indices
     answer = vocab.encode(format_boxes([bin_box], "bins", num_bins=bins) + "</box><eos>")
     return prompt + answer, [-100] * len(prompt) + answer
 

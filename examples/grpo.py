@@ -150,9 +150,9 @@ def train(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def plot(history: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -8,6 +8,7 @@ fresh one.
 from __future__ import annotations
 
 import pytest
+
 from _tokenizers import build_chatml_tokenizer, build_llama3_tokenizer, build_plain_tokenizer
 
 

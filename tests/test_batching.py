@@ -10,6 +10,7 @@ Truths here are independent of the collators: per-sample losses come from
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -375,7 +376,7 @@ def test_packing_properties(case):
     flat_pos = out["position_ids"].flatten()
     assert cu[0] == 0 and cu[-1] == rows * row_len
     assert cu[:-1] == (flat_pos == 0).nonzero().flatten().tolist()
-    assert out["max_seqlen"] == max(b - a for a, b in zip(cu, cu[1:]))
+    assert out["max_seqlen"] == max(b - a for a, b in itertools.pairwise(cu))
     expected_seq_idx = [k for k in range(len(cu) - 1) for _ in range(cu[k + 1] - cu[k])]
     assert out["seq_idx"].flatten().tolist() == expected_seq_idx
 

@@ -271,7 +271,7 @@ def test_linear_never_holds_tokens_times_vocab():
 
 
 def test_linear_second_backward_and_stale_weight_are_refused():
-    (h, w, b), (th, tw, tb), labels = heads(seed=8)
+    (h, w, b), (th, tw, _tb), labels = heads(seed=8)
     loss = linear_distillation_loss(h, w, th, tw, labels, student_bias=b)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward was called twice"):
@@ -300,7 +300,7 @@ def test_bad_options(kwargs, error, message):
     student, teacher, labels = batch()
     with pytest.raises(error, match=message):
         distillation_loss(student, teacher, labels, **kwargs)
-    (h, w, b), (th, tw, tb), labels = heads()
+    (h, w, _b), (th, tw, _tb), labels = heads()
     with pytest.raises(error, match=message):
         linear_distillation_loss(h, w, th, tw, labels, **kwargs)
 
@@ -312,7 +312,7 @@ def test_bad_shapes_name_the_argument():
     labels[0, 1] = 13
     with pytest.raises(ValueError, match=r"labels\[0, 1\] = 13 is outside the vocabulary"):
         distillation_loss(student, teacher, labels)
-    (h, w, b), (th, tw, tb), labels = heads()
+    (h, w, b), (th, tw, _tb), labels = heads()
     with pytest.raises(ValueError, match="teacher_weight has a vocabulary of 22 but student_weight of 23"):
         linear_distillation_loss(h, w, th, tw[:-1], labels)
     with pytest.raises(ValueError, match="teacher_hidden has shape"):

@@ -10,17 +10,16 @@ chat template. An independent oracle (transformers' own assistant mask from a
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import pytest
 import torch
-from _tokenizers import CHATML_TEMPLATE, build_chatml_tokenizer, build_plain_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import ByT5Tokenizer
 
 import lmloss
+from _tokenizers import CHATML_TEMPLATE, build_chatml_tokenizer, build_plain_tokenizer
 from lmloss.labels import (
     CHAT_MODES,
     DatasetReport,
@@ -76,16 +75,6 @@ class NoOffsets:
         return self._tokenizer(text, **kwargs)
 
 
-def test_test_tokenizers_build_fast():
-    # Fixture cost guard: training the BPE and wrapping it must stay well under 2 s.
-    from _tokenizers import _trained_bpe_json
-
-    start = time.perf_counter()
-    _trained_bpe_json.__wrapped__()
-    build_chatml_tokenizer()
-    assert time.perf_counter() - start < 2.0
-
-
 # ------------------------------------------------------------- modes, hand-checked
 
 EXPECTED_RUNS = {
@@ -99,11 +88,11 @@ EXPECTED_RUNS = {
     ],
     ("chatml_tokenizer", "last_assistant"): ["Rome.<|im_end|>"],
     ("chatml_tokenizer", "everything"): [
-        "<|im_start|>system\nYou are a concise geography tutor.<|im_end|>\n"
+        ("<|im_start|>system\nYou are a concise geography tutor.<|im_end|>\n"
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
         "<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n"
         "<|im_start|>user\nAnd Italy?<|im_end|>\n"
-        "<|im_start|>assistant\nRome.<|im_end|>\n"
+        "<|im_start|>assistant\nRome.<|im_end|>\n")
     ],
     ("llama3_tokenizer", "assistant"): ["The capital of France is Paris.<|eot_id|>", "Rome.<|eot_id|>"],
     ("llama3_tokenizer", "all"): [
@@ -115,12 +104,12 @@ EXPECTED_RUNS = {
     ],
     ("llama3_tokenizer", "last_assistant"): ["Rome.<|eot_id|>"],
     ("llama3_tokenizer", "everything"): [
-        "<|begin_of_text|>"
+        ("<|begin_of_text|>"
         "<|start_header_id|>system<|end_header_id|>\n\nYou are a concise geography tutor.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\nThe capital of France is Paris.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nAnd Italy?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nRome.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nRome.<|eot_id|>")
     ],
     # The plain template's generation prompt ends with a space. BPE merges it with
     # "Rome" (" Rome" is in the vocabulary) but not with "The" (" The" is not), so
@@ -136,16 +125,16 @@ EXPECTED_RUNS = {
     ],
     ("plain_tokenizer", "last_assistant"): [" Rome.<|endoftext|>"],
     ("plain_tokenizer", "everything"): [
-        "You are a concise geography tutor.\n\n"
+        ("You are a concise geography tutor.\n\n"
         "### User: What is the capital of France?\n"
         "### Assistant: The capital of France is Paris.<|endoftext|>\n"
         "### User: And Italy?\n"
-        "### Assistant: Rome.<|endoftext|>\n"
+        "### Assistant: Rome.<|endoftext|>\n")
     ],
 }
 
 
-@pytest.mark.parametrize(("tokenizer_name", "mode"), sorted(EXPECTED_RUNS))
+@pytest.mark.parametrize("tokenizer_name, mode", sorted(EXPECTED_RUNS))
 def test_modes_train_exactly_the_expected_text(request, tokenizer_name, mode):
     tokenizer = request.getfixturevalue(tokenizer_name)
     example = encode_chat(CONVERSATION, tokenizer, mode=mode)
@@ -311,7 +300,7 @@ def test_prompt_completion_eos_from_tokenizer(chatml_tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
+    "kwargs, error, match",
     [
         (dict(prompt="Hi", completion=[1]), TypeError, "tokenizer is needed"),
         (dict(prompt=[1, -2], completion=[1], eos_token_id=2), TypeError, "list of int token ids"),
@@ -378,7 +367,7 @@ def test_mask_token_ids_on_lists_and_tensors():
 
 
 @pytest.mark.parametrize(
-    ("labels", "token_ids", "error"),
+    "labels, token_ids, error",
     [
         (torch.ones(3), [1], ValueError),
         (torch.ones(3, dtype=torch.bool), [1], ValueError),
@@ -520,7 +509,7 @@ def test_conversation_that_opens_with_the_assistant(chatml_tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("content", "expected"),
+    "content, expected",
     # "\n" merges with the newline after "user" into one "\n\n" token, a target.
     [("e", "e"), ("user", "user"), ("im", "im"), ("\n", "\n\n")],
 )
@@ -602,7 +591,7 @@ def test_tokenizer_without_chat_template():
 
 
 @pytest.mark.parametrize(
-    ("messages", "error", "match"),
+    "messages, error, match",
     [
         ("hello", TypeError, "messages must be a list"),
         ([], ValueError, "empty"),
@@ -630,7 +619,7 @@ def test_llama_factory_aliases(chatml_tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
+    "kwargs, error, match",
     [
         (dict(mode="assistant_only"), ValueError, "mode='assistant_only' is not supported"),
         (dict(mode="all", mask_history=True), ValueError, "pass only one"),
@@ -747,7 +736,7 @@ def test_dataset_options_reach_the_encoders(chatml_tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("samples", "error", "match"),
+    "samples, error, match",
     [
         (
             [{"messages": CONVERSATION}, {"messages": [{"role": "user", "content": "Hi"}]}],
@@ -853,11 +842,11 @@ def test_opening_assistant_content_that_repeats_its_header(chatml_tokenizer):
     "template",
     [
         # the end-of-turn marker only after non-final messages
-        "{%- for m in messages -%}{{- m.role + ': ' + m.content -}}"
-        "{%- if not loop.last -%}{{- eos_token + '\\n' -}}{%- endif -%}{%- endfor -%}",
+        ("{%- for m in messages -%}{{- m.role + ': ' + m.content -}}"
+        "{%- if not loop.last -%}{{- eos_token + '\\n' -}}{%- endif -%}{%- endfor -%}"),
         # the marker written at the start of the next turn
-        "{%- for m in messages -%}{%- if not loop.first -%}{{- eos_token + '\\n' -}}{%- endif -%}"
-        "{{- m.role + ': ' + m.content -}}{%- endfor -%}",
+        ("{%- for m in messages -%}{%- if not loop.first -%}{{- eos_token + '\\n' -}}{%- endif -%}"
+        "{{- m.role + ': ' + m.content -}}{%- endfor -%}"),
     ],
 )
 def test_end_of_turn_marker_written_only_before_the_next_turn_is_trained(template):

@@ -65,7 +65,7 @@ def _trl_dpo(per_token: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, los
     return loss, trainer._metrics["train"]
 
 
-@pytest.mark.parametrize(("loss_type", "ls"), [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0),
+@pytest.mark.parametrize("loss_type, ls", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0),
                                                ("robust", 0.2)])
 @pytest.mark.parametrize("beta", [0.1, 0.7])
 def test_dpo_equals_trl_compute_loss(loss_type: str, ls: float, beta: float) -> None:
@@ -173,7 +173,7 @@ def test_sequence_logprobs_from_logits_and_hidden_match_float64(average: bool) -
 
 
 @pytest.mark.parametrize(
-    ("call", "message"),
+    "call, message",
     [
         (lambda: dpo_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2)), "rejected_logps has shape"),
         (lambda: dpo_loss(*[torch.zeros(2)] * 4, loss_type="kto"), "loss_type='kto'"),

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmloss
-from lmloss.rl import LOSS_TYPES, policy_loss
 from _dist import run_gloo
 from _trl import trl_grpo_loss
+from lmloss.rl import LOSS_TYPES, policy_loss
 
 B, T = 5, 7
 TRL_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
@@ -193,7 +195,7 @@ def test_masked_positions_may_hold_garbage() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    "kwargs, message",
     [
         ({"mask": torch.ones(B, T + 1)}, "mask has shape"),
         ({"advantages": torch.ones(B + 1)}, "advantages has shape"),
@@ -230,7 +232,7 @@ def test_any_split_into_micro_batches_sums_to_the_big_batch(loss_type: str, leve
     batch = _batch(seed=seed, b=9)
     batch["mask"][seed % 9] = 0  # an empty sequence, sometimes inside a micro-batch of its own
     bounds = [0, *sorted(cuts), 9]
-    rows = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    rows = [slice(a, b) for a, b in itertools.pairwise(bounds)]
     kw = {"max_completion_length": T, "importance_sampling_level": level, "beta": 0.05}
     lp = batch["logprobs"].clone().requires_grad_()
     count = sum(lmloss.count_targets(batch["mask"][r], loss_type=loss_type) for r in rows)

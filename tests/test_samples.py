@@ -16,7 +16,7 @@ def test_valid_sample_is_returned_as_python_ints():
 
 
 @pytest.mark.parametrize(
-    ("ids", "labels", "match"),
+    "ids, labels, match",
     [
         ([1, 10], [1, 1], r"'input_ids'\[1\] = 10 is outside the vocabulary \(expected \[0, 10\)\)"),
         ([1, -1], [1, 1], r"'input_ids'\[1\] = -1 is outside the vocabulary"),

@@ -26,14 +26,14 @@ from lmloss import (
     preference,
     rl,
 )
-from lmloss.accounting import MicroBatch, count_targets, micro_batches
 from lmloss._validation import validation
+from lmloss.accounting import MicroBatch, count_targets, micro_batches
 from lmloss.batching import PackingCollator, PaddingCollator
 from lmloss.distill import distillation_loss, linear_distillation_loss
 from lmloss.fused import linear_cross_entropy
 from lmloss.labels import Example, encode_chat, encode_dataset, encode_prompt_completion, mask_token_ids
-from lmloss.multitask import CompositeLoss
 from lmloss.logprobs import TokenLogprobs, linear_token_logprobs, token_logprobs
+from lmloss.multitask import CompositeLoss
 from lmloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from lmloss.reference import causal_lm_loss
 

@@ -34,3 +34,17 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it: put it straight back
     os.umask(mask)
     return mask
+
+
+def check_writable_dir(path: str | os.PathLike[str], option: str) -> None:
+    """Raise ``ValueError`` naming ``option`` and ``path`` if files cannot be created in ``path``.
+
+    Tried for real (a temporary file made and removed) rather than with ``os.access``,
+    which a read-only mount or root's permissions make answer wrongly.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".lmloss-write-test.", suffix=".tmp")
+    except OSError as err:
+        raise ValueError(f"{option} {str(path)!r} cannot be written: {err.strerror or err}") from err
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)

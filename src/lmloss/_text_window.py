@@ -18,6 +18,7 @@ tokenized, and the slack keeps that change away from the tokens kept.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -50,10 +51,8 @@ def max_token_chars(tokenizer: Any) -> int | None:
     if cached is not None and cached[0] == size:
         return cached[1]
     longest = max((len(token) for token in get_vocab()), default=0)
-    try:
+    with contextlib.suppress(TypeError):
         _CACHE[tokenizer] = (size, max(longest, 1))
-    except TypeError:
-        pass
     return max(longest, 1)
 
 

@@ -3,12 +3,18 @@
 Each subcommand lives in its own module, imported only when it runs (so ``lmloss
 plot`` never imports transformers, and ``--help`` is instant). A subcommand module
 provides ``configure(parser)`` to add its arguments and ``run(args) -> int``.
+
+Every failure is one line on stderr, ``lmloss CMD: error: ...`` naming the file (and
+line), option or path: exit status 2 for bad input (``ValueError``, a missing file), 1
+for a run that failed (an ``OSError`` such as a full disk, or any other error), 130 for
+Ctrl-C. ``--debug`` (or ``LMLOSS_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -32,7 +38,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"lmloss {name}", description=help_text)
     module.configure(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the traceback (also: environment LMLOSS_DEBUG=1)")
+    args = parser.parse_args(rest)
+    debug = bool(vars(args).pop("debug", False)) or os.environ.get("LMLOSS_DEBUG", "") not in ("", "0")
+    try:
+        return int(module.run(args) or 0)
+    except Exception as err:
+        if debug:
+            raise
+        print(f"lmloss {name}: error: {describe(err)}", file=sys.stderr)
+        return exit_status(err)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"lmloss {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def exit_status(err: BaseException) -> int:
+    """2 for bad input (the user can fix the command), 1 for a run that failed."""
+    if isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return 2
+    return 1
+
+
+def describe(err: BaseException) -> str:
+    """One line: what failed and where. An ``OSError`` names its path; others keep their
+    own message (lmloss's errors name the option, file and line themselves)."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        text = f"{where}{err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+        if not type(err).__module__.startswith("lmloss") and not isinstance(err, ValueError):
+            text = f"{type(err).__name__}: {text}"
+    return " ".join(text.split())  # one line, whatever the message held
 
 
 def _top_parser() -> argparse.ArgumentParser:

@@ -68,12 +68,12 @@ def _int_list(name: str, value: object, vocab_size: int, ignore_index: int | Non
     # ValueError, not TypeError, for wrong types too: it is the data that is bad, and
     # callers report every bad sample the same way.
     if not isinstance(value, list):
-        raise ValueError(f"'{name}' must be a list of ints, got {type(value).__name__}")  # noqa: TRY004
+        raise ValueError(f"'{name}' must be a list of ints, got {type(value).__name__}")
     allowed = f"[0, {vocab_size})" + ("" if ignore_index is None else f" or {ignore_index}")
     for position, item in enumerate(value):
         # bool is an int subclass: true/false in a JSON list is a mistake, not the ids 1/0.
         if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(  # noqa: TRY004
+            raise ValueError(
                 f"'{name}'[{position}] = {_short(item)} is not an integer token id (expected {allowed})"
             )
         if not (0 <= item < vocab_size or item == ignore_index):

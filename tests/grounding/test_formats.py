@@ -166,13 +166,13 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("fmt", "text", "offset", "quote", "problem"), MALFORMED)
+@pytest.mark.parametrize("fmt, text, offset, quote, problem", MALFORMED)
 def test_malformed_box_text_is_rejected_with_its_text_and_offset(fmt, text, offset, quote, problem):
     options = {"num_bins": 10} if fmt == "bins" else {"image_size": (640, 480)} if fmt == "qwen2.5-vl" else {}
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(BoxFormatError) as excinfo:
         parse_boxes(text, fmt, **options)
     message = str(excinfo.value)
-    assert isinstance(excinfo.value, BoxFormatError)
+    assert isinstance(excinfo.value, ValueError)
     assert problem in message
     assert f"at character {offset}" in message
     assert repr(quote)[1:-1] in message  # the offending text is quoted
@@ -283,7 +283,7 @@ HUGE_NUMBERS = [
 ]
 
 
-@pytest.mark.parametrize(("fmt", "text", "offset", "options"), HUGE_NUMBERS)
+@pytest.mark.parametrize("fmt, text, offset, options", HUGE_NUMBERS)
 def test_huge_numbers_are_box_format_errors_with_an_offset(fmt, text, offset, options):
     # Reproduction: 4,300+ digits raised int()'s bare ValueError, without offset,
     # even with errors="report".
@@ -296,7 +296,7 @@ def test_huge_numbers_are_box_format_errors_with_an_offset(fmt, text, offset, op
 
 
 @pytest.mark.parametrize(
-    ("text", "key", "again"),
+    "text, key, again",
     [
         ('{"bbox_2d": [1, 2, 3, 4], "bbox_2d": [5, 6, 7, 8]}', "bbox_2d", 26),
         ('{"label": "cat", "bbox_2d": [1, 2, 3, 4], "label": "dog"}', "label", 42),
@@ -321,7 +321,7 @@ NON_ASCII_DIGITS = [
 ]
 
 
-@pytest.mark.parametrize(("fmt", "text", "offset", "options"), NON_ASCII_DIGITS)
+@pytest.mark.parametrize("fmt, text, offset, options", NON_ASCII_DIGITS)
 def test_non_ascii_digits_are_not_numbers(fmt, text, offset, options):
     # Reproduction: float() and str.isdecimal() read '١٢' as 12 and '１' as 1.
     parsed = parse_grounding(text, fmt, errors="report", **options)

@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 from _grounding_cases import COMMA, DIGITS, END, START, digit_row, python_giou
-from _tokenizers import build_chatml_tokenizer
 
+from _tokenizers import build_chatml_tokenizer
 from lmloss.grounding import (
     BoxTokenIds,
     box_loss,
@@ -196,7 +196,7 @@ def test_qwen25_vl_positions_in_a_real_tokenized_batch(json_tokenizer):
 
 def test_qwen25_vl_box_loss_equals_the_materialized_float64_computation(json_tokenizer):
     tok = json_tokenizer
-    chats, examples, input_ids, labels = _qwen25_batch(tok)
+    chats, examples, _input_ids, labels = _qwen25_batch(tok)
     targets = find_box_targets(labels, BoxTokenIds.from_tokenizer(tok, "qwen2.5-vl"), image_size=QWEN25_SIZES)
     g = torch.Generator().manual_seed(5)
     vocab, dim = len(tok), 8

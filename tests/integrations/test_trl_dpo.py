@@ -42,7 +42,7 @@ def parts() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "ls"),
+    "loss_type, ls",
     [(["sigmoid"], 0.0), (["hinge"], 0.0), (["ipo"], 0.0), (["robust"], 0.2), (["sigmoid", "ipo"], 0.0)],
 )
 def test_same_batch_gives_trls_loss(parts: dict, tmp_path: Any, loss_type: list[str], ls: float,

@@ -138,6 +138,6 @@ def test_a_real_training_step_logs_the_same_loss(tmp_path: Any, lmloss_calls: li
         trainer = _trainer(cls, tmp_path, copy.deepcopy(model), tokenizer, loss_type="dapo")
         torch.manual_seed(3)
         trainer.train()
-        logged.append([h["loss"] for h in trainer.state.log_history if "loss" in h][0])
+        logged.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
     assert lmloss_calls == ["dapo"]
     assert logged[1] == pytest.approx(logged[0], rel=1e-5, abs=1e-7)

@@ -70,7 +70,7 @@ def _trainer(cls, model, tokenizer, kind, config_extra=None, **options):
 
 def _batch(trainer):
     batch = next(iter(trainer.get_train_dataloader()))
-    return {k: v for k, v in batch.items()}
+    return dict(batch.items())
 
 
 KINDS = ["chats", "assistant", "completion", "packing"]
@@ -186,7 +186,7 @@ def test_applied_model_is_refused(tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("options", "config_extra", "match"),
+    "options, config_extra, match",
     [
         (dict(label_smoothing=1.5), {}, "label_smoothing"),
         (dict(token_loss="focal", focal_gamma=-1.0), {}, "focal_gamma"),

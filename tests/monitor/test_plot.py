@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_monitor import FakeClock, debiased_ema, eventful_calls, feed
 
 from lmloss.cli import main
 from lmloss.monitor import LossMonitor, read_jsonl, run_dir_sinks
 from lmloss.monitor.plot import ema, plot_run, run_data
-from test_monitor import FakeClock, debiased_ema, eventful_calls, feed
 
 PANELS = ["loss", "perplexity", "lr", "terms", "grad_norm", "throughput", "accuracy"]
 

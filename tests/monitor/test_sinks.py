@@ -9,6 +9,7 @@ import math
 import os
 
 import pytest
+from test_monitor import FakeClock, eventful_calls, feed
 
 from lmloss.monitor import (
     ConsoleSink,
@@ -20,7 +21,6 @@ from lmloss.monitor import (
     read_jsonl,
     run_dir_sinks,
 )
-from test_monitor import FakeClock, eventful_calls, feed
 
 RECORDS = [
     {"step": 0, "split": "train", "train/loss": 2.5, "train/tokens": 10},

@@ -43,7 +43,7 @@ def test_no_flops_records_without_flops_per_token():
 
 
 @pytest.mark.parametrize(
-    ("options", "error", "match"),
+    "options, error, match",
     [
         (dict(peak_flops=989e12), ValueError, "needs flops_per_token"),
         (dict(flops_per_token=-1.0), ValueError, "flops_per_token"),

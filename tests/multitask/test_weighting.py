@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_fixed_weights_are_the_weighted_sum():
     assert (a.grad.item(), b.grad.item()) == (0.25, 1.0)
     with pytest.raises(ValueError, match=r"unknown term name\(s\) \['c'\]"):
         FixedWeights({"c": 1.0}).check_terms(["a", "b"])
-    with pytest.raises(ValueError, match="weight of term 'a' must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match=re.escape("weight of term 'a' must be >= 0, got -1.0")):
         FixedWeights({"a": -1.0})
 
 
@@ -160,7 +161,7 @@ def test_dwa_bad_input():
     with pytest.raises(ValueError, match="must be finite"):
         dwa.update({"a": float("inf"), "b": 1.0})
     dwa.update({"a": 0.0, "b": 1.0})
-    with pytest.raises(ValueError, match="term 'a' averaged 0.0"):
+    with pytest.raises(ValueError, match=re.escape("term 'a' averaged 0.0")):
         dwa.update({"a": 1.0, "b": 1.0})
     with pytest.raises(ValueError, match="temperature must be > 0"):
         DynamicWeightAverage(["a"], temperature=0.0)
@@ -205,7 +206,7 @@ def test_gradnorm_one_update_matches_the_paper():
     initial = {"t1": 2.0 * model.losses()["t1"].item(), "t2": model.losses()["t2"].item()}
     gradnorm = GradNorm(["t1", "t2"], model.shared, initial_weights={"t1": 0.5, "t2": 1.5}, initial_losses=initial)
     losses = model.losses()
-    l_grad, grad, w_next = _gradnorm_by_hand(
+    l_grad, _grad, w_next = _gradnorm_by_hand(
         losses, model.shared, torch.tensor([0.5, 1.5]), torch.tensor([initial["t1"], initial["t2"]]), 1.5, 0.1
     )
 
@@ -266,12 +267,12 @@ def test_gradnorm_misuse_is_refused():
     losses = model.losses()
     total, _ = gradnorm.combine(losses)
     total.backward()  # too early: the terms' graph is gone
-    with pytest.raises(RuntimeError, match="before result.total.backward"):
+    with pytest.raises(RuntimeError, match=re.escape("before result.total.backward")):
         gradnorm.update(losses, lr=0.1)
     losses = model.losses()
     with pytest.raises(ValueError, match="exactly one of lr= or optimizer="):
         gradnorm.update(losses)
-    with pytest.raises(ValueError, match="does not hold gradnorm.weights"):
+    with pytest.raises(ValueError, match=re.escape("does not hold gradnorm.weights")):
         gradnorm.update(losses, optimizer=torch.optim.SGD([model.heads], lr=0.1))
     with pytest.raises(ValueError, match=r"missing: \['t2'\]"):
         gradnorm.weight_backward({"t1": losses["t1"]})

@@ -110,8 +110,12 @@ def test_resume_refuses_changed_math_and_missing_checkpoint(tmp_path):
         train(TrainConfig(output_dir=run, resume=True, lr=0.5), log=lambda _: None)
     with pytest.raises(ValueError, match="already holds a run"):
         train(tiny(tmp_path, max_steps=2), log=lambda _: None)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no complete checkpoint"):
         train(TrainConfig(output_dir=str(tmp_path / "empty"), resume=True), log=lambda _: None)
+    with pytest.raises(ValueError, match="does not exist, so there is no run to continue"):
+        train(TrainConfig(output_dir=str(tmp_path / "missing"), resume=True), log=lambda _: None)
+    assert not (tmp_path / "missing").exists()
 
 
 def test_resume_can_extend_the_run(tmp_path):

@@ -194,7 +194,11 @@ def check_image_size(image_size: object, *, required: bool) -> tuple[int, int] |
         if required:
             raise ValueError("pixel coordinates need image_size=(width, height)")
         return None
-    ok = isinstance(image_size, (tuple, list)) and len(image_size) == 2
-    if not ok or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 for v in image_size):
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2 or not all(map(_positive, image_size)):
         raise ValueError(f"image_size must be (width, height) with positive sizes, got {image_size!r}")
-    return (image_size[0], image_size[1])  # type: ignore[index]
+    return (image_size[0], image_size[1])
+
+
+def _positive(value: object) -> bool:
+    # Compared as given (no float(): a huge int stays exact); typeshed's numbers.Real declares < and <= only.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0  # type: ignore[operator]

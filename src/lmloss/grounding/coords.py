@@ -46,7 +46,7 @@ def convert_boxes(
     check_choice("src", src, SPACES)
     check_choice("dst", dst, SPACES)
     as_list = not isinstance(boxes, torch.Tensor)
-    tensor = torch.as_tensor(boxes, dtype=torch.float64) if as_list else boxes
+    tensor = boxes if isinstance(boxes, torch.Tensor) else torch.as_tensor(boxes, dtype=torch.float64)
     if tensor.ndim == 0 or tensor.shape[-1] != 4:
         raise ValueError(f"boxes must have shape [..., 4], got {tuple(tensor.shape)}")
     if not tensor.is_floating_point():

@@ -315,7 +315,7 @@ def _integer_box(box: Sequence[float], upper: tuple[float, float] | None, where:
     values = tuple(float(v) for v in box)
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"box {values!r} has a non-finite coordinate")
-    rounded = tuple(int(math.floor(v + 0.5)) for v in values)
+    rounded = tuple(math.floor(v + 0.5) for v in values)
     problem = box_problem(rounded, upper, where)
     if problem is not None:
         raise ValueError(f"cannot write box {tuple(box)!r}: {problem}")

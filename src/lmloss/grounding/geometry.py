@@ -38,12 +38,12 @@ class _FiniteUpcast(torch.autograd.Function):
     """``x.to(dtype)`` whose backward clamps the gradient into ``x.dtype``'s finite range."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ctx.source = x.dtype
         return x.to(dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         largest = torch.finfo(ctx.source).max
         return grad.clamp(-largest, largest).to(ctx.source), None
 
@@ -52,7 +52,7 @@ def _upcast(box: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if box.dtype == dtype:
         return box
     if box.requires_grad and torch.finfo(box.dtype).max < torch.finfo(dtype).max:
-        return _FiniteUpcast.apply(box, dtype)  # type: ignore[no-any-return]
+        return _FiniteUpcast.apply(box, dtype)
     return box.to(dtype)
 
 

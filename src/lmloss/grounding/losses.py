@@ -49,7 +49,7 @@ def _value_logits(logits: object, token_ids: object) -> torch.Tensor:
 def _check_temperature(temperature: object) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not (math.isfinite(temperature) and float(temperature) > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return float(temperature)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lmloss._files import atomic_write
+from lmloss._files import atomic_write, check_writable_dir
 from lmloss.monitor.events import Event
 from lmloss.monitor.sinks import METRICS_FILE, RunLog, read_jsonl
 
@@ -381,10 +381,10 @@ def _save(figure: Any, path: Path) -> Path:
 
 def _matplotlib() -> Any:
     try:
-        import matplotlib
+        import matplotlib as mpl
     except ImportError as error:
         raise ImportError("lmloss plots need matplotlib: pip install 'lmloss[plot]'") from error
-    return matplotlib
+    return mpl
 
 
 def plot_run(run_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[str] | None = None,
@@ -427,6 +427,11 @@ def run(args: argparse.Namespace) -> int:
     if args.smoothing is not None and not 0.0 <= args.smoothing < 1.0:
         print(f"lmloss plot: --smoothing must be in [0, 1), got {args.smoothing}", file=sys.stderr)
         return 2
+    if args.out is not None:
+        problem = _unwritable(Path(args.out))
+        if problem:
+            print(f"lmloss plot: error: {problem}", file=sys.stderr)
+            return 2
     try:
         result = plot_run(args.run_dir, out_dir=args.out, smoothing=args.smoothing)
     except (FileNotFoundError, ImportError) as error:
@@ -443,3 +448,18 @@ def run(args: argparse.Namespace) -> int:
     for path in result.paths:
         print(f"wrote {path}")
     return 0
+
+
+def _unwritable(out: Path) -> str | None:
+    """Why PNGs cannot be written into ``out`` (made if missing), or ``None``: checked
+    before anything is drawn, so a read-only --out is one line, not a traceback."""
+    if out.exists() and not out.is_dir():
+        return f"--out {str(out)!r} is a file, not a directory"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(out, "--out")
+    except OSError as err:
+        return f"--out {str(out)!r} cannot be created: {err.strerror or err}"
+    except ValueError as err:
+        return str(err)
+    return None

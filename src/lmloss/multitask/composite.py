@@ -14,7 +14,6 @@ With the default ``FixedWeights()`` that is ``sum_i weight_i(step) * L_i``.
 from __future__ import annotations
 
 import inspect
-
 import math
 import warnings
 from collections.abc import Callable, Mapping

@@ -30,6 +30,7 @@ uninterrupted run would have drawn; ``MixtureIterator`` reads map-style sources
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import numbers
 import random
@@ -264,7 +265,7 @@ class PiecewiseLinearSchedule(Schedule):
         points = self._points
         if step <= points[0][0]:
             return points[0][1]
-        for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        for (s0, v0), (s1, v1) in itertools.pairwise(points):
             if step <= s1:
                 return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
         return points[-1][1]
@@ -386,6 +387,9 @@ class MixtureSampler:
         seed: the run's seed.
     """
 
+    schedule: MixtureSchedule
+    seed: int
+
     def __init__(self, schedule: MixtureSchedule, seed: int = 0) -> None:
         if not isinstance(schedule, MixtureSchedule):
             raise ValueError(f"schedule must be a MixtureSchedule, got {type(schedule).__name__}")
@@ -464,7 +468,7 @@ class MixtureIterator(Iterator[tuple[str, Any]]):
         self.samples_per_step = samples_per_step
         self.stream = stream
         self._drawn = 0
-        self._consumed = {name: 0 for name in sources}
+        self._consumed = dict.fromkeys(sources, 0)
         self._cache: tuple[int, list[str]] | None = None
 
     @property

@@ -582,8 +582,10 @@ class GradNorm(nn.Module):
             step = check_finite("lr", lr)
             if step <= 0:
                 raise ValueError(f"lr must be > 0, got {step}")
+            grad = self.weights.grad
+            assert grad is not None  # set by weight_backward, as the step was not skipped
             with torch.no_grad():
-                self.weights.sub_(step * self.weights.grad)
+                self.weights.sub_(step * grad)
         self.weights.grad = None
         self.renormalize()
         return l_grad

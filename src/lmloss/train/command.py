@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from lmloss.train.config import add_arguments, config_from_args, given_options
 
@@ -14,6 +13,9 @@ examples:
   lmloss train --config run.yaml --max-steps 500  # flags override the config file
   lmloss train --output-dir runs/x --resume       # continue runs/x from its last checkpoint
   torchrun --nproc-per-node 2 -m lmloss.cli train # data parallel (gloo on CPU, nccl on CUDA)
+
+Ctrl-C (or SIGTERM) finishes the step in flight, saves a checkpoint and exits with 130
+(143); --resume continues from it. Exit status 2: bad input; 1: the run failed.
 """
 
 
@@ -29,12 +31,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-        from lmloss.train.loop import train  # torch/transformers: only once the options are valid
+    """0 when the run completed, ``128 + signal`` when a signal stopped it (after a checkpoint).
 
-        train(config, given=given_options(args))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"lmloss train: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    Errors propagate to :func:`lmloss.cli.main`, which prints them as one line (exit 2
+    for bad input, 1 for a failed run).
+    """
+    config = config_from_args(args)
+    from lmloss.train.loop import train  # torch/transformers: only once the options are valid
+
+    summary = train(config, given=given_options(args))
+    stop = summary.get("interrupted")
+    return int(stop["exit_code"]) if stop else 0

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -34,14 +33,16 @@ from lmloss.batching import PackingCollator, PaddingCollator
 from lmloss.labels import Example
 from lmloss.monitor import ConsoleSink, LossMonitor, plot_run, run_dir_sinks
 from lmloss.train import checkpoint as ckpt
+from lmloss.train import rundir
 from lmloss.train.config import BUILTIN_DATA_EPOCHS, BUILTIN_MODELS, DEFAULT_EPOCHS, TrainConfig
 from lmloss.train.data import (DataReport, TrainData, encode_records, epoch_micro_batches, load_records, prompts_of,
                                texts_of)
 from lmloss.train.modeling import (LossModel, correct_targets, head_of, load_model, load_tokenizer, logit_transform,
                                    per_sample_weights)
 from lmloss.train.report import generate_answers, summarize, write_report, write_summary
+from lmloss.train.stopping import StopRequest, exit_code
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer", "exit_code", "train"]
 
 CONFIG_FILE = "config.json"
 BUILTIN_PROMPT = [{"role": "user", "content": "Where is the capital of China?"}]
@@ -54,6 +55,10 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
     ``given``: the option names the user set (the command line passes them); on
     ``resume`` those are compared with the saved run. ``None``: the options that differ
     from their defaults.
+
+    On SIGINT/SIGTERM the step in flight finishes, a checkpoint is saved and the summary
+    says ``"interrupted": {"signal": "SIGINT", "step": s}`` (:func:`exit_code` gives the
+    command's exit status); ``resume`` continues exactly from there.
     """
     return Trainer(config, log=log, given=given).run()
 
@@ -127,33 +132,49 @@ class Trainer:
                  given: set[str] | None = None) -> None:
         self.procs, self.device = _start_processes(config.device)
         self.log = log if self.procs.main else (lambda _: None)
+        self.lock: rundir.RunLock | None = None
         self.run_dir = Path(config.output_dir)
-        self.resume_from = self._prepare_run_dir(config)
-        self.config = self._resumed_config(config, given) if self.resume_from else config
+        try:
+            self.resume_from = self._prepare_run_dir(config)
+            self.config = self._resumed_config(config, given) if self.resume_from else config
+        except BaseException:
+            self._release()
+            raise
         self.counters: dict[str, float] = {"tokens_seen": 0, "target_tokens_seen": 0, "train_seconds": 0.0}
+        self.stop = StopRequest()
 
     # --- run directory ----------------------------------------------------------------
 
     def _prepare_run_dir(self, config: TrainConfig) -> Path | None:
-        """Refuse to mix two runs in one directory; find the checkpoint to resume from."""
-        has_run = (self.run_dir / CONFIG_FILE).is_file() or (self.run_dir / ckpt.CHECKPOINTS).is_dir()
+        """Lock the directory against a second run; refuse to mix two runs in it (or to
+        delete what no run wrote); find the checkpoint to resume from."""
+        if self.procs.main:
+            self.run_dir = rundir.prepare_output_dir(config.output_dir, resume=config.resume)
+            self.lock = rundir.RunLock(self.run_dir)
+            self.lock.acquire()
+        self.procs.barrier()
         if config.resume:
             found = ckpt.latest_checkpoint(self.run_dir)
             if found is None:
                 raise ValueError(f"--resume: {self.run_dir} has no complete checkpoint to resume from "
                                  f"(start the run without --resume)")
+            self._restored = ckpt.load_trainer_state(found)  # a damaged checkpoint fails here, named
+            ckpt.check_model_file(found)
             if self.procs.main:
                 ckpt.remove_partials(self.run_dir)
             return found
+        has_run = rundir.has_run(self.run_dir)
         if has_run and not config.overwrite:
             raise ValueError(f"{self.run_dir} already holds a run: pass --resume to continue it, --overwrite to "
                              f"replace it, or another --output-dir")
-        if self.procs.main:
-            if has_run:
-                shutil.rmtree(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.procs.main and has_run:
+            rundir.clear_run(self.run_dir)
         self.procs.barrier()
         return None
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def _resumed_config(self, given: TrainConfig, names: set[str] | None) -> TrainConfig:
         """The run's saved config; the options set now may change only what does not
@@ -280,7 +301,15 @@ class Trainer:
     # --- the run ----------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        try:
+            with self.stop:
+                return self._run()
+        finally:
+            self._release()
+
+    def _run(self) -> dict[str, Any]:
         self._setup()
+        self.plots = self._plots_available()
         start = self._restore() if self.resume_from else 0
         if self.procs.main and not self.resume_from:
             atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(json.dumps(self.config.to_dict(), indent=2)),
@@ -290,13 +319,30 @@ class Trainer:
         if not self.resume_from:
             self.samples = {"before": self._answers()}
             self._evaluate(0)
+        self.stopped_at: int | None = None
         for step in range(start + 1, self.total_steps + 1):
-            self._train_step(step)
+            stop = self._train_step(step)
             if step % self.config.eval_every == 0 or step == self.total_steps:
                 self._evaluate(step)
-            if step % self.config.save_every == 0 or step == self.total_steps:
+            if stop or step % self.config.save_every == 0 or step == self.total_steps:
                 self._save(step)
+            if stop and step < self.total_steps:
+                self.stopped_at = step
+                break
         return self._finish()
+
+    def _plots_available(self) -> bool:
+        """Whether matplotlib imports: checked before the first step, so that a run without
+        it says so at once and still ends with its summary and report."""
+        if not self.procs.main:
+            return False
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.log("warning: matplotlib is not installed: this run writes no plots (pip install 'lmloss[plot]'; "
+                     "`lmloss plot RUN_DIR` draws them later)")
+            return False
+        return True
 
     def _announce(self, start: int) -> None:
         c = self.config
@@ -332,7 +378,8 @@ class Trainer:
                 batch["token_weights"] = per_sample_weights(batch["labels"], batch["position_ids"])
             yield {k: v.to(self.device) for k, v in batch.items()}
 
-    def _train_step(self, step: int) -> None:
+    def _train_step(self, step: int) -> bool:
+        """One optimizer step; returns whether a stop (SIGINT/SIGTERM) was asked of any process."""
         began = time.perf_counter()
         examples = self._step_micro_batches(step)
         batches = list(self._batches(examples))
@@ -355,14 +402,18 @@ class Trainer:
         # mean (their sum is the step mean); input and target tokens add up.
         inputs = sum(len(ex["input_ids"]) for group in examples for ex in group)
         targets = sum(lmloss.count_targets(b["labels"]).double() for b in batches)
+        # The stop flag rides along, so that every process stops after the same step.
+        stop = float(self.stop.signum is not None)
         numbers = torch.stack([total.double(), torch.as_tensor(inputs, dtype=torch.float64, device=self.device),
-                               torch.as_tensor(targets, dtype=torch.float64, device=self.device)])
-        loss, inputs, targets = self.procs.sum(numbers).tolist()
+                               torch.as_tensor(targets, dtype=torch.float64, device=self.device),
+                               torch.as_tensor(stop, dtype=torch.float64, device=self.device)])
+        loss, inputs, targets, stops = self.procs.sum(numbers).tolist()
         self.counters["tokens_seen"] += int(inputs)
         self.counters["target_tokens_seen"] += int(targets)
         self.counters["train_seconds"] += time.perf_counter() - began
         self.monitor.update(step, loss=loss, tokens=int(targets), grad_norm=grad_norm,
                             lr=self.scheduler.get_last_lr()[0])
+        return stops > 0
 
     def _clip(self) -> torch.Tensor:
         norm = self.config.max_grad_norm
@@ -413,9 +464,7 @@ class Trainer:
         self.procs.barrier()
 
     def _restore(self) -> int:
-        assert self.resume_from is not None
-        state = ckpt.load_trainer_state(self.resume_from)
-        self._restored = state
+        state = self._restored  # read (and checked) in _prepare_run_dir
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.counters.update(state["counters"])
@@ -436,13 +485,17 @@ class Trainer:
                                 self.device)
 
     def _finish(self) -> dict[str, Any]:
-        self.samples["after"] = self._answers()
+        interrupted = None
+        if self.stopped_at is not None:  # no answers "after": the run is not over, and the user is waiting
+            interrupted = {"signal": self.stop.name or "a stop request", "step": self.stopped_at,
+                           "exit_code": exit_code(self.stop.signum or 0) if self.stop.signum else 1}
+        self.samples["after"] = [] if interrupted else self._answers()
         self.monitor.close()
         events = [e.to_record() for e in self.monitor.events]
         summary: dict[str, Any] = {}
         if self.procs.main:
-            plots = plot_run(self.run_dir).paths
-            summary = summarize(self.run_dir, self.counters, events)
+            plots = plot_run(self.run_dir).paths if self.plots else []
+            summary = {**summarize(self.run_dir, self.counters, events), "interrupted": interrupted}
             write_summary(self.run_dir, summary)
             atomic_write(self.run_dir / "samples.json", lambda f: f.write(json.dumps(self.samples, indent=2)),
                          binary=False)
@@ -460,6 +513,10 @@ class Trainer:
                 "loss": json.dumps({k: v for k, v in self._loss_options().items() if v is not None})}
 
     def _print_end(self, summary: dict[str, Any]) -> None:
+        if summary["interrupted"]:
+            stop = summary["interrupted"]
+            self.log(f"interrupted by {stop['signal']} after step {stop['step']} of {self.total_steps}: checkpoint "
+                     f"saved; continue with: lmloss train --output-dir {self.run_dir} --resume")
         for before, after in zip(self.samples.get("before", []), self.samples["after"]):
             self.log(f"Q: {before['prompt']}\n   before: {before['answer']!r}\n   after:  {after['answer']!r}")
         self.log(f"train loss {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; "

@@ -89,6 +89,10 @@ def write_report(run_dir: Path, summary: Mapping[str, Any], setup: Mapping[str, 
                  samples: Mapping[str, list[dict[str, str]]], data_lines: Sequence[str], plots: Sequence[Path]) -> Path:
     """``report.md``: the run in a page: setup, losses, events, answers before/after, plots."""
     lines = [f"# lmloss train: {run_dir.name}", ""]
+    stop = summary.get("interrupted")
+    if stop:
+        lines += [f"**Interrupted** by {stop['signal']} after step {stop['step']} of {setup.get('steps', '?')}; "
+                  f"a checkpoint holds it: continue with `lmloss train --output-dir {run_dir} --resume`.", ""]
     lines += [f"- {key}: {value}" for key, value in setup.items()]
     lines += ["", "## Data", ""] + [f"- {line}" for line in data_lines]
     lines += ["", "## Loss", "", "| | first | last | best |", "|---|---|---|---|"]

@@ -17,14 +17,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Public name -> submodule defining it (add one line per trainer).
+# Public name -> submodule defining it (add one line per trainer, and the name to __all__).
 _EXPORTS = {
     "LMLossDPOTrainer": "dpo",
     "LMLossGRPOTrainer": "grpo",
     "LMLossSFTTrainer": "sft",
 }
 
-__all__ = sorted(_EXPORTS)
+# A literal list, so that type checkers and IDEs see the lazily imported names.
+__all__ = ["LMLossDPOTrainer", "LMLossGRPOTrainer", "LMLossSFTTrainer"]
 
 
 def __getattr__(name: str) -> Any:

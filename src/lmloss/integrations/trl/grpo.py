@@ -52,7 +52,7 @@ class LMLossGRPOTrainer(GRPOTrainer):
         """``[B, logits_to_keep]`` log-probs (and entropies) of the completion tokens."""
         extra = {k: v for k, v in multimodal.items() if v is not None}
         if compute_aux_loss or extra:
-            return super()._get_per_token_logps_and_entropies(  # type: ignore[no-any-return]
+            return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )
@@ -90,7 +90,7 @@ class LMLossGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         if not self._lmloss_supported(inputs):
-            return super()._compute_loss(model, inputs)  # type: ignore[no-any-return]
+            return super()._compute_loss(model, inputs)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from trl import SFTTrainer
 
-from lmloss._validation import check_bool, check_loss_options
+from lmloss._spec import check_loss_options
+from lmloss._validation import check_bool
 from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
 from lmloss.integrations.transformers import is_applied, placeholder_token_ids
 from lmloss.reference import Normalize, TokenLoss
@@ -50,7 +51,7 @@ __all__ = ["LMLossSFTTrainer"]
 _METRIC_BYTES = 64 << 20
 
 
-class LMLossSFTTrainer(SFTTrainer):  # type: ignore[misc]
+class LMLossSFTTrainer(SFTTrainer):
     """``trl.SFTTrainer`` whose training and evaluation loss is lmloss's fused loss.
 
     Args:
