@@ -272,7 +272,7 @@ def lowmem_forward_kernel(
     s = tl.zeros((BLOCK_M,), tl.float32)
     target = tl.zeros((BLOCK_M,), tl.float32)
     total = tl.zeros((BLOCK_M,), tl.float32)
-    for i in range(0, blocks_per_split):
+    for i in range(blocks_per_split):
         cols = (i * n_splits + split) * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         z = _logits_tile(

@@ -136,8 +136,17 @@ def triton_linear_cross_entropy(
         (float64 for float64 inputs).
     """
     token_loss, focal_gamma = other_options.pop("token_loss", "ce"), other_options.pop("focal_gamma", None)
-    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+    spec = LossSpec(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalize=normalize,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
     _refuse_unsupported(other_options)
     call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size)
     return triton_backend(call, lowmem=lowmem)
@@ -325,8 +334,12 @@ def triton_rows_linear_cross_entropy(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
     # The products add into the weight's gradient: it is zeroed first.
-    job = Job("linear_cross_entropy (triton)", "use backend='triton-lowmem'", partial(_runner, math, chunk_rows),
-              zero_weight=True)
+    job = Job(
+        "linear_cross_entropy (triton)",
+        "use backend='triton-lowmem'",
+        partial(_runner, math, chunk_rows),
+        zero_weight=True,
+    )
     return rows_loss(rows, job, reduce_sum)
 
 
@@ -472,7 +485,7 @@ def lowmem_rows_linear_cross_entropy(rows: Rows, *, math: LossMath, reduce_sum: 
 
 class _LowMem(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -494,7 +507,7 @@ class _LowMem(torch.autograd.Function):
         return losses.sum() if reduce_sum else losses
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor):
         refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
         hidden, weight, bias, rows, y, a, lse, w, k = ctx.saved_tensors
         grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
