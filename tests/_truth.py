@@ -23,8 +23,14 @@ def naive_loss(
     softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
     normalize: str = "token",
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The contract, written the slow and obvious way (float64, explicit shift)."""
+    """The contract, written the slow and obvious way (float64, explicit shift).
+
+    ``class_weights`` go to ``F.cross_entropy(weight=...)`` per token; the z-loss is
+    weighted by the target's class weight and the mean divides by the targets'
+    ``token weight * class weight`` (lmloss's choices, on top of torch's per-token loss).
+    """
     z = logits.double()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -35,12 +41,15 @@ def naive_loss(
         y = labels
     valid = y != ignore_index
     safe_y = torch.where(valid, y, torch.zeros_like(y))
+    u = None if class_weights is None else class_weights.double()
     ce = F.cross_entropy(
-        z.reshape(-1, z.shape[-1]), safe_y.reshape(-1), reduction="none", label_smoothing=label_smoothing
+        z.reshape(-1, z.shape[-1]), safe_y.reshape(-1), weight=u, reduction="none", label_smoothing=label_smoothing
     ).view(y.shape)
-    ce = ce + z_loss * torch.logsumexp(z, dim=-1) ** 2
+    u_y = torch.ones(y.shape, dtype=torch.float64) if u is None else u[safe_y]
+    ce = ce + z_loss * u_y * torch.logsumexp(z, dim=-1) ** 2
     w = w * valid
     per_token = torch.where(w > 0, ce * w, torch.zeros_like(ce))
+    w = w * u_y  # what the mean counts
     if normalize == "sequence":
         rows = w.sum(-1, keepdim=True)
         per_token = torch.where(rows > 0, per_token / rows.clamp_min(1e-300), torch.zeros_like(per_token))

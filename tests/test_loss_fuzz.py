@@ -1,6 +1,7 @@
 """Issue 12, item 8: fuzz tests of the loss entry points against a float64 truth.
 
 ``causal_lm_loss`` and ``linear_cross_entropy`` (backends reference, auto and chunked;
+class weights too, written out as ``F.cross_entropy(weight=...)`` defines them;
 the Triton backends have their own interpreter tests in tests/fused/test_triton.py)
 over odd shapes (T = 1, vocabularies that are not powers of two, all-ignored rows),
 dtypes (float32, bfloat16, float64), label dtypes and every per-token option. The
@@ -37,14 +38,19 @@ def truth(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, o
     log_p = torch.log_softmax(z, dim=-1)
     nll = -log_p.gather(-1, torch.where(valid, y, 0).unsqueeze(-1)).squeeze(-1)
     e = o["label_smoothing"]
-    ce = (1 - e) * nll + e * -log_p.mean(dim=-1)
+    u = o["class_weights"]
+    u = torch.ones(z.shape[-1], dtype=torch.float64) if u is None else u.double()
+    u_y = u[torch.where(valid, y, 0)]
+    # torch's weight=: (1-e) u_y (-log p_y) + e/V sum_j u_j (-log p_j); the mean counts u_y.
+    ce = (1 - e) * u_y * nll + e * -(log_p * u).sum(dim=-1) / z.shape[-1]
     p = torch.exp(-nll)
     gamma = 2.0 if o["focal_gamma"] is None else o["focal_gamma"]
     factor = {"ce": torch.ones_like(p), "dft": p.detach(), "focal": (1 - p).detach() ** gamma,
               "focal_attached": (1 - p) ** gamma}[o["token_loss"]]
-    per = ce * factor + o["z_loss"] * torch.logsumexp(z, dim=-1) ** 2
+    per = ce * factor + o["z_loss"] * u_y * torch.logsumexp(z, dim=-1) ** 2
     w = w * valid
     per = torch.where(w > 0, per * w, torch.zeros_like(per))
+    w = w * u_y
     if o["normalize"] == "sequence":
         rows = w.sum(-1, keepdim=True)
         per = torch.where(rows > 0, per / torch.where(rows > 0, rows, 1.0), 0.0)
@@ -77,7 +83,12 @@ def problems(draw):
         softcap=draw(st.sampled_from([None, 2.0, 30.0])), normalize=draw(st.sampled_from(["token", "sequence"])),
         token_loss=token_loss, focal_gamma=gamma,
         num_items_in_batch=draw(st.sampled_from([None, 5.0])) if reduction == "mean" else None,
+        class_weights=draw(st.sampled_from([None, "rand", "some zero"])),
     )
+    if options["class_weights"] is not None:
+        u = torch.rand(vocab, generator=g, dtype=torch.float64) * 2
+        options["class_weights"] = u.masked_fill(torch.rand(vocab, generator=g) < 0.5, 0.0) \
+            if options["class_weights"] == "some zero" else u
     weights = torch.rand(labels.shape, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
     bad = draw(st.sampled_from(BAD))
     if bad is not None and (bad[0] != "ignore_index" or label_dtype == torch.int32):

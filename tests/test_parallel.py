@@ -56,8 +56,13 @@ def make_data() -> dict[str, torch.Tensor]:
     high[0, 3] = -100
     custom = labels.clone()
     custom[custom == -100] = -1
+    classes = torch.rand(V, generator=g, dtype=torch.float64) * 2
+    classes[labels[0, 1]] = 0.0  # a target whose class weighs nothing (its smoothing term still counts)
+    zero_on_targets = classes.clone()
+    zero_on_targets[labels[labels != -100]] = 0.0  # the mean's divisor is 0
     return {
         "hidden": hidden, "weight": weight, "weights": weights,
+        "classes/some": classes, "classes/zero_on_targets": zero_on_targets,
         "upstream": torch.randn(B, T, generator=g, dtype=torch.float64),
         "labels/default": labels, "labels/high": high, "labels/custom": custom,
         "labels/masked": torch.full((B, T), -100),
@@ -95,6 +100,18 @@ TOKEN_LOSS_SETS: list[dict[str, Any]] = [
     {"token_loss": "focal_attached", "focal_gamma": 0.0, "label_smoothing": 0.1},
 ]
 ATTACHED_ALL_ON = TOKEN_LOSS_SETS[5]
+# Class weights ([V], all of them on every rank), alone and with what interacts with them:
+# smoothing (the shard's weighted logit sum), z-loss (weighted by the target's class),
+# token weights and normalization (the count), num_items_in_batch, the attached focal loss.
+CLASS_WEIGHT_SETS: list[dict[str, Any]] = [
+    {"class_weights": "some"},
+    {"class_weights": "some", "label_smoothing": 0.1},
+    {"class_weights": "some", "label_smoothing": 0.7, "z_loss": 0.02, "softcap": 3.0, "token_weights": "weights",
+     "normalize": "sequence"},
+    {"class_weights": "some", "label_smoothing": 0.2, "num_items_in_batch": 5, "token_loss": "focal_attached",
+     "focal_gamma": 1.5, "labels": "high"},
+    {"class_weights": "zero_on_targets", "label_smoothing": 0.1},
+]
 
 
 def make_cases() -> list[dict[str, Any]]:
@@ -133,6 +150,15 @@ def make_cases() -> list[dict[str, Any]]:
             cases.append({"api": api, "reduction": reduction,
                           "options": {"labels": "high", "token_loss": "focal_attached", "label_smoothing": 0.1},
                           "layout": "given", "dtype": torch.float64, "chunk": CHUNK})
+    for reduction in ("mean", "sum", "none"):
+        for i, options in enumerate(CLASS_WEIGHT_SETS):
+            for api in ("linear", "logits"):
+                cases.append({"api": api, "reduction": reduction, "options": options,
+                              "layout": "given" if i % 2 else "gathered", "dtype": torch.float64,
+                              "chunk": CHUNK if i % 3 else None})
+        for api in ("linear", "logits"):
+            cases.append({"api": api, "reduction": reduction, "options": CLASS_WEIGHT_SETS[2], "layout": "given",
+                          "dtype": torch.float32, "chunk": CHUNK, "static": True})
     # Rank 0 holds no row at all (an extreme of uneven shards).
     for api in ("linear", "logits"):
         cases.append({"api": api, "reduction": "mean", "options": {"label_smoothing": 0.1, "z_loss": 0.01},
@@ -148,6 +174,8 @@ def resolve(options: dict[str, Any], data: dict[str, torch.Tensor]) -> tuple[tor
     kwargs = {k: v for k, v in options.items() if k != "labels"}
     if kwargs.get("token_weights") == "weights":
         kwargs["token_weights"] = data["weights"]
+    if "class_weights" in kwargs:
+        kwargs["class_weights"] = data[f"classes/{kwargs['class_weights']}"]
     return data[f"labels/{options.get('labels', 'default')}"], kwargs
 
 
@@ -246,6 +274,11 @@ def _errors(data: dict[str, torch.Tensor], rank: int) -> list[str]:
                                                     vocab_start=start, vocab_size=V),
         lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
                                                     vocab_start=start, vocab_size=V, chunk_size=0),
+        # class weights are all [V] of them on every rank, not the rank's shard
+        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
+                                                    class_weights=data["classes/some"][start:stop]),
+        lambda: vocab_parallel_cross_entropy(hidden @ shard.T, data["labels/default"], group=None,
+                                             vocab_start=start, vocab_size=V, class_weights=-data["classes/some"]),
     ]
     messages = []
     for attempt in attempts:
@@ -584,12 +617,14 @@ def test_bad_input_on_one_rank_corners(launched):
 def test_bad_input_raises_on_every_rank(launched):
     _, _, ranks = launched
     for rank in ranks:
-        label, gap, total, dtype, chunk = rank["errors"]
+        label, gap, total, dtype, chunk, shard_classes, negative = rank["errors"]
         assert "labels[1, 2] = 23 is outside the vocabulary [0, 23)" in label
         assert "must tile [0, V) without gap or overlap: rank 1 starts at 10" in gap
         assert "vocab_size=24 but the shards of the group add up to 23" in total
         assert "must have the same dtype" in dtype and "bad input on ranks 0, 1" in dtype
         assert "chunk_size must be >= 1" in chunk
+        assert "class_weights must have shape [V] = [23]" in shard_classes
+        assert "class_weights must be finite and non-negative" in negative
 
 
 def test_vocab_shard_bounds_tile_the_vocabulary():
@@ -606,3 +641,19 @@ def test_without_torch_distributed_the_error_says_so():
         vocab_parallel_linear_cross_entropy(
             torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), group=None
         )
+
+
+@pytest.mark.distributed
+def test_the_class_weights_are_told_apart_by_these_data(launched):
+    """Each class-weight case's truth differs from the same case without class weights
+    (so the cases above can fail if a rank ignores them), and the zero-divisor mean is 0."""
+    data, cases, _ = launched
+    for options in CLASS_WEIGHT_SETS:
+        case = {"api": "logits", "reduction": "mean", "options": options, "dtype": torch.float64}
+        plain = {**case, "options": {k: v for k, v in options.items() if k != "class_weights"}}
+        with_classes, without = truth(case, data), truth(plain, data)
+        assert not torch.allclose(with_classes["logits"], without["logits"]), options
+        if options["class_weights"] == "zero_on_targets":
+            assert float(with_classes["loss"]) == 0.0 and not bool(with_classes["logits"].any())
+        else:
+            assert not torch.allclose(with_classes["loss"], without["loss"]), options

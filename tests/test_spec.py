@@ -23,7 +23,13 @@ from lmloss.integrations import transformers as hf
 from lmloss.train import config as train_config
 
 SPEC_FIELDS = {f.name: f for f in dataclasses.fields(LossSpec) if f.init}
-PER_CALL = {"num_items_in_batch": None, "token_weights": None}
+PER_CALL = {"num_items_in_batch": None, "token_weights": None, "class_weights": None}
+# Cross-entropy entry points that do not take class_weights ([V], torch's weight=), and why.
+CLASS_WEIGHTS_FIXED = {
+    "integrations.transformers": "Trainer's num_items_in_batch counts target tokens, not the targets' class "
+    "weights, so torch's weighted mean could not be kept across micro-batches",
+    "lmloss train": "a [V] tensor is not a command-line flag",
+}
 
 
 def _parameters(function: object) -> dict[str, inspect.Parameter]:
@@ -66,6 +72,7 @@ def test_modules_take_every_option_with_the_spec_default(module):
 @pytest.mark.parametrize("function", [hf.apply, hf.trainer_loss], ids=lambda f: f.__name__)
 def test_transformers_integration_takes_every_option_it_does_not_fix(function):
     params = _parameters(function)
+    assert "class_weights" not in params and "integrations.transformers" in CLASS_WEIGHTS_FIXED
     taken = [name for name in SPEC_OPTIONS if name not in hf.SPEC_OPTIONS_FIXED]
     _assert_spelled_like_the_spec(function.__name__, params, taken)
     assert not set(hf.SPEC_OPTIONS_FIXED) & set(params), "a fixed option is also a parameter"
@@ -79,8 +86,19 @@ def test_backend_options_are_spelled_alike():
     assert typing.get_args(lmloss._spec.Backend) == BACKENDS
 
 
+def test_modules_take_class_weights_as_torch_names_them():
+    """torch.nn.CrossEntropyLoss(weight=...): CausalLMLoss under that name and lmloss's;
+    LinearCrossEntropyLoss only as class_weights (its forward's weight is the lm_head's)."""
+    causal, linear = _parameters(nn.CausalLMLoss.__init__), _parameters(nn.LinearCrossEntropyLoss.__init__)
+    for params, names in ((causal, ("weight", "class_weights")), (linear, ("class_weights",))):
+        for name in names:
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is None
+    assert "weight" not in linear
+
+
 def test_train_config_takes_every_option_it_does_not_fix():
     fields = {f.name: f for f in dataclasses.fields(train_config.TrainConfig)}
+    assert "class_weights" not in fields and "lmloss train" in CLASS_WEIGHTS_FIXED
     for name in SPEC_OPTIONS:
         if name in train_config.LOSS_OPTIONS_FIXED:
             assert name not in fields

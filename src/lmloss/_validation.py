@@ -153,6 +153,42 @@ def check_token_weights(token_weights: object, labels: torch.Tensor) -> torch.Te
     return weights
 
 
+def check_class_weights(
+    class_weights: object,
+    vocab_size: int | None,
+    device: torch.device | None,
+    dtype: torch.dtype,
+    name: str = "class_weights",
+) -> torch.Tensor:
+    """``class_weights``: a ``[V]`` floating-point tensor of finite, non-negative weights
+    (``weight`` of ``torch.nn.functional.cross_entropy``); returns it detached, in ``dtype``.
+
+    ``vocab_size``/``device``: what it must match (None: not known yet, e.g. a module's
+    constructor); ``name``: the argument's name in the messages. Negative weights are
+    refused although torch accepts them: the "mean" would divide by a sum that can be
+    0 or negative.
+    """
+    weights = check_tensor(name, class_weights)
+    if weights.ndim != 1 or (vocab_size is not None and weights.shape[0] != vocab_size):
+        want = "[V]" if vocab_size is None else f"[V] = [{vocab_size}]"
+        raise ValueError(
+            f"{name} must have shape {want} (one weight per vocabulary entry, as weight= in "
+            f"torch.nn.functional.cross_entropy), got shape {tuple(weights.shape)}"
+        )
+    if not weights.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {weights.dtype}")
+    if device is not None and weights.device != device:
+        raise ValueError(f"{name} is on {weights.device} but labels are on {device}")
+    # Detached: the weights are constants of the loss (torch gives them no gradient either).
+    weights = weights.detach().to(dtype)
+    if value_checks_enabled() and weights.numel():
+        bad = ~((weights >= 0) & weights.isfinite())
+        if bool(bad.any()):
+            index = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name} must be finite and non-negative, got {name}[{index}] = {float(weights[index])}")
+    return weights
+
+
 def check_num_items(num_items_in_batch: object) -> torch.Tensor | float | None:
     """``num_items_in_batch``: None, a non-negative finite number, or a one-element tensor."""
     if num_items_in_batch is None:

@@ -37,7 +37,15 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from lmloss._validation import NORMALIZATIONS, check_choice, check_int, check_labels, check_token_weights
+from lmloss._engine.plan import target_class_weights
+from lmloss._validation import (
+    NORMALIZATIONS,
+    check_choice,
+    check_class_weights,
+    check_int,
+    check_labels,
+    check_token_weights,
+)
 from lmloss.reference import Normalize, _align
 from lmloss.rl import LOSS_TYPES, SEQUENCE_LOSS_TYPES
 
@@ -55,6 +63,7 @@ def count_targets(
     normalize: Normalize = "token",
     group: dist.ProcessGroup | None = None,
     loss_type: str | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The number of items ``causal_lm_loss`` divides by, for ``num_items_in_batch``.
 
@@ -76,6 +85,8 @@ def count_targets(
             and the count is what that type divides by: the scored tokens (``dapo``,
             ``cispo``, ``bnpo``) or the sequences, every row (``grpo``, ``sapo``,
             ``dr_grpo``, ``luspo``).
+        class_weights: ``[V]`` class weights as passed to the loss: each target then
+            counts its class weight (torch's weighted mean divides by their sum).
 
     Returns:
         A 0-dim tensor on ``labels.device``: ``int64`` for counts, ``float32`` for
@@ -90,9 +101,14 @@ def count_targets(
     if labels.ndim == 0:
         raise ValueError("labels must have shape [..., T] (at least 1-D), got a 0-dim tensor")
     weights = None if token_weights is None else check_token_weights(token_weights, labels)
-    dtype = torch.float32 if weights is not None else torch.int64
+    classes = None
+    if class_weights is not None:
+        classes = check_class_weights(class_weights, None, labels.device, torch.float64)
+    dtype = torch.float32 if weights is not None or classes is not None else torch.int64
     # The same alignment as the loss, so the two can never disagree.
-    _, item_weights = _align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=torch.float64)
+    targets, item_weights = _align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=torch.float64)
+    if classes is not None:
+        item_weights = item_weights * target_class_weights(classes, targets)
     if normalize == "sequence":
         count = (item_weights.sum(dim=-1) > 0).sum()
     else:

@@ -16,6 +16,7 @@ from lmloss._spec import (
     Reduction,
     TokenLoss,
 )
+from lmloss._validation import check_class_weights
 from lmloss.fused import check_backend_options, linear_cross_entropy
 from lmloss.reference import causal_lm_loss
 
@@ -72,6 +73,10 @@ class CausalLMLoss(_LossModule):
     """``lmloss.causal_lm_loss`` as a module; options are fixed at construction.
 
     Args:
+        weight: ``[V]`` class weights, under ``torch.nn.CrossEntropyLoss``'s name: the
+            ``class_weights`` of :func:`lmloss.causal_lm_loss` (held as the buffer
+            ``weight``, so it moves with ``.to()``; ``class_weights`` is the same tensor).
+        class_weights: the same, under lmloss's name (give one of the two).
         shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
         token_loss, focal_gamma: as in :func:`lmloss.causal_lm_loss`.
         size_average, reduce: PyTorch's deprecated arguments. When either is given
@@ -84,9 +89,12 @@ class CausalLMLoss(_LossModule):
         - output: scalar, or ``[..., T]`` with ``reduction="none"``.
     """
 
+    weight: torch.Tensor | None
+
     def __init__(
         self,
         *,
+        weight: torch.Tensor | None = None,
         shift: bool = True,
         ignore_index: int = -100,
         reduction: Reduction = "mean",
@@ -96,9 +104,14 @@ class CausalLMLoss(_LossModule):
         normalize: Normalize = "token",
         token_loss: TokenLoss = "ce",
         focal_gamma: float | None = None,
+        class_weights: torch.Tensor | None = None,
         size_average: bool | None = None,
         reduce: bool | None = None,
     ) -> None:
+        if weight is not None and class_weights is not None:
+            raise ValueError("give the class weights as weight= (torch's name) or class_weights=, not both")
+        classes = _checked_class_weights(weight, "weight") if weight is not None else _checked_class_weights(
+            class_weights)
         if size_average is not None or reduce is not None:
             reduction = _legacy_reduction(size_average, reduce)
         super().__init__(
@@ -112,6 +125,16 @@ class CausalLMLoss(_LossModule):
             token_loss=token_loss,
             focal_gamma=focal_gamma,
         )
+        self.register_buffer("weight", classes)
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """The ``[V]`` class weights (the buffer ``weight``), or None."""
+        return self.weight
+
+    @class_weights.setter
+    def class_weights(self, value: torch.Tensor | None) -> None:
+        self.weight = _checked_class_weights(value)
 
     def forward(
         self,
@@ -124,7 +147,7 @@ class CausalLMLoss(_LossModule):
         """Loss of ``logits [..., T, V]`` against ``labels [..., T]``."""
         return causal_lm_loss(
             logits, labels, num_items_in_batch=num_items_in_batch, token_weights=token_weights,
-            **self.spec.options(),  # type: ignore[arg-type]
+            class_weights=self.weight, **self.spec.options(),  # type: ignore[arg-type]
         )
 
 
@@ -136,12 +159,17 @@ class LinearCrossEntropyLoss(_LossModule):
         shift, ignore_index, reduction, label_smoothing, z_loss, softcap, normalize,
         token_loss, focal_gamma, backend, chunk_size: as in
             :func:`lmloss.linear_cross_entropy`.
+        class_weights: ``[V]`` class weights (torch's ``weight``; not under that name
+            here, where ``weight`` is the ``lm_head`` weight ``forward`` takes), held as
+            the buffer ``class_weights``.
 
     Shape:
         - hidden: ``[..., T, D]``; weight: ``[V, D]``; bias: ``[V]``; labels and
           token_weights: ``[..., T]``.
         - output: scalar, or ``[..., T]`` with ``reduction="none"``.
     """
+
+    class_weights: torch.Tensor | None
 
     def __init__(
         self,
@@ -155,9 +183,11 @@ class LinearCrossEntropyLoss(_LossModule):
         normalize: Normalize = "token",
         token_loss: TokenLoss = "ce",
         focal_gamma: float | None = None,
+        class_weights: torch.Tensor | None = None,
         backend: Backend = "auto",
         chunk_size: int | None = None,
     ) -> None:
+        classes = _checked_class_weights(class_weights)
         super().__init__(
             shift=shift,
             ignore_index=ignore_index,
@@ -171,6 +201,7 @@ class LinearCrossEntropyLoss(_LossModule):
             backend=backend,
             chunk_size=chunk_size,
         )
+        self.register_buffer("class_weights", classes)
 
     def _checked(self, options: dict[str, object]) -> LossSpec:
         check_backend_options(options["backend"], options["chunk_size"])
@@ -194,10 +225,20 @@ class LinearCrossEntropyLoss(_LossModule):
             bias=bias,
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
+            class_weights=self.class_weights,
             backend=self._options["backend"],  # type: ignore[arg-type]
             chunk_size=self._options["chunk_size"],  # type: ignore[arg-type]
             **self.spec.options(),  # type: ignore[arg-type]
         )
+
+
+def _checked_class_weights(value: object, name: str = "class_weights") -> torch.Tensor | None:
+    """A module's class weights, checked as far as they can be without the vocabulary size
+    (``[V]``, floating point, finite, non-negative); kept as given (a buffer)."""
+    if value is None:
+        return None
+    check_class_weights(value, None, None, torch.float64, name)
+    return value.detach()  # type: ignore[attr-defined]
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reduction:

@@ -319,10 +319,12 @@ def _gather_stats(stats: torch.Tensor, layout: _Layout, *, first: bool) -> torch
 # --- the engine's seam: statistics of a vocabulary shard ----------------------------------------
 
 
-def _reducer(layout: _Layout) -> ShardReducer:
-    """The engine's reducer for this rank's shard: one all-gather of ``[c, 4]`` per exchange."""
+def _reducer(layout: _Layout, class_weights: torch.Tensor | None = None) -> ShardReducer:
+    """The engine's reducer for this rank's shard: one all-gather of ``[c, 4]`` per exchange
+    (with ``[V]`` class weights, the fourth number is the shard's ``sum(u * z)``)."""
     return ShardReducer(
-        layout.start, layout.size, layout.vocab_size, lambda stats, first: _gather_stats(stats, layout, first=first)
+        layout.start, layout.size, layout.vocab_size, lambda stats, first: _gather_stats(stats, layout, first=first),
+        class_weights,
     )
 
 
@@ -355,6 +357,7 @@ def vocab_parallel_linear_cross_entropy(
     normalize: Normalize = "token",
     token_loss: TokenLoss = "ce",
     focal_gamma: float | None = None,
+    class_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``linear_cross_entropy(hidden, W, labels)`` with ``W`` sharded by vocabulary over ``group``.
@@ -376,6 +379,9 @@ def vocab_parallel_linear_cross_entropy(
         softcap, token_weights, normalize, token_loss, focal_gamma: exactly as in
             :func:`lmloss.causal_lm_loss` on the full logits (label smoothing, the
             z-loss and the DFT/focal target probability cover the full vocabulary).
+        class_weights: ``[V]``, *all* the class weights (not this rank's shard), the
+            same on every rank, as in :func:`lmloss.causal_lm_loss`: a rank needs the
+            weight of every target and their total, and a ``[V]`` vector is small.
         chunk_size: tokens per chunk (one all-gather each); default from a 256 MiB
             budget for a ``[chunk, V / P]`` float32 buffer. Must be the same on every rank.
 
@@ -404,7 +410,7 @@ def vocab_parallel_linear_cross_entropy(
     layout, problem = _resolve_layout(group, shard_rows, vocab_start, vocab_size, problem)
     # Labels are replicated, so every rank raises alike (or none does).
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec,
-                              compute_dtype(hidden.dtype))
+                              compute_dtype(hidden.dtype), class_weights)
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
         chunk_size = _default_chunk_rows(hidden2d, layout, plan.coef.dtype)
@@ -414,7 +420,8 @@ def vocab_parallel_linear_cross_entropy(
     with torch.autocast(hidden.device.type, enabled=False):
         result = ShardedLinearCE.apply(
             hidden2d, weight_shard, plan.targets.reshape(-1), plan.coef.reshape(-1),
-            _reducer(layout), LossMath.from_spec(spec), reduction != "none", chunk_size, needs, _sum_hidden(layout),
+            _reducer(layout, plan.class_weights), LossMath.from_spec(spec), reduction != "none", chunk_size, needs,
+            _sum_hidden(layout),
         )
     return finish(result, plan, labels.shape, spec, num_items)
 
@@ -440,6 +447,7 @@ def vocab_parallel_cross_entropy(
     normalize: Normalize = "token",
     token_loss: TokenLoss = "ce",
     focal_gamma: float | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``causal_lm_loss(logits, labels)`` where each rank holds a vocabulary slice of the logits.
 
@@ -451,6 +459,8 @@ def vocab_parallel_cross_entropy(
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
         softcap, token_weights, normalize, token_loss, focal_gamma: exactly as in
             :func:`lmloss.causal_lm_loss` on the full ``[..., T, V]`` logits.
+        class_weights: ``[V]``, all of them, the same on every rank (as in
+            :func:`vocab_parallel_linear_cross_entropy`).
 
     Returns:
         As :func:`lmloss.causal_lm_loss`, the same on every rank. Backward gives
@@ -471,7 +481,7 @@ def vocab_parallel_cross_entropy(
     shard_columns = 0 if problem is not None else logits_shard.shape[-1]
     layout, problem = _resolve_layout(group, shard_columns, vocab_start, vocab_size, problem)
     dtype = compute_dtype(torch.float32 if problem is not None else logits_shard.dtype)
-    plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec, dtype)
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec, dtype, class_weights)
     if problem is not None:  # the forward gathers the statistics of every scored row at once
         _fail_together(problem, _first_gather_rows(plan.coef, max(1, labels.numel())), layout, labels.device)
     # Explicit row count: an empty shard ([..., T, 0]) leaves -1 ambiguous.
@@ -479,7 +489,8 @@ def vocab_parallel_cross_entropy(
     itemsize = torch.finfo(plan.coef.dtype).bits // 8
     chunk_rows = max(1, _CHUNK_BYTES // max(1, logits2d.shape[1] * itemsize))  # local: no collective per chunk
     per_row = ShardedLogitsCE.apply(
-        logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), _reducer(layout), LossMath.from_spec(spec),
+        logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), _reducer(layout, plan.class_weights),
+        LossMath.from_spec(spec),
         chunk_rows,
     )
     return finish(per_row, plan, labels.shape, spec, num_items)

@@ -14,7 +14,8 @@ How the loss is built, in four steps:
 2. *Score*: for every position whose target is not ignored (and whose weight is not
    zero), the per-token loss ``logsumexp(z) - z[y]`` (+ label smoothing), times the
    DFT or focal weight of the token if asked for, + z-loss, in float32, on the
-   softcapped logits ``z``. All other positions hold exactly 0.
+   softcapped logits ``z`` (with class weights: each class's log-loss weighted, as
+   ``torch.nn.functional.cross_entropy(weight=...)``). All other positions hold exactly 0.
 3. *Weigh*: multiply by the token weights (1 for a plain loss); with
    ``normalize="sequence"`` divide each row by its own weight sum.
 4. *Reduce*: sum, or divide the sum by the item count (``num_items_in_batch`` when
@@ -61,6 +62,7 @@ def causal_lm_loss(
     normalize: Normalize = "token",
     token_loss: TokenLoss = "ce",
     focal_gamma: float | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy of a causal language model.
 
@@ -115,6 +117,16 @@ def causal_lm_loss(
             target's probability.
         focal_gamma: ``gamma >= 0`` of the focal forms (default 2.0); refused with
             any other ``token_loss``. ``gamma = 0`` is plain cross-entropy.
+        class_weights: ``[V]`` finite, non-negative weights of the classes, exactly
+            ``weight`` of ``torch.nn.functional.cross_entropy``: a token's loss is
+            ``(1-e) * u[y] * (-log p_y) + e / V * sum_j u[j] * (-log p_j)`` (label
+            smoothing ``e``), and ``"mean"`` divides by the sum of ``u[y]`` over the
+            targets (times their ``token_weights``; ``num_items_in_batch``, if given,
+            replaces that sum). The z-loss is weighted by ``u[y]`` too (so without
+            smoothing, class weights equal ``token_weights=u[labels]``, and scaling
+            ``u`` leaves the mean unchanged, as in torch); DFT/focal weights use the
+            unweighted ``p_y``. Where torch's mean is 0/0 (every target weighing 0:
+            NaN), the mean is 0 with zero gradients. Constants: no gradient flows into them.
 
     Returns:
         A float32 scalar (float64 for float64 logits; ``[..., T]`` for
@@ -135,9 +147,10 @@ def causal_lm_loss(
         raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
     vocab_size = logits.shape[-1]
     dtype = compute_dtype(logits.dtype)
-    plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype)
+    plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype, class_weights)
     scored = (plan.coef != 0).reshape(-1)
-    per_token = _per_token_losses(logits.reshape(-1, vocab_size), plan.targets.reshape(-1), scored, spec, dtype)
+    per_token = _per_token_losses(logits.reshape(-1, vocab_size), plan.targets.reshape(-1), scored, spec, dtype,
+                                  plan.class_weights)
     weighted = per_token * plan.coef.reshape(-1)
     return finish(weighted if spec.reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
 
@@ -148,6 +161,7 @@ def _per_token_losses(
     scored: torch.Tensor,
     spec: LossSpec,
     dtype: torch.dtype,
+    class_weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """``[N]`` losses of ``[N, V]`` logits, computed chunk by chunk; 0 where not ``scored``."""
     n_rows, vocab_size = logits2d.shape
@@ -156,7 +170,7 @@ def _per_token_losses(
     # With several chunks, recomputing each in backward keeps only the input's own
     # storage alive instead of a float32 copy of every chunk.
     recompute = n_rows > rows and torch.is_grad_enabled() and logits2d.requires_grad
-    options = (spec, dtype)
+    options = (spec, dtype, class_weights)
     pieces = []
     for chunk, chunk_targets, chunk_scored in zip(logits2d.split(rows), targets.split(rows), scored.split(rows)):
         if recompute:
@@ -175,6 +189,7 @@ def _chunk_losses(
     scored: torch.Tensor,
     spec: LossSpec,
     dtype: torch.dtype,
+    class_weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """Per-row loss of one chunk; only scored rows are upcast and computed.
 
@@ -183,23 +198,27 @@ def _chunk_losses(
     """
     if not value_checks_enabled():
         safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
-        loss = _row_losses(chunk.to(dtype), safe_targets, spec)
+        loss = _row_losses(chunk.to(dtype), safe_targets, spec, class_weights)
         return torch.where(scored, loss, torch.zeros_like(loss))
     index = scored.nonzero().squeeze(1)
     if index.numel() == chunk.shape[0]:  # the common case: skip the gather and scatter
-        return _row_losses(chunk.to(dtype), targets, spec)
+        return _row_losses(chunk.to(dtype), targets, spec, class_weights)
     z = chunk.index_select(0, index).to(dtype)
-    loss = _row_losses(z, targets.index_select(0, index), spec)
+    loss = _row_losses(z, targets.index_select(0, index), spec, class_weights)
     return loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)
 
 
-def _row_losses(z: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+def _row_losses(
+    z: torch.Tensor, targets: torch.Tensor, spec: LossSpec, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[n]`` losses of ``[n, V]`` logits (already in the compute dtype)."""
     softcap, label_smoothing, z_loss = spec.softcap, spec.label_smoothing, spec.z_loss
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
     nll = lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    if class_weights is not None:
+        return _class_weighted_losses(z, lse, nll, targets, spec, class_weights)
     loss = nll
     if label_smoothing > 0:
         # F.cross_entropy's smoothing: (1-e)*nll + e * mean over classes of -log p.
@@ -208,6 +227,25 @@ def _row_losses(z: torch.Tensor, targets: torch.Tensor, spec: LossSpec) -> torch
         loss = loss * target_weight(-nll, spec.token_loss, spec.gamma)
     if z_loss > 0:
         loss = loss + z_loss * lse.square()
+    return loss
+
+
+def _class_weighted_losses(
+    z: torch.Tensor, lse: torch.Tensor, nll: torch.Tensor, targets: torch.Tensor, spec: LossSpec, u: torch.Tensor
+) -> torch.Tensor:
+    """``[n]`` losses with class weights ``u`` (``[V]``): F.cross_entropy(weight=u)'s
+    ``(1-e) u_y (-log p_y) + e/V sum_j u_j (-log p_j)``, times the DFT/focal weight,
+    plus the z-loss weighted by ``u_y``."""
+    e = spec.label_smoothing
+    u_y = u[targets]
+    loss = u_y * nll
+    if e > 0:
+        neg_log_p = lse.unsqueeze(1) - z  # -log p_j, every class
+        loss = (1.0 - e) * loss + (e / z.shape[1]) * (neg_log_p * u).sum(dim=-1)
+    if spec.token_loss != "ce":
+        loss = loss * target_weight(-nll, spec.token_loss, spec.gamma)
+    if spec.z_loss > 0:
+        loss = loss + spec.z_loss * u_y * lse.square()
     return loss
 
 

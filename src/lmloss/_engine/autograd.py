@@ -104,7 +104,9 @@ def rows_loss(rows: Rows, job: Job, reduce_sum: bool) -> torch.Tensor:
     """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms, with ``job``'s chunks
     under :func:`forward_made`/:func:`backward_made`."""
     needs = needs_grad(*rows.inputs)
-    return _RowsLoss.apply(rows.hidden, rows.weight, rows.bias, rows.targets, rows.coef, job, reduce_sum, needs)
+    return _RowsLoss.apply(
+        rows.hidden, rows.weight, rows.bias, rows.targets, rows.coef, rows.class_weights, job, reduce_sum, needs
+    )
 
 
 class _RowsLoss(torch.autograd.Function):
@@ -116,6 +118,7 @@ class _RowsLoss(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         coef: torch.Tensor,
+        class_weights: torch.Tensor | None,
         job: Job,
         reduce_sum: bool,
         needs: tuple[bool, ...],
@@ -123,15 +126,16 @@ class _RowsLoss(torch.autograd.Function):
         scored = scored_rows(coef)
         ctx.job = job
         if not reduce_sum:
-            ctx.save_for_backward(hidden, weight, bias, targets, coef, scored)
-        run = job.runner(Rows(hidden, weight, bias, targets, coef), scored)
+            ctx.save_for_backward(hidden, weight, bias, targets, coef, scored, class_weights)
+        run = job.runner(Rows(hidden, weight, bias, targets, coef, class_weights), scored)
         return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum, zero_weight=job.zero_weight)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
         inputs = coef = run = None
         if not ctx.reduce_sum:
-            hidden, weight, bias, targets, coef, scored = ctx.saved_tensors
-            inputs, run = (hidden, weight, bias), ctx.job.runner(Rows(hidden, weight, bias, targets, coef), scored)
+            hidden, weight, bias, targets, coef, scored, class_weights = ctx.saved_tensors
+            rows = Rows(hidden, weight, bias, targets, coef, class_weights)
+            inputs, run = (hidden, weight, bias), ctx.job.runner(rows, scored)
         grads = backward_made(ctx, grad_output, run, inputs, coef, ctx.job.what, ctx.job.hint)
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None

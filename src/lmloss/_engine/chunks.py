@@ -76,19 +76,20 @@ class Reducer(Protocol):
 class Rows:
     """A loss on rows: ``[N, D]`` hidden states (rows are positions), the ``[V, D]`` head
     weight and ``[V]`` bias (or None), ``[N]`` targets (any value where ``coef`` is 0) and
-    ``[N]`` coefficients (float32/float64; 0: not scored)."""
+    ``[N]`` coefficients (float32/float64; 0: not scored), and ``[V]`` class weights or None."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
     targets: torch.Tensor
     coef: torch.Tensor
+    class_weights: torch.Tensor | None = None
 
     @classmethod
     def of(cls, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: TargetPlan) -> Rows:
         """The rows of ``[..., T, D]`` hidden states and their target plan."""
         targets, coef = plan.targets.reshape(-1), plan.coef.reshape(-1)
-        return cls(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, coef)
+        return cls(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets, coef, plan.class_weights)
 
     @property
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -99,7 +100,7 @@ class Rows:
 class LinearCall:
     """One checked call of a loss on hidden states, as a backend receives it:
     ``[..., T, D]`` hidden states, the ``[V, D]`` weight and ``[V]`` bias, ``[..., T]``
-    labels, the spec, and the per-call data (token weights, item count, chunk size)."""
+    labels, the spec, and the per-call data (token weights, item count, chunk size, class weights)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -109,12 +110,14 @@ class LinearCall:
     token_weights: object = None
     num_items_in_batch: object = None
     chunk_size: int | None = None
+    class_weights: object = None
 
     def planned(self) -> tuple[Rows, TargetPlan, torch.Tensor | float | None]:
         """The per-call checks and the target plan: the rows to score, the plan, the item count."""
         dtype = compute_dtype(self.hidden.dtype)
         plan, num_items = prepare(
-            self.labels, self.token_weights, self.num_items_in_batch, self.weight.shape[0], self.spec, dtype
+            self.labels, self.token_weights, self.num_items_in_batch, self.weight.shape[0], self.spec, dtype,
+            self.class_weights,
         )
         return Rows.of(self.hidden, self.weight, self.bias, plan), plan, num_items
 
@@ -313,12 +316,12 @@ def _chunk(
     derivative = buffers.cap_buffer(z) if math.softcap is not None and grads is not None else None
     cap = softcap_(z, math.softcap, derivative)
     stats = reducer.stats_(z, y, math, index, first=first, probs=grads is not None)
-    terms = token_terms(stats.lse, stats.nll, stats.sum_z, math, reducer.vocab_size)
+    terms = token_terms(stats.lse, stats.nll, stats.sum_z, math, reducer.vocab_size, stats.classes)
     if record is not None:
         record.store(index, stats)
     if grads is not None:
         logits_grad_(z, stats.y, a, stats.lse, terms, math, reducer.vocab_size, to_softmax=stats.to_softmax,
-                     own=stats.own, cap=cap)
+                     own=stats.own, cap=cap, classes=stats.classes)
         accumulate(z, h, weight, grads, buffers, index)
     return torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
 

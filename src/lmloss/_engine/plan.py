@@ -5,6 +5,12 @@ followed by ``ignore_index`` (the last position scores nothing); token weights a
 shifted the same way. ``normalize="sequence"`` is folded into one coefficient per
 position (a row's weights divided by their sum), so a backend only ever sums
 ``coef * loss``. The reference (``lmloss.reference``) and every backend plan alike.
+
+Class weights (``class_weights``, torch's ``weight``) are not folded into ``coef``:
+with label smoothing a target whose class weight is 0 still has a loss (the smoothing
+term weighs every class), so the row math applies them. They enter the *count*: an
+item is worth ``token weight * class_weights[target]``, as torch's mean divides by
+the sum of the targets' class weights.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch.nn.functional as F
 
 from lmloss._spec import LossSpec, Normalize
 from lmloss._validation import (
+    check_class_weights,
     check_ignore_index,
     check_label_range,
     check_num_items,
@@ -26,6 +33,7 @@ from lmloss._validation import (
 __all__ = [
     "TargetPlan",
     "align",
+    "target_class_weights",
     "plan_targets",
     "prepare",
     "finish",
@@ -45,12 +53,14 @@ class TargetPlan:
             weight (1 for a plain loss), divided by its row's weight sum under
             ``normalize="sequence"``; exactly 0 where nothing is scored.
         item_count: 0-dim, the default divisor of ``"mean"`` (target tokens, weight
-            sum, or rows with a target).
+            sum, or rows with a target; each target counted times its class weight).
+        class_weights: ``[V]`` class weights in the compute dtype, or None.
     """
 
     targets: torch.Tensor
     coef: torch.Tensor
     item_count: torch.Tensor
+    class_weights: torch.Tensor | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,17 +98,31 @@ def plan_targets(
     ignore_index: int,
     normalize: Normalize,
     dtype: torch.dtype,
+    class_weights: torch.Tensor | None = None,
 ) -> TargetPlan:
-    """Align targets and weights with positions and fold the normalization into ``coef``."""
+    """Align targets and weights with positions and fold the normalization into ``coef``.
+
+    ``class_weights``: ``[V]`` checked class weights (``dtype``), or None.
+    """
     targets, item_weights = align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=dtype)
+    counted = item_weights if class_weights is None else item_weights * target_class_weights(class_weights, targets)
     if normalize == "sequence":
-        row_weight = item_weights.sum(dim=-1, keepdim=True)
+        # A row is averaged over its own counted weight; a row whose targets all weigh 0
+        # has nothing to divide by and is skipped (never 0/0).
+        row_weight = counted.sum(dim=-1, keepdim=True)
         has_target = row_weight > 0
-        coef = item_weights / torch.where(has_target, row_weight, torch.ones_like(row_weight))
+        safe = torch.where(has_target, row_weight, torch.ones_like(row_weight))
+        coef = torch.where(has_target, item_weights / safe, torch.zeros_like(item_weights))
         item_count = has_target.sum().to(item_weights.dtype)
     else:
-        coef, item_count = item_weights, item_weights.sum()
-    return TargetPlan(targets, coef, item_count)
+        coef, item_count = item_weights, counted.sum()
+    return TargetPlan(targets, coef, item_count, class_weights)
+
+
+def target_class_weights(class_weights: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``class_weights[targets]`` (``targets``' shape); any value where a target is ``ignore_index``
+    (the caller weighs those by 0). The clamp keeps the gather in range for any ignore_index."""
+    return class_weights[targets.clamp(0, class_weights.shape[0] - 1)]
 
 
 def prepare(
@@ -108,13 +132,16 @@ def prepare(
     vocab_size: int,
     spec: LossSpec,
     dtype: torch.dtype,
+    class_weights: object = None,
 ) -> tuple[TargetPlan, torch.Tensor | float | None]:
     """The per-call checks every backend makes (label range, weights, count), then the plan."""
     check_label_range(labels, vocab_size, spec.ignore_index)
     weights = None if token_weights is None else check_token_weights(token_weights, labels)
+    classes = None if class_weights is None else check_class_weights(class_weights, vocab_size, labels.device, dtype)
     num_items = check_num_items(num_items_in_batch)
     plan = plan_targets(
-        labels, weights, shift=spec.shift, ignore_index=spec.ignore_index, normalize=spec.normalize, dtype=dtype
+        labels, weights, shift=spec.shift, ignore_index=spec.ignore_index, normalize=spec.normalize, dtype=dtype,
+        class_weights=classes,
     )
     return plan, num_items
 
@@ -143,10 +170,17 @@ def to_label_alignment(per_position: torch.Tensor, shift: bool) -> torch.Tensor:
 def mean_over_items(
     total: torch.Tensor, item_count: torch.Tensor, num_items: torch.Tensor | float | None
 ) -> torch.Tensor:
-    """``total / num_items_in_batch`` (or ``/ item_count``), an exact 0 when there is no item."""
+    """``total / num_items_in_batch`` (or ``/ item_count``), an exact 0 when the divisor is 0.
+
+    A zero divisor with a nonzero total happens only with class weights and label
+    smoothing (every target's class weight 0, the smoothing term still > 0): torch
+    gives NaN there; lmloss gives 0 with zero gradients, as for an all-masked batch.
+    """
     divisor = item_count if num_items is None else _as_divisor(num_items, item_count)
     # where() on the divisor (not on the quotient) keeps the all-masked gradient 0, not NaN.
-    return total / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
+    has_items = divisor > 0
+    quotient = total / torch.where(has_items, divisor, torch.ones_like(divisor))
+    return torch.where(has_items, quotient, torch.zeros_like(quotient))
 
 
 def _as_divisor(num_items: torch.Tensor | float, item_count: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,25 @@ and ``dp/dz = p * (onehot(y) - s)``, so ``ce * dw/dz = k * (s - onehot(y))``. At
 taken, with ``k = 0``. The z-loss is not weighted by ``w``: it regularizes the
 normalizer whatever the target's probability.
 
+Class weights ``u`` (``[V]``, torch's ``weight``; ``u_y`` the target's, ``U = sum(u)``)
+weigh each class's log-loss, as ``torch.nn.functional.cross_entropy(weight=u)`` does:
+
+    ce   = (1-e) * u_y * nll + (e / V) * sum_j u_j * (L - z_j)
+         = (1-e) * u_y * nll + (e / V) * (U * L - sum(u * z))
+    loss = a * (w * ce + c * u_y * L^2)
+
+(``u = 1`` gives the formula above). The z-loss is weighted by ``u_y`` like the hard
+target: without smoothing, class weights are then exactly token weights ``u[y]``, and
+scaling ``u`` by a constant leaves the mean unchanged, as in torch (the mean divides
+by the sum of ``u_y``). DFT/focal weights use the unweighted ``p``. With
+``d(U L - sum(u z))/dz = U * s - u``:
+
+    d loss / dz = a * ((w * ((1-e) u_y + e U / V) + 2c u_y L + k) * s
+                       - ((1-e) * w * u_y + k) * onehot(y) - w * e / V * u)
+
+with ``k`` as above from the class-weighted ``ce``. A vocabulary shard needs ``u_y``,
+``U`` and its own columns of ``u``; its part of ``sum(u * z)`` is its fourth statistic.
+
 The softcap ``s_c`` replaces raw logits ``r`` by ``z = s_c * tanh(r / s_c)``, so the
 gradient of the raw logits is the one above times ``dz/dr = 1 - (z / s_c)^2``.
 """
@@ -38,7 +57,7 @@ import torch
 
 from lmloss._spec import LossSpec
 
-__all__ = ["LossMath", "Terms", "softcap_", "token_terms", "logits_grad_"]
+__all__ = ["LossMath", "RowClasses", "Terms", "softcap_", "token_terms", "logits_grad_"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,17 @@ class LossMath:
 
 
 @dataclass(frozen=True)
+class RowClasses:
+    """Class weights as a chunk of rows needs them: ``target`` (``[c]``, each row's target
+    weight ``u_y``), ``columns`` (``[V_r]``, the weights of the chunk's vocabulary block)
+    and ``total`` (0-dim, ``U``, the sum over the whole vocabulary)."""
+
+    target: torch.Tensor
+    columns: torch.Tensor
+    total: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Terms:
     """Per-token results (each ``[c]``): the loss before the coefficient ``a``, and the
     weight ``w`` and gradient term ``k`` (None when not used), which the gradient needs."""
@@ -90,17 +120,29 @@ def softcap_(z: torch.Tensor, softcap: float | None, derivative: torch.Tensor | 
 
 
 def token_terms(
-    lse: torch.Tensor, nll: torch.Tensor, sum_z: torch.Tensor | None, math: LossMath, vocab_size: int
+    lse: torch.Tensor,
+    nll: torch.Tensor,
+    sum_z: torch.Tensor | None,
+    math: LossMath,
+    vocab_size: int,
+    classes: RowClasses | None = None,
 ) -> Terms:
     """``[c]`` losses from the log-sum-exp, the target's ``nll`` and the logit sums
-    (``sum_z`` is used only with label smoothing)."""
-    ce = nll
-    if math.label_smoothing > 0 and sum_z is not None:
-        ce = (1.0 - math.label_smoothing) * nll + math.label_smoothing * (lse - sum_z / vocab_size)
+    (``sum_z`` is used only with label smoothing; with ``classes`` it is ``sum(u * z)``)."""
+    if classes is None:
+        ce = nll
+        if math.label_smoothing > 0 and sum_z is not None:
+            ce = (1.0 - math.label_smoothing) * nll + math.label_smoothing * (lse - sum_z / vocab_size)
+    else:
+        ce = classes.target * nll
+        if math.label_smoothing > 0 and sum_z is not None:
+            smooth = (classes.total * lse - sum_z) / vocab_size
+            ce = (1.0 - math.label_smoothing) * ce + math.label_smoothing * smooth
     w, k = _token_weight(nll, ce, math)
     loss = ce if w is None else ce * w
     if math.z_loss > 0:
-        loss = loss + math.z_loss * lse.square()
+        z_term = math.z_loss * lse.square()
+        loss = loss + (z_term if classes is None else z_term * classes.target)
     return Terms(loss, w, k)
 
 
@@ -137,6 +179,7 @@ def logits_grad_(
     to_softmax: torch.Tensor | None = None,
     own: torch.Tensor | None = None,
     cap: torch.Tensor | None = None,
+    classes: RowClasses | None = None,
 ) -> torch.Tensor:
     """``probs`` <- d(sum of a * loss)/d(raw logits), in place; returns it.
 
@@ -149,16 +192,27 @@ def logits_grad_(
         vocab_size: the full ``V`` (label smoothing spreads over all of it).
         own: ``[c]`` whether the target lies in this block (a vocabulary shard); None: always.
         cap: the softcap derivative, or None.
+        classes: the class weights of these rows and this block's columns, or None.
     """
     w, k = terms.w, terms.k
+    e = math.label_smoothing
     aw = a if w is None else a * w
-    row_scale = aw + 2.0 * math.z_loss * a * lse if math.z_loss > 0 else aw
-    onehot = (1.0 - math.label_smoothing) * aw
+    if classes is None:
+        row_scale, onehot, z_weight = aw, (1.0 - e) * aw, a
+    else:
+        hard = aw * classes.target
+        row_scale = (1.0 - e) * hard + aw * (e * classes.total / vocab_size) if e > 0 else hard
+        onehot, z_weight = (1.0 - e) * hard, a * classes.target
+    if math.z_loss > 0:
+        row_scale = row_scale + 2.0 * math.z_loss * z_weight * lse
     if k is not None:
         row_scale, onehot = row_scale + a * k, onehot + a * k
     probs.mul_((row_scale if to_softmax is None else row_scale * to_softmax).unsqueeze(1))
-    if math.label_smoothing > 0:
-        probs.sub_((aw * (math.label_smoothing / vocab_size)).unsqueeze(1))
+    if e > 0 and classes is None:
+        probs.sub_((aw * (e / vocab_size)).unsqueeze(1))
+    elif e > 0 and classes is not None:
+        # - (a w e / V) u_j for every column j: an outer product, added in place.
+        probs.addr_(aw * (e / vocab_size), classes.columns.to(probs.dtype), alpha=-1)
     if probs.shape[1] > 0:
         hit = -onehot if own is None else torch.where(own, -onehot, torch.zeros_like(onehot))
         probs.scatter_add_(1, y.unsqueeze(1), hit.unsqueeze(1).to(probs.dtype))

@@ -75,7 +75,8 @@ class ShardedLinearCE(torch.autograd.Function):
         if not ctx.reduce_sum:
             hidden, weight, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
             # The statistics are known from forward: no exchange, only the gradients.
-            saved = SavedReducer(RowRecord(lse, nll, sum_z), ctx.reducer.vocab_size, ctx.reducer.columns)
+            saved = SavedReducer(RowRecord(lse, nll, sum_z), ctx.reducer.vocab_size, ctx.reducer.columns,
+                                 ctx.reducer.row_classes)
             inputs = (hidden, weight, None)
             run = _runner(hidden, weight, targets, rows, ctx.math, ctx.chunk_rows, saved)
         grads = backward_made(ctx, grad_output, run, inputs, coef, "vocab_parallel_linear_cross_entropy",
@@ -127,7 +128,8 @@ class ShardedLogitsCE(torch.autograd.Function):
             lse, z_y, sum_z = combine_stats(reducer.gather(torch.cat(stats), True), coef.dtype)
             scored = slice(None) if rows is None else rows
             a = coef[scored]
-            terms = token_terms(lse, lse - z_y, sum_z, math, reducer.vocab_size)
+            classes = reducer.row_classes(targets[scored])
+            terms = token_terms(lse, lse - z_y, sum_z, math, reducer.vocab_size, classes)
             losses[scored] = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
             record.lse[scored], record.nll[scored], record.sum_z[scored] = lse, lse - z_y, sum_z
         ctx.reducer, ctx.math, ctx.chunk_rows = reducer, math, chunk_rows
@@ -139,14 +141,15 @@ class ShardedLogitsCE(torch.autograd.Function):
         refuse_create_graph("vocab_parallel_cross_entropy", "use causal_lm_loss on gathered logits")
         logits, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
         math, vocab = ctx.math, ctx.reducer.vocab_size
-        saved = SavedReducer(RowRecord(lse, nll, sum_z), vocab, ctx.reducer.columns)
+        saved = SavedReducer(RowRecord(lse, nll, sum_z), vocab, ctx.reducer.columns, ctx.reducer.row_classes)
         grad = torch.zeros_like(logits)
         upstream = coef * grad_output.to(coef.dtype)
         for index in chunk_indices(logits.shape[0], rows, ctx.chunk_rows):
             z = logits[index].to(coef.dtype, copy=True)
             cap = softcap_(z, math.softcap, torch.empty_like(z) if math.softcap is not None else None)
             stats = saved.stats_(z, targets[index], math, index, first=False, probs=True)
-            terms = token_terms(stats.lse, stats.nll, stats.sum_z, math, vocab)
-            logits_grad_(z, stats.y, upstream[index], stats.lse, terms, math, vocab, own=stats.own, cap=cap)
+            terms = token_terms(stats.lse, stats.nll, stats.sum_z, math, vocab, stats.classes)
+            logits_grad_(z, stats.y, upstream[index], stats.lse, terms, math, vocab, own=stats.own, cap=cap,
+                         classes=stats.classes)
             grad[index] = z.to(grad.dtype)
         return grad, None, None, None, None, None

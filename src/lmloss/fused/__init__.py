@@ -10,7 +10,8 @@ bias``; only the backend differs:
   kernel per chunk for log-sum-exp, loss and the logits gradient in place.
 - ``"triton-lowmem"``: logits tiles never leave on-chip memory (recomputed in
   backward), for the largest vocabularies. Both run on CPU only under
-  ``TRITON_INTERPRET=1`` (the tests); ``token_loss`` other than ``"ce"`` is not there yet.
+  ``TRITON_INTERPRET=1`` (the tests); ``token_loss`` other than ``"ce"`` and
+  ``class_weights`` are not there yet (refused with a ``ValueError``).
 - ``"auto"``: ``"reference"`` when the logits are small enough that chunking cannot
   pay (below ``REFERENCE_MAX_LOGITS`` elements), else ``"chunked"``.
 
@@ -59,6 +60,7 @@ def linear_cross_entropy(
     normalize: Normalize = "token",
     token_loss: TokenLoss = "ce",
     focal_gamma: float | None = None,
+    class_weights: torch.Tensor | None = None,
     backend: Backend = "auto",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
@@ -70,9 +72,10 @@ def linear_cross_entropy(
         labels: ``[..., T]`` integer labels, as for :func:`lmloss.causal_lm_loss`.
         bias: ``[V]`` optional ``lm_head`` bias.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
-        softcap, token_weights, normalize, token_loss, focal_gamma: exactly as in
-            :func:`lmloss.causal_lm_loss` (DFT and focal weights are computed from
-            each chunk's log-sum-exp and target logit and folded into its gradient).
+        softcap, token_weights, normalize, token_loss, focal_gamma, class_weights: exactly
+            as in :func:`lmloss.causal_lm_loss` (DFT and focal weights are computed from
+            each chunk's log-sum-exp and target logit and folded into its gradient;
+            ``class_weights``, ``[V]``, is torch's ``weight``; not on the Triton backends yet).
         backend: ``"auto"``, ``"chunked"`` or ``"reference"`` (see the module doc).
         chunk_size: tokens per chunk for ``"chunked"``; default from a memory budget
             and the shapes (``lmloss.fused.chunked.default_chunk_rows``).
@@ -99,7 +102,9 @@ def linear_cross_entropy(
     # them; autocast itself is off so both backends (and both products) agree.
     with torch.autocast(hidden.device.type, enabled=False):
         run = _RUNNERS[_pick_backend(backend, hidden, weight)]
-        return run(LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size))
+        call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size,
+                          class_weights)
+        return run(call)
 
 
 def _reference(call: LinearCall) -> torch.Tensor:
@@ -114,7 +119,8 @@ def _reference(call: LinearCall) -> torch.Tensor:
     hidden = torch.where((item != 0).unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     return causal_lm_loss(
         F.linear(hidden, call.weight, call.bias), call.labels, token_weights=call.token_weights,  # type: ignore[arg-type]
-        num_items_in_batch=call.num_items_in_batch, **spec.options(),  # type: ignore[arg-type]
+        num_items_in_batch=call.num_items_in_batch, class_weights=call.class_weights,  # type: ignore[arg-type]
+        **spec.options(),  # type: ignore[arg-type]
     )
 
 
@@ -130,13 +136,26 @@ def _triton(call: LinearCall) -> torch.Tensor:
     # Imported on use: triton is optional (the ``gpu`` extra) and slow to import.
     from lmloss.fused.triton import triton_backend
 
+    _refuse_class_weights(call, "triton")
     return triton_backend(call, lowmem=False)
 
 
 def _triton_lowmem(call: LinearCall) -> torch.Tensor:
     from lmloss.fused.triton import triton_backend
 
+    _refuse_class_weights(call, "triton-lowmem")
     return triton_backend(call, lowmem=True)
+
+
+def _refuse_class_weights(call: LinearCall, backend: str) -> None:
+    """The Triton kernels do not weigh classes yet: refused, never silently ignored.
+
+    (Per-call data, so the spec-option refusal in ``fused.triton`` does not see it.)"""
+    if call.class_weights is not None:
+        raise ValueError(
+            f"class_weights is not supported by backend={backend!r} yet; use backend='chunked' or "
+            "backend='reference'"
+        )
 
 
 # Backend name -> function; "auto" is resolved by _pick_backend first (never to a Triton

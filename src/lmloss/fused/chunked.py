@@ -34,7 +34,7 @@ def chunked_linear_cross_entropy(
 
     Args:
         rows: the hidden states, head, targets and coefficients (``_engine.chunks.Rows``).
-        math: label smoothing, z-loss, softcap, DFT/focal weights.
+        math: label smoothing, z-loss, softcap, DFT/focal weights (class weights travel in ``rows``).
         reduce_sum: return the scalar sum (gradients computed during forward)
             instead of the ``[N]`` per-position terms (gradients recomputed in backward).
         chunk_rows: tokens per chunk; default from ``default_chunk_rows``.
@@ -53,7 +53,7 @@ def chunked_linear_cross_entropy(
 
 def _runner(math: LossMath, chunk_rows: int, rows: Rows, scored: torch.Tensor | None) -> Run:
     """The chunk loop with the one-process reducer."""
-    reducer = LocalReducer(rows.weight.shape[0])
+    reducer = LocalReducer(rows.weight.shape[0], rows.class_weights)
     return lambda coef, grads: run_chunks(
         *rows.inputs, rows.targets, coef, scored, math, chunk_rows, grads, reducer
     )
