@@ -36,6 +36,7 @@ from lmloss.fused.triton import (
     grad_coefficients,
     interpreting,
     math_constexprs,
+    row_classes,
     tiles_for,
     triton_linear_cross_entropy,
 )
@@ -73,6 +74,7 @@ class Case:
     static: bool = False  # lmloss.validation(False): unscored rows masked, not dropped
     frozen_weight: bool = False  # e.g. LoRA: no weight gradient wanted
     confident: bool = False  # half the targets are the argmax of a sharp head (p near or at 1)
+    classes: str | None = None  # class_weights: "random" (some 0) | "zero-targets" (0 at every target)
     seed: int = 0
 
     @property
@@ -139,6 +141,24 @@ TOKEN_LOSS_CASES = [
          options=dict(token_loss="focal_attached", label_smoothing=0.1, z_loss=1e-3, softcap=10.0)),
 ]  # fmt: skip
 CASES += TOKEN_LOSS_CASES
+# class_weights (torch's weight=) x token_loss x reduction x options; zero class weights.
+CLASS_WEIGHT_CASES = [
+    Case("classes-mean", classes="random"),
+    Case("classes-sum-all-options-V130", hidden_size=20, vocab=130, chunk_size=3, classes="random",
+         options=dict(reduction="sum", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
+    Case("classes-none-dft-smoothing", classes="random", weights="float",
+         options=dict(reduction="none", token_loss="dft", label_smoothing=0.2)),
+    Case("classes-attached-mean-all-options-V130", vocab=130, chunk_size=5, classes="random",
+         options=dict(token_loss="focal_attached", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
+    Case("classes-focal-sequence-mask-smoothing", classes="random", weights="mask", seq_len=9,
+         options=dict(token_loss="focal", normalize="sequence", label_smoothing=0.1)),
+    Case("classes-static-smoothing-zloss", classes="random", static=True, chunk_size=4,
+         options=dict(label_smoothing=0.1, z_loss=1e-2)),
+    Case("classes-zero-at-targets-mean", classes="zero-targets", options=dict(z_loss=1e-2)),
+    Case("classes-zero-at-targets-smoothing-sum", classes="zero-targets",
+         options=dict(reduction="sum", label_smoothing=0.1, token_loss="focal_attached")),
+]  # fmt: skip
+CASES += CLASS_WEIGHT_CASES
 BY_NAME = {case.name: case for case in CASES}
 
 
@@ -178,8 +198,23 @@ def upstream(case: Case, loss_shape: torch.Size) -> torch.Tensor:
     return up.abs() + 0.5 if len(loss_shape) == 0 else up
 
 
+def class_weights_of(case: Case) -> torch.Tensor | None:
+    """``[V]`` float64 class weights of ``case`` (deterministic), or None."""
+    if case.classes is None:
+        return None
+    g = torch.Generator().manual_seed(case.seed + 2)
+    weights = torch.rand(case.vocab, generator=g, dtype=torch.float64) * 2
+    weights[torch.rand(case.vocab, generator=g) < 0.15] = 0.0
+    if case.classes == "zero-targets":
+        weights[inputs(case)[3].clamp(min=0).flatten()] = 0.0
+    return weights
+
+
 def options_of(case: Case, token_weights: torch.Tensor | None) -> dict:
-    return {**DEFAULTS, **case.options, "token_weights": token_weights}
+    options = {**DEFAULTS, **case.options, "token_weights": token_weights}
+    if case.classes is not None:
+        options["class_weights"] = class_weights_of(case)
+    return options
 
 
 # --- the child process: runs the kernels under the interpreter ------------------------------
@@ -471,11 +506,13 @@ ROW_MATHS = [
 ]
 
 
+@pytest.mark.parametrize("classes", [False, True])
 @pytest.mark.parametrize("math", ROW_MATHS, ids=lambda m: f"{m.token_loss}-e{m.label_smoothing}-c{m.z_loss}")
-def test_grad_coefficients_reproduce_the_engine_gradient(math):
-    """The kernels' gradient ``(a0 + a1 L) softmax - b onehot - c`` with the host's
+def test_grad_coefficients_reproduce_the_engine_gradient(math, classes):
+    """The kernels' gradient ``(a0 + a1 L) softmax - b onehot - c u`` with the host's
     coefficients equals the engine's ``logits_grad_`` (float64, rows with ``p = 1``, zero
-    and negative factors included), so both backends' kernels apply the one row math."""
+    and negative factors included, with and without class weights ``u``), so both
+    backends' kernels apply the one row math."""
     g = torch.Generator().manual_seed(3)
     rows, vocab = 6, 11
     z = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3
@@ -485,11 +522,16 @@ def test_grad_coefficients_reproduce_the_engine_gradient(math):
     factor[1] = 0.0
     lse = torch.logsumexp(z, dim=1)
     nll = lse - z.gather(1, y[:, None]).squeeze(1)
-    terms = token_terms(lse, nll, z.sum(dim=1), math, vocab)
-    want = logits_grad_(torch.softmax(z, dim=1), y, factor, lse, terms, math, vocab)
-    a0, a1, b, c = grad_coefficients(factor, terms.w, terms.k, math, vocab).double()
+    u = torch.ones(vocab, dtype=torch.float64)
+    if classes:
+        u = torch.rand(vocab, generator=g, dtype=torch.float64) * 2
+        u[y[2]] = 0.0  # a target whose class weighs nothing
+    rows = row_classes(u if classes else None, y)
+    terms = token_terms(lse, nll, z @ u, math, vocab, rows)
+    want = logits_grad_(torch.softmax(z, dim=1), y, factor, lse, terms, math, vocab, classes=rows)
+    a0, a1, b, c = grad_coefficients(factor, terms.w, terms.k, math, vocab, rows).double()
     onehot = torch.nn.functional.one_hot(y, vocab).double()
-    kernels_form = (a0 + a1 * lse)[:, None] * torch.softmax(z, dim=1) - b[:, None] * onehot - c[:, None]
+    kernels_form = (a0 + a1 * lse)[:, None] * torch.softmax(z, dim=1) - b[:, None] * onehot - c[:, None] * u
     assert torch.isfinite(kernels_form).all()
     # The coefficients are float32 (what the kernels read): float32 rounding, not more.
     torch.testing.assert_close(kernels_form, want, rtol=1e-6, atol=1e-7)
@@ -497,7 +539,7 @@ def test_grad_coefficients_reproduce_the_engine_gradient(math):
 
 # Argument types of the kernels for a bf16 problem (pointers by name; scalars by kind).
 POINTER_TYPES = dict(
-    Z="*fp32", DZ="*bf16", BIAS="*bf16", Y="*i64", COEF="*fp32", STATS="*fp32", H="*bf16", W="*bf16", ROWS="*i64",
+    Z="*fp32", DZ="*bf16", BIAS="*bf16", CLASS_W="*fp32", Y="*i64", COEF="*fp32", STATS="*fp32", H="*bf16", W="*bf16", ROWS="*i64",
     PART_MAX="*fp32", PART_SUM="*fp32", PART_TARGET="*fp32", PART_TOTAL="*fp32", LSE="*fp32",
     DH="*fp32", DW="*fp32", DB="*fp32",
 )  # fmt: skip
@@ -517,7 +559,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
     assert not interpreting()
     tiles = tiles_for(128_256, interpret=False)
-    flags = math_constexprs(LossMath(label_smoothing=0.1, z_loss=1e-4, softcap=30.0), bias=True)
+    flags = math_constexprs(LossMath(label_smoothing=0.1, z_loss=1e-4, softcap=30.0), bias=True, classes=True)
     needs = dict(NEED_DH=True, NEED_DW=True, NEED_DB=True)
     row = [
         (

@@ -24,7 +24,10 @@ gradient in the one form that row math's gradient takes (``z`` after the softcap
 
 with per-row coefficients ``(a0, a1, b, c)`` that the host derives from the row math
 (``lmloss.fused.triton.grad_coefficients``): label smoothing, z-loss, the upstream
-gradient and DFT/focal weights (detached or attached) all live in them.
+gradient and DFT/focal weights (detached or attached) all live in them. Class weights
+``u`` (``CLASS_WEIGHTED``, with label smoothing) are the one per-column part: the logit
+sum becomes ``sum(u * z)`` and the last term ``c * u_j``; the target's ``u_y`` and their
+sum are per-row numbers, in the coefficients.
 
 Interpreter: with ``TRITON_INTERPRET=1`` in the environment *before* ``triton`` is
 imported, these kernels run on CPU tensors under the Triton interpreter (Triton's own
@@ -114,6 +117,7 @@ def row_loss_grad_kernel(
     Z,
     DZ,
     BIAS,
+    CLASS_W,
     Y,
     COEF,
     STATS,
@@ -125,6 +129,7 @@ def row_loss_grad_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    CLASS_WEIGHTED: tl.constexpr,
     STATS_PASS: tl.constexpr,
     GRAD_PASS: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -132,7 +137,8 @@ def row_loss_grad_kernel(
     """One program per row of ``Z [c, V]`` (raw logits, bias not yet added).
 
     ``STATS [3, n_rows]``: with ``STATS_PASS``, sweep 1 writes the row's log-sum-exp,
-    target negative log-likelihood and (label smoothing) logit sum there; without it, sweep 2 reads the
+    target negative log-likelihood and (label smoothing) logit sum (``sum(u * z)`` with
+    ``CLASS_WEIGHTED``: ``CLASS_W [V]`` float32) there; without it, sweep 2 reads the
     log-sum-exp from there. With ``GRAD_PASS``, sweep 2 writes ``DZ[row, :]``, the
     gradient of the raw logits with the row's coefficients ``COEF [4, n_rows]``
     (``a0, a1, b, c``: see the module docstring). ``DZ`` may be ``Z`` itself: every
@@ -153,7 +159,10 @@ def row_loss_grad_kernel(
             z, _ = _row_logits(z_row, BIAS, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
             target += tl.sum(tl.where(cols == y, z, 0.0), 0)
             if HAS_SMOOTHING:
-                total += tl.sum(tl.where(mask, z, 0.0), 0)
+                z_sum = tl.where(mask, z, 0.0)
+                if CLASS_WEIGHTED:
+                    z_sum = z_sum * tl.load(CLASS_W + cols, mask=mask, other=0.0)
+                total += tl.sum(z_sum, 0)
             m, s = _online_lse(m, s, tl.where(mask, z, float("-inf")), 0)
         log_s = tl.log(s)
         lse = m + log_s
@@ -174,7 +183,13 @@ def row_loss_grad_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             z, derivative = _row_logits(z_row, BIAS, cols, mask, softcap, HAS_BIAS, HAS_SOFTCAP)
-            dz = _logit_grad(z, derivative, cols == y, lse, scale, onehot, spread, HAS_SMOOTHING, HAS_SOFTCAP)
+            if CLASS_WEIGHTED:  # the smoothing term of column j is c * u_j
+                dz = _logit_grad(
+                    z, derivative, cols == y, lse, scale, onehot, spread * tl.load(CLASS_W + cols, mask=mask, other=0.0),
+                    HAS_SMOOTHING, HAS_SOFTCAP,
+                )  # fmt: skip
+            else:
+                dz = _logit_grad(z, derivative, cols == y, lse, scale, onehot, spread, HAS_SMOOTHING, HAS_SOFTCAP)
             tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -234,6 +249,7 @@ def lowmem_forward_kernel(
     H,
     W,
     BIAS,
+    CLASS_W,
     ROWS,
     Y,
     PART_MAX,
@@ -251,6 +267,7 @@ def lowmem_forward_kernel(
     HAS_ROWS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    CLASS_WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -261,7 +278,8 @@ def lowmem_forward_kernel(
 
     Writes, at ``[j, i]`` for compact row ``i``: the running max and sum of
     ``exp(z - max)`` over the split's columns, the target logit if it lies there
-    (else 0), and the sum of the logits (label smoothing). ``Y`` is compact.
+    (else 0), and the sum of the logits (label smoothing; ``sum(u * z)`` with
+    ``CLASS_WEIGHTED``). ``Y`` is compact.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -283,7 +301,10 @@ def lowmem_forward_kernel(
             z, _ = _softcap(z, softcap)
         target += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
         if HAS_SMOOTHING:
-            total += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+            z_sum = tl.where(col_mask[None, :], z, 0.0)
+            if CLASS_WEIGHTED:
+                z_sum = z_sum * tl.load(CLASS_W + cols, mask=col_mask, other=0.0)[None, :]
+            total += tl.sum(z_sum, 1)
         m, s = _online_lse(m, s, tl.where(col_mask[None, :], z, float("-inf")), 1)
     out = split * n_rows + offs_m
     tl.store(PART_MAX + out, m, mask=row_mask)
@@ -298,6 +319,7 @@ def lowmem_backward_kernel(
     H,
     W,
     BIAS,
+    CLASS_W,
     ROWS,
     Y,
     COEF,
@@ -317,6 +339,7 @@ def lowmem_backward_kernel(
     HAS_ROWS: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    CLASS_WEIGHTED: tl.constexpr,
     NEED_DH: tl.constexpr,
     NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr,
@@ -355,8 +378,11 @@ def lowmem_backward_kernel(
     derivative = z  # unused unless HAS_SOFTCAP
     if HAS_SOFTCAP:
         z, derivative = _softcap(z, softcap)
+    spreads = spread[:, None]
+    if CLASS_WEIGHTED:  # the smoothing term of column j is c * u_j
+        spreads = spreads * tl.load(CLASS_W + cols, mask=col_mask, other=0.0)[None, :]
     dz = _logit_grad(
-        z, derivative, cols[None, :] == y[:, None], lse[:, None], scale[:, None], onehot[:, None], spread[:, None],
+        z, derivative, cols[None, :] == y[:, None], lse[:, None], scale[:, None], onehot[:, None], spreads,
         HAS_SMOOTHING, HAS_SOFTCAP,
     )  # fmt: skip
     # Padding rows and columns (and rows with zero coefficients) contribute exactly nothing.

@@ -42,7 +42,7 @@ from the kernels' row statistics by the engine's ``token_terms``, and the gradie
 its logits is applied by the kernels in the form ``(a0 + a1*L) * softmax - b * onehot - c``
 with per-row coefficients derived from the engine's gradient (:func:`grad_coefficients`),
 so every option of the engine's row math (label smoothing, z-loss, softcap, DFT and
-focal weights, detached or attached) is computed here exactly as there.
+focal weights, detached or attached, class weights) is computed here exactly as there.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ from lmloss._engine.chunks import (
     scored_rows,
 )
 from lmloss._engine.guard import refuse_create_graph
-from lmloss._engine.rowmath import LossMath, Terms, token_terms
+from lmloss._engine.plan import target_class_weights
+from lmloss._engine.rowmath import LossMath, RowClasses, Terms, token_terms
 from lmloss._spec import SPEC_OPTIONS, LossSpec, Normalize, Reduction
 from lmloss.fused.chunked import chunked_linear_cross_entropy
 
@@ -82,6 +83,7 @@ __all__ = [
     "tiles_for",
     "math_constexprs",
     "grad_coefficients",
+    "row_classes",
 ]
 
 TRITON_BACKENDS: tuple[str, ...] = ("triton", "triton-lowmem")
@@ -127,7 +129,7 @@ def triton_linear_cross_entropy(
         lowmem: ``True`` for ``"triton-lowmem"``.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
         softcap, token_weights, normalize: as in :func:`lmloss.causal_lm_loss`.
-        other_options: ``token_loss`` and ``focal_gamma`` (as in
+        other_options: ``token_loss``, ``focal_gamma`` and ``class_weights`` (as in
             :func:`lmloss.causal_lm_loss`), and options newer than these backends,
             accepted only at a value that turns them off (False, 0 or None).
 
@@ -136,6 +138,7 @@ def triton_linear_cross_entropy(
         (float64 for float64 inputs).
     """
     token_loss, focal_gamma = other_options.pop("token_loss", "ce"), other_options.pop("focal_gamma", None)
+    class_weights = other_options.pop("class_weights", None)
     spec = LossSpec(
         shift=shift,
         ignore_index=ignore_index,
@@ -148,7 +151,7 @@ def triton_linear_cross_entropy(
         focal_gamma=focal_gamma,
     )
     _refuse_unsupported(other_options)
-    call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size)
+    call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size, class_weights)
     return triton_backend(call, lowmem=lowmem)
 
 
@@ -266,46 +269,77 @@ def tiles_for(vocab: int, interpret: bool) -> Tiles:
     )
 
 
-def math_constexprs(math: LossMath, bias: bool) -> dict[str, bool]:
+def math_constexprs(math: LossMath, bias: bool, classes: bool = False) -> dict[str, bool]:
     """The option flags every kernel takes (each kernel compiles only what it uses). The
-    z-loss and DFT/focal weights are no flags: they live in the gradient's coefficients."""
-    return dict(HAS_BIAS=bias, HAS_SMOOTHING=math.label_smoothing > 0, HAS_SOFTCAP=math.softcap is not None)
+    z-loss, DFT/focal weights and the target's class weight are no flags: they live in
+    the gradient's coefficients. ``classes``: class weights are given; the kernels read
+    them per column only for the label smoothing term."""
+    smoothing = math.label_smoothing > 0
+    return dict(HAS_BIAS=bias, HAS_SMOOTHING=smoothing, HAS_SOFTCAP=math.softcap is not None,
+                CLASS_WEIGHTED=classes and smoothing)  # fmt: skip
+
+
+def row_classes(class_weights: torch.Tensor | None, y: torch.Tensor) -> RowClasses | None:
+    """The row math's class weights of rows with targets ``y`` (any value on an unscored
+    row): ``u_y``, all ``[V]`` columns and their sum; None without class weights."""
+    if class_weights is None:
+        return None
+    return RowClasses(target_class_weights(class_weights, y), class_weights, class_weights.sum())
 
 
 def _terms_of_stats(
-    lse: torch.Tensor, nll: torch.Tensor, total: torch.Tensor | None, vocab: int, math: LossMath
+    lse: torch.Tensor,
+    nll: torch.Tensor,
+    total: torch.Tensor | None,
+    vocab: int,
+    math: LossMath,
+    classes: RowClasses | None,
 ) -> Terms:
     """The row math's terms from the ``[n]`` log-sum-exps, target negative log-likelihoods
-    and logit sums (softcapped)."""
-    return token_terms(lse, nll, total if math.label_smoothing > 0 else None, math, vocab)
+    and logit sums (softcapped; class-weighted with ``classes``)."""
+    return token_terms(lse, nll, total if math.label_smoothing > 0 else None, math, vocab, classes)
 
 
 def grad_coefficients(
-    g: torch.Tensor, w: torch.Tensor | None, k: torch.Tensor | None, math: LossMath, vocab: int
+    g: torch.Tensor,
+    w: torch.Tensor | None,
+    k: torch.Tensor | None,
+    math: LossMath,
+    vocab: int,
+    classes: RowClasses | None = None,
 ) -> torch.Tensor:
     """``[4, n]`` float32 rows ``(a0, a1, b, c)`` of the kernels' logits gradient
-    ``d(g * loss)/dz = (a0 + a1 * L) * softmax(z) - b * onehot(y) - c`` (then times the
-    softcap's derivative), for ``[n]`` gradient factors ``g``.
+    ``d(g * loss)/dz = (a0 + a1 * L) * softmax(z) - b * onehot(y) - c * u`` (then times
+    the softcap's derivative; ``u`` the class weights' columns, 1 without them), for
+    ``[n]`` gradient factors ``g``.
 
     This is the engine's gradient (``lmloss._engine.rowmath``, whose docstring derives
     it, and ``logits_grad_``) with its coefficient ``a = g``::
 
-        d loss/dz = a * ((w + 2cL + k) * s - ((1-e) * w + k) * onehot(y) - w * e / V)
+        d loss/dz = a * ((w * ((1-e) u_y + e U / V) + 2c u_y L + k) * s
+                         - ((1-e) * w * u_y + k) * onehot(y) - w * e / V * u)
 
-    so ``a0 = g * (w + k)``, ``a1 = 2 c g`` (the z-loss, whose ``L`` the row kernel may
-    know only after its first sweep), ``b = g * ((1-e) * w + k)``, ``c = g * w * e / V``.
-    ``w`` is the DFT/focal weight (None: 1) and ``k`` the attached focal loss's term
-    ``gamma * (1-p)^(gamma-1) * p * ce`` from ``d w / dz`` (None: 0), both from the row
-    math's ``token_terms``; a row with ``g = 0`` gets zeros.
+    so ``a0 = g * (w * ((1-e) u_y + e U / V) + k)``, ``a1 = 2 c g u_y`` (the z-loss, whose
+    ``L`` the row kernel may know only after its first sweep), ``b = g * ((1-e) w u_y + k)``,
+    ``c = g * w * e / V``. ``w`` is the DFT/focal weight (None: 1), ``k`` the attached
+    focal loss's term ``gamma * (1-p)^(gamma-1) * p * ce`` from ``d w / dz`` (None: 0),
+    both from the row math's ``token_terms``; ``classes`` gives ``u_y`` and ``U = sum(u)``
+    (None: ``u = 1``, ``U = V``). A row with ``g = 0`` gets zeros.
     """
     g = g.to(torch.float32)
+    e = math.label_smoothing
     gw = g if w is None else g * w
-    a0, b = gw, (1.0 - math.label_smoothing) * gw
+    if classes is None:
+        a0, b, gu = gw, (1.0 - e) * gw, g
+    else:
+        u_y = classes.target.to(torch.float32)
+        hard = gw * u_y
+        a0, b, gu = (1.0 - e) * hard + gw * (e * classes.total.to(torch.float32) / vocab), (1.0 - e) * hard, g * u_y
     if k is not None:
         gk = g * k
         a0, b = a0 + gk, b + gk
-    a1 = 2.0 * math.z_loss * g
-    c = gw * (math.label_smoothing / vocab)
+    a1 = 2.0 * math.z_loss * gu
+    c = gw * (e / vocab)
     coef = torch.stack((a0, a1, b, c)).to(torch.float32)
     # Exact zeros where g = 0, even where an unscored row's statistics are not finite.
     return torch.where(g != 0, coef, torch.zeros_like(coef)).contiguous()
@@ -344,7 +378,8 @@ def triton_rows_linear_cross_entropy(
 
 
 def _contiguous(rows: Rows) -> Rows:
-    return Rows(rows.hidden.contiguous(), rows.weight.contiguous(), rows.bias, rows.targets, rows.coef)
+    classes = None if rows.class_weights is None else rows.class_weights.to(torch.float32).contiguous()
+    return Rows(rows.hidden.contiguous(), rows.weight.contiguous(), rows.bias, rows.targets, rows.coef, classes)
 
 
 def _wide_logits(hidden: torch.Tensor) -> bool:
@@ -365,7 +400,9 @@ def _run_chunks(
     hidden, weight, bias = rows.inputs
     n_rows = hidden.shape[0]
     losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
-    chunk = _Chunk(buffer_rows(n_rows, scored, chunk_rows), weight, grads is not None, _wide_logits(hidden))
+    chunk = _Chunk(
+        buffer_rows(n_rows, scored, chunk_rows), weight, grads is not None, _wide_logits(hidden), rows.class_weights
+    )
     # Static shapes: the unscored rows' hidden states come zeroed (a NaN there must not reach dW).
     for index, h in hidden_chunks(hidden, g, scored, chunk_rows):
         a = rows.coef[index]
@@ -379,11 +416,14 @@ class _Chunk:
 
     ``z`` holds the logits (float32 when the product can write float32, else the
     inputs' dtype); ``dz`` the gradient in the inputs' dtype, the same buffer as ``z``
-    unless ``z`` is the wider float32 one.
+    unless ``z`` is the wider float32 one. ``class_weights``: float32 ``[V]`` or None.
     """
 
-    def __init__(self, rows: int, weight: torch.Tensor, with_grad: bool, wide: bool):
+    def __init__(
+        self, rows: int, weight: torch.Tensor, with_grad: bool, wide: bool, class_weights: torch.Tensor | None
+    ):
         vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+        self.class_weights = class_weights
         self.z = torch.empty(rows, vocab, dtype=torch.float32 if wide else dtype, device=device)
         self.dz = torch.empty(rows, vocab, dtype=dtype, device=device) if wide and with_grad else self.z
         self.wide = wide
@@ -415,12 +455,13 @@ class _Chunk:
         else:
             torch.mm(h, weight.t(), out=z)
         stats = torch.empty(3, c, dtype=torch.float32, device=h.device)
+        classes = row_classes(self.class_weights, y)
         fused = grads is not None and not math.weighted
-        coef = grad_coefficients(g, None, None, math, vocab) if fused else stats
+        coef = grad_coefficients(g, None, None, math, vocab, classes) if fused else stats
         self._launch(z, dz, bias, y, coef, stats, math, stats_pass=True, grad_pass=fused)
-        terms = _terms_of_stats(stats[0], stats[1], stats[2], vocab, math)
+        terms = _terms_of_stats(stats[0], stats[1], stats[2], vocab, math, classes)
         if grads is not None and not fused:
-            coef = grad_coefficients(g, terms.w, terms.k, math, vocab)
+            coef = grad_coefficients(g, terms.w, terms.k, math, vocab, classes)
             self._launch(z, dz, bias, y, coef, stats, math, stats_pass=False, grad_pass=True)
         if grads is not None:
             _accumulate(dz, h, weight, grads, index, self.wide)
@@ -441,10 +482,11 @@ class _Chunk:
     ) -> None:
         """One row kernel launch over the chunk's ``[c, V]`` logits ``z`` (see ``row_loss_grad_kernel``)."""
         c, vocab = z.shape
+        classes = self.class_weights
         self.kernels.row_loss_grad_kernel[(c,)](
-            z, dz, z if bias is None else bias, y, coef, stats,
+            z, dz, z if bias is None else bias, stats if classes is None else classes, y, coef, stats,
             z.stride(0), dz.stride(0), c, vocab, 1.0 if math.softcap is None else math.softcap,
-            **math_constexprs(math, bias is not None), STATS_PASS=stats_pass, GRAD_PASS=grad_pass,
+            **math_constexprs(math, bias is not None, classes is not None), STATS_PASS=stats_pass, GRAD_PASS=grad_pass,
             BLOCK_V=self.tiles.row_block_v, num_warps=self.tiles.row_warps,
         )  # fmt: skip
 
@@ -480,7 +522,7 @@ def lowmem_rows_linear_cross_entropy(rows: Rows, *, math: LossMath, reduce_sum: 
     """
     rows = _contiguous(rows)
     needs = needs_grad(*rows.inputs)
-    return _LowMem.apply(*rows.inputs, rows.targets, rows.coef, math, reduce_sum, needs)
+    return _LowMem.apply(*rows.inputs, rows.targets, rows.coef, rows.class_weights, math, reduce_sum, needs)
 
 
 class _LowMem(torch.autograd.Function):
@@ -492,34 +534,35 @@ class _LowMem(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         coef: torch.Tensor,
+        class_weights: torch.Tensor | None,
         math: LossMath,
         reduce_sum: bool,
         needs: tuple[bool, bool, bool],
     ) -> torch.Tensor:
         rows = scored_rows(coef)
         y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
-        lse, terms = _lowmem_forward(hidden, weight, bias, rows, y, math)
+        lse, terms = _lowmem_forward(hidden, weight, bias, rows, y, math, class_weights)
         weighted = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
         losses = weighted if rows is None else weighted.new_zeros(hidden.shape[0]).index_copy_(0, rows, weighted)
         ctx.math, ctx.reduce_sum, ctx.needs = math, reduce_sum, needs
         # The DFT/focal weight and its term are the row's, whatever the upstream gradient.
-        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse, terms.w, terms.k)
+        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse, terms.w, terms.k, class_weights)
         return losses.sum() if reduce_sum else losses
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
         refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
-        hidden, weight, bias, rows, y, a, lse, w, k = ctx.saved_tensors
+        hidden, weight, bias, rows, y, a, lse, w, k, class_weights = ctx.saved_tensors
         grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
         if any(ctx.needs) and y.numel() > 0:
             upstream = grad_output.to(torch.float32)
             if not ctx.reduce_sum and rows is not None:
                 upstream = upstream[rows]
             g = a * upstream  # each scored row's factor of d(loss)
-            coef = grad_coefficients(g, w, k, ctx.math, weight.shape[0])
-            _lowmem_backward(hidden, weight, bias, rows, y, coef, lse, ctx.math, grads)
+            coef = grad_coefficients(g, w, k, ctx.math, weight.shape[0], row_classes(class_weights, y))
+            _lowmem_backward(hidden, weight, bias, rows, y, coef, lse, ctx.math, grads, class_weights)
         grads.finished()
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
 
 
 def _lowmem_forward(
@@ -529,6 +572,7 @@ def _lowmem_forward(
     rows: torch.Tensor | None,
     y: torch.Tensor,
     math: LossMath,
+    class_weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, Terms]:
     """``[n]`` log-sum-exp and the row math's terms (unweighted loss) of the ``n`` rows (compact order)."""
     n, vocab = y.numel(), weight.shape[0]
@@ -537,12 +581,12 @@ def _lowmem_forward(
     part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
     if n > 0:
         kernels_for(hidden.device).lowmem_forward_kernel[(triton.cdiv(n, tile.block_m), splits)](
-            hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y,
-            part[0], part[1], part[2], part[3],
+            hidden, weight, hidden if bias is None else bias, part if class_weights is None else class_weights,
+            y if rows is None else rows, y, part[0], part[1], part[2], part[3],
             n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
             1.0 if math.softcap is None else math.softcap, per_split,
-            **math_constexprs(math, bias is not None), HAS_ROWS=rows is not None, **tile.constexprs(hidden.dtype),
-            **tile.launch(),
+            **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=rows is not None,
+            **tile.constexprs(hidden.dtype), **tile.launch(),
         )  # fmt: skip
     # Merge the splits: every split saw at least one column, so each max is finite.
     top = part[0].amax(dim=0)
@@ -552,7 +596,7 @@ def _lowmem_forward(
     # (p = exp(-nll) near 1 keeps its precision, which focal weights depend on).
     nll = (top - part[2].sum(dim=0)) + log_s
     total = part[3].sum(dim=0) if math.label_smoothing > 0 else None
-    return lse, _terms_of_stats(lse, nll, total, vocab, math)
+    return lse, _terms_of_stats(lse, nll, total, vocab, math, row_classes(class_weights, y))
 
 
 def _vocab_splits(device: torch.device, n: int, vocab: int, tile: Tile) -> tuple[int, int]:
@@ -578,6 +622,7 @@ def _lowmem_backward(
     lse: torch.Tensor,
     math: LossMath,
     grads: Grads,
+    class_weights: torch.Tensor | None,
 ) -> None:
     """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically), with the
     ``[4, n]`` coefficients of ``g`` (:func:`grad_coefficients`)."""
@@ -587,12 +632,13 @@ def _lowmem_backward(
     dh, dw, db = grads.hidden, grads.weight, grads.bias
     grid = (triton.cdiv(n, tile.block_m), triton.cdiv(vocab, tile.block_v))
     kernels_for(hidden.device).lowmem_backward_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y, coef, lse,
+        hidden, weight, hidden if bias is None else bias, lse if class_weights is None else class_weights,
+        y if rows is None else rows, y, coef, lse,
         dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
         n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
         0 if dh is None else dh.stride(0), 0 if dw is None else dw.stride(0),
         1.0 if math.softcap is None else math.softcap,
-        **math_constexprs(math, bias is not None), HAS_ROWS=rows is not None,
+        **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=rows is not None,
         NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
         **tile.constexprs(hidden.dtype), **tile.launch(),
     )  # fmt: skip
