@@ -23,7 +23,7 @@ gradient in the one form that row math's gradient takes (``z`` after the softcap
     softcap s: z = s * tanh(r / s), dz/dr = 1 - tanh^2 = 4t / (1 + t)^2, t = exp(-2|r|/s)
 
 with per-row coefficients ``(a0, a1, b, c)`` that the host derives from the row math
-(``lmloss.fused.triton.grad_coefficients``): label smoothing, z-loss, the upstream
+(``lmloss.fused.triton_launch.grad_coefficients``): label smoothing, z-loss, the upstream
 gradient and DFT/focal weights (detached or attached) all live in them. Class weights
 ``u`` (``CLASS_WEIGHTED``, with label smoothing) are the one per-column part: the logit
 sum becomes ``sum(u * z)`` and the last term ``c * u_j``; the target's ``u_y`` and their

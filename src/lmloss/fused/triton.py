@@ -18,11 +18,9 @@ products give ``dh = dz @ W`` and ``dW += dz^T @ h`` (float32 accumulation). Wit
 only scales them; with ``"none"`` backward recomputes the chunks with each token's
 upstream gradient folded in (Liger #968).
 
-``"triton-lowmem"`` (Cut Cross-Entropy-style): logits exist only as register tiles.
-Forward writes per-row log-sum-exp statistics (``O(tokens)`` memory); backward
-recomputes the tiles and accumulates ``dh`` and ``dW`` with float32 atomics. Memory on
-top of inputs and gradients: float32 ``dh``/``dW`` accumulators and a few ``[tokens]``
-vectors. Backward may run more than once (``retain_graph`` works).
+``"triton-lowmem"`` (Cut Cross-Entropy-style, :mod:`lmloss.fused.triton_lowmem`): logits
+exist only as register tiles, recomputed in backward; ``O(tokens)`` memory besides the
+inputs and float32 gradient accumulators. Backward may run more than once.
 
 Ignored targets. With value checks on (the default) the scored rows are found with
 one ``nonzero`` (a host synchronisation on GPU) and only they enter the products:
@@ -37,23 +35,18 @@ On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTER
 set before ``triton`` is imported; slow, for tests): otherwise a ``ValueError``.
 float64 inputs use the chunked backend (the kernels compute in float32).
 
-One row math. The kernels hold no loss formula: each row's loss is computed on the host
-from the kernels' row statistics by the engine's ``token_terms``, and the gradient of
-its logits is applied by the kernels in the form ``(a0 + a1*L) * softmax - b * onehot - c``
-with per-row coefficients derived from the engine's gradient (:func:`grad_coefficients`),
-so every option of the engine's row math (label smoothing, z-loss, softcap, DFT and
-focal weights, detached or attached, class weights) is computed here exactly as there.
+One row math. The kernels hold no loss formula: each row's loss comes from the kernels'
+row statistics through the engine's ``token_terms``, and the kernels apply the gradient
+of its logits with per-row coefficients derived from the engine's gradient, so every
+option of the row math is computed exactly as there (:mod:`lmloss.fused.triton_launch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from types import ModuleType
 from typing import Any
 
 import torch
-import triton
 
 from lmloss._engine.autograd import Job, Run, rows_loss
 from lmloss._engine.chunks import (
@@ -63,15 +56,24 @@ from lmloss._engine.chunks import (
     buffer_rows,
     default_chunk_rows,
     hidden_chunks,
-    needs_grad,
-    scored_rows,
 )
-from lmloss._engine.guard import refuse_create_graph
-from lmloss._engine.plan import target_class_weights
-from lmloss._engine.rowmath import LossMath, RowClasses, Terms, token_terms
+from lmloss._engine.rowmath import LossMath
 from lmloss._spec import SPEC_OPTIONS, LossSpec, Normalize, Reduction
 from lmloss.fused.chunked import chunked_linear_cross_entropy
+from lmloss.fused.triton_launch import (
+    contiguous_rows,
+    grad_coefficients,
+    interpreting,
+    kernels_for,
+    math_constexprs,
+    row_classes,
+    terms_of_stats,
+    tiles_for,
+)
+from lmloss.fused.triton_lowmem import lowmem_rows_linear_cross_entropy
 
+# Re-exported for callers of the earlier single module: interpreting, kernels_for,
+# tiles_for, math_constexprs, grad_coefficients, row_classes, lowmem_rows_linear_cross_entropy.
 __all__ = [
     "TRITON_BACKENDS",
     "triton_linear_cross_entropy",
@@ -184,167 +186,6 @@ def _refuse_unsupported(options: dict[str, Any]) -> None:
             )
 
 
-# --- kernels, compiled or interpreted -------------------------------------------------------
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels under its interpreter in this process.
-
-    The interpreter is chosen once per process, by ``TRITON_INTERPRET=1`` set before
-    ``triton`` is imported: Triton's own library functions (``tl.max``, ``tl.sum``)
-    are made interpreted or compiled at that import.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton.language.zeros, InterpretedFunction)
-
-
-def kernels_for(device: torch.device) -> ModuleType:
-    """The kernel module, after checking that its kernels can run on ``device``."""
-    if device.type == "cpu" and not interpreting():
-        raise ValueError(
-            "backend='triton'/'triton-lowmem' runs on CUDA tensors; on CPU only under the Triton interpreter "
-            "(TRITON_INTERPRET=1 set before triton is first imported, for tests). Use backend='chunked' on CPU"
-        )
-    from lmloss.fused import _triton_kernels
-
-    return _triton_kernels
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One lowmem kernel's tile ``[block_m rows, block_v columns]``, stepping ``block_d``
-    over the hidden size, and its launch options."""
-
-    block_m: int
-    block_v: int
-    block_d: int
-    warps: int
-    stages: int
-
-    def constexprs(self, dtype: torch.dtype) -> dict[str, Any]:
-        """The kernel's tile arguments for inputs of ``dtype``."""
-        return dict(
-            BLOCK_M=self.block_m,
-            BLOCK_V=self.block_v,
-            BLOCK_D=self.block_d,
-            # float32 inputs: true float32 products (Triton's default would be TF32, unlike torch).
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            DOT_IN_FP32=interpreting(),  # the interpreter's bf16 tl.dot is wrong (see _triton_kernels)
-        )
-
-    def launch(self) -> dict[str, int]:
-        return dict(num_warps=self.warps, num_stages=self.stages)
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """Block sizes of every kernel.
-
-    ``row_block_v``/``row_warps``: the speed-mode row kernel's vocabulary block.
-    ``forward``/``backward``: the memory-mode kernels' tiles.
-    """
-
-    row_block_v: int
-    row_warps: int
-    forward: Tile
-    backward: Tile
-
-
-def tiles_for(vocab: int, interpret: bool) -> Tiles:
-    """The block sizes. The interpreter gets small blocks, so that tests on tiny shapes
-    still cross block boundaries (several vocabulary and hidden blocks per row).
-
-    GPU: chosen so that ``ptxas`` reports no (forward) or little (backward, 136 bytes)
-    register spilling for sm_90 with every option on; not yet timed on hardware.
-    """
-    if interpret:
-        small = Tile(block_m=16, block_v=32, block_d=16, warps=1, stages=1)
-        return Tiles(row_block_v=32, row_warps=1, forward=small, backward=small)
-    return Tiles(
-        row_block_v=min(triton.next_power_of_2(vocab), 16384),  # a 128k-256k row in a few blocks
-        row_warps=16,
-        forward=Tile(block_m=128, block_v=128, block_d=32, warps=8, stages=3),
-        backward=Tile(block_m=128, block_v=128, block_d=32, warps=16, stages=3),
-    )
-
-
-def math_constexprs(math: LossMath, bias: bool, classes: bool = False) -> dict[str, bool]:
-    """The option flags every kernel takes (each kernel compiles only what it uses). The
-    z-loss, DFT/focal weights and the target's class weight are no flags: they live in
-    the gradient's coefficients. ``classes``: class weights are given; the kernels read
-    them per column only for the label smoothing term."""
-    smoothing = math.label_smoothing > 0
-    return dict(HAS_BIAS=bias, HAS_SMOOTHING=smoothing, HAS_SOFTCAP=math.softcap is not None,
-                CLASS_WEIGHTED=classes and smoothing)  # fmt: skip
-
-
-def row_classes(class_weights: torch.Tensor | None, y: torch.Tensor) -> RowClasses | None:
-    """The row math's class weights of rows with targets ``y`` (any value on an unscored
-    row): ``u_y``, all ``[V]`` columns and their sum; None without class weights."""
-    if class_weights is None:
-        return None
-    return RowClasses(target_class_weights(class_weights, y), class_weights, class_weights.sum())
-
-
-def _terms_of_stats(
-    lse: torch.Tensor,
-    nll: torch.Tensor,
-    total: torch.Tensor | None,
-    vocab: int,
-    math: LossMath,
-    classes: RowClasses | None,
-) -> Terms:
-    """The row math's terms from the ``[n]`` log-sum-exps, target negative log-likelihoods
-    and logit sums (softcapped; class-weighted with ``classes``)."""
-    return token_terms(lse, nll, total if math.label_smoothing > 0 else None, math, vocab, classes)
-
-
-def grad_coefficients(
-    g: torch.Tensor,
-    w: torch.Tensor | None,
-    k: torch.Tensor | None,
-    math: LossMath,
-    vocab: int,
-    classes: RowClasses | None = None,
-) -> torch.Tensor:
-    """``[4, n]`` float32 rows ``(a0, a1, b, c)`` of the kernels' logits gradient
-    ``d(g * loss)/dz = (a0 + a1 * L) * softmax(z) - b * onehot(y) - c * u`` (then times
-    the softcap's derivative; ``u`` the class weights' columns, 1 without them), for
-    ``[n]`` gradient factors ``g``.
-
-    This is the engine's gradient (``lmloss._engine.rowmath``, whose docstring derives
-    it, and ``logits_grad_``) with its coefficient ``a = g``::
-
-        d loss/dz = a * ((w * ((1-e) u_y + e U / V) + 2c u_y L + k) * s
-                         - ((1-e) * w * u_y + k) * onehot(y) - w * e / V * u)
-
-    so ``a0 = g * (w * ((1-e) u_y + e U / V) + k)``, ``a1 = 2 c g u_y`` (the z-loss, whose
-    ``L`` the row kernel may know only after its first sweep), ``b = g * ((1-e) w u_y + k)``,
-    ``c = g * w * e / V``. ``w`` is the DFT/focal weight (None: 1), ``k`` the attached
-    focal loss's term ``gamma * (1-p)^(gamma-1) * p * ce`` from ``d w / dz`` (None: 0),
-    both from the row math's ``token_terms``; ``classes`` gives ``u_y`` and ``U = sum(u)``
-    (None: ``u = 1``, ``U = V``). A row with ``g = 0`` gets zeros.
-    """
-    g = g.to(torch.float32)
-    e = math.label_smoothing
-    gw = g if w is None else g * w
-    if classes is None:
-        a0, b, gu = gw, (1.0 - e) * gw, g
-    else:
-        u_y = classes.target.to(torch.float32)
-        hard = gw * u_y
-        a0, b, gu = (1.0 - e) * hard + gw * (e * classes.total.to(torch.float32) / vocab), (1.0 - e) * hard, g * u_y
-    if k is not None:
-        gk = g * k
-        a0, b = a0 + gk, b + gk
-    a1 = 2.0 * math.z_loss * gu
-    c = gw * (e / vocab)
-    coef = torch.stack((a0, a1, b, c)).to(torch.float32)
-    # Exact zeros where g = 0, even where an unscored row's statistics are not finite.
-    return torch.where(g != 0, coef, torch.zeros_like(coef)).contiguous()
-
-
 # --- speed mode ---------------------------------------------------------------------------
 
 
@@ -360,7 +201,7 @@ def triton_rows_linear_cross_entropy(
         reduce_sum: the scalar sum, with gradients made during forward.
         chunk_rows: rows per chunk; default from ``default_chunk_rows``.
     """
-    rows = _contiguous(rows)
+    rows = contiguous_rows(rows)
     hidden, weight = rows.hidden, rows.weight
     if chunk_rows is None:
         row_bytes = (4 + hidden.element_size()) if _wide_logits(hidden) else hidden.element_size()
@@ -375,11 +216,6 @@ def triton_rows_linear_cross_entropy(
         zero_weight=True,
     )
     return rows_loss(rows, job, reduce_sum)
-
-
-def _contiguous(rows: Rows) -> Rows:
-    classes = None if rows.class_weights is None else rows.class_weights.to(torch.float32).contiguous()
-    return Rows(rows.hidden.contiguous(), rows.weight.contiguous(), rows.bias, rows.targets, rows.coef, classes)
 
 
 def _wide_logits(hidden: torch.Tensor) -> bool:
@@ -459,7 +295,7 @@ class _Chunk:
         fused = grads is not None and not math.weighted
         coef = grad_coefficients(g, None, None, math, vocab, classes) if fused else stats
         self._launch(z, dz, bias, y, coef, stats, math, stats_pass=True, grad_pass=fused)
-        terms = _terms_of_stats(stats[0], stats[1], stats[2], vocab, math, classes)
+        terms = terms_of_stats(stats[0], stats[1], stats[2], vocab, math, classes)
         if grads is not None and not fused:
             coef = grad_coefficients(g, terms.w, terms.k, math, vocab, classes)
             self._launch(z, dz, bias, y, coef, stats, math, stats_pass=False, grad_pass=True)
@@ -509,136 +345,3 @@ def _accumulate(
             grads.weight.addmm_(dz.t().to(torch.float32), h.to(torch.float32))
     if grads.bias is not None:
         grads.bias += dz.sum(dim=0, dtype=torch.float32)
-
-
-# --- memory mode --------------------------------------------------------------------------
-
-
-def lowmem_rows_linear_cross_entropy(rows: Rows, *, math: LossMath, reduce_sum: bool) -> torch.Tensor:
-    """Memory mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
-
-    Arguments as :func:`triton_rows_linear_cross_entropy` (no chunks). The gradients
-    are made in backward by recomputing the logits tiles.
-    """
-    rows = _contiguous(rows)
-    needs = needs_grad(*rows.inputs)
-    return _LowMem.apply(*rows.inputs, rows.targets, rows.coef, rows.class_weights, math, reduce_sum, needs)
-
-
-class _LowMem(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        class_weights: torch.Tensor | None,
-        math: LossMath,
-        reduce_sum: bool,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
-        lse, terms = _lowmem_forward(hidden, weight, bias, rows, y, math, class_weights)
-        weighted = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
-        losses = weighted if rows is None else weighted.new_zeros(hidden.shape[0]).index_copy_(0, rows, weighted)
-        ctx.math, ctx.reduce_sum, ctx.needs = math, reduce_sum, needs
-        # The DFT/focal weight and its term are the row's, whatever the upstream gradient.
-        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse, terms.w, terms.k, class_weights)
-        return losses.sum() if reduce_sum else losses
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
-        hidden, weight, bias, rows, y, a, lse, w, k, class_weights = ctx.saved_tensors
-        grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
-        if any(ctx.needs) and y.numel() > 0:
-            upstream = grad_output.to(torch.float32)
-            if not ctx.reduce_sum and rows is not None:
-                upstream = upstream[rows]
-            g = a * upstream  # each scored row's factor of d(loss)
-            coef = grad_coefficients(g, w, k, ctx.math, weight.shape[0], row_classes(class_weights, y))
-            _lowmem_backward(hidden, weight, bias, rows, y, coef, lse, ctx.math, grads, class_weights)
-        grads.finished()
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
-
-
-def _lowmem_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    y: torch.Tensor,
-    math: LossMath,
-    class_weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, Terms]:
-    """``[n]`` log-sum-exp and the row math's terms (unweighted loss) of the ``n`` rows (compact order)."""
-    n, vocab = y.numel(), weight.shape[0]
-    tile = tiles_for(vocab, interpreting()).forward
-    splits, per_split = _vocab_splits(hidden.device, n, vocab, tile)
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
-    if n > 0:
-        kernels_for(hidden.device).lowmem_forward_kernel[(triton.cdiv(n, tile.block_m), splits)](
-            hidden, weight, hidden if bias is None else bias, part if class_weights is None else class_weights,
-            y if rows is None else rows, y, part[0], part[1], part[2], part[3],
-            n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
-            1.0 if math.softcap is None else math.softcap, per_split,
-            **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=rows is not None,
-            **tile.constexprs(hidden.dtype), **tile.launch(),
-        )  # fmt: skip
-    # Merge the splits: every split saw at least one column, so each max is finite.
-    top = part[0].amax(dim=0)
-    log_s = torch.log((part[1] * torch.exp(part[0] - top)).sum(dim=0))
-    lse = top + log_s
-    # nll = lse - target without lse's rounding: exactly log_s when the target is the max
-    # (p = exp(-nll) near 1 keeps its precision, which focal weights depend on).
-    nll = (top - part[2].sum(dim=0)) + log_s
-    total = part[3].sum(dim=0) if math.label_smoothing > 0 else None
-    return lse, _terms_of_stats(lse, nll, total, vocab, math, row_classes(class_weights, y))
-
-
-def _vocab_splits(device: torch.device, n: int, vocab: int, tile: Tile) -> tuple[int, int]:
-    """``(splits, vocabulary blocks per split)``: enough programs to fill the GPU when
-    the row blocks alone are few; every split gets at least one block."""
-    blocks = triton.cdiv(vocab, tile.block_v)
-    if device.type == "cuda" and not interpreting():
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = triton.cdiv(programs, max(1, triton.cdiv(n, tile.block_m)))
-    else:
-        splits = 2  # the interpreter (tests): exercise the merge of splits
-    splits = max(1, min(splits, blocks))
-    return splits, triton.cdiv(blocks, splits)
-
-
-def _lowmem_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    y: torch.Tensor,
-    coef: torch.Tensor,
-    lse: torch.Tensor,
-    math: LossMath,
-    grads: Grads,
-    class_weights: torch.Tensor | None,
-) -> None:
-    """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically), with the
-    ``[4, n]`` coefficients of ``g`` (:func:`grad_coefficients`)."""
-    n, vocab = y.numel(), weight.shape[0]
-    tile = tiles_for(vocab, interpreting()).backward
-    dummy = lse  # any float32 tensor stands in for an absent gradient buffer
-    dh, dw, db = grads.hidden, grads.weight, grads.bias
-    grid = (triton.cdiv(n, tile.block_m), triton.cdiv(vocab, tile.block_v))
-    kernels_for(hidden.device).lowmem_backward_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, lse if class_weights is None else class_weights,
-        y if rows is None else rows, y, coef, lse,
-        dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
-        n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
-        0 if dh is None else dh.stride(0), 0 if dw is None else dw.stride(0),
-        1.0 if math.softcap is None else math.softcap,
-        **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=rows is not None,
-        NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-        **tile.constexprs(hidden.dtype), **tile.launch(),
-    )  # fmt: skip
