@@ -262,14 +262,6 @@ def test_class_weights_of_the_wrong_vocabulary_size_are_refused(call):
         _calls()[call](torch.ones(V + 1, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton-lowmem"])
-def test_the_triton_backends_refuse_class_weights(backend):
-    problem = _problem((2, 4))
-    with pytest.raises(ValueError, match=rf"class_weights is not supported by backend='{backend}' yet"):
-        lmloss.linear_cross_entropy(problem["hidden"].float(), problem["weight"].float(), problem["labels"],
-                                    class_weights=problem["classes"].float(), backend=backend)
-
-
 def test_the_module_holds_the_weights_as_torch_does():
     u = torch.rand(V, dtype=torch.float64)
     module = nn.CausalLMLoss(weight=u)

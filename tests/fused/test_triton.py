@@ -17,6 +17,7 @@ of being skipped.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -25,14 +26,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 from torch.utils._python_dispatch import TorchDispatchMode
-
-import triton  # noqa: F401  (fail loudly where Triton is missing)
 
 import lmloss
 from lmloss import causal_lm_loss
 from lmloss._engine.rowmath import LossMath
-from lmloss.fused.triton import interpreting, math_constexprs, tiles_for, triton_linear_cross_entropy
+from lmloss.fused.triton import (
+    interpreting,
+    math_constexprs,
+    tiles_for,
+    triton_linear_cross_entropy,
+)
 
 MODES = ("triton", "triton-lowmem")
 DEFAULTS = dict(
@@ -66,7 +71,15 @@ class Case:
     chunk_size: int | None = None
     static: bool = False  # lmloss.validation(False): unscored rows masked, not dropped
     frozen_weight: bool = False  # e.g. LoRA: no weight gradient wanted
+    confident: bool = False  # half the targets are the argmax of a sharp head (p near or at 1)
+    classes: str | None = None  # class_weights: "random" (some 0) | "zero-targets" (0 at every target)
     seed: int = 0
+
+    @property
+    def atol(self) -> float:
+        """Absolute tolerance of float32 results: the sharp head's logits and weights are 8x
+        larger, and so is the float32 rounding of every product sum (``eps * sum |terms|``)."""
+        return 2e-5 if self.confident else 2e-6
 
 
 CASES = [
@@ -90,6 +103,60 @@ CASES = [
     Case("bf16", seq_len=16, hidden_size=32, vocab=130, ignore=0.2, dtype=torch.bfloat16,
          options=dict(label_smoothing=0.1, z_loss=1e-3, softcap=10.0)),
 ]  # fmt: skip
+# token_loss (DFT, focal detached and attached) x reduction x {label smoothing, z-loss, softcap}
+# combinations, V not a power of two, ignored and all-ignored rows.
+TOKEN_LOSS_CASES = [
+    Case("dft-mean", options=dict(token_loss="dft")),
+    Case("dft-sum-all-options-V130", hidden_size=20, vocab=130, chunk_size=3,
+         options=dict(token_loss="dft", reduction="sum", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
+    Case("dft-none-unshifted-weights", weights="float",
+         options=dict(token_loss="dft", reduction="none", shift=False, label_smoothing=0.2, softcap=2.5)),
+    Case("focal-mean-smoothing-zloss", chunk_size=4,
+         options=dict(token_loss="focal", label_smoothing=0.1, z_loss=1e-2)),
+    Case("focal-sum-softcap-gamma1.5", bias=False, options=dict(token_loss="focal", focal_gamma=1.5, reduction="sum",
+                                                              softcap=4.0)),
+    Case("focal-none-all-options-V130", vocab=130, lead=(2, 2), seq_len=4,
+         options=dict(token_loss="focal", focal_gamma=3.0, reduction="none", label_smoothing=0.1, z_loss=1e-3,
+                      softcap=5.0)),
+    Case("attached-mean-all-options-V130", vocab=130, chunk_size=5,
+         options=dict(token_loss="focal_attached", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
+    Case("attached-sum-zloss", options=dict(token_loss="focal_attached", reduction="sum", z_loss=1e-2)),
+    Case("attached-none-sequence-smoothing", weights="mask", seq_len=9,
+         options=dict(token_loss="focal_attached", focal_gamma=1.0, reduction="none", normalize="sequence",
+                      label_smoothing=0.1)),
+    Case("attached-static-softcap", static=True, chunk_size=4,
+         options=dict(token_loss="focal_attached", softcap=4.0, z_loss=1e-3)),
+    # gamma < 1: d w/dp is infinite at p = 1 (the weight's limit 0 is taken where p rounds to 1)
+    Case("attached-gamma0.5-confident", confident=True, options=dict(token_loss="focal_attached", focal_gamma=0.5)),
+    Case("attached-confident-smoothing", confident=True, seed=1,
+         options=dict(token_loss="focal_attached", label_smoothing=0.1, reduction="sum")),
+    Case("attached-gamma0-is-ce", options=dict(token_loss="focal_attached", focal_gamma=0.0, reduction="sum")),
+    Case("focal-confident-none", confident=True,
+         options=dict(token_loss="focal", reduction="none", z_loss=1e-2, label_smoothing=0.1)),
+    Case("attached-all-ignored-mean", ignore=1.0, options=dict(token_loss="focal_attached", label_smoothing=0.1)),
+    Case("dft-all-ignored-none", ignore=1.0, options=dict(token_loss="dft", reduction="none", z_loss=1e-2)),
+    Case("bf16-attached", seq_len=16, hidden_size=32, vocab=130, ignore=0.2, dtype=torch.bfloat16,
+         options=dict(token_loss="focal_attached", label_smoothing=0.1, z_loss=1e-3, softcap=10.0)),
+]  # fmt: skip
+CASES += TOKEN_LOSS_CASES
+# class_weights (torch's weight=) x token_loss x reduction x options; zero class weights.
+CLASS_WEIGHT_CASES = [
+    Case("classes-mean", classes="random"),
+    Case("classes-sum-all-options-V130", hidden_size=20, vocab=130, chunk_size=3, classes="random",
+         options=dict(reduction="sum", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
+    Case("classes-none-dft-smoothing", classes="random", weights="float",
+         options=dict(reduction="none", token_loss="dft", label_smoothing=0.2)),
+    Case("classes-attached-mean-all-options-V130", vocab=130, chunk_size=5, classes="random",
+         options=dict(token_loss="focal_attached", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
+    Case("classes-focal-sequence-mask-smoothing", classes="random", weights="mask", seq_len=9,
+         options=dict(token_loss="focal", normalize="sequence", label_smoothing=0.1)),
+    Case("classes-static-smoothing-zloss", classes="random", static=True, chunk_size=4,
+         options=dict(label_smoothing=0.1, z_loss=1e-2)),
+    Case("classes-zero-at-targets-mean", classes="zero-targets", options=dict(z_loss=1e-2)),
+    Case("classes-zero-at-targets-smoothing-sum", classes="zero-targets",
+         options=dict(reduction="sum", label_smoothing=0.1, token_loss="focal_attached")),
+]  # fmt: skip
+CASES += CLASS_WEIGHT_CASES
 BY_NAME = {case.name: case for case in CASES}
 
 
@@ -100,6 +167,13 @@ def inputs(case: Case):
     weight = torch.randn(case.vocab, case.hidden_size, generator=g, dtype=torch.float64) * 0.5
     bias = torch.randn(case.vocab, generator=g, dtype=torch.float64) if case.bias else None
     labels = torch.randint(0, case.vocab, (*case.lead, case.seq_len), generator=g)
+    if case.confident:  # a sharp head, and targets it predicts: p of many tokens rounds to 1 in float32
+        weight = weight * 8
+        logits = hidden @ weight.t() + (0 if bias is None else bias)
+        predicted = logits.argmax(-1) if not case.options.get("shift", True) else logits[..., :-1, :].argmax(-1)
+        chosen = torch.rand(predicted.shape, generator=g) < 0.5
+        aligned = labels if not case.options.get("shift", True) else labels[..., 1:]
+        aligned[chosen] = predicted[chosen]
     labels[torch.rand(labels.shape, generator=g) < case.ignore] = -100
     if case.weights == "mask" and labels.numel() > 0:
         labels[0] = -100  # a sequence with no target: skipped by normalize="sequence"
@@ -122,8 +196,23 @@ def upstream(case: Case, loss_shape: torch.Size) -> torch.Tensor:
     return up.abs() + 0.5 if len(loss_shape) == 0 else up
 
 
+def class_weights_of(case: Case) -> torch.Tensor | None:
+    """``[V]`` float64 class weights of ``case`` (deterministic), or None."""
+    if case.classes is None:
+        return None
+    g = torch.Generator().manual_seed(case.seed + 2)
+    weights = torch.rand(case.vocab, generator=g, dtype=torch.float64) * 2
+    weights[torch.rand(case.vocab, generator=g) < 0.15] = 0.0
+    if case.classes == "zero-targets":
+        weights[inputs(case)[3].clamp(min=0).flatten()] = 0.0
+    return weights
+
+
 def options_of(case: Case, token_weights: torch.Tensor | None) -> dict:
-    return {**DEFAULTS, **case.options, "token_weights": token_weights}
+    options = {**DEFAULTS, **case.options, "token_weights": token_weights}
+    if case.classes is not None:
+        options["class_weights"] = class_weights_of(case)
+    return options
 
 
 # --- the child process: runs the kernels under the interpreter ------------------------------
@@ -190,7 +279,31 @@ def behaviour() -> dict:
             out[name] = "no error"
         except RuntimeError as error:
             out[name] = str(error)
+    out["static_nan"] = static_nan_hidden()
     return out
+
+
+def static_nan_hidden() -> dict:
+    """Under ``lmloss.validation(False)`` (every row computed), a NaN hidden state at an
+    unscored position: each mode's loss and gradients, and the same with zeros there."""
+    case = BY_NAME["static-rows"]
+    results = {}
+    for mode in MODES:
+        for reduction in ("mean", "none"):
+            runs = []
+            for fill in (float("nan"), 0.0):
+                hidden, weight, bias, labels, _ = inputs(case)
+                labels[0, 3] = -100  # position 2 predicts it: unscored
+                with torch.no_grad():
+                    hidden[0, 2] = fill
+                with lmloss.validation(False):
+                    loss = lmloss.linear_cross_entropy(
+                        hidden, weight, labels, bias=bias, backend=mode, token_loss="focal_attached",
+                        **{**DEFAULTS, "reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-2},
+                    )  # fmt: skip
+                    runs.append((loss.detach(), torch.autograd.grad(loss.sum(), (hidden, weight, bias))))
+            results[mode, reduction] = runs
+    return results
 
 
 def child_main(out: str) -> None:
@@ -201,7 +314,7 @@ def child_main(out: str) -> None:
         for mode in MODES:
             try:
                 results[case.name, mode] = run_case(case, mode)
-            except Exception:
+            except Exception:  # noqa: BLE001  (recorded: the case's test fails with this traceback)
                 results[case.name, mode] = {"error": traceback.format_exc()}
     torch.save(results, out)
 
@@ -255,17 +368,22 @@ def test_float32_matches_reference(interpreted, name, mode):
         want_grads[1] = None
     loss = result["loss"]
     assert loss.dtype == torch.float32 and loss.shape == want_loss.shape and result["attached"]
-    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=case.atol)
     torch.testing.assert_close(result["no_grad_loss"], loss, rtol=0, atol=0)
     for label, g, w in zip(("hidden", "weight", "bias"), result["grads"], want_grads):
         assert (g is None) == (w is None), label
         if w is not None:
             assert g.dtype == torch.float32, label
-            torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=2e-6, msg=lambda m: f"d{label}: {m}")
+            torch.testing.assert_close(
+                g.double(), w, rtol=2e-5, atol=case.atol, msg=lambda m, label=label: f"d{label}: {m}"
+            )
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["all-ignored-mean", "all-ignored-none", "T1-nothing-scored"])
+@pytest.mark.parametrize(
+    "name", ["all-ignored-mean", "all-ignored-none", "T1-nothing-scored", "attached-all-ignored-mean",
+             "dft-all-ignored-none"]
+)  # fmt: skip
 def test_nothing_scored_gives_exact_zeros(interpreted, name, mode):
     """Exact zeros (not merely close): the loss is 0, finite, attached; every gradient is 0."""
     result = got(interpreted, name, mode)
@@ -282,6 +400,19 @@ def test_ignored_rows_cost_no_product(interpreted):
     assert interpreted["behaviour"]["product_rows"] == scored
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_static_shapes_ignore_a_nan_hidden_state_at_an_unscored_row(interpreted, mode, reduction):
+    """Every row computed (validation off): the unscored row's NaN reaches neither the loss
+    nor any gradient, which equal those with zeros at that row (the dhidden row is 0)."""
+    (nan_loss, nan_grads), (zero_loss, zero_grads) = interpreted["behaviour"]["static_nan"][mode, reduction]
+    torch.testing.assert_close(nan_loss, zero_loss, rtol=0, atol=0)
+    for label, got_grad, want in zip(("hidden", "weight", "bias"), nan_grads, zero_grads):
+        assert torch.isfinite(got_grad).all(), label
+        torch.testing.assert_close(got_grad, want, rtol=1e-6, atol=1e-7, msg=lambda m, label=label: f"d{label}: {m}")
+    assert bool((nan_grads[0][0, 2] == 0).all())
+
+
 def test_backward_twice_and_stale_weight(interpreted):
     """Memory mode recomputes in backward, so retain_graph works; speed mode made its
     gradients in forward, so it refuses a second backward and a weight changed since."""
@@ -292,11 +423,12 @@ def test_backward_twice_and_stale_weight(interpreted):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_bf16_error_is_no_worse_than_naive(interpreted, mode):
+@pytest.mark.parametrize("name", ["bf16", "bf16-attached"])
+def test_bf16_error_is_no_worse_than_naive(interpreted, name, mode):
     """DESIGN's tolerance rule: against the float64 truth, no worse than the naive bf16 path
     (bf16 logits, float32 loss) by more than a small margin."""
-    case = BY_NAME["bf16"]
-    result = got(interpreted, "bf16", mode)
+    case = BY_NAME[name]
+    result = got(interpreted, name, mode)
     want_loss, want_grads = truth(case)
     hidden, weight, bias, labels, token_weights = inputs(case)
     naive = causal_lm_loss(hidden @ weight.t() + bias, labels, **options_of(case, token_weights))
@@ -338,31 +470,45 @@ def test_float64_uses_the_chunked_math(lowmem):
 
 
 def test_newer_options_are_refused_unless_off():
-    hidden, weight, bias, labels, _ = inputs(Case("f64", dtype=torch.float64))
-    for option in (dict(token_loss="dft"), dict(token_loss="focal", focal_gamma=2.0), dict(some_future_weight=0.5)):
+    case = Case("f64", dtype=torch.float64)
+    hidden, weight, bias, labels, _ = inputs(case)
+    for option in (dict(some_future_weight=0.5), dict(some_future_flag=True)):
         name, value = next(iter(option.items()))
         with pytest.raises(ValueError, match=f"{name}={value!r} is not supported by the triton backends"):
             triton_linear_cross_entropy(hidden, weight, bias, labels, None, **DEFAULTS, **option)
     off = triton_linear_cross_entropy(
         hidden, weight, bias, labels, None, **DEFAULTS, token_loss="ce", focal_gamma=None, some_future_weight=0.0
     )
-    torch.testing.assert_close(off, truth(Case("f64", dtype=torch.float64))[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(off, truth(case)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lowmem", [False, True])
+def test_token_loss_is_taken_by_the_direct_entry_point(lowmem):
+    """``token_loss``/``focal_gamma`` reach the spec (float64: the chunked math), and a
+    gamma without a focal form is refused there, as everywhere."""
+    case = Case("f64-focal", dtype=torch.float64, options=dict(token_loss="focal_attached", focal_gamma=1.5))
+    hidden, weight, bias, labels, _ = inputs(case)
+    loss = triton_linear_cross_entropy(hidden, weight, bias, labels, 4, lowmem=lowmem, **options_of(case, None))
+    torch.testing.assert_close(loss, truth(case)[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=re.escape("focal_gamma=2.0 is only used with token_loss='focal'")):
+        triton_linear_cross_entropy(hidden, weight, bias, labels, 4, lowmem=lowmem, **DEFAULTS, focal_gamma=2.0)
 
 
 # Argument types of the kernels for a bf16 problem (pointers by name; scalars by kind).
 POINTER_TYPES = dict(
-    Z="*fp32", DZ="*bf16", BIAS="*bf16", Y="*i64", G="*fp32", LOSS="*fp32", H="*bf16", W="*bf16", ROWS="*i64",
+    Z="*fp32", DZ="*bf16", BIAS="*bf16", CLASS_W="*fp32", Y="*i64", COEF="*fp32", STATS="*fp32", H="*bf16", W="*bf16", ROWS="*i64",
     PART_MAX="*fp32", PART_SUM="*fp32", PART_TARGET="*fp32", PART_TOTAL="*fp32", LSE="*fp32",
     DH="*fp32", DW="*fp32", DB="*fp32",
 )  # fmt: skip
-FLOAT_ARGS = {"label_smoothing", "z_loss", "softcap"}
+FLOAT_ARGS = {"softcap"}
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter runs the kernels as Python, which Triton's compiler is stricter than
     (types of loop-carried values, constexpr use, dot shapes). Compile each kernel for
     sm_90 (ptxas ships in the triton wheel) with every option on, bf16 inputs, and the
-    block sizes the launcher uses on a GPU, down to a cubin."""
+    block sizes the launcher uses on a GPU, down to a cubin (the row kernel in its three
+    uses: both sweeps, statistics only, gradient only)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -370,13 +516,18 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
     assert not interpreting()
     tiles = tiles_for(128_256, interpret=False)
-    flags = math_constexprs(LossMath(label_smoothing=0.1, z_loss=1e-4, softcap=30.0), bias=True)
-    forward_flags = {k: v for k, v in flags.items() if k != "HAS_Z_LOSS"}
+    flags = math_constexprs(LossMath(label_smoothing=0.1, z_loss=1e-4, softcap=30.0), bias=True, classes=True)
     needs = dict(NEED_DH=True, NEED_DW=True, NEED_DB=True)
-    plans = [
-        (kernels.row_loss_grad_kernel, dict(flags, COMPUTE_GRAD=True, BLOCK_V=tiles.row_block_v),
-         dict(num_warps=tiles.row_warps)),
-        (kernels.lowmem_forward_kernel, dict(forward_flags, HAS_ROWS=True, **tiles.forward.constexprs(torch.bfloat16)),
+    row = [
+        (
+            kernels.row_loss_grad_kernel,
+            dict(flags, STATS_PASS=stats, GRAD_PASS=grad, BLOCK_V=tiles.row_block_v),
+            dict(num_warps=tiles.row_warps),
+        )
+        for stats, grad in ((True, True), (True, False), (False, True))
+    ]
+    plans = row + [
+        (kernels.lowmem_forward_kernel, dict(flags, HAS_ROWS=True, **tiles.forward.constexprs(torch.bfloat16)),
          tiles.forward.launch()),
         (kernels.lowmem_backward_kernel, dict(flags, HAS_ROWS=True, **needs, **tiles.backward.constexprs(torch.bfloat16)),
          tiles.backward.launch()),

@@ -10,8 +10,7 @@ bias``; only the backend differs:
   kernel per chunk for log-sum-exp, loss and the logits gradient in place.
 - ``"triton-lowmem"``: logits tiles never leave on-chip memory (recomputed in
   backward), for the largest vocabularies. Both run on CPU only under
-  ``TRITON_INTERPRET=1`` (the tests); ``token_loss`` other than ``"ce"`` and
-  ``class_weights`` are not there yet (refused with a ``ValueError``).
+  ``TRITON_INTERPRET=1`` (the tests).
 - ``"auto"``: ``"reference"`` when the logits are small enough that chunking cannot
   pay (below ``REFERENCE_MAX_LOGITS`` elements), else ``"chunked"``.
 
@@ -75,7 +74,7 @@ def linear_cross_entropy(
         softcap, token_weights, normalize, token_loss, focal_gamma, class_weights: exactly
             as in :func:`lmloss.causal_lm_loss` (DFT and focal weights are computed from
             each chunk's log-sum-exp and target logit and folded into its gradient;
-            ``class_weights``, ``[V]``, is torch's ``weight``; not on the Triton backends yet).
+            ``class_weights``, ``[V]``, is torch's ``weight``).
         backend: ``"auto"``, ``"chunked"`` or ``"reference"`` (see the module doc).
         chunk_size: tokens per chunk for ``"chunked"``; default from a memory budget
             and the shapes (``lmloss.fused.chunked.default_chunk_rows``).
@@ -136,26 +135,13 @@ def _triton(call: LinearCall) -> torch.Tensor:
     # Imported on use: triton is optional (the ``gpu`` extra) and slow to import.
     from lmloss.fused.triton import triton_backend
 
-    _refuse_class_weights(call, "triton")
     return triton_backend(call, lowmem=False)
 
 
 def _triton_lowmem(call: LinearCall) -> torch.Tensor:
     from lmloss.fused.triton import triton_backend
 
-    _refuse_class_weights(call, "triton-lowmem")
     return triton_backend(call, lowmem=True)
-
-
-def _refuse_class_weights(call: LinearCall, backend: str) -> None:
-    """The Triton kernels do not weigh classes yet: refused, never silently ignored.
-
-    (Per-call data, so the spec-option refusal in ``fused.triton`` does not see it.)"""
-    if call.class_weights is not None:
-        raise ValueError(
-            f"class_weights is not supported by backend={backend!r} yet; use backend='chunked' or "
-            "backend='reference'"
-        )
 
 
 # Backend name -> function; "auto" is resolved by _pick_backend first (never to a Triton

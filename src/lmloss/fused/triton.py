@@ -8,19 +8,19 @@ position). They differ in where the ``[tokens, vocab]`` logits live:
 ``"triton"`` (Liger-style): chunks of tokens; each chunk's logits come from the vendor
 matrix product (cuBLAS; on CUDA with bf16/fp16 inputs ``torch.mm(..., out_dtype=float32)``
 when this PyTorch has it, so the logits are not rounded), then ONE Triton kernel per
-chunk computes every row's loss (online log-sum-exp in float32, target logit, logit
-sum, z-loss, softcap) and, in a second sweep of the row, overwrites the chunk buffer
-with the gradient of the logits (in the inputs' dtype, computed in float32). Two more
+chunk computes every row's statistics (online log-sum-exp in float32, target logit,
+logit sum, after the softcap) and, in a second sweep of the row, overwrites the chunk
+buffer with the gradient of the logits (in the inputs' dtype, computed in float32). With
+a DFT/focal weight the second sweep is a second launch: the weight comes from the
+row's statistics, computed on the host between the two. Two more
 products give ``dh = dz @ W`` and ``dW += dz^T @ h`` (float32 accumulation). With
 ``reduction="sum"``/``"mean"`` the gradients are complete after forward and backward
 only scales them; with ``"none"`` backward recomputes the chunks with each token's
 upstream gradient folded in (Liger #968).
 
-``"triton-lowmem"`` (Cut Cross-Entropy-style): logits exist only as register tiles.
-Forward writes per-row log-sum-exp statistics (``O(tokens)`` memory); backward
-recomputes the tiles and accumulates ``dh`` and ``dW`` with float32 atomics. Memory on
-top of inputs and gradients: float32 ``dh``/``dW`` accumulators and a few ``[tokens]``
-vectors. Backward may run more than once (``retain_graph`` works).
+``"triton-lowmem"`` (Cut Cross-Entropy-style, :mod:`lmloss.fused.triton_lowmem`): logits
+exist only as register tiles, recomputed in backward; ``O(tokens)`` memory besides the
+inputs and float32 gradient accumulators. Backward may run more than once.
 
 Ignored targets. With value checks on (the default) the scored rows are found with
 one ``nonzero`` (a host synchronisation on GPU) and only they enter the products:
@@ -34,17 +34,19 @@ of the products, would still have to be read on the host, so it buys nothing her
 On CPU tensors the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1``
 set before ``triton`` is imported; slow, for tests): otherwise a ``ValueError``.
 float64 inputs use the chunked backend (the kernels compute in float32).
+
+One row math. The kernels hold no loss formula: each row's loss comes from the kernels'
+row statistics through the engine's ``token_terms``, and the kernels apply the gradient
+of its logits with per-row coefficients derived from the engine's gradient, so every
+option of the row math is computed exactly as there (:mod:`lmloss.fused.triton_launch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from types import ModuleType
 from typing import Any
 
 import torch
-import triton
 
 from lmloss._engine.autograd import Job, Run, rows_loss
 from lmloss._engine.chunks import (
@@ -52,16 +54,26 @@ from lmloss._engine.chunks import (
     LinearCall,
     Rows,
     buffer_rows,
-    chunk_indices,
     default_chunk_rows,
-    needs_grad,
-    scored_rows,
+    hidden_chunks,
 )
-from lmloss._engine.guard import refuse_create_graph
-from lmloss._engine.rowmath import LossMath, token_terms
+from lmloss._engine.rowmath import LossMath
 from lmloss._spec import SPEC_OPTIONS, LossSpec, Normalize, Reduction
 from lmloss.fused.chunked import chunked_linear_cross_entropy
+from lmloss.fused.triton_launch import (
+    contiguous_rows,
+    grad_coefficients,
+    interpreting,
+    kernels_for,
+    math_constexprs,
+    row_classes,
+    terms_of_stats,
+    tiles_for,
+)
+from lmloss.fused.triton_lowmem import lowmem_rows_linear_cross_entropy
 
+# Re-exported for callers of the earlier single module: interpreting, kernels_for,
+# tiles_for, math_constexprs, grad_coefficients, row_classes, lowmem_rows_linear_cross_entropy.
 __all__ = [
     "TRITON_BACKENDS",
     "triton_linear_cross_entropy",
@@ -72,11 +84,16 @@ __all__ = [
     "kernels_for",
     "tiles_for",
     "math_constexprs",
+    "grad_coefficients",
+    "row_classes",
 ]
 
 TRITON_BACKENDS: tuple[str, ...] = ("triton", "triton-lowmem")
 # The LossSpec options the kernels compute (the others must be off; see _refuse_unsupported).
-KERNEL_OPTIONS = ("shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize")
+KERNEL_OPTIONS = (
+    "shift", "ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "normalize", "token_loss",
+    "focal_gamma",
+)  # fmt: skip
 
 # aten::mm.dtype / addmm.dtype (bf16 in, float32 out) exist on CUDA from PyTorch 2.8 on.
 _HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
@@ -114,18 +131,29 @@ def triton_linear_cross_entropy(
         lowmem: ``True`` for ``"triton-lowmem"``.
         shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
         softcap, token_weights, normalize: as in :func:`lmloss.causal_lm_loss`.
-        other_options: options newer than these backends, accepted only at a value
-            that turns them off (``token_loss="ce"``; otherwise False, 0 or None).
+        other_options: ``token_loss``, ``focal_gamma`` and ``class_weights`` (as in
+            :func:`lmloss.causal_lm_loss`), and options newer than these backends,
+            accepted only at a value that turns them off (False, 0 or None).
 
     Returns:
         A float32 scalar, or ``[..., T]`` aligned with ``labels`` for ``reduction="none"``
         (float64 for float64 inputs).
     """
-    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    z_loss=z_loss, softcap=softcap, normalize=normalize,
-                    token_loss=other_options.get("token_loss", "ce"), focal_gamma=other_options.get("focal_gamma"))
+    token_loss, focal_gamma = other_options.pop("token_loss", "ce"), other_options.pop("focal_gamma", None)
+    class_weights = other_options.pop("class_weights", None)
+    spec = LossSpec(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalize=normalize,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
     _refuse_unsupported(other_options)
-    call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size)
+    call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size, class_weights)
     return triton_backend(call, lowmem=lowmem)
 
 
@@ -149,128 +177,13 @@ def triton_backend(call: LinearCall, *, lowmem: bool) -> torch.Tensor:
 
 
 def _refuse_unsupported(options: dict[str, Any]) -> None:
-    """Options the kernels do not compute yet are refused unless they are off.
-
-    ``token_loss`` (DFT/focal weights) is off at ``"ce"``; its ``focal_gamma`` is then
-    unused (the caller has already refused a gamma without a focal ``token_loss``).
-    Any other, newer option is off at None, False or 0.
-    """
-    options = dict(options)
-    token_loss = options.pop("token_loss", "ce")
-    options.pop("focal_gamma", None)
-    if token_loss != "ce":
-        raise ValueError(
-            f"token_loss={token_loss!r} is not supported by the triton backends yet; use backend='chunked' "
-            "or backend='reference'"
-        )
+    """Options the kernels do not compute yet are refused unless they are off (None, False or 0)."""
     for name, value in options.items():
         if value is not None and value is not False and value != 0:
             raise ValueError(
                 f"{name}={value!r} is not supported by the triton backends yet; use backend='chunked' "
                 "or backend='reference'"
             )
-
-
-# --- kernels, compiled or interpreted -------------------------------------------------------
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels under its interpreter in this process.
-
-    The interpreter is chosen once per process, by ``TRITON_INTERPRET=1`` set before
-    ``triton`` is imported: Triton's own library functions (``tl.max``, ``tl.sum``)
-    are made interpreted or compiled at that import.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton.language.zeros, InterpretedFunction)
-
-
-def kernels_for(device: torch.device) -> ModuleType:
-    """The kernel module, after checking that its kernels can run on ``device``."""
-    if device.type == "cpu" and not interpreting():
-        raise ValueError(
-            "backend='triton'/'triton-lowmem' runs on CUDA tensors; on CPU only under the Triton interpreter "
-            "(TRITON_INTERPRET=1 set before triton is first imported, for tests). Use backend='chunked' on CPU"
-        )
-    from lmloss.fused import _triton_kernels
-
-    return _triton_kernels
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One lowmem kernel's tile ``[block_m rows, block_v columns]``, stepping ``block_d``
-    over the hidden size, and its launch options."""
-
-    block_m: int
-    block_v: int
-    block_d: int
-    warps: int
-    stages: int
-
-    def constexprs(self, dtype: torch.dtype) -> dict[str, Any]:
-        """The kernel's tile arguments for inputs of ``dtype``."""
-        return dict(
-            BLOCK_M=self.block_m,
-            BLOCK_V=self.block_v,
-            BLOCK_D=self.block_d,
-            # float32 inputs: true float32 products (Triton's default would be TF32, unlike torch).
-            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-            DOT_IN_FP32=interpreting(),  # the interpreter's bf16 tl.dot is wrong (see _triton_kernels)
-        )
-
-    def launch(self) -> dict[str, int]:
-        return dict(num_warps=self.warps, num_stages=self.stages)
-
-
-@dataclass(frozen=True)
-class Tiles:
-    """Block sizes of every kernel.
-
-    ``row_block_v``/``row_warps``: the speed-mode row kernel's vocabulary block.
-    ``forward``/``backward``: the memory-mode kernels' tiles.
-    """
-
-    row_block_v: int
-    row_warps: int
-    forward: Tile
-    backward: Tile
-
-
-def tiles_for(vocab: int, interpret: bool) -> Tiles:
-    """The block sizes. The interpreter gets small blocks, so that tests on tiny shapes
-    still cross block boundaries (several vocabulary and hidden blocks per row).
-
-    GPU: chosen so that ``ptxas`` reports no (forward) or little (backward, 136 bytes)
-    register spilling for sm_90 with every option on; not yet timed on hardware.
-    """
-    if interpret:
-        small = Tile(block_m=16, block_v=32, block_d=16, warps=1, stages=1)
-        return Tiles(row_block_v=32, row_warps=1, forward=small, backward=small)
-    return Tiles(
-        row_block_v=min(triton.next_power_of_2(vocab), 16384),  # a 128k-256k row in a few blocks
-        row_warps=16,
-        forward=Tile(block_m=128, block_v=128, block_d=32, warps=8, stages=3),
-        backward=Tile(block_m=128, block_v=128, block_d=32, warps=16, stages=3),
-    )
-
-
-def math_constexprs(math: LossMath, bias: bool) -> dict[str, bool]:
-    """The option flags every kernel takes (each kernel compiles only what it uses)."""
-    return dict(
-        HAS_BIAS=bias,
-        HAS_SMOOTHING=math.label_smoothing > 0,
-        HAS_Z_LOSS=math.z_loss > 0,
-        HAS_SOFTCAP=math.softcap is not None,
-    )
-
-
-def _loss_of_stats(
-    lse: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None, vocab: int, math: LossMath
-) -> torch.Tensor:
-    """``[n]`` losses from the ``[n]`` log-sum-exps, target logits and logit sums (softcapped)."""
-    return token_terms(lse, lse - target, total, math, vocab).loss
 
 
 # --- speed mode ---------------------------------------------------------------------------
@@ -284,11 +197,11 @@ def triton_rows_linear_cross_entropy(
     Args:
         rows: float32/bf16/fp16 ``[N, D]`` hidden states, the head, ``[N]`` targets and
             float32 coefficients (``_engine.chunks.Rows``).
-        math: label smoothing, z-loss, softcap.
+        math: the row math's options (label smoothing, z-loss, softcap, DFT/focal weights).
         reduce_sum: the scalar sum, with gradients made during forward.
         chunk_rows: rows per chunk; default from ``default_chunk_rows``.
     """
-    rows = _contiguous(rows)
+    rows = contiguous_rows(rows)
     hidden, weight = rows.hidden, rows.weight
     if chunk_rows is None:
         row_bytes = (4 + hidden.element_size()) if _wide_logits(hidden) else hidden.element_size()
@@ -296,13 +209,13 @@ def triton_rows_linear_cross_entropy(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
     # The products add into the weight's gradient: it is zeroed first.
-    job = Job("linear_cross_entropy (triton)", "use backend='triton-lowmem'", partial(_runner, math, chunk_rows),
-              zero_weight=True)
+    job = Job(
+        "linear_cross_entropy (triton)",
+        "use backend='triton-lowmem'",
+        partial(_runner, math, chunk_rows),
+        zero_weight=True,
+    )
     return rows_loss(rows, job, reduce_sum)
-
-
-def _contiguous(rows: Rows) -> Rows:
-    return Rows(rows.hidden.contiguous(), rows.weight.contiguous(), rows.bias, rows.targets, rows.coef)
 
 
 def _wide_logits(hidden: torch.Tensor) -> bool:
@@ -323,10 +236,13 @@ def _run_chunks(
     hidden, weight, bias = rows.inputs
     n_rows = hidden.shape[0]
     losses = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
-    chunk = _Chunk(buffer_rows(n_rows, scored, chunk_rows), weight, grads is not None, _wide_logits(hidden))
-    for index in chunk_indices(n_rows, scored, chunk_rows):
+    chunk = _Chunk(
+        buffer_rows(n_rows, scored, chunk_rows), weight, grads is not None, _wide_logits(hidden), rows.class_weights
+    )
+    # Static shapes: the unscored rows' hidden states come zeroed (a NaN there must not reach dW).
+    for index, h in hidden_chunks(hidden, g, scored, chunk_rows):
         a = rows.coef[index]
-        loss = chunk.run(hidden[index], weight, bias, rows.targets[index], g[index], math, grads, index)
+        loss = chunk.run(h, weight, bias, rows.targets[index], g[index], math, grads, index)
         losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))
     return losses
 
@@ -336,11 +252,14 @@ class _Chunk:
 
     ``z`` holds the logits (float32 when the product can write float32, else the
     inputs' dtype); ``dz`` the gradient in the inputs' dtype, the same buffer as ``z``
-    unless ``z`` is the wider float32 one.
+    unless ``z`` is the wider float32 one. ``class_weights``: float32 ``[V]`` or None.
     """
 
-    def __init__(self, rows: int, weight: torch.Tensor, with_grad: bool, wide: bool):
+    def __init__(
+        self, rows: int, weight: torch.Tensor, with_grad: bool, wide: bool, class_weights: torch.Tensor | None
+    ):
         vocab, dtype, device = weight.shape[0], weight.dtype, weight.device
+        self.class_weights = class_weights
         self.z = torch.empty(rows, vocab, dtype=torch.float32 if wide else dtype, device=device)
         self.dz = torch.empty(rows, vocab, dtype=dtype, device=device) if wide and with_grad else self.z
         self.wide = wide
@@ -358,24 +277,54 @@ class _Chunk:
         grads: Grads | None,
         index: torch.Tensor | slice,
     ) -> torch.Tensor:
-        """Unweighted ``[c]`` losses of the chunk; with ``grads``, accumulate its gradients."""
+        """Unweighted ``[c]`` losses of the chunk; with ``grads``, accumulate its gradients
+        of ``sum(g * loss)``.
+
+        Plain cross-entropy: one launch, both sweeps (the coefficients are known before
+        it). With a DFT/focal weight: a statistics launch, the weights from the row
+        math on the host, then a gradient launch (one more read of the chunk).
+        """
         c, vocab = h.shape[0], weight.shape[0]
         z, dz = self.z[:c], self.dz[:c]
         if self.wide:
             torch.mm(h, weight.t(), out_dtype=torch.float32, out=z)
         else:
             torch.mm(h, weight.t(), out=z)
-        loss = torch.empty(c, dtype=torch.float32, device=h.device)
-        self.kernels.row_loss_grad_kernel[(c,)](
-            z, dz, z if bias is None else bias, y, g.to(torch.float32), loss,
-            z.stride(0), dz.stride(0), vocab,
-            math.label_smoothing, math.z_loss, 1.0 if math.softcap is None else math.softcap,
-            **math_constexprs(math, bias is not None), COMPUTE_GRAD=grads is not None,
-            BLOCK_V=self.tiles.row_block_v, num_warps=self.tiles.row_warps,
-        )  # fmt: skip
+        stats = torch.empty(3, c, dtype=torch.float32, device=h.device)
+        classes = row_classes(self.class_weights, y)
+        fused = grads is not None and not math.weighted
+        coef = grad_coefficients(g, None, None, math, vocab, classes) if fused else stats
+        self._launch(z, dz, bias, y, coef, stats, math, stats_pass=True, grad_pass=fused)
+        terms = terms_of_stats(stats[0], stats[1], stats[2], vocab, math, classes)
+        if grads is not None and not fused:
+            coef = grad_coefficients(g, terms.w, terms.k, math, vocab, classes)
+            self._launch(z, dz, bias, y, coef, stats, math, stats_pass=False, grad_pass=True)
         if grads is not None:
             _accumulate(dz, h, weight, grads, index, self.wide)
-        return loss
+        return terms.loss
+
+    def _launch(
+        self,
+        z: torch.Tensor,
+        dz: torch.Tensor,
+        bias: torch.Tensor | None,
+        y: torch.Tensor,
+        coef: torch.Tensor,
+        stats: torch.Tensor,
+        math: LossMath,
+        *,
+        stats_pass: bool,
+        grad_pass: bool,
+    ) -> None:
+        """One row kernel launch over the chunk's ``[c, V]`` logits ``z`` (see ``row_loss_grad_kernel``)."""
+        c, vocab = z.shape
+        classes = self.class_weights
+        self.kernels.row_loss_grad_kernel[(c,)](
+            z, dz, z if bias is None else bias, stats if classes is None else classes, y, coef, stats,
+            z.stride(0), dz.stride(0), c, vocab, 1.0 if math.softcap is None else math.softcap,
+            **math_constexprs(math, bias is not None, classes is not None), STATS_PASS=stats_pass, GRAD_PASS=grad_pass,
+            BLOCK_V=self.tiles.row_block_v, num_warps=self.tiles.row_warps,
+        )  # fmt: skip
 
 
 def _accumulate(
@@ -396,126 +345,3 @@ def _accumulate(
             grads.weight.addmm_(dz.t().to(torch.float32), h.to(torch.float32))
     if grads.bias is not None:
         grads.bias += dz.sum(dim=0, dtype=torch.float32)
-
-
-# --- memory mode --------------------------------------------------------------------------
-
-
-def lowmem_rows_linear_cross_entropy(rows: Rows, *, math: LossMath, reduce_sum: bool) -> torch.Tensor:
-    """Memory mode on rows: ``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms.
-
-    Arguments as :func:`triton_rows_linear_cross_entropy` (no chunks). The gradients
-    are made in backward by recomputing the logits tiles.
-    """
-    rows = _contiguous(rows)
-    needs = needs_grad(*rows.inputs)
-    return _LowMem.apply(*rows.inputs, rows.targets, rows.coef, math, reduce_sum, needs)
-
-
-class _LowMem(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        math: LossMath,
-        reduce_sum: bool,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
-        lse, loss = _lowmem_forward(hidden, weight, bias, rows, y, math)
-        weighted = torch.where(a != 0, loss * a, torch.zeros_like(loss))
-        losses = weighted if rows is None else weighted.new_zeros(hidden.shape[0]).index_copy_(0, rows, weighted)
-        ctx.math, ctx.reduce_sum, ctx.needs = math, reduce_sum, needs
-        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse)
-        return losses.sum() if reduce_sum else losses
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
-        hidden, weight, bias, rows, y, a, lse = ctx.saved_tensors
-        grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
-        if any(ctx.needs) and y.numel() > 0:
-            upstream = grad_output.to(torch.float32)
-            if not ctx.reduce_sum and rows is not None:
-                upstream = upstream[rows]
-            g = (a * upstream).contiguous()  # each scored row's factor of d(loss)
-            _lowmem_backward(hidden, weight, bias, rows, y, g, lse, ctx.math, grads)
-        grads.finished()
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None
-
-
-def _lowmem_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    y: torch.Tensor,
-    math: LossMath,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n]`` log-sum-exp and unweighted loss of the ``n`` rows (compact order)."""
-    n, vocab = y.numel(), weight.shape[0]
-    tile = tiles_for(vocab, interpreting()).forward
-    splits, per_split = _vocab_splits(hidden.device, n, vocab, tile)
-    part = torch.empty(4, splits, n, dtype=torch.float32, device=hidden.device)
-    if n > 0:
-        flags = math_constexprs(math, bias is not None)
-        del flags["HAS_Z_LOSS"]  # added after the kernel, from the log-sum-exp
-        kernels_for(hidden.device).lowmem_forward_kernel[(triton.cdiv(n, tile.block_m), splits)](
-            hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y,
-            part[0], part[1], part[2], part[3],
-            n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
-            1.0 if math.softcap is None else math.softcap, per_split,
-            **flags, HAS_ROWS=rows is not None, **tile.constexprs(hidden.dtype), **tile.launch(),
-        )  # fmt: skip
-    # Merge the splits: every split saw at least one column, so each max is finite.
-    top = part[0].amax(dim=0)
-    lse = top + torch.log((part[1] * torch.exp(part[0] - top)).sum(dim=0))
-    total = part[3].sum(dim=0) if math.label_smoothing > 0 else None
-    return lse, _loss_of_stats(lse, part[2].sum(dim=0), total, vocab, math)
-
-
-def _vocab_splits(device: torch.device, n: int, vocab: int, tile: Tile) -> tuple[int, int]:
-    """``(splits, vocabulary blocks per split)``: enough programs to fill the GPU when
-    the row blocks alone are few; every split gets at least one block."""
-    blocks = triton.cdiv(vocab, tile.block_v)
-    if device.type == "cuda" and not interpreting():
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = triton.cdiv(programs, max(1, triton.cdiv(n, tile.block_m)))
-    else:
-        splits = 2  # the interpreter (tests): exercise the merge of splits
-    splits = max(1, min(splits, blocks))
-    return splits, triton.cdiv(blocks, splits)
-
-
-def _lowmem_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    y: torch.Tensor,
-    g: torch.Tensor,
-    lse: torch.Tensor,
-    math: LossMath,
-    grads: Grads,
-) -> None:
-    """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically)."""
-    n, vocab = y.numel(), weight.shape[0]
-    tile = tiles_for(vocab, interpreting()).backward
-    dummy = lse  # any float32 tensor stands in for an absent gradient buffer
-    dh, dw, db = grads.hidden, grads.weight, grads.bias
-    grid = (triton.cdiv(n, tile.block_m), triton.cdiv(vocab, tile.block_v))
-    kernels_for(hidden.device).lowmem_backward_kernel[grid](
-        hidden, weight, hidden if bias is None else bias, y if rows is None else rows, y, g, lse,
-        dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
-        n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
-        0 if dh is None else dh.stride(0), 0 if dw is None else dw.stride(0),
-        math.label_smoothing, math.z_loss, 1.0 if math.softcap is None else math.softcap,
-        **math_constexprs(math, bias is not None), HAS_ROWS=rows is not None,
-        NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-        **tile.constexprs(hidden.dtype), **tile.launch(),
-    )  # fmt: skip
