@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import lmloss._shard_group as shard_group
 from _dist import run_gloo
 from _truth import naive_loss
 from lmloss import causal_lm_loss, validation
-from lmloss import parallel
 from lmloss.parallel import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -227,15 +227,15 @@ def _run_case(case: dict[str, Any], data: dict[str, torch.Tensor], rank: int, co
     hidden = data["hidden"].to(dtype).clone().requires_grad_()
     # The logits form sizes its chunks locally: a tiny budget gives 6-row chunks on rank 0
     # and 4-row chunks on rank 1 (it gathers once per call whatever the chunks).
-    chunk_bytes = 4 * 14 * 8 if case["chunk"] else parallel._CHUNK_BYTES
-    min_rows = parallel._MIN_CHUNK_ROWS
+    chunk_bytes = 4 * 14 * 8 if case["chunk"] else shard_group.CHUNK_BYTES
+    min_rows = shard_group.MIN_CHUNK_ROWS
     if case.get("tiny_budget"):
         # The fused form's default chunk then follows from the hidden states' own size:
         # 12 rows * 8 * 8 bytes over 8 bytes * ceil(23 / 2) columns = 8 rows on *both* ranks.
         chunk_bytes, min_rows = 1, 1
     counter.take()
-    with validation(not case.get("static", False)), mock.patch.object(parallel, "_CHUNK_BYTES", chunk_bytes), \
-            mock.patch.object(parallel, "_MIN_CHUNK_ROWS", min_rows):
+    with validation(not case.get("static", False)), mock.patch.object(shard_group, "CHUNK_BYTES", chunk_bytes), \
+            mock.patch.object(shard_group, "MIN_CHUNK_ROWS", min_rows):
         if case["api"] == "linear":
             shard = data["weight"][start:stop].to(dtype).clone().requires_grad_()
             loss = vocab_parallel_linear_cross_entropy(
@@ -510,7 +510,7 @@ def test_bfloat16_is_no_worse_than_the_naive_bfloat16_path(launched):
 
 @pytest.mark.distributed
 def test_all_masked_batches_are_an_attached_zero_with_zero_gradients(launched):
-    data, cases, ranks = launched
+    _, cases, ranks = launched
     masked = [i for i, c in enumerate(cases) if c["options"].get("labels") == "masked"]
     assert len(masked) == 12
     for i in masked:
@@ -637,7 +637,7 @@ def test_vocab_shard_bounds_tile_the_vocabulary():
 
 def test_without_torch_distributed_the_error_says_so():
     assert not dist.is_initialized()
-    with pytest.raises(ValueError, match="need torch.distributed initialized"):
+    with pytest.raises(ValueError, match=r"need torch\.distributed initialized"):
         vocab_parallel_linear_cross_entropy(
             torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), group=None
         )
@@ -647,7 +647,7 @@ def test_without_torch_distributed_the_error_says_so():
 def test_the_class_weights_are_told_apart_by_these_data(launched):
     """Each class-weight case's truth differs from the same case without class weights
     (so the cases above can fail if a rank ignores them), and the zero-divisor mean is 0."""
-    data, cases, _ = launched
+    data, _, _ = launched
     for options in CLASS_WEIGHT_SETS:
         case = {"api": "logits", "reduction": "mean", "options": options, "dtype": torch.float64}
         plain = {**case, "options": {k: v for k, v in options.items() if k != "class_weights"}}

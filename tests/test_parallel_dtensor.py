@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _dist import run_gloo
 
+from _dist import run_gloo
 from lmloss import causal_lm_loss
 from lmloss.parallel import (
     vocab_parallel_cross_entropy,

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import run_gloo
-from test_parallel import CollectiveCounter
 
+from _dist import run_gloo
 from lmloss import validation
 from lmloss.logprobs import TokenLogprobs
 from lmloss.parallel import vocab_parallel_linear_token_logprobs
+from test_parallel import CollectiveCounter
 
 V, D = 23, 8
 SHARDS = [(0, 9), (9, 23)]  # uneven: 9 and 14 rows
@@ -239,8 +239,8 @@ def test_the_cases_cover_what_they_claim(launched):
 @pytest.mark.distributed
 def test_all_masked_batches_give_zeros_and_zero_gradients(launched):
     _, cases, ranks = launched
-    masked = [i for i, c in enumerate(cases) if c["options"].get("labels") == "masked" or c["shape"] == "3x1"
-              and c["options"]["shift"]]
+    masked = [i for i, c in enumerate(cases) if c["options"].get("labels") == "masked" or (c["shape"] == "3x1"
+              and c["options"]["shift"])]
     assert len(masked) == 4
     for i in masked:
         for rank in ranks:
@@ -299,6 +299,6 @@ def test_takes_the_options_of_linear_token_logprobs_spelled_alike():
 
 def test_without_torch_distributed_the_error_says_so():
     assert not dist.is_initialized()
-    with pytest.raises(ValueError, match="need torch.distributed initialized"):
+    with pytest.raises(ValueError, match=r"need torch\.distributed initialized"):
         vocab_parallel_linear_token_logprobs(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long),
                                              group=None)

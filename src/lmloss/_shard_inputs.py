@@ -9,6 +9,7 @@ the fail-together protocol, so that no other rank waits in a collective for it.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -105,6 +106,7 @@ def check_logprob_options(
     check_int("ignore_index", ignore_index)
     check_bool("with_entropy", with_entropy)
     check_real("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
+    real = cast(float, temperature)  # check_real has just refused anything but a real number
+    if not (math.isfinite(real) and real > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     check_softcap(softcap)

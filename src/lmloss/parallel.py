@@ -13,8 +13,9 @@ and then, identically on every rank, ``M = max_r m_r``, ``lse = M + log(sum_r s_
 exp(m_r - M))``, ``z_y = sum_r t_r`` and ``sum(z) = sum_r u_r``. From these the loss,
 its DFT/focal weight and the gradient of each shard's logits are the engine's
 (``lmloss._engine.reducer.ShardReducer`` and ``lmloss._engine.rowmath``, the same
-code as on one process); the weight costs no collective. This module holds what is
-about parallelism: the layout, the collectives and the fail-together protocol.
+code as on one process); the weight costs no collective. What is about parallelism
+(the layout, the chunking, the collectives and the fail-together protocol) is
+``lmloss._shard_group``'s; this module holds the public functions.
 
 **Collectives.** The four numbers of a chunk of ``c`` tokens travel in *one*
 all-gather of a ``[c, 4]`` tensor and every rank combines them locally. The
@@ -76,21 +77,13 @@ job under torchrun). With gloo (CPU tensors) the flag is read whatever the setti
 
 from __future__ import annotations
 
-import math as _math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 from lmloss._dtensor import local_bias, localize
-from lmloss._engine.chunks import (
-    autocast_inputs,
-    chunk_indices,
-    needs_grad,
-    scored_rows,
-)
+from lmloss._engine.chunks import autocast_inputs, needs_grad
 from lmloss._engine.logprobs import LogprobOptions, ShardLogprobs, linear_logprobs
 from lmloss._engine.plan import (
     compute_dtype,
@@ -102,6 +95,17 @@ from lmloss._engine.plan import (
 from lmloss._engine.reducer import ShardReducer
 from lmloss._engine.rowmath import LossMath
 from lmloss._engine.sharded import ShardedLinearCE, ShardedLogitsCE
+from lmloss._shard_group import (
+    ShardLayout,
+    check_initialized,
+    default_chunk_rows,
+    fail_together,
+    first_gather_rows,
+    gather_layout,
+    gather_stats,
+    logits_chunk_rows,
+    resolve_layout,
+)
 from lmloss._shard_inputs import (
     bias_problem,
     check_hidden,
@@ -111,12 +115,7 @@ from lmloss._shard_inputs import (
     weight_problem,
 )
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
-from lmloss._validation import (
-    check_int,
-    check_label_range,
-    check_labels,
-    value_checks_enabled,
-)
+from lmloss._validation import check_int, check_label_range, check_labels
 from lmloss.logprobs import TokenLogprobs
 
 __all__ = [
@@ -127,26 +126,8 @@ __all__ = [
     "vocab_shard_bounds",
 ]
 
-# Bytes of one [rows, V_r] chunk that the default chunk size aims for (as the
-# single-process chunked backend: large enough for fast products).
-_CHUNK_BYTES = 256 * 2**20
-_MIN_CHUNK_ROWS = 64
-# A sum of exponentials is never negative: a bad rank's statistics carry this instead.
-_BAD_INPUT_MARK = -1.0
-
 
 # --- the vocabulary layout ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where this rank's shard lies: rows ``[start, start + size)`` of a ``vocab_size`` vocabulary."""
-
-    group: dist.ProcessGroup | None
-    world_size: int
-    start: int
-    size: int
-    vocab_size: int
 
 
 def vocab_shard_bounds(vocab_size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -185,177 +166,26 @@ def vocab_layout(
         ValueError: on every rank alike when the shards do not tile ``[0, V)``
             exactly (overlap, gap, or a shard outside the vocabulary).
     """
-    _check_initialized(group)
+    check_initialized(group)
     shard_size = check_int("shard_size", shard_size)
     if vocab_start is not None:
         check_int("vocab_start", vocab_start)
-    return _gather_layout(shard_size, group, vocab_start, None)
-
-
-def _gather_layout(
-    shard_size: int, group: dist.ProcessGroup | None, vocab_start: int | None, problem: str | None
-) -> tuple[int, int]:
-    """One all-gather of ``(start, size, bad-input flag)`` per rank; raises on every rank alike."""
-    mine = torch.tensor(
-        [-1 if vocab_start is None else vocab_start, shard_size, int(problem is not None)], dtype=torch.int64
-    )
-    world = dist.get_world_size(group)
-    gathered = torch.empty(world * 3, dtype=torch.int64, device=_collective_device(group))
-    _all_gather(gathered, mine.to(gathered.device), group)
-    starts, sizes, flags = gathered.view(world, 3).cpu().T.tolist()
-    flagged = [r for r in range(world) if flags[r]]
-    if flagged:
-        raise _together_error(flagged, problem)
-    in_order = 0
-    for r in range(world):  # ranks without a start follow the previous ones
-        if starts[r] < 0:
-            starts[r] = in_order
-        in_order = starts[r] + sizes[r]
-    _check_tiling(starts, sizes)
-    return starts[dist.get_rank(group)], sum(sizes)
-
-
-def _check_tiling(starts: list[int], sizes: list[int]) -> None:
-    """The same gathered numbers on every rank, so every rank raises alike (no hang)."""
-    if any(size < 0 for size in sizes) or sum(sizes) < 1:
-        raise ValueError(f"vocabulary shard sizes must be >= 0 with a total >= 1, got {sizes}")
-    expected = 0
-    for start, size, rank in sorted(zip(starts, sizes, range(len(sizes)))):
-        if start != expected:
-            raise ValueError(
-                f"vocabulary shards must tile [0, V) without gap or overlap: rank {rank} starts at {start} "
-                f"but the shards before it end at {expected} (starts {starts}, sizes {sizes})"
-            )
-        expected = start + size
-
-
-def _resolve_layout(
-    group: dist.ProcessGroup | None,
-    shard_size: int,
-    vocab_start: int | None,
-    vocab_size: int | None,
-    problem: str | None,
-) -> tuple[_Layout, str | None]:
-    """The layout, and this rank's bad-input message (``None`` if its input is fine).
-
-    When the layout is gathered, a bad input on any rank raises here on every rank.
-    When it is given, a bad input comes back to the caller, which tells the other
-    ranks in the first statistics gather (:func:`_fail_together`).
-    """
-    _check_initialized(group)
-    if vocab_size is not None:
-        check_int("vocab_size", vocab_size)
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
-        problem = problem or f"vocab_start must be an int or None, got {vocab_start!r}"
-        vocab_start = 0
-    if vocab_start is None or vocab_size is None:
-        start, total = _gather_layout(shard_size, group, vocab_start, problem)
-        if vocab_size is not None and vocab_size != total:
-            raise ValueError(f"vocab_size={vocab_size} but the shards of the group add up to {total} rows")
-        vocab_start, vocab_size = start, total
-    # Given both, nothing is gathered, so only this rank's own shard can be checked.
-    elif problem is None and (vocab_size < 1 or vocab_start < 0 or vocab_start + shard_size > vocab_size):
-        problem = (
-            f"this rank's shard, rows [{vocab_start}, {vocab_start + shard_size}), does not fit in a "
-            f"vocabulary of vocab_size={vocab_size}"
-        )
-    layout = _Layout(group, dist.get_world_size(group), vocab_start, shard_size, max(vocab_size, 1))
-    return layout, problem
-
-
-def _together_error(flagged: list[int], problem: str | None) -> ValueError:
-    """The same error on every rank once the bad-input flags of all ranks are known.
-
-    ``problem`` is this rank's own finding (``None`` on the good ranks).
-    """
-    where = f"rank {flagged[0]}" if len(flagged) == 1 else "ranks " + ", ".join(map(str, flagged))
-    message = f"vocab-parallel loss: bad input on {where} of the group"
-    if problem is not None:
-        message += f": {problem}"
-    else:
-        message += " (that rank's own error says what is wrong)"
-    return ValueError(message + "; every rank of the group raises this, so that none waits in a collective")
-
-
-def _fail_together(problem: str, first_rows: int, layout: _Layout, device: torch.device) -> NoReturn:
-    """Join the other ranks' first statistics gather with a marked block, then raise.
-
-    ``first_rows`` is the row count of that gather, known from the replicated labels;
-    with none there is no collective to join and nobody waits.
-    """
-    rank = dist.get_rank(layout.group)
-    if first_rows == 0 or layout.world_size == 1:
-        raise _together_error([rank], problem)
-    marked = torch.full((first_rows, 4), _math.nan, dtype=torch.float64, device=device)
-    marked[:, 1] = _BAD_INPUT_MARK
-    gathered = _gather_stats(marked, layout, first=False)
-    flagged = (gathered[:, 0, 1] < 0).nonzero().flatten().tolist()
-    raise _together_error(flagged or [rank], problem)
-
-
-def _check_initialized(group: dist.ProcessGroup | None) -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "vocab-parallel losses need torch.distributed initialized (dist.init_process_group); "
-            "on one process use lmloss.linear_cross_entropy / lmloss.causal_lm_loss"
-        )
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
-
-
-# --- collectives --------------------------------------------------------------------------
-
-
-def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    # NCCL moves CUDA tensors only; gloo (and the others) CPU tensors.
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    """``out`` (flat, ``P * mine.numel()``) <- every rank's ``mine``, in rank order."""
-    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, mine.contiguous().view(-1), group=group)
-
-
-def _gather_stats(stats: torch.Tensor, layout: _Layout, *, first: bool) -> torch.Tensor:
-    """``[c, 4]`` local statistics -> ``[P, c, 4]`` float64 statistics of every rank.
-
-    They travel in float64 whatever the compute dtype: the exchange then does not
-    depend on a per-rank dtype (logits shards may differ), and ``P * c * 4`` numbers
-    are tiny next to a ``[c, V_r]`` chunk. On the ``first`` gather of a call, a block
-    marked by a bad rank (:func:`_fail_together`) makes every rank raise.
-    """
-    wide = stats.to(torch.float64)
-    if layout.world_size == 1:
-        return wide.unsqueeze(0)
-    out = wide.new_empty(layout.world_size * wide.numel())
-    _all_gather(out, wide, layout.group)
-    out = out.view(layout.world_size, *stats.shape)
-    # Reading the flag is one small host synchronisation per call on a GPU, so it waits
-    # for value checks there; on the CPU (gloo) it costs nothing and is always done.
-    if first and (value_checks_enabled() or out.device.type == "cpu"):
-        flagged = (out[:, 0, 1] < 0).nonzero().flatten().tolist()
-        if flagged:
-            raise _together_error(flagged, None)
-    return out
+    return gather_layout(shard_size, group, vocab_start, None)
 
 
 # --- the engine's seam: statistics of a vocabulary shard ----------------------------------------
 
 
-def _reducer(layout: _Layout, class_weights: torch.Tensor | None = None) -> ShardReducer:
+def _reducer(layout: ShardLayout, class_weights: torch.Tensor | None = None) -> ShardReducer:
     """The engine's reducer for this rank's shard: one all-gather of ``[c, 4]`` per exchange
     (with ``[V]`` class weights, the fourth number is the shard's ``sum(u * z)``)."""
     return ShardReducer(
-        layout.start, layout.size, layout.vocab_size, lambda stats, first: _gather_stats(stats, layout, first=first),
+        layout.start, layout.size, layout.vocab_size, lambda stats, first: gather_stats(stats, layout, first=first),
         class_weights,
     )
 
 
-def _sum_hidden(layout: _Layout) -> Callable[[torch.Tensor], None] | None:
+def _sum_hidden(layout: ShardLayout) -> Callable[[torch.Tensor], None] | None:
     """The all-reduce of the hidden-state gradient: each rank holds ``dz_r @ W_r``, its shard's part."""
     if layout.world_size == 1:
         return None
@@ -445,15 +275,15 @@ def vocab_parallel_linear_cross_entropy(
     # Everything above is replicated (fails alike everywhere); the shard is this rank's own.
     problem = weight_problem(hidden, weight_shard)
     shard_rows = 0 if problem is not None else weight_shard.shape[0]
-    layout, problem = _resolve_layout(group, shard_rows, vocab_start, vocab_size, problem)
+    layout, problem = resolve_layout(group, shard_rows, vocab_start, vocab_size, problem)
     # Labels are replicated, so every rank raises alike (or none does).
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec,
                               compute_dtype(hidden.dtype), class_weights)
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
-        chunk_size = _default_chunk_rows(hidden2d, layout, plan.coef.dtype)
+        chunk_size = default_chunk_rows(hidden2d, layout, plan.coef.dtype)
     if problem is not None:
-        _fail_together(problem, _first_gather_rows(plan.coef, chunk_size), layout, labels.device)
+        fail_together(problem, first_gather_rows(plan.coef, chunk_size), layout, labels.device)
     needs = needs_grad(hidden, weight_shard)
     with torch.autocast(hidden.device.type, enabled=False):
         result = ShardedLinearCE.apply(
@@ -524,15 +354,14 @@ def vocab_parallel_cross_entropy(
     # Labels are replicated (fail alike everywhere); the logits shard is this rank's own.
     problem = logits_problem(logits_shard, labels)
     shard_columns = 0 if problem is not None else logits_shard.shape[-1]
-    layout, problem = _resolve_layout(group, shard_columns, vocab_start, vocab_size, problem)
+    layout, problem = resolve_layout(group, shard_columns, vocab_start, vocab_size, problem)
     dtype = compute_dtype(torch.float32 if problem is not None else logits_shard.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec, dtype, class_weights)
     if problem is not None:  # the forward gathers the statistics of every scored row at once
-        _fail_together(problem, _first_gather_rows(plan.coef, max(1, labels.numel())), layout, labels.device)
+        fail_together(problem, first_gather_rows(plan.coef, max(1, labels.numel())), layout, labels.device)
     # Explicit row count: an empty shard ([..., T, 0]) leaves -1 ambiguous.
     logits2d = logits_shard.reshape(labels.numel(), logits_shard.shape[-1])
-    itemsize = torch.finfo(plan.coef.dtype).bits // 8
-    chunk_rows = max(1, _CHUNK_BYTES // max(1, logits2d.shape[1] * itemsize))  # local: no collective per chunk
+    chunk_rows = logits_chunk_rows(logits2d.shape[1], plan.coef.dtype)
     per_row = ShardedLogitsCE.apply(
         logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), _reducer(layout, plan.class_weights),
         LossMath.from_spec(spec),
@@ -601,16 +430,16 @@ def vocab_parallel_linear_token_logprobs(
     labels = check_labels_on(labels, hidden.shape[:-1], hidden.device)
     problem = weight_problem(hidden, weight_shard)
     problem = problem or bias_problem(weight_shard, bias)
-    layout, problem = _resolve_layout(group, 0 if problem else weight_shard.shape[0], vocab_start, vocab_size, problem)
+    layout, problem = resolve_layout(group, 0 if problem else weight_shard.shape[0], vocab_start, vocab_size, problem)
     check_label_range(labels, layout.vocab_size, ignore_index)  # replicated: raises alike everywhere
     dtype = compute_dtype(hidden.dtype)
     plan = plan_targets(labels, None, shift=shift, ignore_index=ignore_index, normalize="token", dtype=dtype)
     scored = plan.coef.reshape(-1) != 0
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
-        chunk_size = _default_chunk_rows(hidden2d, layout, dtype, buffers=2)  # the logits and exp(x - max)
+        chunk_size = default_chunk_rows(hidden2d, layout, dtype, buffers=2)  # the logits and exp(x - max)
     if problem is not None:
-        _fail_together(problem, _first_gather_rows(scored, chunk_size), layout, labels.device)
+        fail_together(problem, first_gather_rows(scored, chunk_size), layout, labels.device)
     options = LogprobOptions(float(temperature), None if softcap is None else float(softcap), with_entropy, chunk_size)
     logprobs, entropy = linear_logprobs(hidden2d, weight_shard, bias, plan.targets.reshape(-1), scored, options,
                                         ShardLogprobs(_reducer(layout)), _sum_hidden(layout))
@@ -618,34 +447,9 @@ def vocab_parallel_linear_token_logprobs(
     return TokenLogprobs(logprobs, to_label_alignment(entropy.view(labels.shape), shift) if with_entropy else None)
 
 
-# --- shared plumbing ------------------------------------------------------------------------
-
-
-def _default_chunk_rows(hidden2d: torch.Tensor, layout: _Layout, dtype: torch.dtype, buffers: int = 1) -> int:
-    """Rows per chunk from rank-independent numbers (``V / P``, not ``V_r``): uneven
-    shards must still run the same number of chunks, i.e. of collectives.
-    ``buffers``: how many ``[chunk, V_r]`` buffers of ``dtype`` a chunk holds."""
-    n_rows, width = hidden2d.shape
-    columns = -(-layout.vocab_size // layout.world_size)
-    row_bytes = buffers * (torch.finfo(dtype).bits // 8)
-    budget = max(_CHUNK_BYTES, n_rows * width * hidden2d.element_size())
-    return int(max(1, min(max(n_rows, 1), max(_MIN_CHUNK_ROWS, budget // (row_bytes * columns)))))
+# --- argument checks ------------------------------------------------------------------------
 
 
 def _check_chunk_size(chunk_size: object) -> None:
     if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-
-
-def _first_gather_rows(coef: torch.Tensor, chunk_rows: int) -> int:
-    """Rows of the first statistics gather of a call (0: the call gathers nothing).
-
-    Follows the forward's own chunking of the replicated ``coef``, so a bad rank
-    can join exactly the gather the good ranks make.
-    """
-    flat = coef.reshape(-1)
-    chunks = chunk_indices(flat.shape[0], scored_rows(flat), chunk_rows)
-    if not chunks:
-        return 0
-    first = chunks[0]
-    return len(range(flat.shape[0])[first]) if isinstance(first, slice) else first.numel()

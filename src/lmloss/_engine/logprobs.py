@@ -214,7 +214,7 @@ def linear_logprobs(
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -239,7 +239,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor):
         refuse_create_graph("token log-probs", "compute them from materialized logits")
         hidden, weight, bias, targets, scored, rows, lse, entropy = ctx.saved_tensors
         grads = Grads.allocate(hidden, weight, bias, ctx.needs)

@@ -44,7 +44,7 @@ class ShardedLinearCE(torch.autograd.Function):
     which then needs no exchange)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -70,7 +70,7 @@ class ShardedLinearCE(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: torch.Tensor):
         inputs = coef = run = None
         if not ctx.reduce_sum:
             hidden, weight, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
@@ -104,7 +104,7 @@ class ShardedLogitsCE(torch.autograd.Function):
     """``[N, V_r]`` logits shard -> ``[N]`` weighted per-row losses; one exchange in forward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         logits: torch.Tensor,
         targets: torch.Tensor,
@@ -137,7 +137,7 @@ class ShardedLogitsCE(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: torch.Tensor):
         refuse_create_graph("vocab_parallel_cross_entropy", "use causal_lm_loss on gathered logits")
         logits, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
         math, vocab = ctx.math, ctx.reducer.vocab_size
