@@ -218,6 +218,13 @@ def check_real(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a number, got {value!r}")
 
 
+def check_temperature(temperature: object) -> None:
+    """``temperature``: a finite number ``> 0``, the divisor of the logits in ``softmax(z / tau)``."""
+    check_real("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
 def __getattr__(name: str) -> object:
     # The option vocabularies live in lmloss._spec; this keeps older imports working.
     # (check_loss_options now builds a LossSpec there.)
