@@ -27,7 +27,6 @@ The teacher never gets a gradient: its logits are constants of the loss.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -51,6 +50,7 @@ from lmloss._validation import (
     check_labels,
     check_logits,
     check_real,
+    check_temperature,
     value_checks_enabled,
 )
 from lmloss.fused import check_backend_options, check_linear
@@ -194,9 +194,7 @@ def check_distill_options(
 ) -> None:
     """The options of both distillation losses; raises ``ValueError``/``TypeError``."""
     LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, normalize=normalize)  # type: ignore[arg-type]
-    check_real("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    check_temperature(temperature)
     check_real("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:  # type: ignore[operator]
         raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}")
