@@ -30,7 +30,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lmloss._engine.autograd import Job, Run, rows_loss
 from lmloss._engine.chunks import (
@@ -44,6 +43,7 @@ from lmloss._engine.chunks import (
     hidden_chunks,
     logits_into,
 )
+from lmloss._engine.logits_rows import scored_row_losses
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._spec import LossSpec, Normalize, Reduction
 from lmloss._validation import (
@@ -51,7 +51,6 @@ from lmloss._validation import (
     check_logits,
     check_real,
     check_temperature,
-    value_checks_enabled,
 )
 from lmloss.fused import check_backend_options, check_linear
 
@@ -104,14 +103,14 @@ def distillation_loss(
     spec = _spec(shift, ignore_index, reduction, normalize)
     dtype = compute_dtype(student_logits.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype)
-    per_token = _per_token_kd(
-        student_logits.reshape(-1, vocab_size),
-        teacher_logits.detach().reshape(-1, vocab_size),
+    # Rows are upcast chunk by chunk (only the scored ones); the per-row math is _kd_rows.
+    per_token = scored_row_losses(
+        partial(_kd_rows, temperature=float(temperature), alpha=float(alpha)),
+        (student_logits.reshape(-1, vocab_size), teacher_logits.detach().reshape(-1, vocab_size)),
         plan.targets.reshape(-1),
         (plan.coef != 0).reshape(-1),
-        float(temperature),
-        float(alpha),
         dtype,
+        _CHUNK_BYTES,
     ).view(labels.shape)
     weighted = per_token * plan.coef
     return finish(weighted if reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
@@ -234,51 +233,6 @@ def _spec(shift: bool, ignore_index: int, reduction: Reduction, normalize: Norma
 
 
 # --- on logits ------------------------------------------------------------------------------
-
-
-def _per_token_kd(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``[N]`` per-row losses of ``[N, V]`` student and teacher logits, chunk by chunk."""
-    n_rows, vocab_size = student.shape
-    # Two float32 chunks (student and teacher) live at once.
-    rows = max(1, _CHUNK_BYTES // (2 * vocab_size * (torch.finfo(dtype).bits // 8)))
-    recompute = n_rows > rows and torch.is_grad_enabled() and student.requires_grad
-    pieces = []
-    for s, t, y, keep in zip(student.split(rows), teacher.split(rows), targets.split(rows), scored.split(rows)):
-        args = (s, t, y, keep, temperature, alpha, dtype)
-        pieces.append(checkpoint(_kd_chunk, *args, use_reentrant=False) if recompute else _kd_chunk(*args))
-    if not pieces:  # N == 0: nothing to score, still attached to the graph
-        return student.sum(dim=-1).to(dtype)
-    return torch.cat(pieces)
-
-
-def _kd_chunk(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """One chunk's losses; only scored rows are upcast (all rows, masked, with value checks off)."""
-    if not value_checks_enabled():
-        y = torch.where(scored, targets, torch.zeros_like(targets))
-        loss = _kd_rows(student.to(dtype), teacher.to(dtype), y, temperature, alpha)
-        return torch.where(scored, loss, torch.zeros_like(loss))
-    index = scored.nonzero().squeeze(1)
-    if index.numel() == student.shape[0]:  # the common case: skip the gather and scatter
-        return _kd_rows(student.to(dtype), teacher.to(dtype), targets, temperature, alpha)
-    s, t = student.index_select(0, index).to(dtype), teacher.index_select(0, index).to(dtype)
-    loss = _kd_rows(s, t, targets.index_select(0, index), temperature, alpha)
-    return loss.new_zeros(student.shape[0]).index_copy(0, index, loss)
 
 
 def _kd_rows(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
