@@ -51,7 +51,8 @@ def scored_row_losses(
     chunk_losses = partial(_chunk_losses, row_losses, dtype)
     pieces = []
     for y, keep, *z in zip(targets.split(rows), scored.split(rows), *(x.split(rows) for x in logits)):
-        pieces.append(checkpoint(chunk_losses, y, keep, *z, use_reentrant=False) if recompute else chunk_losses(y, keep, *z))
+        args = (y, keep, *z)
+        pieces.append(checkpoint(chunk_losses, *args, use_reentrant=False) if recompute else chunk_losses(*args))
     if not pieces:  # N == 0: nothing to score, but stay attached to the graph.
         return logits[0].sum(dim=-1).to(dtype)
     return torch.cat(pieces)
