@@ -47,7 +47,7 @@ from lmloss._engine.logits_rows import scored_row_losses
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._spec import LossSpec, Normalize, Reduction
 from lmloss._validation import (
-    check_labels,
+    check_labels_on,
     check_logits,
     check_real,
     check_temperature,
@@ -96,9 +96,7 @@ def distillation_loss(
     check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
     student_logits = check_logits(student_logits)
     teacher_logits = _check_teacher_logits(teacher_logits, student_logits)
-    labels = check_labels(labels, student_logits.shape[:-1])
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels are on {labels.device} but student_logits are on {student_logits.device}")
+    labels = check_labels_on(labels, student_logits.shape[:-1], student_logits.device, "student_logits")
     vocab_size = student_logits.shape[-1]
     spec = _spec(shift, ignore_index, reduction, normalize)
     dtype = compute_dtype(student_logits.dtype)
@@ -161,9 +159,7 @@ def linear_distillation_loss(
     h, w, b = check_linear(*autocast_inputs(student_hidden, student_weight, student_bias), prefix="student_")
     th, tw, tb = check_linear(*autocast_inputs(teacher_hidden, teacher_weight, teacher_bias), prefix="teacher_")
     _check_teacher_head(h, w, th, tw)
-    labels = check_labels(labels, h.shape[:-1])
-    if labels.device != h.device:
-        raise ValueError(f"labels are on {labels.device} but student_hidden is on {h.device}")
+    labels = check_labels_on(labels, h.shape[:-1], h.device, "student_hidden")
     spec = _spec(shift, ignore_index, reduction, normalize)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, w.shape[0], spec, compute_dtype(h.dtype))
     teacher = tuple(None if t is None else t.detach() for t in (th, tw, tb))

@@ -37,7 +37,7 @@ from lmloss._engine.plan import mean_over_items as mean_over_items
 from lmloss._engine.plan import plan_targets as plan_targets
 from lmloss._engine.plan import to_label_alignment as to_label_alignment
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
-from lmloss._validation import check_labels, check_logits
+from lmloss._validation import check_labels_on, check_logits
 
 __all__ = ["causal_lm_loss"]
 
@@ -145,9 +145,7 @@ def causal_lm_loss(
     spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
     logits = check_logits(logits)
-    labels = check_labels(labels, logits.shape[:-1])
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    labels = check_labels_on(labels, logits.shape[:-1], logits.device, "logits")
     vocab_size = logits.shape[-1]
     dtype = compute_dtype(logits.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype, class_weights)
