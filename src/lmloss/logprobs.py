@@ -110,7 +110,7 @@ def linear_token_logprobs(
         shift, ignore_index, temperature, softcap, with_entropy: as in :func:`token_logprobs`.
         backend: ``"reference"`` materializes the logits; ``"chunked"`` recomputes them
             chunk by chunk (``lmloss.fused.logprobs``, never ``[N, V]``); ``"auto"`` takes
-            the reference for small problems and ``"chunked"`` otherwise (when available).
+            the reference for small problems and ``"chunked"`` otherwise.
         chunk_size: tokens per chunk for ``"chunked"`` (``None``: chosen from the sizes).
 
     Returns:
@@ -134,50 +134,10 @@ def linear_token_logprobs(
             softcap=softcap,
             with_entropy=with_entropy,
         )
-    return _chunked(hidden, weight, labels, bias, shift, ignore_index, temperature, softcap, with_entropy, chunk_size)
+    # Imported on use: lmloss.fused.logprobs imports this module (for the option checks).
+    from lmloss.fused.logprobs import chunked_token_logprobs
 
-
-def _chunked_backend() -> object | None:
-    """THE dispatch point of the chunked backend: ``lmloss.fused.logprobs.chunked_token_logprobs``
-    (built on the loss engine), or ``None`` where this build does not have it yet."""
-    try:
-        from lmloss.fused import logprobs as fused_logprobs  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(fused_logprobs, "chunked_token_logprobs", None)
-
-
-def _pick_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
-    if backend == "reference":
-        return backend
-    available = _chunked_backend() is not None
-    if backend == "chunked":
-        if not available:
-            raise ValueError(
-                "backend='chunked' needs lmloss.fused.logprobs.chunked_token_logprobs, which this build of lmloss "
-                "lacks; use backend='reference' (materializes the [N, V] logits)"
-            )
-        return backend
-    n_tokens = hidden.numel() // max(hidden.shape[-1], 1)
-    small = n_tokens * weight.shape[0] <= REFERENCE_MAX_LOGITS
-    return "reference" if small or not available else "chunked"
-
-
-def _chunked(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    shift: bool,
-    ignore_index: int,
-    temperature: float,
-    softcap: float | None,
-    with_entropy: bool,
-    chunk_size: int | None,
-) -> TokenLogprobs:
-    backend = _chunked_backend()
-    check_label_range(labels, weight.shape[0], ignore_index)
-    logprobs, entropy = backend(  # type: ignore[operator]
+    logprobs, entropy = chunked_token_logprobs(
         hidden,
         weight,
         labels,
@@ -190,6 +150,13 @@ def _chunked(
         chunk_size=chunk_size,
     )
     return TokenLogprobs(logprobs, entropy)
+
+
+def _pick_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    if backend != "auto":
+        return backend
+    n_tokens = hidden.numel() // max(hidden.shape[-1], 1)
+    return "reference" if n_tokens * weight.shape[0] <= REFERENCE_MAX_LOGITS else "chunked"
 
 
 def check_logprob_options(
