@@ -163,3 +163,14 @@ def test_without_value_checks_the_result_is_the_same() -> None:
         quiet = lmloss.linear_token_logprobs(hidden, weight, labels, with_entropy=True)
     loud = lmloss.linear_token_logprobs(hidden, weight, labels, with_entropy=True)
     assert torch.equal(quiet.logprobs, loud.logprobs) and torch.equal(quiet.entropy, loud.entropy)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_every_backend_refuses_a_softcap_below_the_minimum(backend: str) -> None:
+    """The reference backend used to accept softcap=1e-4, which the chunked one refuses."""
+    hidden, weight = torch.randn(2, 5, 4), torch.randn(9, 4)
+    labels = torch.randint(0, 9, (2, 5))
+    with pytest.raises(ValueError, match="below the minimum"):
+        lmloss.linear_token_logprobs(hidden, weight, labels, softcap=1e-4, backend=backend)
+    with pytest.raises(ValueError, match="below the minimum"):
+        lmloss.token_logprobs(hidden @ weight.T, labels, softcap=1e-4)

@@ -136,3 +136,23 @@ def test_linear_distillation_keeps_non_finite_unscored_rows_out(static, reductio
         loss = linear_distillation_loss(*student, teacher_hidden, weight, labels, alpha=0.5, reduction=reduction)
     loss.sum().backward()
     assert bool(loss.isfinite().all()) and bool(student[1].grad.isfinite().all())
+
+
+# --- labels on another device than the scores --------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["causal_lm_loss", "linear_cross_entropy", "distillation_loss",
+                                   "linear_distillation_loss"])
+def test_labels_on_another_device_name_both_devices(entry):
+    """Every entry point refuses labels on another device with one message naming both."""
+    hidden, weight, labels = _problem()
+    labels = labels.to("meta")
+    logits = hidden @ weight.T
+    call = {
+        "causal_lm_loss": lambda: causal_lm_loss(logits, labels),
+        "linear_cross_entropy": lambda: linear_cross_entropy(hidden, weight, labels, backend="chunked"),
+        "distillation_loss": lambda: lmloss.distill.distillation_loss(logits, logits, labels),
+        "linear_distillation_loss": lambda: linear_distillation_loss(hidden, weight, hidden, weight, labels),
+    }[entry]
+    with pytest.raises(ValueError, match=r"labels are on meta, \w+ on cpu"):
+        call()

@@ -102,6 +102,17 @@ def check_labels(labels: object, expected_shape: torch.Size | None = None) -> to
     return labels if labels.dtype in (torch.int32, torch.int64) else labels.long()
 
 
+def check_labels_on(
+    labels: object, expected_shape: torch.Size, device: torch.device, scores: str = "the scores"
+) -> torch.Tensor:
+    """:func:`check_labels`, and on ``device``: the device of the ``scores`` (logits or hidden
+    states, named in the message) whose leading dimensions ``expected_shape`` they label."""
+    labels = check_labels(labels, expected_shape)
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device}, {scores} on {device}: they must be on one device")
+    return labels
+
+
 def check_ignore_index(labels: torch.Tensor, ignore_index: int) -> None:
     """``ignore_index`` must be a value of the labels' dtype: compared with int32 labels,
     ``2**32 - 1`` would wrap around to ``-1`` and ignore the wrong label."""
@@ -216,6 +227,13 @@ def check_real(name: str, value: object) -> None:
     """``value`` is a real number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
+
+
+def check_temperature(temperature: object) -> None:
+    """``temperature``: a finite number ``> 0``, the divisor of the logits in ``softmax(z / tau)``."""
+    check_real("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
 def __getattr__(name: str) -> object:

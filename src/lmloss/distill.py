@@ -27,11 +27,9 @@ The teacher never gets a gradient: its logits are constants of the loss.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from lmloss._engine.autograd import Job, Run, rows_loss
 from lmloss._engine.chunks import (
@@ -45,13 +43,14 @@ from lmloss._engine.chunks import (
     hidden_chunks,
     logits_into,
 )
+from lmloss._engine.logits_rows import scored_row_losses
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._spec import LossSpec, Normalize, Reduction
 from lmloss._validation import (
-    check_labels,
+    check_labels_on,
     check_logits,
     check_real,
-    value_checks_enabled,
+    check_temperature,
 )
 from lmloss.fused import check_backend_options, check_linear
 
@@ -97,21 +96,19 @@ def distillation_loss(
     check_distill_options(temperature, alpha, shift, ignore_index, reduction, normalize)
     student_logits = check_logits(student_logits)
     teacher_logits = _check_teacher_logits(teacher_logits, student_logits)
-    labels = check_labels(labels, student_logits.shape[:-1])
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels are on {labels.device} but student_logits are on {student_logits.device}")
+    labels = check_labels_on(labels, student_logits.shape[:-1], student_logits.device, "student_logits")
     vocab_size = student_logits.shape[-1]
     spec = _spec(shift, ignore_index, reduction, normalize)
     dtype = compute_dtype(student_logits.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype)
-    per_token = _per_token_kd(
-        student_logits.reshape(-1, vocab_size),
-        teacher_logits.detach().reshape(-1, vocab_size),
+    # Rows are upcast chunk by chunk (only the scored ones); the per-row math is _kd_rows.
+    per_token = scored_row_losses(
+        partial(_kd_rows, temperature=float(temperature), alpha=float(alpha)),
+        (student_logits.reshape(-1, vocab_size), teacher_logits.detach().reshape(-1, vocab_size)),
         plan.targets.reshape(-1),
         (plan.coef != 0).reshape(-1),
-        float(temperature),
-        float(alpha),
         dtype,
+        _CHUNK_BYTES,
     ).view(labels.shape)
     weighted = per_token * plan.coef
     return finish(weighted if reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
@@ -162,9 +159,7 @@ def linear_distillation_loss(
     h, w, b = check_linear(*autocast_inputs(student_hidden, student_weight, student_bias), prefix="student_")
     th, tw, tb = check_linear(*autocast_inputs(teacher_hidden, teacher_weight, teacher_bias), prefix="teacher_")
     _check_teacher_head(h, w, th, tw)
-    labels = check_labels(labels, h.shape[:-1])
-    if labels.device != h.device:
-        raise ValueError(f"labels are on {labels.device} but student_hidden is on {h.device}")
+    labels = check_labels_on(labels, h.shape[:-1], h.device, "student_hidden")
     spec = _spec(shift, ignore_index, reduction, normalize)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, w.shape[0], spec, compute_dtype(h.dtype))
     teacher = tuple(None if t is None else t.detach() for t in (th, tw, tb))
@@ -194,9 +189,7 @@ def check_distill_options(
 ) -> None:
     """The options of both distillation losses; raises ``ValueError``/``TypeError``."""
     LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, normalize=normalize)  # type: ignore[arg-type]
-    check_real("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    check_temperature(temperature)
     check_real("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:  # type: ignore[operator]
         raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}")
@@ -236,51 +229,6 @@ def _spec(shift: bool, ignore_index: int, reduction: Reduction, normalize: Norma
 
 
 # --- on logits ------------------------------------------------------------------------------
-
-
-def _per_token_kd(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """``[N]`` per-row losses of ``[N, V]`` student and teacher logits, chunk by chunk."""
-    n_rows, vocab_size = student.shape
-    # Two float32 chunks (student and teacher) live at once.
-    rows = max(1, _CHUNK_BYTES // (2 * vocab_size * (torch.finfo(dtype).bits // 8)))
-    recompute = n_rows > rows and torch.is_grad_enabled() and student.requires_grad
-    pieces = []
-    for s, t, y, keep in zip(student.split(rows), teacher.split(rows), targets.split(rows), scored.split(rows)):
-        args = (s, t, y, keep, temperature, alpha, dtype)
-        pieces.append(checkpoint(_kd_chunk, *args, use_reentrant=False) if recompute else _kd_chunk(*args))
-    if not pieces:  # N == 0: nothing to score, still attached to the graph
-        return student.sum(dim=-1).to(dtype)
-    return torch.cat(pieces)
-
-
-def _kd_chunk(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """One chunk's losses; only scored rows are upcast (all rows, masked, with value checks off)."""
-    if not value_checks_enabled():
-        y = torch.where(scored, targets, torch.zeros_like(targets))
-        loss = _kd_rows(student.to(dtype), teacher.to(dtype), y, temperature, alpha)
-        return torch.where(scored, loss, torch.zeros_like(loss))
-    index = scored.nonzero().squeeze(1)
-    if index.numel() == student.shape[0]:  # the common case: skip the gather and scatter
-        return _kd_rows(student.to(dtype), teacher.to(dtype), targets, temperature, alpha)
-    s, t = student.index_select(0, index).to(dtype), teacher.index_select(0, index).to(dtype)
-    loss = _kd_rows(s, t, targets.index_select(0, index), temperature, alpha)
-    return loss.new_zeros(student.shape[0]).index_copy(0, index, loss)
 
 
 def _kd_rows(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:

@@ -17,15 +17,14 @@ Per scored position, with ``z`` its logits (float32 whatever the input dtype)::
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from lmloss._validation import check_bool, check_choice, check_int, check_label_range, check_labels, check_tensor
-from lmloss.fused import REFERENCE_MAX_LOGITS
+from lmloss._spec import check_softcap
+from lmloss._validation import check_bool, check_choice, check_int, check_label_range, check_labels, check_temperature
+from lmloss.fused import REFERENCE_MAX_LOGITS, check_linear
 from lmloss.reference import plan_targets, to_label_alignment
 
 __all__ = ["LOGPROB_BACKENDS", "TokenLogprobs", "linear_token_logprobs", "token_logprobs"]
@@ -69,7 +68,7 @@ def token_logprobs(
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a floating [..., T, V] tensor, got {shape}")
     labels = check_labels(labels, logits.shape[:-1])
-    _check_options(shift, ignore_index, temperature, softcap, with_entropy)
+    check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
     check_label_range(labels, logits.shape[-1], ignore_index)
     plan = plan_targets(labels, None, shift=shift, ignore_index=ignore_index, normalize="token", dtype=torch.float32)
     scored = plan.coef > 0
@@ -111,7 +110,7 @@ def linear_token_logprobs(
         shift, ignore_index, temperature, softcap, with_entropy: as in :func:`token_logprobs`.
         backend: ``"reference"`` materializes the logits; ``"chunked"`` recomputes them
             chunk by chunk (``lmloss.fused.logprobs``, never ``[N, V]``); ``"auto"`` takes
-            the reference for small problems and ``"chunked"`` otherwise (when available).
+            the reference for small problems and ``"chunked"`` otherwise.
         chunk_size: tokens per chunk for ``"chunked"`` (``None``: chosen from the sizes).
 
     Returns:
@@ -120,9 +119,9 @@ def linear_token_logprobs(
     check_choice("backend", backend, LOGPROB_BACKENDS)
     if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
-    _check_head(hidden, weight, bias)
+    hidden, weight, bias = check_linear(hidden, weight, bias)
     labels = check_labels(labels, hidden.shape[:-1])
-    _check_options(shift, ignore_index, temperature, softcap, with_entropy)
+    check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
     chosen = _pick_backend(backend, hidden, weight)
     if chosen == "reference":
         logits = F.linear(hidden, weight, bias)
@@ -135,50 +134,10 @@ def linear_token_logprobs(
             softcap=softcap,
             with_entropy=with_entropy,
         )
-    return _chunked(hidden, weight, labels, bias, shift, ignore_index, temperature, softcap, with_entropy, chunk_size)
+    # Imported on use: lmloss.fused.logprobs imports this module (for the option checks).
+    from lmloss.fused.logprobs import chunked_token_logprobs
 
-
-def _chunked_backend() -> object | None:
-    """THE dispatch point of the chunked backend: ``lmloss.fused.logprobs.chunked_token_logprobs``
-    (built on the loss engine), or ``None`` where this build does not have it yet."""
-    try:
-        from lmloss.fused import logprobs as fused_logprobs  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return getattr(fused_logprobs, "chunked_token_logprobs", None)
-
-
-def _pick_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
-    if backend == "reference":
-        return backend
-    available = _chunked_backend() is not None
-    if backend == "chunked":
-        if not available:
-            raise ValueError(
-                "backend='chunked' needs lmloss.fused.logprobs.chunked_token_logprobs, which this build of lmloss "
-                "lacks; use backend='reference' (materializes the [N, V] logits)"
-            )
-        return backend
-    n_tokens = hidden.numel() // max(hidden.shape[-1], 1)
-    small = n_tokens * weight.shape[0] <= REFERENCE_MAX_LOGITS
-    return "reference" if small or not available else "chunked"
-
-
-def _chunked(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None,
-    shift: bool,
-    ignore_index: int,
-    temperature: float,
-    softcap: float | None,
-    with_entropy: bool,
-    chunk_size: int | None,
-) -> TokenLogprobs:
-    backend = _chunked_backend()
-    check_label_range(labels, weight.shape[0], ignore_index)
-    logprobs, entropy = backend(  # type: ignore[operator]
+    logprobs, entropy = chunked_token_logprobs(
         hidden,
         weight,
         labels,
@@ -193,32 +152,20 @@ def _chunked(
     return TokenLogprobs(logprobs, entropy)
 
 
-def _check_head(hidden: object, weight: object, bias: object) -> None:
-    """Shapes, dtypes and devices of an ``lm_head`` problem."""
-    h = check_tensor("hidden", hidden)
-    w = check_tensor("weight", weight)
-    if not h.is_floating_point() or h.ndim < 2:
-        raise ValueError(f"hidden must be a floating [..., T, D] tensor, got shape {tuple(h.shape)} {h.dtype}")
-    if w.ndim != 2 or w.shape[1] != h.shape[-1] or w.shape[0] == 0:
-        raise ValueError(
-            f"weight must have shape [V, D] with D = hidden.shape[-1] = {h.shape[-1]}, got {tuple(w.shape)}"
-        )
-    if w.dtype != h.dtype or w.device != h.device:
-        raise ValueError(f"hidden ({h.dtype}, {h.device}) and weight ({w.dtype}, {w.device}) must match")
-    if bias is not None:
-        b = check_tensor("bias", bias)
-        if b.shape != (w.shape[0],) or b.dtype != h.dtype or b.device != h.device:
-            raise ValueError(f"bias must be a [V] = [{w.shape[0]}] tensor like hidden, got {tuple(b.shape)} {b.dtype}")
+def _pick_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    if backend != "auto":
+        return backend
+    n_tokens = hidden.numel() // max(hidden.shape[-1], 1)
+    return "reference" if n_tokens * weight.shape[0] <= REFERENCE_MAX_LOGITS else "chunked"
 
 
-def _check_options(shift: object, ignore_index: object, temperature: object, softcap: object, entropy: object) -> None:
+def check_logprob_options(
+    shift: object, ignore_index: object, temperature: object, softcap: object, with_entropy: object
+) -> None:
+    """The options of the token log-probs, as :func:`linear_token_logprobs` takes them (every
+    backend checks them alike); raises ``ValueError``/``TypeError`` naming the option."""
     check_bool("shift", shift)
     check_int("ignore_index", ignore_index)
-    check_bool("with_entropy", entropy)
-    for name, value in (("temperature", temperature), ("softcap", softcap)):
-        if value is None and name == "softcap":
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        if not (math.isfinite(value) and float(value) > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    check_bool("with_entropy", with_entropy)
+    check_temperature(temperature)
+    check_softcap(softcap)

@@ -24,8 +24,11 @@ How the loss is built, in four steps:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from lmloss._engine.logits_rows import scored_row_losses
 
 # TargetPlan, plan_targets, to_label_alignment, mean_over_items: re-exported for older imports from here.
 from lmloss._engine.plan import TargetPlan as TargetPlan
@@ -34,7 +37,7 @@ from lmloss._engine.plan import mean_over_items as mean_over_items
 from lmloss._engine.plan import plan_targets as plan_targets
 from lmloss._engine.plan import to_label_alignment as to_label_alignment
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
-from lmloss._validation import check_labels, check_logits, value_checks_enabled
+from lmloss._validation import check_labels_on, check_logits
 
 __all__ = ["causal_lm_loss"]
 
@@ -142,70 +145,17 @@ def causal_lm_loss(
     spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                     z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
     logits = check_logits(logits)
-    labels = check_labels(labels, logits.shape[:-1])
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    labels = check_labels_on(labels, logits.shape[:-1], logits.device, "logits")
     vocab_size = logits.shape[-1]
     dtype = compute_dtype(logits.dtype)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, vocab_size, spec, dtype, class_weights)
     scored = (plan.coef != 0).reshape(-1)
-    per_token = _per_token_losses(logits.reshape(-1, vocab_size), plan.targets.reshape(-1), scored, spec, dtype,
-                                  plan.class_weights)
+    # Rows are upcast chunk by chunk (only the scored ones); the per-row math is _row_losses.
+    row_losses = partial(_row_losses, spec=spec, class_weights=plan.class_weights)
+    per_token = scored_row_losses(row_losses, (logits.reshape(-1, vocab_size),), plan.targets.reshape(-1), scored,
+                                  dtype, _CHUNK_BYTES)
     weighted = per_token * plan.coef.reshape(-1)
     return finish(weighted if spec.reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
-
-
-def _per_token_losses(
-    logits2d: torch.Tensor,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    spec: LossSpec,
-    dtype: torch.dtype,
-    class_weights: torch.Tensor | None,
-) -> torch.Tensor:
-    """``[N]`` losses of ``[N, V]`` logits, computed chunk by chunk; 0 where not ``scored``."""
-    n_rows, vocab_size = logits2d.shape
-    itemsize = torch.finfo(dtype).bits // 8
-    rows = max(1, _CHUNK_BYTES // (vocab_size * itemsize))
-    # With several chunks, recomputing each in backward keeps only the input's own
-    # storage alive instead of a float32 copy of every chunk.
-    recompute = n_rows > rows and torch.is_grad_enabled() and logits2d.requires_grad
-    options = (spec, dtype, class_weights)
-    pieces = []
-    for chunk, chunk_targets, chunk_scored in zip(logits2d.split(rows), targets.split(rows), scored.split(rows)):
-        if recompute:
-            piece = checkpoint(_chunk_losses, chunk, chunk_targets, chunk_scored, *options, use_reentrant=False)
-        else:
-            piece = _chunk_losses(chunk, chunk_targets, chunk_scored, *options)
-        pieces.append(piece)
-    if not pieces:  # N == 0: nothing to score, but stay attached to the graph.
-        return logits2d.sum(dim=-1).to(dtype)
-    return torch.cat(pieces)
-
-
-def _chunk_losses(
-    chunk: torch.Tensor,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    spec: LossSpec,
-    dtype: torch.dtype,
-    class_weights: torch.Tensor | None,
-) -> torch.Tensor:
-    """Per-row loss of one chunk; only scored rows are upcast and computed.
-
-    With value checks off (graph capture) nothing may depend on tensor values, so
-    every row is computed and the unscored ones are masked instead of skipped.
-    """
-    if not value_checks_enabled():
-        safe_targets = torch.where(scored, targets, torch.zeros_like(targets))
-        loss = _row_losses(chunk.to(dtype), safe_targets, spec, class_weights)
-        return torch.where(scored, loss, torch.zeros_like(loss))
-    index = scored.nonzero().squeeze(1)
-    if index.numel() == chunk.shape[0]:  # the common case: skip the gather and scatter
-        return _row_losses(chunk.to(dtype), targets, spec, class_weights)
-    z = chunk.index_select(0, index).to(dtype)
-    loss = _row_losses(z, targets.index_select(0, index), spec, class_weights)
-    return loss.new_zeros(chunk.shape[0]).index_copy(0, index, loss)
 
 
 def _row_losses(

@@ -10,4 +10,6 @@ are public to lmloss's own modules, not to users).
 - ``logprobs``: per-token log-probs and entropies by chunks, with a log-prob reducer
   (the whole vocabulary, or a shard with one exchange per chunk).
 - ``guard``: the checks of a loss whose gradients are made in forward.
+- ``logits_rows``: per-row losses of materialized logits, upcast and checkpointed
+  chunk by chunk (the loop of the losses on logits; their row math is their own).
 """

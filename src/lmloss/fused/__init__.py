@@ -30,7 +30,7 @@ from lmloss._engine.chunks import LinearCall, autocast_inputs
 from lmloss._engine.plan import align
 from lmloss._engine.rowmath import LossMath
 from lmloss._spec import BACKENDS, Backend, LossSpec, Normalize, Reduction, TokenLoss
-from lmloss._validation import check_choice, check_int, check_labels, check_tensor
+from lmloss._validation import check_choice, check_int, check_labels_on, check_tensor
 from lmloss.fused.chunked import chunked_linear_cross_entropy
 from lmloss.reference import causal_lm_loss
 
@@ -94,9 +94,7 @@ def linear_cross_entropy(
                     z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
     check_backend_options(backend, chunk_size)
     hidden, weight, bias = check_linear(*autocast_inputs(hidden, weight, bias))
-    labels = check_labels(labels, hidden.shape[:-1])
-    if labels.device != hidden.device:
-        raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
+    labels = check_labels_on(labels, hidden.shape[:-1], hidden.device, "hidden")
     # The products run in the inputs' dtypes, cast above as autocast would have cast
     # them; autocast itself is off so both backends (and both products) agree.
     with torch.autocast(hidden.device.type, enabled=False):

@@ -8,22 +8,14 @@ vocab-parallel form in :mod:`lmloss.parallel` runs the same loop on a shard).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lmloss._engine.chunks import autocast_inputs, default_chunk_rows
 from lmloss._engine.logprobs import LocalLogprobs, LogprobOptions, linear_logprobs
 from lmloss._engine.plan import compute_dtype, plan_targets, to_label_alignment
-from lmloss._spec import check_softcap
-from lmloss._validation import (
-    check_bool,
-    check_int,
-    check_label_range,
-    check_labels,
-    check_real,
-)
+from lmloss._validation import check_label_range, check_labels
 from lmloss.fused import check_backend_options, check_linear
+from lmloss.logprobs import check_logprob_options
 
 __all__ = ["chunked_token_logprobs"]
 
@@ -58,13 +50,7 @@ def chunked_token_logprobs(
         exactly 0 where nothing is scored; ``entropy`` is None unless ``with_entropy``.
         Both are differentiable with any upstream gradient (backward recomputes the chunks).
     """
-    check_bool("shift", shift)
-    check_int("ignore_index", ignore_index)
-    check_bool("with_entropy", with_entropy)
-    check_real("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    check_softcap(softcap)
+    check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
     check_backend_options("chunked", chunk_size)
     hidden, weight, bias = check_linear(*autocast_inputs(hidden, weight, bias))
     labels = check_labels(labels, hidden.shape[:-1])

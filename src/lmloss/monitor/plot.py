@@ -53,6 +53,11 @@ EVENT_STYLE: dict[str, dict[str, Any]] = {
     "plateau": {"color": GREY, "linestyle": (0, (1.5, 1.5))},
     "converged": {"color": GREEN, "linestyle": "-"},
 }
+# The series every panel draws alike: a metric looks the same in the loss, perplexity
+# and accuracy panels.
+_TRAIN_RAW: dict[str, Any] = {"color": BLUE, "alpha": 0.28, "linewidth": 0.9, "label": "train (raw)"}
+_TRAIN_SMOOTHED: dict[str, Any] = {"color": BLUE, "linewidth": 2.0, "label": "train (smoothed)"}
+_EVAL: dict[str, Any] = {"color": ORANGE, "linewidth": 1.6, "marker": "o", "markersize": 4, "label": "eval"}
 STYLE: dict[str, Any] = {
     "font.family": "DejaVu Sans",
     "font.size": 10,
@@ -155,11 +160,10 @@ def _panel_loss(ax: Any, data: RunData) -> bool:
     if data.has("train/loss"):
         steps, raw = data.get("train/loss")
         # Few points: mark each one, or a value between two NaNs would not show at all.
-        ax.plot(steps, raw, color=BLUE, alpha=0.28, linewidth=0.9, label="train (raw)",
-                marker="o" if len(steps) <= 60 else None, markersize=3)
-        ax.plot(*data.get("train/loss_smoothed"), color=BLUE, linewidth=2.0, label="train (smoothed)")
+        ax.plot(steps, raw, **_TRAIN_RAW, marker="o" if len(steps) <= 60 else None, markersize=3)
+        ax.plot(*data.get("train/loss_smoothed"), **_TRAIN_SMOOTHED)
     if data.has("eval/loss"):
-        ax.plot(*data.get("eval/loss"), color=ORANGE, linewidth=1.6, marker="o", markersize=4, label="eval")
+        ax.plot(*data.get("eval/loss"), **_EVAL)
     _auto_log_scale(ax, data.get("train/loss")[1] + data.get("eval/loss")[1])
     _mark_events(ax, data, "train/loss")
     _finish(ax, "Loss", "loss (nats / token)", data)
@@ -171,9 +175,9 @@ def _panel_perplexity(ax: Any, data: RunData) -> bool:
         return False
     if data.has("train/loss_smoothed"):
         steps, smoothed = data.get("train/loss_smoothed")
-        ax.plot(steps, [_exp(x) for x in smoothed], color=BLUE, linewidth=2.0, label="train (smoothed)")
+        ax.plot(steps, [_exp(x) for x in smoothed], **_TRAIN_SMOOTHED)
     if data.has("eval/ppl"):
-        ax.plot(*data.get("eval/ppl"), color=ORANGE, linewidth=1.6, marker="o", markersize=4, label="eval")
+        ax.plot(*data.get("eval/ppl"), **_EVAL)
     _log_scale(ax)
     _finish(ax, "Perplexity", "perplexity = exp(loss)", data)
     return True
@@ -239,12 +243,11 @@ def _panel_accuracy(ax: Any, data: RunData) -> bool:
         return False
     if data.has("train/accuracy"):
         steps, acc = data.get("train/accuracy")
-        ax.plot(steps, [100 * a for a in acc], color=BLUE, alpha=0.28, linewidth=0.9, label="train (raw)")
-        ax.plot(steps, [100 * a for a in ema(acc, DEFAULT_SMOOTHING)], color=BLUE, linewidth=2.0,
-                label="train (smoothed)")
+        ax.plot(steps, [100 * a for a in acc], **_TRAIN_RAW)
+        ax.plot(steps, [100 * a for a in ema(acc, DEFAULT_SMOOTHING)], **_TRAIN_SMOOTHED)
     if data.has("eval/accuracy"):
         steps, acc = data.get("eval/accuracy")
-        ax.plot(steps, [100 * a for a in acc], color=ORANGE, marker="o", markersize=4, linewidth=1.6, label="eval")
+        ax.plot(steps, [100 * a for a in acc], **_EVAL)
     _finish(ax, "Token accuracy", "next-token accuracy (%)", data)
     return True
 
