@@ -142,7 +142,7 @@ def _chunked_backend() -> object | None:
     """THE dispatch point of the chunked backend: ``lmloss.fused.logprobs.chunked_token_logprobs``
     (built on the loss engine), or ``None`` where this build does not have it yet."""
     try:
-        from lmloss.fused import logprobs as fused_logprobs  # type: ignore[attr-defined]
+        from lmloss.fused import logprobs as fused_logprobs
     except ImportError:
         return None
     return getattr(fused_logprobs, "chunked_token_logprobs", None)

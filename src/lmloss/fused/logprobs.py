@@ -116,7 +116,7 @@ class _Options:
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -137,7 +137,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor):
         refuse_create_graph("chunked_token_logprobs", "compute them from materialized logits")
         hidden, weight, bias, targets, scored, rows = ctx.saved_tensors
         grads = Grads.allocate(hidden, weight, bias, ctx.needs)
