@@ -198,7 +198,7 @@ def assert_same_grads(got: dict[str, torch.Tensor], expected: dict[str, torch.Te
 
 @pytest.mark.distributed
 def test_ddp_with_uneven_counts_and_micro_batches_equals_one_big_batch(launched, truths):
-    steps, ranks = launched
+    _, ranks = launched
     expected, _ = truths["uneven"]
     counts = [r["uneven"]["step"]["tokens"] for r in ranks]
     assert counts[0] != counts[1] and all(r["uneven"]["step"]["global_tokens"] == sum(counts) for r in ranks)

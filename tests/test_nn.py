@@ -95,7 +95,7 @@ def test_token_loss_options_in_both_modules():
 
 
 def test_token_loss_options_are_checked_together():
-    with pytest.raises(ValueError, match="focal_gamma=3.0 is only used with"):
+    with pytest.raises(ValueError, match=r"focal_gamma=3\.0 is only used with"):
         CausalLMLoss(focal_gamma=3.0)
     with pytest.raises(ValueError, match="focal_gamma must be a finite number >= 0"):
         CausalLMLoss(token_loss="focal", focal_gamma=-1.0)

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmloss
-from lmloss import causal_lm_loss
 from _truth import logits_with_losses, naive_loss
+from lmloss import causal_lm_loss
 
 REDUCTIONS = ["mean", "sum", "none"]
 

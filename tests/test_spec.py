@@ -115,7 +115,7 @@ def test_spec_checks_options_once_with_named_errors():
     assert LossSpec().gamma == 0.0 and LossSpec(token_loss="focal").gamma == 2.0
     with pytest.raises(ValueError, match="reduction='avg' is not supported"):
         LossSpec(reduction="avg")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="focal_gamma=3.0 is only used with"):
+    with pytest.raises(ValueError, match=r"focal_gamma=3\.0 is only used with"):
         LossSpec(focal_gamma=3.0)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         LossSpec(ignore_index=1.5)  # type: ignore[arg-type]

@@ -20,8 +20,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], object
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())
-        mode = "wb" if binary else "w"
-        with os.fdopen(fd, mode, **({} if binary else {"newline": "", "encoding": "utf-8"})) as handle:
+        # Text: UTF-8 whatever the locale, and newlines written as given (no "\r\n" on Windows).
+        handle: IO[Any] = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+        with handle:
             write(handle)
         os.replace(tmp, path)
     except BaseException:

@@ -30,9 +30,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # lmloss itself is imported where a method runs, as the other methods' libraries are
+    from lmloss._spec import Backend
 
 HEADS = {  # name -> (hidden size D, vocabulary V)
     "qwen2-0.5b": (896, 151_936),
@@ -102,7 +106,7 @@ def _triton(method: str, x: Inputs, chunk_size: int | None) -> Callable[[], torc
         return None
     from lmloss.fused import linear_cross_entropy
 
-    backend = "triton" if method == "lmloss-triton" else "triton-lowmem"
+    backend: Backend = "triton" if method == "lmloss-triton" else "triton-lowmem"
     return lambda: _backward(
         linear_cross_entropy(x.hidden, x.weight, x.labels, shift=False, backend=backend, chunk_size=chunk_size)
     )
@@ -262,9 +266,11 @@ def _table(args, seconds, losses, memory, skipped) -> str:
     n = args.tokens
     flops = 6 * n * d * v
     lines = [
-        f"# {args.head} head: N={n}, D={d}, V={v}, {args.dtype}, {args.device} "
-        f"({_device_name(args.device)}), torch {torch.__version__}, ignored={args.ignored:g}, "
-        f"median of {args.repeats}",
+        (
+            f"# {args.head} head: N={n}, D={d}, V={v}, {args.dtype}, {args.device} "
+            f"({_device_name(args.device)}), torch {torch.__version__}, ignored={args.ignored:g}, "
+            f"median of {args.repeats}"
+        ),
         "| method | fwd+bwd (s) | vs floor | TFLOP/s (6NDV) | peak extra memory (MiB) | loss |",
         "|---|---:|---:|---:|---:|---:|",
     ]

@@ -95,7 +95,7 @@ def test_static_shapes_match_and_unscored_nan_rows_stay_out():
 
 
 def test_bad_options_and_double_backward_are_refused():
-    (hidden, weight, bias), labels, _ = _problem()
+    (hidden, weight, _), labels, _ = _problem()
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         chunked_token_logprobs(hidden, weight, labels, temperature=0.0)
     with pytest.raises(ValueError, match="softcap"):

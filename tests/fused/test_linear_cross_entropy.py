@@ -67,7 +67,7 @@ def check(hidden, weight, bias, labels, *, backend, chunk_size=None, atol=1e-10,
     for name, got, want in zip(("hidden", "weight", "bias"), got_grads, expected_grads):
         if want is not None:
             assert got.dtype == {"hidden": hidden, "weight": weight, "bias": bias}[name].dtype
-            torch.testing.assert_close(got.double(), want, rtol=atol, atol=atol, msg=lambda m: f"d{name}: {m}")
+            torch.testing.assert_close(got.double(), want, rtol=atol, atol=atol, msg=lambda m, where=f"d{name}": f"{where}: {m}")
 
 
 # --- the grid ------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_odd_shapes(shape, chunk_size, reduction):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_without_bias_and_with_token_weights(reduction):
-    hidden, weight, bias, labels = problem(bias=False)
+    hidden, weight, _, labels = problem(bias=False)
     weights = torch.rand(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     check(hidden, weight, None, labels, backend="chunked", chunk_size=2, reduction=reduction, token_weights=weights)
     mask = weights > 0.5
@@ -217,7 +217,7 @@ def test_low_precision_error_is_no_worse_than_naive(dtype, options):
 
 
 def test_frozen_weight_and_no_grad():
-    hidden, weight, bias, labels = problem(bias=False)
+    hidden, weight, _, labels = problem(bias=False)
     weight.requires_grad_(False)  # e.g. LoRA: the lm_head is frozen
     linear_cross_entropy(hidden, weight, labels, backend="chunked").backward()
     assert weight.grad is None and hidden.grad is not None
@@ -277,14 +277,14 @@ def test_bad_input(change, message):
 
 
 def test_bad_options():
-    hidden, weight, bias, labels = problem()
+    hidden, weight, _, labels = problem()
     with pytest.raises(ValueError, match="backend='triton-fast' is not supported"):
         linear_cross_entropy(hidden, weight, labels, backend="triton-fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         linear_cross_entropy(hidden, weight, labels, chunk_size=0)
     with pytest.raises(ValueError, match="reduction='avg'"):
         LinearCrossEntropyLoss(reduction="avg")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="focal_gamma=3.0 is only used with"):
+    with pytest.raises(ValueError, match=r"focal_gamma=3\.0 is only used with"):
         linear_cross_entropy(hidden, weight, labels, backend="chunked", focal_gamma=3.0)
     with pytest.raises(ValueError, match="token_loss='poly' is not supported"):
         linear_cross_entropy(hidden, weight, labels, token_loss="poly")  # type: ignore[arg-type]
@@ -347,7 +347,7 @@ def test_no_gradient_work_without_grad():
     """Evaluation: only the logits products run, no gradient products."""
     from test_chunked import RecordOutputs
 
-    hidden, weight, bias, labels = problem(seq_len=16, bias=False)
+    hidden, weight, _, labels = problem(seq_len=16, bias=False)
     # 2 rows x 15 targets = 30 scored positions: 8 chunks of at most 4 rows. With a
     # gradient, each chunk adds dz @ W (mm) to its logits product (and dW's addmm_).
     for grad_enabled, products in ((False, 8), (True, 16)):

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils._pytree import tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from lmloss.integrations import transformers as lmloss_hf
 
@@ -354,7 +354,7 @@ def test_bad_uses_fail_with_clear_errors():
             return super().forward(x) * 2
 
     model.lm_head = ScaledHead(16, V, bias=False)
-    with pytest.raises(ValueError, match="not a plain torch.nn.Linear"):
+    with pytest.raises(ValueError, match=r"not a plain torch\.nn\.Linear"):
         lmloss_hf.apply(model)
     model.lm_head = None
     with pytest.raises(ValueError, match="no output embeddings"):

@@ -59,9 +59,9 @@ def test_config_file_errors(tmp_path):
         parse("--config", str(broken))
     with pytest.raises(ValueError, match="does not exist"):
         parse("--config", str(tmp_path / "missing.yaml"))
+    other = tmp_path / "d.ini"
+    other.write_text("")
     with pytest.raises(ValueError, match=r"\.yaml, \.yml, \.toml or \.json"):
-        other = tmp_path / "d.ini"
-        other.write_text("")
         parse("--config", str(other))
 
 

@@ -31,7 +31,7 @@ def records(tmp_path, lines, **options):
 
 
 def test_empty_file(tmp_path):
-    with pytest.raises(ValueError, match="d.jsonl: has no samples: the file is empty"):
+    with pytest.raises(ValueError, match=r"d\.jsonl: has no samples: the file is empty"):
         records(tmp_path, [])
 
 

@@ -111,7 +111,7 @@ def rows_loss(rows: Rows, job: Job, reduce_sum: bool) -> torch.Tensor:
 
 class _RowsLoss(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -131,7 +131,7 @@ class _RowsLoss(torch.autograd.Function):
         return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum, zero_weight=job.zero_weight)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor):
         inputs = coef = run = None
         if not ctx.reduce_sum:
             hidden, weight, bias, targets, coef, scored, class_weights = ctx.saved_tensors

@@ -36,7 +36,8 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 # Qwen2 architecture, scaled down: "tiny" trains in seconds, "small" in minutes on a CPU.
-MODEL_SIZES: dict[str, dict[str, int]] = {
+# Keyword arguments of Qwen2Config (typed Any: the config takes values of many types).
+MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
     "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,

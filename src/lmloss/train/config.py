@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,14 +33,20 @@ LOSS_OPTIONS_FIXED = {
 }
 
 
+def _meta(help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
+          math_: bool = True) -> dict[str, Any]:
+    """A config field's metadata: its help text and flag. ``math_``: changing it changes what
+    is computed (so a resumed run must not change it)."""
+    return {"help": help, "group": group, "choices": choices, "metavar": metavar, "math": math_}
+
+
 def _opt(default: Any, help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
          math_: bool = True) -> Any:
-    """A config field with its help text. ``math_``: changing it changes what is computed
-    (so a resumed run must not change it)."""
-    meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "math": math_}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    """A config field with an immutable default and its help text (list fields: ``field(default_factory=list,
+    metadata=_meta(...))``, so each config gets its own list)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError(f"_opt takes an immutable default, got {default!r}; use field(default_factory=...)")
+    return field(default=default, metadata=_meta(help, group=group, choices=choices, metavar=metavar, math_=math_))
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,13 @@ class TrainConfig:
     model: str = _opt("small", "a built-in size (tiny, small: a Qwen2 model with random weights and a BPE tokenizer "
                       "trained on the data) or a local transformers model directory (model and tokenizer; "
                       "nothing is downloaded)", group="model and data", metavar="SIZE|DIR")
-    data: list[str] = _opt([], "JSONL training files, each PATH or PATH:WEIGHT (samples in 'messages' chat format or "
-                           "'prompt'/'completion' format; WEIGHT = times each sample is seen per epoch, default 1); "
-                           "none: the built-in chat data set", group="model and data", metavar="PATH[:W]")
-    eval_data: list[str] = _opt([], "JSONL files held out for evaluation (default: --eval-fraction of --data)",
-                                group="model and data", metavar="PATH")
+    data: list[str] = field(default_factory=list, metadata=_meta(
+        "JSONL training files, each PATH or PATH:WEIGHT (samples in 'messages' chat format or 'prompt'/'completion' "
+        "format; WEIGHT = times each sample is seen per epoch, default 1); none: the built-in chat data set",
+        group="model and data", metavar="PATH[:W]"))
+    eval_data: list[str] = field(default_factory=list, metadata=_meta(
+        "JSONL files held out for evaluation (default: --eval-fraction of --data)",
+        group="model and data", metavar="PATH"))
     eval_fraction: float | None = _opt(None, "fraction of each training file held out for evaluation (default "
                                        "0.05; 0 when --eval-data is given)", group="model and data", metavar="F")
     vocab_size: int = _opt(512, "vocabulary of the tokenizer trained for a built-in model", group="model and data")
@@ -178,21 +187,17 @@ def _coerce(value: Any, kind: str, where: str) -> Any:
     if value is None and "None" in kind:
         return None
     base = kind.replace(" | None", "")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-    elif base == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif base == "str":
-        if isinstance(value, str):
-            return value
-    elif base.startswith("list"):
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "int" and number and isinstance(value, int):
+        return value
+    if base == "float" and number:
+        return float(value)
+    if base == "str" and isinstance(value, str):
+        return value
+    if base.startswith("list") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
     raise ValueError(f"{where} must be {'a list of strings' if base.startswith('list') else 'a ' + base}"
                      f"{' or null' if 'None' in kind else ''}, got {value!r}")
 
@@ -312,11 +317,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _load_toml(text: str) -> Any:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    else:  # Python 3.10: the backport, which lmloss[hf] installs there
         try:
-            import tomli as tomllib  # type: ignore[no-redef]
+            import tomli as tomllib
         except ModuleNotFoundError as err:
             raise ValueError("TOML config files need Python 3.11+ or `pip install tomli`; or use YAML") from err
     return tomllib.loads(text)

@@ -17,10 +17,10 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,10 +33,24 @@ from lmloss.monitor import ConsoleSink, LossMonitor, plot_run, run_dir_sinks
 from lmloss.train import checkpoint as ckpt
 from lmloss.train import rundir
 from lmloss.train.config import BUILTIN_DATA_EPOCHS, BUILTIN_MODELS, DEFAULT_EPOCHS, TrainConfig
-from lmloss.train.data import (DataReport, TrainData, encode_records, epoch_micro_batches, load_records, prompts_of,
-                               texts_of)
-from lmloss.train.modeling import (LossModel, correct_targets, head_of, load_model, load_tokenizer, logit_transform,
-                                   per_sample_weights)
+from lmloss.train.data import (
+    DataReport,
+    TrainData,
+    encode_records,
+    epoch_micro_batches,
+    load_records,
+    prompts_of,
+    texts_of,
+)
+from lmloss.train.modeling import (
+    LossModel,
+    correct_targets,
+    head_of,
+    load_model,
+    load_tokenizer,
+    logit_transform,
+    per_sample_weights,
+)
 from lmloss.train.processes import start_processes
 from lmloss.train.report import generate_answers, summarize, write_report, write_summary
 from lmloss.train.stopping import StopRequest, exit_code
@@ -163,9 +177,11 @@ class Trainer:
         self.scale, self.model_softcap = logit_transform(self.model)
         self.loss_model = LossModel(self.model, self._loss_options(), scale=self.scale)
         self.step_model: nn.Module = self.loss_model
+        self.ddp: nn.parallel.DistributedDataParallel | None = None  # the step model, with several processes
         if self.procs.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_model = nn.parallel.DistributedDataParallel(self.loss_model, device_ids=ids)
+            self.ddp = nn.parallel.DistributedDataParallel(self.loss_model, device_ids=ids)
+            self.step_model = self.ddp
         self.collate = self._collator()
         self.per_step = c.grad_accum * self.procs.world
         self.total_steps = self._total_steps()
@@ -277,7 +293,7 @@ class Trainer:
         if not self.procs.main:
             return False
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib as mpl  # noqa: F401
         except ImportError:
             self.log("warning: matplotlib is not installed: this run writes no plots (pip install 'lmloss[plot]'; "
                      "`lmloss plot RUN_DIR` draws them later)")
@@ -292,7 +308,7 @@ class Trainer:
         for line in self.data.report.lines():
             self.log(f"data: {line}")
         self.log(f"steps: {self.total_steps} x {self.per_step} micro-batches of "
-                 f"{c.batch_tokens and f'{c.batch_tokens} tokens' or f'{c.batch_size} samples'}"
+                 f"{f'{c.batch_tokens} tokens' if c.batch_tokens else f'{c.batch_size} samples'}"
                  f"{', packed' if c.packing else ''}" + (f"; resuming after step {start}" if start else ""))
 
     def _monitor(self, start: int) -> LossMonitor:
@@ -331,8 +347,7 @@ class Trainer:
         z_share = self.config.z_loss > 0
         for mb in lmloss.micro_batches(batches, group=self.procs.group, normalize=normalize, weights_key=weights_key):
             # DDP: synchronise gradients once, in the backward of the step's last micro-batch.
-            skip_sync = not mb.is_last and self.procs.world > 1
-            with self.step_model.no_sync() if skip_sync else contextlib.nullcontext():
+            with self.ddp.no_sync() if self.ddp is not None and not mb.is_last else contextlib.nullcontext():
                 with self._autocast():
                     out = self.step_model(mb.batch, mb.num_items_in_batch, z_share=z_share)
                 loss, z = out if z_share else (out, None)

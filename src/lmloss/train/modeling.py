@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -51,10 +51,18 @@ def load_model(model: str, vocab_size: int) -> Any:
         loaded = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"could not load a causal LM from {model!r}: {err}") from err
-    if loaded.get_input_embeddings().num_embeddings < vocab_size:
-        raise ValueError(f"the tokenizer of {model!r} has {vocab_size} tokens but the model only "
-                         f"{loaded.get_input_embeddings().num_embeddings} embeddings")
+    rows = _embedding_rows(loaded)
+    if rows < vocab_size:
+        raise ValueError(f"the tokenizer of {model!r} has {vocab_size} tokens but the model only {rows} embeddings")
     return loaded
+
+
+def _embedding_rows(model: Any) -> int:
+    """How many tokens the input embeddings of a transformers model have rows for."""
+    embeddings: nn.Module = model.get_input_embeddings()
+    # An nn.Embedding (transformers' own embeddings subclass it) holds num_embeddings as an
+    # int; nn.Module.__getattr__, which mypy sees instead, is typed Tensor | Module.
+    return cast(int, embeddings.num_embeddings)
 
 
 def _model_dir(model: str) -> Path:
@@ -86,7 +94,8 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 def head_of(model: nn.Module) -> nn.Linear:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not nn.Linear: "
                          f"the fused loss needs the lm_head weight")

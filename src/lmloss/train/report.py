@@ -91,8 +91,11 @@ def write_report(run_dir: Path, summary: Mapping[str, Any], setup: Mapping[str, 
     lines = [f"# lmloss train: {run_dir.name}", ""]
     stop = summary.get("interrupted")
     if stop:
-        lines += [f"**Interrupted** by {stop['signal']} after step {stop['step']} of {setup.get('steps', '?')}; "
-                  f"a checkpoint holds it: continue with `lmloss train --output-dir {run_dir} --resume`.", ""]
+        lines += [
+            (f"**Interrupted** by {stop['signal']} after step {stop['step']} of {setup.get('steps', '?')}; "
+             f"a checkpoint holds it: continue with `lmloss train --output-dir {run_dir} --resume`."),
+            "",
+        ]
     lines += [f"- {key}: {value}" for key, value in setup.items()]
     lines += ["", "## Data", ""] + [f"- {line}" for line in data_lines]
     lines += ["", "## Loss", "", "| | first | last | best |", "|---|---|---|---|"]
