@@ -8,35 +8,18 @@ the fail-together protocol, so that no other rank waits in a collective for it.
 
 from __future__ import annotations
 
-import math
-from typing import cast
-
 import torch
 
-from lmloss._spec import check_softcap
 from lmloss._validation import (
-    check_bool,
-    check_int,
-    check_labels,
-    check_real,
     check_tensor,
 )
 
 __all__ = [
     "bias_problem",
     "check_hidden",
-    "check_labels_on",
-    "check_logprob_options",
     "logits_problem",
     "weight_problem",
 ]
-
-
-def check_labels_on(labels: object, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    labels = check_labels(labels, shape)
-    if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the scores are on {device}")
-    return labels
 
 
 def check_hidden(hidden: object) -> torch.Tensor:
@@ -96,17 +79,3 @@ def bias_problem(weight: torch.Tensor, bias: object) -> str | None:
             f"({weight.dtype}, {weight.device}), got shape {tuple(bias.shape)} {bias.dtype} on {bias.device}"
         )
     return None
-
-
-def check_logprob_options(
-    shift: object, ignore_index: object, temperature: object, softcap: object, with_entropy: object
-) -> None:
-    """The options of the token log-probs, as :func:`lmloss.linear_token_logprobs` takes them."""
-    check_bool("shift", shift)
-    check_int("ignore_index", ignore_index)
-    check_bool("with_entropy", with_entropy)
-    check_real("temperature", temperature)
-    real = cast(float, temperature)  # check_real has just refused anything but a real number
-    if not (math.isfinite(real) and real > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    check_softcap(softcap)

@@ -109,14 +109,12 @@ from lmloss._shard_group import (
 from lmloss._shard_inputs import (
     bias_problem,
     check_hidden,
-    check_labels_on,
-    check_logprob_options,
     logits_problem,
     weight_problem,
 )
 from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
-from lmloss._validation import check_int, check_label_range, check_labels
-from lmloss.logprobs import TokenLogprobs
+from lmloss._validation import check_int, check_label_range, check_labels, check_labels_on
+from lmloss.logprobs import TokenLogprobs, check_logprob_options
 
 __all__ = [
     "vocab_parallel_linear_cross_entropy",
