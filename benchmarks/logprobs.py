@@ -119,14 +119,28 @@ def main() -> None:
         return
     rows = {}
     for name in methods():
-        cmd = [sys.executable, __file__, "--method", name, "--tokens", str(args.tokens), "--dim", str(args.dim),
-               "--vocab", str(args.vocab), "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--method",
+            name,
+            "--tokens",
+            str(args.tokens),
+            "--dim",
+            str(args.dim),
+            "--vocab",
+            str(args.vocab),
+            "--repeats",
+            str(args.repeats),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         rows[name] = json.loads(result.stdout) if result.returncode == 0 else {"error": result.stderr.strip()[-200:]}
     logits_mib = args.tokens * args.vocab * 4 / 2**20
-    print(f"# token log-probs + entropy, forward+backward, N={args.tokens}, D={args.dim}, V={args.vocab} "
-          f"(float32 logits {logits_mib:.0f} MiB), {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"# token log-probs + entropy, forward+backward, N={args.tokens}, D={args.dim}, V={args.vocab} "
+        f"(float32 logits {logits_mib:.0f} MiB), {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print("| method | median time (s) | x floor | peak memory above inputs (MiB) | x float32 logits |")
     print("|---|---:|---:|---:|---:|")
     floor_s = rows["floor"].get("median_s")
@@ -135,8 +149,10 @@ def main() -> None:
             print(f"| {name} | failed: {row['error']} | | | |")
             continue
         ratio = row["median_s"] / floor_s if floor_s else float("nan")
-        print(f"| {name} | {row['median_s']:.2f} | {ratio:.2f} | {row['peak_extra_mib']:.0f} | "
-              f"{row['peak_extra_mib'] / logits_mib:.2f} |")
+        print(
+            f"| {name} | {row['median_s']:.2f} | {ratio:.2f} | {row['peak_extra_mib']:.0f} | "
+            f"{row['peak_extra_mib'] / logits_mib:.2f} |"
+        )
 
 
 if __name__ == "__main__":

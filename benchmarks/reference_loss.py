@@ -50,6 +50,7 @@ def loss_fn(method: str, vocab: int):
 
         return lambda logits, labels: ForCausalLMLoss(logits, labels, vocab_size=vocab)
     if method == "naive_float32":
+
         def naive(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             z = logits[:, :-1].float().reshape(-1, vocab)
             return F.cross_entropy(z, labels[:, 1:].reshape(-1))
@@ -88,12 +89,24 @@ def main() -> None:
     logits_mib = args.tokens * args.vocab * 2 / 2**20
     rows = {}
     for method in METHODS:
-        cmd = [sys.executable, __file__, "--method", method, "--tokens", str(args.tokens),
-               "--vocab", str(args.vocab), "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--method",
+            method,
+            "--tokens",
+            str(args.tokens),
+            "--vocab",
+            str(args.vocab),
+            "--repeats",
+            str(args.repeats),
+        ]
         rows[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    print(f"# reference loss, bf16 logits [{args.tokens}, {args.vocab}] ({logits_mib:.0f} MiB), "
-          f"forward+backward, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"# reference loss, bf16 logits [{args.tokens}, {args.vocab}] ({logits_mib:.0f} MiB), "
+        f"forward+backward, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print("| method | median time (s) | peak extra memory (MiB) |")
     print("|---|---:|---:|")
     print(f"| floor (the bf16 gradient alone) | | {logits_mib:.0f} |")

@@ -44,9 +44,15 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=14, num_key_value_heads=2,
-        max_position_embeddings=max(4096, args.seq), tie_word_embeddings=True, use_cache=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=max(4096, args.seq),
+        tie_word_embeddings=True,
+        use_cache=False,
     )
     torch.manual_seed(0)
     return Qwen2ForCausalLM(config).to(device=args.device, dtype=DTYPES[args.dtype]).train()
@@ -151,20 +157,40 @@ def reset_peak_rss() -> None:
 
 
 def shape_args(args: argparse.Namespace) -> list[str]:
-    return ["--layers", str(args.layers), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
-            "--vocab", str(args.vocab), "--batch", str(args.batch), "--seq", str(args.seq),
-            "--dtype", args.dtype, "--device", args.device]
+    return [
+        "--layers",
+        str(args.layers),
+        "--hidden",
+        str(args.hidden),
+        "--intermediate",
+        str(args.intermediate),
+        "--vocab",
+        str(args.vocab),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+    ]
 
 
 def table(args: argparse.Namespace, seconds, memory, losses) -> str:
-    device = torch.cuda.get_device_name() if args.device == "cuda" else \
-        f"{platform.machine()}, {torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    )
     import transformers
 
     lines = [
-        (f"# Qwen2 {args.layers} layers, hidden {args.hidden}, V={args.vocab}, batch {args.batch}x{args.seq}, "
-        f"{args.dtype}, {args.device} ({device}), torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, median of {args.repeats}"),
+        (
+            f"# Qwen2 {args.layers} layers, hidden {args.hidden}, V={args.vocab}, batch {args.batch}x{args.seq}, "
+            f"{args.dtype}, {args.device} ({device}), torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, median of {args.repeats}"
+        ),
         "| method | step fwd+bwd (s) | vs transformers | peak step memory (MiB) | loss |",
         "|---|---:|---:|---:|---:|",
     ]

@@ -90,8 +90,10 @@ def make_batch(n: int, gen: torch.Generator, vocab: Vocab, bins: int) -> dict[st
         colours = torch.randperm(len(names), generator=gen)[:count].tolist()
         for j, c in enumerate(colours):  # the last one drawn (on top) is asked about
             w, h = (int(v) for v in torch.randint(6, 21, (2,), generator=gen))
-            x, y = int(torch.randint(IMAGE - w + 1, (1,), generator=gen)), int(torch.randint(IMAGE - h + 1, (1,),
-                                                                                              generator=gen))
+            x, y = (
+                int(torch.randint(IMAGE - w + 1, (1,), generator=gen)),
+                int(torch.randint(IMAGE - h + 1, (1,), generator=gen)),
+            )
             images[i, :, y : y + h, x : x + w] = torch.tensor(COLOURS[names[c]]).view(3, 1, 1)
             if j == count - 1:
                 boxes.append((x / IMAGE, y / IMAGE, (x + w) / IMAGE, (y + h) / IMAGE))
@@ -123,13 +125,22 @@ class TinyVLM(nn.Module):
 
         d = cfg.hidden
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, 48, 4, stride=4), nn.GELU(),  # 8x8 cells of 4x4 pixels
+            nn.Conv2d(3, 48, 4, stride=4),
+            nn.GELU(),  # 8x8 cells of 4x4 pixels
             nn.Conv2d(48, d, 2, stride=2),  # 4x4 patches of 8x8 pixels
         )
         self.patch_pos = nn.Parameter(torch.zeros(PATCHES**2, d))
-        config = Qwen2Config(vocab_size=vocab_size, hidden_size=d, intermediate_size=2 * d,
-                             num_hidden_layers=cfg.layers, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=64, tie_word_embeddings=False, use_cache=False)
+        config = Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
         self.lm = Qwen2ForCausalLM(config)
         self.img_id = WORDS.index("<img>")
 
@@ -164,8 +175,9 @@ def train(cfg: Config, seed: int, variant: str, vocab: Vocab) -> tuple[TinyVLM, 
             loss = linear_cross_entropy(hidden, model.head, batch["labels"])
         else:
             targets = find_box_targets(batch["labels"], tokens)
-            loss = grounding_loss(hidden, model.head, batch["labels"], targets,
-                                  l1_weight=cfg.l1_weight, giou_weight=cfg.giou_weight)["loss"]
+            loss = grounding_loss(
+                hidden, model.head, batch["labels"], targets, l1_weight=cfg.l1_weight, giou_weight=cfg.giou_weight
+            )["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -194,8 +206,11 @@ def evaluate(model: TinyVLM, cfg: Config, vocab: Vocab) -> dict[str, float]:
         pred = (torch.tensor(parsed.boxes[0]) + 0.5) / cfg.bins  # bin centres, normalized
         ious.append(float(box_iou(pred, truth)))
     model.train()
-    return {"mean_iou": statistics.fmean(ious), "acc50": statistics.fmean(i >= 0.5 for i in ious),
-            "malformed": malformed}
+    return {
+        "mean_iou": statistics.fmean(ious),
+        "acc50": statistics.fmean(i >= 0.5 for i in ious),
+        "malformed": malformed,
+    }
 
 
 def run(cfg: Config) -> dict:
@@ -210,8 +225,11 @@ def run(cfg: Config) -> dict:
             model, final_loss = train(cfg, seed, variant, vocab)
             scores = evaluate(model, cfg, vocab)
             runs.append({"seed": seed, **scores, "final_loss": final_loss, "seconds": round(time.time() - t0, 1)})
-            print(f"{variant:7s} seed {seed}: mean IoU {scores['mean_iou']:.3f}  IoU>=0.5 {scores['acc50']:.3f}  "
-                  f"malformed {scores['malformed']}  ({runs[-1]['seconds']} s)", flush=True)
+            print(
+                f"{variant:7s} seed {seed}: mean IoU {scores['mean_iou']:.3f}  IoU>=0.5 {scores['acc50']:.3f}  "
+                f"malformed {scores['malformed']}  ({runs[-1]['seconds']} s)",
+                flush=True,
+            )
         values = [r["mean_iou"] for r in runs]
         results["variants"][variant] = {
             "runs": runs,

@@ -42,8 +42,15 @@ def build_policy(seed: int) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False, use_cache=False,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        use_cache=False,
     )
     return Qwen2ForCausalLM(config)
 
@@ -84,13 +91,15 @@ def reward_and_mask(
     return reward, mask
 
 
-def completion_logprobs(model: torch.nn.Module, prompts: torch.Tensor, completions: torch.Tensor,
-                        with_entropy: bool = False) -> lmloss.TokenLogprobs:
+def completion_logprobs(
+    model: torch.nn.Module, prompts: torch.Tensor, completions: torch.Tensor, with_entropy: bool = False
+) -> lmloss.TokenLogprobs:
     ids = torch.cat([prompts, completions], dim=1)
     labels = ids.clone()
     labels[:, : prompts.shape[1]] = -100
-    out = lmloss.linear_token_logprobs(hidden_states(model, ids), model.lm_head.weight, labels,
-                                       with_entropy=with_entropy)
+    out = lmloss.linear_token_logprobs(
+        hidden_states(model, ids), model.lm_head.weight, labels, with_entropy=with_entropy
+    )
     t = completions.shape[1]
     entropy = None if out.entropy is None else out.entropy[:, -t:]
     return lmloss.TokenLogprobs(out.logprobs[:, -t:], entropy)
@@ -108,8 +117,14 @@ def train(args: argparse.Namespace) -> dict[str, list[float]]:
     # Linear decay to 10%: late updates on a nearly deterministic policy otherwise undo progress.
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.9 * s / max(args.steps - 1, 1))
     all_pairs = torch.cartesian_prod(torch.arange(10), torch.arange(10))
-    history: dict[str, list[float]] = {"step": [], "reward": [], "accuracy_step": [], "accuracy": [], "clip": [],
-                                       "entropy": []}
+    history: dict[str, list[float]] = {
+        "step": [],
+        "reward": [],
+        "accuracy_step": [],
+        "accuracy": [],
+        "clip": [],
+        "entropy": [],
+    }
     for step in range(args.steps):
         pairs = all_pairs[torch.randint(0, 100, (args.prompts,))].repeat_interleave(args.group, dim=0)
         prompts = prompts_of(pairs)
@@ -129,8 +144,16 @@ def train(args: argparse.Namespace) -> dict[str, list[float]]:
             for mb in lmloss.micro_batches([mask[r] for r in rows], loss_type="dapo"):
                 r = rows[mb.index]
                 lp = completion_logprobs(model, prompts[r], completions[r], with_entropy=True)
-                out = lmloss.rl.policy_loss(lp.logprobs, old[r], adv[r], mask[r], loss_type="dapo", epsilon=0.2,
-                                            epsilon_high=0.28, num_items_in_batch=mb.num_items_in_batch)
+                out = lmloss.rl.policy_loss(
+                    lp.logprobs,
+                    old[r],
+                    adv[r],
+                    mask[r],
+                    loss_type="dapo",
+                    epsilon=0.2,
+                    epsilon_high=0.28,
+                    num_items_in_batch=mb.num_items_in_batch,
+                )
                 (out.loss * mb.loss_scale).backward()
                 clip += float(out.metrics["clip_ratio/region"]) / (len(rows) * args.updates)
                 entropy += float((lp.entropy.detach() * mask[r]).sum() / mask.sum()) / args.updates
@@ -144,8 +167,11 @@ def train(args: argparse.Namespace) -> dict[str, list[float]]:
             model.eval()
             history["accuracy_step"].append(step)
             history["accuracy"].append(accuracy(model, all_pairs))
-            print(f"step {step:4d}  reward {history['reward'][-1]:.3f}  greedy accuracy {history['accuracy'][-1]:.2f}"
-                  f"  clipped {clip:.3f}  entropy {entropy:.3f}", flush=True)
+            print(
+                f"step {step:4d}  reward {history['reward'][-1]:.3f}  greedy accuracy {history['accuracy'][-1]:.2f}"
+                f"  clipped {clip:.3f}  entropy {entropy:.3f}",
+                flush=True,
+            )
     return history
 
 

@@ -74,8 +74,16 @@ def next_batch(stream: MixtureIterator) -> dict[str, torch.Tensor]:
 def checkpoint(parts) -> bytes:
     model, head, loss_fn, stream, optimizer = parts
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "head": head.state_dict(), "loss": loss_fn.state_dict(),
-                "data": stream.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "head": head.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "data": stream.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        },
+        buffer,
+    )
     return buffer.getvalue()
 
 

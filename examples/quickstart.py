@@ -25,8 +25,16 @@ from lmloss.monitor import ConsoleSink, LossMonitor, plot_run, run_dir_sinks
 from lmloss.train.builtin import build_model, build_tokenizer
 
 CAPITALS = {
-    "China": "Beijing", "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo",
-    "Spain": "Madrid", "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo",
+    "China": "Beijing",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Egypt": "Cairo",
+    "Spain": "Madrid",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Canada": "Ottawa",
+    "Norway": "Oslo",
 }
 
 
@@ -38,34 +46,45 @@ def conversations() -> list[dict]:
     chats = []
     for country, capital in CAPITALS.items():
         for question in (f"Where is the capital of {country}?", f"What is the capital of {country}?"):
-            chats.append({"messages": [
-                SYSTEM,
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": f"The capital is {capital}."},
-                {"role": "user", "content": "Thanks!"},
-                {"role": "assistant", "content": "You are welcome."},
-            ]})
+            chats.append(
+                {
+                    "messages": [
+                        SYSTEM,
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": f"The capital is {capital}."},
+                        {"role": "user", "content": "Thanks!"},
+                        {"role": "assistant", "content": "You are welcome."},
+                    ]
+                }
+            )
     return chats
 
 
 def answer(model, tokenizer, question: str) -> str:
-    prompt = tokenizer.apply_chat_template([SYSTEM, {"role": "user", "content": question}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [SYSTEM, {"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     model.eval()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     model.train()
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def step_loss(model, batch, num_items_in_batch) -> torch.Tensor:
     """The fused loss: from the last hidden states and the lm_head weight, no logits."""
     # use_cache=False: transformers separates packed samples by position_ids only without a cache.
     hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    return lmloss.linear_cross_entropy(hidden.last_hidden_state, model.lm_head.weight, batch["labels"],
-                                       num_items_in_batch=num_items_in_batch)
+    return lmloss.linear_cross_entropy(
+        hidden.last_hidden_state, model.lm_head.weight, batch["labels"], num_items_in_batch=num_items_in_batch
+    )
 
 
 def main() -> None:
@@ -87,15 +106,19 @@ def main() -> None:
     collate = PackingCollator(max_length=128, pad_token_id=tokenizer.pad_token_id)
     model = build_model(len(tokenizer), "tiny")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    print(f"{len(train)} training and {len(held_out)} held-out conversations, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
-    print(f"before: Q: Where is the capital of China?  A: {answer(model, tokenizer, 'Where is the capital of China?')!r}")
+    print(
+        f"{len(train)} training and {len(held_out)} held-out conversations, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    print(
+        f"before: Q: Where is the capital of China?  A: {answer(model, tokenizer, 'Where is the capital of China?')!r}"
+    )
 
     shutil.rmtree(args.run_dir, ignore_errors=True)
     monitor = LossMonitor(sinks=run_dir_sinks(args.run_dir) + [ConsoleSink(total_steps=args.steps)])
     for step in range(1, args.steps + 1):
         random.shuffle(train)
-        step_batches = [collate(train[i::args.micro_batches]) for i in range(args.micro_batches)]
+        step_batches = [collate(train[i :: args.micro_batches]) for i in range(args.micro_batches)]
         total = torch.zeros(())
         # Every micro-batch divides its loss sum by the target count of the whole step,
         # so the accumulated gradient is that of one big batch.
@@ -112,9 +135,13 @@ def main() -> None:
                 monitor.update_eval(step, loss=step_loss(model, collate(held_out), None))
     monitor.close()
 
-    print(f"after:  Q: Where is the capital of China?  A: {answer(model, tokenizer, 'Where is the capital of China?')!r}")
+    print(
+        f"after:  Q: Where is the capital of China?  A: {answer(model, tokenizer, 'Where is the capital of China?')!r}"
+    )
     plots = plot_run(args.run_dir)
-    print(f"metrics: {args.run_dir}/metrics.jsonl; plots: {', '.join(p.name for p in plots.paths)} in {plots.paths[0].parent}")
+    print(
+        f"metrics: {args.run_dir}/metrics.jsonl; plots: {', '.join(p.name for p in plots.paths)} in {plots.paths[0].parent}"
+    )
 
 
 if __name__ == "__main__":

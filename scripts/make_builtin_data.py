@@ -14,21 +14,68 @@ import random
 from pathlib import Path
 
 CAPITALS = {
-    "China": "Beijing", "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo",
-    "Spain": "Madrid", "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo",
-    "Germany": "Berlin", "India": "New Delhi", "Brazil": "Brasilia", "Russia": "Moscow",
-    "Mexico": "Mexico City", "Greece": "Athens", "Portugal": "Lisbon", "Poland": "Warsaw",
-    "Turkey": "Ankara", "Chile": "Santiago", "Cuba": "Havana", "Austria": "Vienna",
-    "Sweden": "Stockholm", "Ireland": "Dublin", "Thailand": "Bangkok", "Vietnam": "Hanoi",
-    "Argentina": "Buenos Aires", "Australia": "Canberra", "Finland": "Helsinki", "Nepal": "Kathmandu",
+    "China": "Beijing",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Egypt": "Cairo",
+    "Spain": "Madrid",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Canada": "Ottawa",
+    "Norway": "Oslo",
+    "Germany": "Berlin",
+    "India": "New Delhi",
+    "Brazil": "Brasilia",
+    "Russia": "Moscow",
+    "Mexico": "Mexico City",
+    "Greece": "Athens",
+    "Portugal": "Lisbon",
+    "Poland": "Warsaw",
+    "Turkey": "Ankara",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Austria": "Vienna",
+    "Sweden": "Stockholm",
+    "Ireland": "Dublin",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Argentina": "Buenos Aires",
+    "Australia": "Canberra",
+    "Finland": "Helsinki",
+    "Nepal": "Kathmandu",
 }
 CAPITAL_QUESTIONS = ["Where is the capital of {c}?", "What is the capital of {c}?", "Which city is the capital of {c}?"]
-COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
-          "a tomato": "red", "an orange": "orange", "a plum": "purple"}
-SOUNDS = {"a dog": "barks", "a cat": "meows", "a cow": "moos", "a duck": "quacks", "a lion": "roars",
-          "a sheep": "bleats", "a horse": "neighs", "a bee": "buzzes"}
-OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "happy": "sad",
-             "open": "closed", "early": "late"}
+COLORS = {
+    "the sky": "blue",
+    "grass": "green",
+    "snow": "white",
+    "a banana": "yellow",
+    "coal": "black",
+    "a tomato": "red",
+    "an orange": "orange",
+    "a plum": "purple",
+}
+SOUNDS = {
+    "a dog": "barks",
+    "a cat": "meows",
+    "a cow": "moos",
+    "a duck": "quacks",
+    "a lion": "roars",
+    "a sheep": "bleats",
+    "a horse": "neighs",
+    "a bee": "buzzes",
+}
+OPPOSITES = {
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "light": "dark",
+    "happy": "sad",
+    "open": "closed",
+    "early": "late",
+}
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 SYSTEM = "You are a helpful assistant."
 

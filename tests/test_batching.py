@@ -482,8 +482,9 @@ def test_bad_options_raise(build, error, match):
         build()
 
 
-@pytest.mark.parametrize("make", [lambda: PaddingCollator(0, max_length=4, truncation=True),
-                                  lambda: PackingCollator(4, 0, truncation=True)])
+@pytest.mark.parametrize(
+    "make", [lambda: PaddingCollator(0, max_length=4, truncation=True), lambda: PackingCollator(4, 0, truncation=True)]
+)
 def test_truncation_that_empties_a_sample_is_reported(make):
     collate = make()
     prompt_only_at_start = {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, -100, -100, 5, 6]}
@@ -510,8 +511,12 @@ def _context_free_logits(input_ids: torch.Tensor, position_ids: torch.Tensor, ta
 def test_fuzz_padded_and_packed_losses_equal_the_samples_alone(case, reduction):
     max_length, samples, strategy, multiple = case
     table = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(len(samples)), dtype=torch.float64)
-    alone = [sample_loss_sum(_context_free_logits(torch.tensor(s["input_ids"]), torch.arange(len(s["input_ids"])),
-                                                  table), s["labels"]) for s in samples]
+    alone = [
+        sample_loss_sum(
+            _context_free_logits(torch.tensor(s["input_ids"]), torch.arange(len(s["input_ids"])), table), s["labels"]
+        )
+        for s in samples
+    ]
     count = sum(sample_count(s["labels"]) for s in samples)
     truth = sum(alone, torch.zeros((), dtype=torch.float64))
     if reduction == "mean":

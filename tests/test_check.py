@@ -272,7 +272,9 @@ def test_cli_counts_exactly_the_lines_with_invalid_utf8(tmp_path, tok_dir, capsy
     report = json.loads(capsys.readouterr().out)
     assert report["num_samples"] == 5 and report["num_encoded"] == 3 and report["counts"]["read"] == 2
     assert [(e["where"], e["message"][:20]) for e in report["errors"]] == [
-        (f"{path}:2", "not valid UTF-8 (byt"), (f"{path}:4", "not valid UTF-8 (byt")]
+        (f"{path}:2", "not valid UTF-8 (byt"),
+        (f"{path}:4", "not valid UTF-8 (byt"),
+    ]
 
 
 def test_cli_deep_json_is_one_unreadable_line(tmp_path, tok_dir, capsys):
@@ -359,8 +361,10 @@ def test_mode_all_trains_a_prompt_completion_pair_as_train_does(tmp_path, chatml
     # Reproduction: `lmloss check --mode all` trained the prompt of prompt/completion
     # samples (fraction 0.96 here) while `lmloss train --masking all` trains only the
     # completion (0.42): --mode all is about chat turns, as in lmloss.encode_dataset.
-    data = _write(tmp_path / "pc.jsonl", [{"prompt": "Translate the word cat into French.",
-                                           "completion": "The French word for cat is chat."}])
+    data = _write(
+        tmp_path / "pc.jsonl",
+        [{"prompt": "Translate the word cat into French.", "completion": "The French word for cat is chat."}],
+    )
     for mode in ("assistant", "all", "last_assistant", "everything"):
         ours = audit(read_jsonl_records(data), chatml_tokenizer, mode=mode).fractions
         assert ours == _train_fractions(data, chatml_tokenizer, masking=mode)

@@ -36,34 +36,62 @@ def _problem(shape: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tensor]:
         labels[1] = -100  # a row with no target at all
     classes = torch.rand(V, generator=g, dtype=torch.float64) * 3
     classes[int(labels.flatten()[labels.flatten() != -100][0]) if (labels != -100).any() else 0] = 0.0
-    return {"hidden": hidden, "weight": weight, "labels": labels, "classes": classes,
-            "upstream": torch.rand(shape, generator=g, dtype=torch.float64)}
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "labels": labels,
+        "classes": classes,
+        "upstream": torch.rand(shape, generator=g, dtype=torch.float64),
+    }
 
 
-def _loss(entry: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor,
-          **options: object) -> torch.Tensor:
+def _loss(
+    entry: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor,
+    **options: object,
+) -> torch.Tensor:
     """The entry point's loss of ``hidden @ weight.T`` (logits formed inside for the logits ones)."""
     if entry == "causal_lm_loss":
         return lmloss.causal_lm_loss(hidden @ weight.T, labels, class_weights=classes, **options)  # type: ignore[arg-type]
     if entry in ("reference", "chunked"):
-        return lmloss.linear_cross_entropy(hidden, weight, labels, class_weights=classes, backend=entry,
-                                           chunk_size=2, **options)  # type: ignore[arg-type]
+        return lmloss.linear_cross_entropy(
+            hidden, weight, labels, class_weights=classes, backend=entry, chunk_size=2, **options
+        )  # type: ignore[arg-type]
     if entry == "nn.CausalLMLoss":
         return nn.CausalLMLoss(weight=classes, **options)(hidden @ weight.T, labels)  # type: ignore[arg-type]
     return nn.LinearCrossEntropyLoss(class_weights=classes, chunk_size=2, **options)(  # type: ignore[arg-type]
-        hidden, weight, labels)
+        hidden, weight, labels
+    )
 
 
-def _torch(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, *,
-           shift: bool, reduction: str, label_smoothing: float, ignore_index: int = -100) -> torch.Tensor:
+def _torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    shift: bool,
+    reduction: str,
+    label_smoothing: float,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """torch's own cross_entropy on the aligned, flattened logits; ``none`` back in label alignment."""
     logits = hidden @ weight.T
     if shift:
         logits, targets = logits[..., :-1, :], labels[..., 1:]
     else:
         targets = labels
-    out = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), weight=classes, reduction=reduction,
-                          label_smoothing=label_smoothing, ignore_index=ignore_index)
+    out = F.cross_entropy(
+        logits.reshape(-1, V),
+        targets.reshape(-1),
+        weight=classes,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+    )
     if reduction != "none":
         return out
     out = out.view(targets.shape)
@@ -82,8 +110,11 @@ def _inputs(problem: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.7])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("shape, shift", [((3, 7), True), ((3, 7), False), ((1, 1), False), ((2, 1, 4), True)],
-                         ids=["shifted", "aligned", "T=1", "3-D"])
+@pytest.mark.parametrize(
+    "shape, shift",
+    [((3, 7), True), ((3, 7), False), ((1, 1), False), ((2, 1, 4), True)],
+    ids=["shifted", "aligned", "T=1", "3-D"],
+)
 def test_every_entry_point_is_torch_cross_entropy_with_weight(entry, label_smoothing, reduction, shape, shift):
     problem = _problem(shape)
     if shape == (1, 1):
@@ -107,8 +138,7 @@ def test_a_custom_ignore_index_is_torch_ignore_index(entry):
     hidden, weight = _inputs(problem)
     got = _loss(entry, hidden, weight, labels, problem["classes"], ignore_index=7, label_smoothing=0.1)
     h, w = _inputs(problem)
-    want = _torch(h, w, labels, problem["classes"], shift=True, reduction="mean", label_smoothing=0.1,
-                  ignore_index=7)
+    want = _torch(h, w, labels, problem["classes"], shift=True, reduction="mean", label_smoothing=0.1, ignore_index=7)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -139,8 +169,9 @@ def test_an_all_masked_batch_is_an_attached_zero(entry, reduction):
     problem = _problem((2, 5), seed=2)
     labels = torch.full((2, 5), -100)
     hidden, weight = _inputs(problem)
-    loss = _loss(entry, hidden, weight, labels, problem["classes"], label_smoothing=0.1, z_loss=0.1,
-                 reduction=reduction)
+    loss = _loss(
+        entry, hidden, weight, labels, problem["classes"], label_smoothing=0.1, z_loss=0.1, reduction=reduction
+    )
     assert not bool(loss.any()) and loss.requires_grad and bool(loss.isfinite().all())
     assert all(not bool(g.any()) for g in _grads(loss, (hidden, weight), problem["upstream"]))
 
@@ -164,8 +195,15 @@ def _both(entry: str, problem: dict[str, torch.Tensor], first: dict, second: dic
 @pytest.mark.parametrize("entry", ["causal_lm_loss", "chunked"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"z_loss": 0.05}, {"normalize": "sequence"}, {"token_loss": "dft"}, {"token_loss": "focal_attached"},
-     {"reduction": "none", "z_loss": 0.05, "token_loss": "focal"}, {"num_items_in_batch": 4.0}],
+    [
+        {},
+        {"z_loss": 0.05},
+        {"normalize": "sequence"},
+        {"token_loss": "dft"},
+        {"token_loss": "focal_attached"},
+        {"reduction": "none", "z_loss": 0.05, "token_loss": "focal"},
+        {"num_items_in_batch": 4.0},
+    ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain",
 )
 def test_without_smoothing_class_weights_are_token_weights_of_the_targets(entry, options):
@@ -176,8 +214,12 @@ def test_without_smoothing_class_weights_are_token_weights_of_the_targets(entry,
     labels, classes = problem["labels"], problem["classes"]
     tokens = torch.rand(labels.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     as_tokens = tokens * classes[labels.clamp(min=0)]
-    _both(entry, problem, {"classes": classes, "token_weights": tokens, **options},
-          {"classes": None, "token_weights": as_tokens, **options})
+    _both(
+        entry,
+        problem,
+        {"classes": classes, "token_weights": tokens, **options},
+        {"classes": None, "token_weights": as_tokens, **options},
+    )
 
 
 @pytest.mark.parametrize("entry", ["causal_lm_loss", "chunked"])
@@ -199,8 +241,9 @@ def test_micro_batches_with_the_step_count_sum_to_the_big_batch(entry):
     torch.testing.assert_close(count_targets(labels, class_weights=classes).double(), count, rtol=1e-6, atol=0.0)
     hidden, weight = _inputs(problem)
     total = sum(
-        _loss(entry, hidden[i : i + 2], weight, labels[i : i + 2], classes, label_smoothing=0.1,
-              num_items_in_batch=count)
+        _loss(
+            entry, hidden[i : i + 2], weight, labels[i : i + 2], classes, label_smoothing=0.1, num_items_in_batch=count
+        )
         for i in (0, 2)
     )
     h, w = _inputs(problem)
@@ -214,8 +257,9 @@ def test_class_weights_get_no_gradient_and_low_precision_is_close_to_the_truth()
     problem = _problem((3, 7), seed=7)
     classes = problem["classes"].float().requires_grad_()
     hidden, weight = (t.float().requires_grad_() for t in (problem["hidden"], problem["weight"]))
-    loss = lmloss.linear_cross_entropy(hidden, weight, problem["labels"], class_weights=classes,
-                                       label_smoothing=0.1, backend="chunked")
+    loss = lmloss.linear_cross_entropy(
+        hidden, weight, problem["labels"], class_weights=classes, label_smoothing=0.1, backend="chunked"
+    )
     loss.backward()
     assert classes.grad is None and loss.dtype == torch.float32
     h, w = _inputs(problem)

@@ -37,8 +37,15 @@ def tiny_qwen2() -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     return Qwen2ForCausalLM(config).float()
 
 
@@ -120,8 +127,7 @@ def _train_step(
         losses.append((float(loss.detach()), loss.requires_grad))
         step_sum += loss.detach().double() * mb.num_items_in_batch  # this rank's sum of target losses
     tokens = sum(int(count_targets(mb["labels"])) for mb in mine)
-    return {"losses": losses, "sum": float(step_sum), "tokens": tokens,
-            "global_tokens": int(mb.num_items_in_batch)}
+    return {"losses": losses, "sum": float(step_sum), "tokens": tokens, "global_tokens": int(mb.num_items_in_batch)}
 
 
 def _monitored(rank_step: dict[str, Any]) -> dict[str, Any]:

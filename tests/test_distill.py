@@ -16,8 +16,18 @@ from lmloss.distill import distillation_loss, linear_distillation_loss
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-def direct_kd(student, teacher, labels, *, temperature=1.0, alpha=1.0, shift=True, reduction="mean",
-              token_weights=None, num_items_in_batch=None):
+def direct_kd(
+    student,
+    teacher,
+    labels,
+    *,
+    temperature=1.0,
+    alpha=1.0,
+    shift=True,
+    reduction="mean",
+    token_weights=None,
+    num_items_in_batch=None,
+):
     """alpha * tau^2 * KL(p_teacher || p_student) + (1 - alpha) * CE, written out on float64 logits:
     F.kl_div(log_softmax(s / tau), log_softmax(t / tau), log_target=True) summed over the vocabulary."""
     s, t = student.double(), teacher.double()
@@ -26,10 +36,15 @@ def direct_kd(student, teacher, labels, *, temperature=1.0, alpha=1.0, shift=Tru
     if shift:
         s, t, y, w = s[..., :-1, :], t[..., :-1, :], labels[..., 1:], w[..., 1:]
     valid = y != -100
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), reduction="none",
-                  log_target=True).sum(-1) * temperature**2
-    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), torch.where(valid, y, 0).reshape(-1),
-                         reduction="none").view(y.shape)
+    kl = (
+        F.kl_div(
+            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), reduction="none", log_target=True
+        ).sum(-1)
+        * temperature**2
+    )
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), torch.where(valid, y, 0).reshape(-1), reduction="none").view(
+        y.shape
+    )
     w = w * valid
     per = torch.where(w > 0, (alpha * kl + (1 - alpha) * ce) * w, torch.zeros_like(kl))
     if reduction == "none":
@@ -56,10 +71,10 @@ def batch(shape=(2, 6), vocab=13, seed=0, ignore=0.3, dtype=torch.float64):
 @pytest.mark.parametrize("shift", [True, False])
 def test_matches_kl_div_with_gradients(reduction, temperature, alpha, shift):
     student, teacher, labels = batch()
-    ours = distillation_loss(student, teacher, labels, temperature=temperature, alpha=alpha, shift=shift,
-                             reduction=reduction)
-    truth = direct_kd(student, teacher, labels, temperature=temperature, alpha=alpha, shift=shift,
-                      reduction=reduction)
+    ours = distillation_loss(
+        student, teacher, labels, temperature=temperature, alpha=alpha, shift=shift, reduction=reduction
+    )
+    truth = direct_kd(student, teacher, labels, temperature=temperature, alpha=alpha, shift=shift, reduction=reduction)
     assert ours.shape == truth.shape
     torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
     upstream = torch.rand(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
@@ -147,8 +162,11 @@ def heads(lead=(2,), seq_len=7, dim=5, teacher_dim=9, vocab=23, seed=0, ignore=0
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
 
     student = (rand(*lead, seq_len, dim), rand(vocab, dim), rand(vocab) if bias else None)
-    teacher = (rand(*lead, seq_len, teacher_dim, grad=False), rand(vocab, teacher_dim, grad=False),
-               rand(vocab, grad=False) if bias else None)
+    teacher = (
+        rand(*lead, seq_len, teacher_dim, grad=False),
+        rand(vocab, teacher_dim, grad=False),
+        rand(vocab, grad=False) if bias else None,
+    )
     labels = torch.randint(0, vocab, (*lead, seq_len), generator=g)
     labels[torch.rand(labels.shape, generator=g) < ignore] = -100
     return student, teacher, labels
@@ -172,8 +190,9 @@ def linear_and_logits(student, teacher, labels, upstream_seed=1, **options):
 @pytest.mark.parametrize("chunk_size", [1, 4, None])
 def test_linear_equals_logits_version(reduction, temperature, alpha, chunk_size):
     student, teacher, labels = heads()
-    ours, theirs, got, want = linear_and_logits(student, teacher, labels, reduction=reduction,
-                                                temperature=temperature, alpha=alpha, chunk_size=chunk_size)
+    ours, theirs, got, want = linear_and_logits(
+        student, teacher, labels, reduction=reduction, temperature=temperature, alpha=alpha, chunk_size=chunk_size
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     for g_ours, g_theirs in zip(got, want):
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
@@ -190,8 +209,9 @@ def test_linear_equals_logits_version(reduction, temperature, alpha, chunk_size)
 )
 def test_linear_options_and_no_bias(options):
     student, teacher, labels = heads(seed=3, bias=False)
-    ours, theirs, got, want = linear_and_logits(student, teacher, labels, temperature=2.0, alpha=0.5,
-                                                chunk_size=3, **options)
+    ours, theirs, got, want = linear_and_logits(
+        student, teacher, labels, temperature=2.0, alpha=0.5, chunk_size=3, **options
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
     for g_ours, g_theirs in zip(got, want):
         torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
@@ -201,8 +221,9 @@ def test_linear_static_shapes_when_value_checks_are_off():
     student, teacher, labels = heads(seed=4, ignore=0.5)
     with lmloss.validation(False):
         for reduction in ("mean", "none"):
-            ours, theirs, got, want = linear_and_logits(student, teacher, labels, reduction=reduction,
-                                                        temperature=1.5, alpha=0.5, chunk_size=4)
+            ours, theirs, got, want = linear_and_logits(
+                student, teacher, labels, reduction=reduction, temperature=1.5, alpha=0.5, chunk_size=4
+            )
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
             for g_ours, g_theirs in zip(got, want):
                 torch.testing.assert_close(g_ours, g_theirs, rtol=1e-10, atol=1e-12)
@@ -220,10 +241,22 @@ def test_linear_all_masked_and_teacher_without_gradient():
 
 def test_linear_low_precision_is_close_to_float64():
     student, teacher, labels = heads(lead=(4,), seq_len=32, dim=32, teacher_dim=48, vocab=300, seed=6)
-    low = [tuple(None if t is None else t.detach().bfloat16().requires_grad_(t.requires_grad) for t in group)
-           for group in (student, teacher)]
-    ours = linear_distillation_loss(low[0][0], low[0][1], low[1][0], low[1][1], labels, student_bias=low[0][2],
-                                    teacher_bias=low[1][2], temperature=2.0, alpha=0.5, chunk_size=16)
+    low = [
+        tuple(None if t is None else t.detach().bfloat16().requires_grad_(t.requires_grad) for t in group)
+        for group in (student, teacher)
+    ]
+    ours = linear_distillation_loss(
+        low[0][0],
+        low[0][1],
+        low[1][0],
+        low[1][1],
+        labels,
+        student_bias=low[0][2],
+        teacher_bias=low[1][2],
+        temperature=2.0,
+        alpha=0.5,
+        chunk_size=16,
+    )
     assert ours.dtype == torch.float32
     ours.backward()
     assert low[0][1].grad.dtype == torch.bfloat16
@@ -259,8 +292,19 @@ def test_linear_never_holds_tokens_times_vocab():
         recorder = RecordShapes()
         with recorder:
             (h, w, b), (th, tw, tb) = student, teacher
-            loss = linear_distillation_loss(h, w, th, tw, labels, student_bias=b, teacher_bias=tb, chunk_size=16,
-                                            reduction=reduction, alpha=alpha, temperature=temperature)
+            loss = linear_distillation_loss(
+                h,
+                w,
+                th,
+                tw,
+                labels,
+                student_bias=b,
+                teacher_bias=tb,
+                chunk_size=16,
+                reduction=reduction,
+                alpha=alpha,
+                temperature=temperature,
+            )
             loss.sum().backward()
         assert max(numel for _, numel in recorder.numels) <= 16 * 500, max(recorder.numels, key=lambda x: x[1])
     # The recorder does see full logits when they exist, so the bound above can fail.
@@ -349,4 +393,3 @@ def test_linear_teacher_with_a_masked_token_is_finite_and_equals_the_logits_vers
     got = linear_distillation_loss(h, w, th, tw, labels, teacher_bias=tb, temperature=2.0)
     assert torch.isfinite(got)
     torch.testing.assert_close(got, want)
-

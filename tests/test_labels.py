@@ -88,11 +88,13 @@ EXPECTED_RUNS = {
     ],
     ("chatml_tokenizer", "last_assistant"): ["Rome.<|im_end|>"],
     ("chatml_tokenizer", "everything"): [
-        ("<|im_start|>system\nYou are a concise geography tutor.<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-        "<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n"
-        "<|im_start|>user\nAnd Italy?<|im_end|>\n"
-        "<|im_start|>assistant\nRome.<|im_end|>\n")
+        (
+            "<|im_start|>system\nYou are a concise geography tutor.<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+            "<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n"
+            "<|im_start|>user\nAnd Italy?<|im_end|>\n"
+            "<|im_start|>assistant\nRome.<|im_end|>\n"
+        )
     ],
     ("llama3_tokenizer", "assistant"): ["The capital of France is Paris.<|eot_id|>", "Rome.<|eot_id|>"],
     ("llama3_tokenizer", "all"): [
@@ -104,12 +106,14 @@ EXPECTED_RUNS = {
     ],
     ("llama3_tokenizer", "last_assistant"): ["Rome.<|eot_id|>"],
     ("llama3_tokenizer", "everything"): [
-        ("<|begin_of_text|>"
-        "<|start_header_id|>system<|end_header_id|>\n\nYou are a concise geography tutor.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nThe capital of France is Paris.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nAnd Italy?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nRome.<|eot_id|>")
+        (
+            "<|begin_of_text|>"
+            "<|start_header_id|>system<|end_header_id|>\n\nYou are a concise geography tutor.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nThe capital of France is Paris.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nAnd Italy?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nRome.<|eot_id|>"
+        )
     ],
     # The plain template's generation prompt ends with a space. BPE merges it with
     # "Rome" (" Rome" is in the vocabulary) but not with "The" (" The" is not), so
@@ -125,11 +129,13 @@ EXPECTED_RUNS = {
     ],
     ("plain_tokenizer", "last_assistant"): [" Rome.<|endoftext|>"],
     ("plain_tokenizer", "everything"): [
-        ("You are a concise geography tutor.\n\n"
-        "### User: What is the capital of France?\n"
-        "### Assistant: The capital of France is Paris.<|endoftext|>\n"
-        "### User: And Italy?\n"
-        "### Assistant: Rome.<|endoftext|>\n")
+        (
+            "You are a concise geography tutor.\n\n"
+            "### User: What is the capital of France?\n"
+            "### Assistant: The capital of France is Paris.<|endoftext|>\n"
+            "### User: And Italy?\n"
+            "### Assistant: Rome.<|endoftext|>\n"
+        )
     ],
 }
 
@@ -488,10 +494,12 @@ def test_tool_call_turn_with_none_content_and_tool_role_aliases():
     """content=None (OpenAI tool calls) encodes as ''; ipython/function turns are tool turns, not trained."""
     tokenizer = _fresh(build_chatml_tokenizer, TOOL_TEMPLATE)
     call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
-    base = [{"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "content": "sunny"},
-            {"role": "assistant", "content": "It is sunny."}]
+    base = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
     want = encode_chat(base, tokenizer)
     none_content = [dict(m, content=None) if m.get("tool_calls") else m for m in base]
     assert encode_chat(none_content, tokenizer) == want
@@ -842,11 +850,15 @@ def test_opening_assistant_content_that_repeats_its_header(chatml_tokenizer):
     "template",
     [
         # the end-of-turn marker only after non-final messages
-        ("{%- for m in messages -%}{{- m.role + ': ' + m.content -}}"
-        "{%- if not loop.last -%}{{- eos_token + '\\n' -}}{%- endif -%}{%- endfor -%}"),
+        (
+            "{%- for m in messages -%}{{- m.role + ': ' + m.content -}}"
+            "{%- if not loop.last -%}{{- eos_token + '\\n' -}}{%- endif -%}{%- endfor -%}"
+        ),
         # the marker written at the start of the next turn
-        ("{%- for m in messages -%}{%- if not loop.first -%}{{- eos_token + '\\n' -}}{%- endif -%}"
-        "{{- m.role + ': ' + m.content -}}{%- endfor -%}"),
+        (
+            "{%- for m in messages -%}{%- if not loop.first -%}{{- eos_token + '\\n' -}}{%- endif -%}"
+            "{{- m.role + ': ' + m.content -}}{%- endfor -%}"
+        ),
     ],
 )
 def test_end_of_turn_marker_written_only_before_the_next_turn_is_trained(template):
@@ -868,8 +880,11 @@ def test_end_of_turn_marker_written_only_before_the_next_turn_is_trained(templat
 # Long texts: a few words repeated into thousands of characters, so that the window
 # (max_length + SLACK_TOKENS) * longest-token characters really cuts them.
 _WORD = st.text(alphabet="abcdeSure Paris\n\n  ,.:?!#<>01é日", min_size=1, max_size=9)
-_LONG_TEXT = st.builds(lambda words, size: ("".join(words) * size)[:size], st.lists(_WORD, min_size=1, max_size=8),
-                       st.one_of(st.integers(0, 50), st.integers(2_000, 8_000)))
+_LONG_TEXT = st.builds(
+    lambda words, size: ("".join(words) * size)[:size],
+    st.lists(_WORD, min_size=1, max_size=8),
+    st.one_of(st.integers(0, 50), st.integers(2_000, 8_000)),
+)
 
 
 def _truncated(example, max_length, side):
@@ -915,14 +930,21 @@ def test_cut_before_tokenizing_gives_the_labels_of_the_whole(request, tokenizer_
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=_LONG_TEXT, completion=_LONG_TEXT, max_length=st.integers(1, 60), side=st.sampled_from(["right", "left"]),
-       train_on_prompt=st.booleans())
-def test_cut_prompt_completion_gives_the_labels_of_the_whole(llama3_tokenizer, prompt, completion, max_length, side,
-                                                             train_on_prompt):
+@given(
+    prompt=_LONG_TEXT,
+    completion=_LONG_TEXT,
+    max_length=st.integers(1, 60),
+    side=st.sampled_from(["right", "left"]),
+    train_on_prompt=st.booleans(),
+)
+def test_cut_prompt_completion_gives_the_labels_of_the_whole(
+    llama3_tokenizer, prompt, completion, max_length, side, train_on_prompt
+):
     options = {"train_on_prompt": train_on_prompt}
     whole = encode_prompt_completion(prompt, completion, llama3_tokenizer, **options)
-    cut = encode_prompt_completion(prompt, completion, llama3_tokenizer, max_length=max_length,
-                                   truncation_side=side, **options)
+    cut = encode_prompt_completion(
+        prompt, completion, llama3_tokenizer, max_length=max_length, truncation_side=side, **options
+    )
     assert cut == _truncated(whole, max_length, side)
 
 
@@ -940,15 +962,19 @@ def test_only_a_window_of_a_long_text_is_tokenized(side):
     spy.longest = 0
     pair = encode_prompt_completion("Where?", reply, spy.tokenizer, max_length=32, truncation_side=side)
     assert spy.longest <= (32 + SLACK_TOKENS) * longest_token
-    whole_chat, whole_pair = encode_chat(messages, spy.tokenizer), encode_prompt_completion("Where?", reply, spy.tokenizer)
+    whole_chat, whole_pair = (
+        encode_chat(messages, spy.tokenizer),
+        encode_prompt_completion("Where?", reply, spy.tokenizer),
+    )
     assert example == _truncated(whole_chat, 32, side) and pair == _truncated(whole_pair, 32, side)
 
 
 # ------------------------------------------- fuzz: an independent character oracle
 
 _FUZZ_TEXT = st.text(alphabet="abcSure Paris\n \t,.:?!#<>|_01é", max_size=30)
-_FUZZ_TURN = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
-                                    "content": _FUZZ_TEXT})
+_FUZZ_TURN = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool"]), "content": _FUZZ_TEXT}
+)
 
 
 def _chatml_by_hand(messages) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
@@ -961,15 +987,20 @@ def _chatml_by_hand(messages) -> tuple[str, list[tuple[int, int]], list[tuple[in
         start = len(text)
         text += m["content"] + "<|im_end|>"
         (replies if m["role"] == "assistant" else contents).append(
-            (start, len(text)) if m["role"] == "assistant" else (start, start + len(m["content"])))
+            (start, len(text)) if m["role"] == "assistant" else (start, start + len(m["content"]))
+        )
         text += "\n"
     return text, replies, contents
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(messages=st.lists(_FUZZ_TURN, min_size=1, max_size=5), last=_FUZZ_TEXT,
-       mode=st.sampled_from(["assistant", "last_assistant", "everything"]),
-       max_length=st.one_of(st.none(), st.integers(1, 80)), side=st.sampled_from(["right", "left"]))
+@given(
+    messages=st.lists(_FUZZ_TURN, min_size=1, max_size=5),
+    last=_FUZZ_TEXT,
+    mode=st.sampled_from(["assistant", "last_assistant", "everything"]),
+    max_length=st.one_of(st.none(), st.integers(1, 80)),
+    side=st.sampled_from(["right", "left"]),
+)
 def test_fuzz_chat_labels_against_character_spans(chatml_tokenizer, messages, last, mode, max_length, side):
     messages = [*messages, {"role": "assistant", "content": last}]
     text, replies, _ = _chatml_by_hand(messages)
@@ -990,10 +1021,16 @@ def test_fuzz_chat_labels_against_character_spans(chatml_tokenizer, messages, la
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=_FUZZ_TEXT, completion=_FUZZ_TEXT, train_on_prompt=st.booleans(),
-       max_length=st.one_of(st.none(), st.integers(1, 40)), side=st.sampled_from(["right", "left"]))
-def test_fuzz_prompt_completion_against_separate_tokenization(llama3_tokenizer, prompt, completion, train_on_prompt,
-                                                             max_length, side):
+@given(
+    prompt=_FUZZ_TEXT,
+    completion=_FUZZ_TEXT,
+    train_on_prompt=st.booleans(),
+    max_length=st.one_of(st.none(), st.integers(1, 40)),
+    side=st.sampled_from(["right", "left"]),
+)
+def test_fuzz_prompt_completion_against_separate_tokenization(
+    llama3_tokenizer, prompt, completion, train_on_prompt, max_length, side
+):
     tok = llama3_tokenizer
     prompt_ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
     completion_ids = tok.encode(completion, add_special_tokens=False)
@@ -1004,8 +1041,9 @@ def test_fuzz_prompt_completion_against_separate_tokenization(llama3_tokenizer, 
     if max_length is not None and len(ids) > max_length:
         keep = slice(None, max_length) if side == "right" else slice(-max_length, None)
         ids, labels = ids[keep], labels[keep]
-    example = encode_prompt_completion(prompt, completion, tok, train_on_prompt=train_on_prompt,
-                                       max_length=max_length, truncation_side=side)
+    example = encode_prompt_completion(
+        prompt, completion, tok, train_on_prompt=train_on_prompt, max_length=max_length, truncation_side=side
+    )
     assert example == {"input_ids": ids, "labels": labels}
 
 
@@ -1016,6 +1054,8 @@ def test_whitespace_content_that_the_template_trims_away_trains_nothing(llama3_t
     example = encode_chat(messages, llama3_tokenizer, mode="all")
     assert example == encode_chat(messages, llama3_tokenizer, mode="assistant")
     assert trained_runs(example, llama3_tokenizer) == ["Rome.<|eot_id|>"]
+
+
 # ----------------------------------------------- LLaMA-Factory's turn suffix (train_turn_suffix)
 
 
@@ -1114,8 +1154,9 @@ def test_template_mask_mismatches_finds_a_template_that_marks_the_newline():
     newline = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\n"))
     found = lmloss.labels.template_mask_mismatches(CONVERSATION, tokenizer)
     assert len(found) == 2  # one per assistant turn
-    assert all([example["input_ids"][t]] == newline and example["input_ids"][t - 1] == tokenizer.eos_token_id
-               for t in found)
+    assert all(
+        [example["input_ids"][t]] == newline and example["input_ids"][t - 1] == tokenizer.eos_token_id for t in found
+    )
 
 
 def test_template_mask_mismatches_needs_generation_markers(plain_tokenizer):

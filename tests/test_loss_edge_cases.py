@@ -23,8 +23,10 @@ def _problem(dtype=torch.float64, seed=0):
 # --- ignore_index must fit the labels' dtype -------------------------------------------------
 
 
-@pytest.mark.parametrize("ignore_index, dtype", [(2**32 - 1, torch.int32), (2**31, torch.int32),
-                                                 (-(2**31) - 1, torch.int32), (2**63, torch.int64)])
+@pytest.mark.parametrize(
+    "ignore_index, dtype",
+    [(2**32 - 1, torch.int32), (2**31, torch.int32), (-(2**31) - 1, torch.int32), (2**63, torch.int64)],
+)
 def test_ignore_index_outside_the_labels_dtype_is_refused(ignore_index, dtype):
     """int32 labels with ignore_index=2**32-1 silently ignored the label -1; others raised RuntimeError."""
     hidden, weight, labels = _problem()
@@ -141,8 +143,9 @@ def test_linear_distillation_keeps_non_finite_unscored_rows_out(static, reductio
 # --- labels on another device than the scores --------------------------------------------------
 
 
-@pytest.mark.parametrize("entry", ["causal_lm_loss", "linear_cross_entropy", "distillation_loss",
-                                   "linear_distillation_loss"])
+@pytest.mark.parametrize(
+    "entry", ["causal_lm_loss", "linear_cross_entropy", "distillation_loss", "linear_distillation_loss"]
+)
 def test_labels_on_another_device_name_both_devices(entry):
     """Every entry point refuses labels on another device with one message naming both."""
     hidden, weight, labels = _problem()

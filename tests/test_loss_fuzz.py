@@ -19,11 +19,23 @@ from hypothesis import strategies as st
 from lmloss import causal_lm_loss, linear_cross_entropy
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TOKEN_LOSSES = [("ce", None), ("dft", None), ("focal", 0.5), ("focal", 2.0), ("focal_attached", 1.0),
-                ("focal_attached", 2.0)]
+TOKEN_LOSSES = [
+    ("ce", None),
+    ("dft", None),
+    ("focal", 0.5),
+    ("focal", 2.0),
+    ("focal_attached", 1.0),
+    ("focal_attached", 2.0),
+]
 # (name, value) of an invalid option, with the words of its error; None: all valid.
-BAD = [None, None, None, None, ("ignore_index", 2**32 - 1, "does not fit the labels' dtype"),
-       ("softcap", 1e-9, "below the minimum")]
+BAD = [
+    None,
+    None,
+    None,
+    None,
+    ("ignore_index", 2**32 - 1, "does not fit the labels' dtype"),
+    ("softcap", 1e-9, "below the minimum"),
+]
 
 
 def truth(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, o: dict) -> torch.Tensor:
@@ -45,8 +57,12 @@ def truth(z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None, o
     ce = (1 - e) * u_y * nll + e * -(log_p * u).sum(dim=-1) / z.shape[-1]
     p = torch.exp(-nll)
     gamma = 2.0 if o["focal_gamma"] is None else o["focal_gamma"]
-    factor = {"ce": torch.ones_like(p), "dft": p.detach(), "focal": (1 - p).detach() ** gamma,
-              "focal_attached": (1 - p) ** gamma}[o["token_loss"]]
+    factor = {
+        "ce": torch.ones_like(p),
+        "dft": p.detach(),
+        "focal": (1 - p).detach() ** gamma,
+        "focal_attached": (1 - p) ** gamma,
+    }[o["token_loss"]]
     per = ce * factor + o["z_loss"] * u_y * torch.logsumexp(z, dim=-1) ** 2
     w = w * valid
     per = torch.where(w > 0, per * w, torch.zeros_like(per))
@@ -78,34 +94,54 @@ def problems(draw):
     token_loss, gamma = draw(st.sampled_from(TOKEN_LOSSES))
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     options = dict(
-        shift=draw(st.booleans()), ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=draw(st.sampled_from([0.0, 0.1])), z_loss=draw(st.sampled_from([0.0, 1e-2])),
-        softcap=draw(st.sampled_from([None, 2.0, 30.0])), normalize=draw(st.sampled_from(["token", "sequence"])),
-        token_loss=token_loss, focal_gamma=gamma,
+        shift=draw(st.booleans()),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+        z_loss=draw(st.sampled_from([0.0, 1e-2])),
+        softcap=draw(st.sampled_from([None, 2.0, 30.0])),
+        normalize=draw(st.sampled_from(["token", "sequence"])),
+        token_loss=token_loss,
+        focal_gamma=gamma,
         num_items_in_batch=draw(st.sampled_from([None, 5.0])) if reduction == "mean" else None,
         class_weights=draw(st.sampled_from([None, "rand", "some zero"])),
     )
     if options["class_weights"] is not None:
         u = torch.rand(vocab, generator=g, dtype=torch.float64) * 2
-        options["class_weights"] = u.masked_fill(torch.rand(vocab, generator=g) < 0.5, 0.0) \
-            if options["class_weights"] == "some zero" else u
+        options["class_weights"] = (
+            u.masked_fill(torch.rand(vocab, generator=g) < 0.5, 0.0) if options["class_weights"] == "some zero" else u
+        )
     weights = torch.rand(labels.shape, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
     bad = draw(st.sampled_from(BAD))
     if bad is not None and (bad[0] != "ignore_index" or label_dtype == torch.int32):
         options[bad[0]] = bad[1]
     else:
         bad = None
-    return dict(lead=lead, seq_len=seq_len, vocab=vocab, g=g, labels=labels, weights=weights, options=options,
-                bad=bad, dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64])))
+    return dict(
+        lead=lead,
+        seq_len=seq_len,
+        vocab=vocab,
+        g=g,
+        labels=labels,
+        weights=weights,
+        options=options,
+        bad=bad,
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64])),
+    )
 
 
 def _tolerance(dtype: torch.dtype) -> dict:
-    return {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5),
-            torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}[dtype]
+    return {
+        torch.float64: dict(rtol=1e-9, atol=1e-10),
+        torch.float32: dict(rtol=2e-4, atol=2e-5),
+        torch.bfloat16: dict(rtol=2e-2, atol=2e-3),
+    }[dtype]
 
 
 def _upstream(loss: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(loss.shape, generator=g, dtype=torch.float64) if loss.ndim else torch.ones((), dtype=torch.float64)
+    return (
+        torch.rand(loss.shape, generator=g, dtype=torch.float64) if loss.ndim else torch.ones((), dtype=torch.float64)
+    )
 
 
 @FUZZ
@@ -130,8 +166,12 @@ def test_causal_lm_loss_matches_float64_truth(case):
 
 
 @FUZZ
-@given(case=problems(), backend=st.sampled_from(["reference", "auto", "chunked"]), hidden_size=st.integers(1, 6),
-       chunk_size=st.sampled_from([None, 1, 2, 5]))
+@given(
+    case=problems(),
+    backend=st.sampled_from(["reference", "auto", "chunked"]),
+    hidden_size=st.integers(1, 6),
+    chunk_size=st.sampled_from([None, 1, 2, 5]),
+)
 def test_linear_cross_entropy_matches_float64_truth(case, backend, hidden_size, chunk_size):
     labels, weights, o, dtype, g = case["labels"], case["weights"], case["options"], case["dtype"], case["g"]
     hidden = torch.randn(*labels.shape, hidden_size, generator=g).to(dtype).requires_grad_()

@@ -117,15 +117,22 @@ def test_distillation_modules_equal_kl_div_written_out():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, 8, generator=g, dtype=torch.float64)
-    th, tw = torch.randn(2, 6, 5, generator=g, dtype=torch.float64), torch.randn(13, 5, generator=g, dtype=torch.float64)
+    th, tw = (
+        torch.randn(2, 6, 5, generator=g, dtype=torch.float64),
+        torch.randn(13, 5, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(0, 13, (2, 6), generator=g)
     labels[0, :2] = -100
     s, t = h @ w.T, th @ tw.T
     tau = 2.0
     y = labels[:, 1:]
     keep = y != -100
-    kl = F.kl_div(torch.log_softmax(s[:, :-1] / tau, -1), torch.log_softmax(t[:, :-1] / tau, -1), log_target=True,
-                  reduction="none").sum(-1)
+    kl = F.kl_div(
+        torch.log_softmax(s[:, :-1] / tau, -1),
+        torch.log_softmax(t[:, :-1] / tau, -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
     want = (kl * keep).sum() / keep.sum() * tau**2
     module = DistillationLoss(temperature=tau)
     torch.testing.assert_close(module(s, t, labels), want)

@@ -35,9 +35,20 @@ V, D, B, T = 23, 8, 2, 6
 SHARDS = [(0, 9), (9, 23)]  # uneven on purpose: 9 and 14 rows
 CHUNK = 4
 COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object",
-    "broadcast", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-    "barrier", "gather", "scatter",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "all_gather_object",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "gather",
+    "scatter",
 )
 
 
@@ -61,10 +72,15 @@ def make_data() -> dict[str, torch.Tensor]:
     zero_on_targets = classes.clone()
     zero_on_targets[labels[labels != -100]] = 0.0  # the mean's divisor is 0
     return {
-        "hidden": hidden, "weight": weight, "weights": weights,
-        "classes/some": classes, "classes/zero_on_targets": zero_on_targets,
+        "hidden": hidden,
+        "weight": weight,
+        "weights": weights,
+        "classes/some": classes,
+        "classes/zero_on_targets": zero_on_targets,
         "upstream": torch.randn(B, T, generator=g, dtype=torch.float64),
-        "labels/default": labels, "labels/high": high, "labels/custom": custom,
+        "labels/default": labels,
+        "labels/high": high,
+        "labels/custom": custom,
         "labels/masked": torch.full((B, T), -100),
     }
 
@@ -79,8 +95,14 @@ OPTION_SETS: list[dict[str, Any]] = [
     {"normalize": "sequence"},
     {"num_items_in_batch": 37.0},
     {"ignore_index": -1, "labels": "custom"},
-    {"label_smoothing": 0.2, "z_loss": 0.05, "softcap": 3.0, "token_weights": "weights", "normalize": "sequence",
-     "num_items_in_batch": 5},
+    {
+        "label_smoothing": 0.2,
+        "z_loss": 0.05,
+        "softcap": 3.0,
+        "token_weights": "weights",
+        "normalize": "sequence",
+        "num_items_in_batch": 5,
+    },
 ]
 ALL_ON = OPTION_SETS[-1]
 # DFT and focal token losses, alone and with every option that interacts with the weight
@@ -90,13 +112,31 @@ TOKEN_LOSS_SETS: list[dict[str, Any]] = [
     {"token_loss": "dft"},
     {"token_loss": "dft", "label_smoothing": 0.1, "z_loss": 0.02, "softcap": 3.0, "token_weights": "weights"},
     {"token_loss": "focal"},
-    {"token_loss": "focal", "focal_gamma": 0.5, "label_smoothing": 0.2, "token_weights": "weights",
-     "normalize": "sequence", "num_items_in_batch": 5},
+    {
+        "token_loss": "focal",
+        "focal_gamma": 0.5,
+        "label_smoothing": 0.2,
+        "token_weights": "weights",
+        "normalize": "sequence",
+        "num_items_in_batch": 5,
+    },
     {"token_loss": "focal_attached"},
-    {"token_loss": "focal_attached", "focal_gamma": 1.5, "label_smoothing": 0.1, "z_loss": 0.05, "softcap": 2.0,
-     "token_weights": "weights", "shift": False},
-    {"token_loss": "focal_attached", "focal_gamma": 0.5, "normalize": "sequence", "ignore_index": -1,
-     "labels": "custom"},
+    {
+        "token_loss": "focal_attached",
+        "focal_gamma": 1.5,
+        "label_smoothing": 0.1,
+        "z_loss": 0.05,
+        "softcap": 2.0,
+        "token_weights": "weights",
+        "shift": False,
+    },
+    {
+        "token_loss": "focal_attached",
+        "focal_gamma": 0.5,
+        "normalize": "sequence",
+        "ignore_index": -1,
+        "labels": "custom",
+    },
     {"token_loss": "focal_attached", "focal_gamma": 0.0, "label_smoothing": 0.1},
 ]
 ATTACHED_ALL_ON = TOKEN_LOSS_SETS[5]
@@ -106,10 +146,22 @@ ATTACHED_ALL_ON = TOKEN_LOSS_SETS[5]
 CLASS_WEIGHT_SETS: list[dict[str, Any]] = [
     {"class_weights": "some"},
     {"class_weights": "some", "label_smoothing": 0.1},
-    {"class_weights": "some", "label_smoothing": 0.7, "z_loss": 0.02, "softcap": 3.0, "token_weights": "weights",
-     "normalize": "sequence"},
-    {"class_weights": "some", "label_smoothing": 0.2, "num_items_in_batch": 5, "token_loss": "focal_attached",
-     "focal_gamma": 1.5, "labels": "high"},
+    {
+        "class_weights": "some",
+        "label_smoothing": 0.7,
+        "z_loss": 0.02,
+        "softcap": 3.0,
+        "token_weights": "weights",
+        "normalize": "sequence",
+    },
+    {
+        "class_weights": "some",
+        "label_smoothing": 0.2,
+        "num_items_in_batch": 5,
+        "token_loss": "focal_attached",
+        "focal_gamma": 1.5,
+        "labels": "high",
+    },
     {"class_weights": "zero_on_targets", "label_smoothing": 0.1},
 ]
 
@@ -120,52 +172,174 @@ def make_cases() -> list[dict[str, Any]]:
         for i, options in enumerate(OPTION_SETS):
             for api in ("linear", "logits"):
                 layout = "given" if i % 2 else "gathered"
-                cases.append({"api": api, "reduction": reduction, "options": options, "layout": layout,
-                              "dtype": torch.float64, "chunk": CHUNK if i % 3 else None})
+                cases.append(
+                    {
+                        "api": api,
+                        "reduction": reduction,
+                        "options": options,
+                        "layout": layout,
+                        "dtype": torch.float64,
+                        "chunk": CHUNK if i % 3 else None,
+                    }
+                )
         for api in ("linear", "logits"):
-            cases.append({"api": api, "reduction": reduction, "options": ALL_ON, "layout": "gathered",
-                          "dtype": torch.float32, "chunk": CHUNK})
-            cases.append({"api": api, "reduction": reduction, "options": ALL_ON, "layout": "given",
-                          "dtype": torch.bfloat16, "chunk": CHUNK})
-            cases.append({"api": api, "reduction": reduction, "options": {"labels": "high", "label_smoothing": 0.1},
-                          "layout": "given", "dtype": torch.float64, "chunk": CHUNK})
-            cases.append({"api": api, "reduction": reduction, "options": {"labels": "masked", "z_loss": 0.1},
-                          "layout": "given", "dtype": torch.float64, "chunk": CHUNK})
-            cases.append({"api": api, "reduction": reduction, "options": {"labels": "masked"},
-                          "layout": "gathered", "dtype": torch.float32, "chunk": None})
-            cases.append({"api": api, "reduction": reduction, "options": ALL_ON, "layout": "given",
-                          "dtype": torch.float64, "chunk": CHUNK, "static": True})
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": ALL_ON,
+                    "layout": "gathered",
+                    "dtype": torch.float32,
+                    "chunk": CHUNK,
+                }
+            )
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": ALL_ON,
+                    "layout": "given",
+                    "dtype": torch.bfloat16,
+                    "chunk": CHUNK,
+                }
+            )
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": {"labels": "high", "label_smoothing": 0.1},
+                    "layout": "given",
+                    "dtype": torch.float64,
+                    "chunk": CHUNK,
+                }
+            )
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": {"labels": "masked", "z_loss": 0.1},
+                    "layout": "given",
+                    "dtype": torch.float64,
+                    "chunk": CHUNK,
+                }
+            )
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": {"labels": "masked"},
+                    "layout": "gathered",
+                    "dtype": torch.float32,
+                    "chunk": None,
+                }
+            )
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": ALL_ON,
+                    "layout": "given",
+                    "dtype": torch.float64,
+                    "chunk": CHUNK,
+                    "static": True,
+                }
+            )
     for reduction in ("mean", "sum", "none"):
         for i, options in enumerate(TOKEN_LOSS_SETS):
             for api in ("linear", "logits"):
-                cases.append({"api": api, "reduction": reduction, "options": options,
-                              "layout": "given" if i % 2 else "gathered", "dtype": torch.float64,
-                              "chunk": CHUNK if i % 3 else None})
+                cases.append(
+                    {
+                        "api": api,
+                        "reduction": reduction,
+                        "options": options,
+                        "layout": "given" if i % 2 else "gathered",
+                        "dtype": torch.float64,
+                        "chunk": CHUNK if i % 3 else None,
+                    }
+                )
         for api in ("linear", "logits"):
-            cases.append({"api": api, "reduction": reduction, "options": ATTACHED_ALL_ON, "layout": "gathered",
-                          "dtype": torch.float32, "chunk": CHUNK})
-            cases.append({"api": api, "reduction": reduction, "options": ATTACHED_ALL_ON, "layout": "given",
-                          "dtype": torch.float64, "chunk": CHUNK, "static": True})
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": ATTACHED_ALL_ON,
+                    "layout": "gathered",
+                    "dtype": torch.float32,
+                    "chunk": CHUNK,
+                }
+            )
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": ATTACHED_ALL_ON,
+                    "layout": "given",
+                    "dtype": torch.float64,
+                    "chunk": CHUNK,
+                    "static": True,
+                }
+            )
             # Rank 0 owns no target: it gets only the softmax parts of the w and k terms.
-            cases.append({"api": api, "reduction": reduction,
-                          "options": {"labels": "high", "token_loss": "focal_attached", "label_smoothing": 0.1},
-                          "layout": "given", "dtype": torch.float64, "chunk": CHUNK})
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": {"labels": "high", "token_loss": "focal_attached", "label_smoothing": 0.1},
+                    "layout": "given",
+                    "dtype": torch.float64,
+                    "chunk": CHUNK,
+                }
+            )
     for reduction in ("mean", "sum", "none"):
         for i, options in enumerate(CLASS_WEIGHT_SETS):
             for api in ("linear", "logits"):
-                cases.append({"api": api, "reduction": reduction, "options": options,
-                              "layout": "given" if i % 2 else "gathered", "dtype": torch.float64,
-                              "chunk": CHUNK if i % 3 else None})
+                cases.append(
+                    {
+                        "api": api,
+                        "reduction": reduction,
+                        "options": options,
+                        "layout": "given" if i % 2 else "gathered",
+                        "dtype": torch.float64,
+                        "chunk": CHUNK if i % 3 else None,
+                    }
+                )
         for api in ("linear", "logits"):
-            cases.append({"api": api, "reduction": reduction, "options": CLASS_WEIGHT_SETS[2], "layout": "given",
-                          "dtype": torch.float32, "chunk": CHUNK, "static": True})
+            cases.append(
+                {
+                    "api": api,
+                    "reduction": reduction,
+                    "options": CLASS_WEIGHT_SETS[2],
+                    "layout": "given",
+                    "dtype": torch.float32,
+                    "chunk": CHUNK,
+                    "static": True,
+                }
+            )
     # Rank 0 holds no row at all (an extreme of uneven shards).
     for api in ("linear", "logits"):
-        cases.append({"api": api, "reduction": "mean", "options": {"label_smoothing": 0.1, "z_loss": 0.01},
-                      "layout": "gathered", "dtype": torch.float64, "chunk": CHUNK, "shards": [(0, 0), (0, V)]})
+        cases.append(
+            {
+                "api": api,
+                "reduction": "mean",
+                "options": {"label_smoothing": 0.1, "z_loss": 0.01},
+                "layout": "gathered",
+                "dtype": torch.float64,
+                "chunk": CHUNK,
+                "shards": [(0, 0), (0, V)],
+            }
+        )
     # Uneven shards with the default chunk size must still run the same number of chunks.
-    cases.append({"api": "linear", "reduction": "mean", "options": {}, "layout": "given", "dtype": torch.float64,
-                  "chunk": None, "tiny_budget": True})
+    cases.append(
+        {
+            "api": "linear",
+            "reduction": "mean",
+            "options": {},
+            "layout": "given",
+            "dtype": torch.float64,
+            "chunk": None,
+            "tiny_budget": True,
+        }
+    )
     return cases
 
 
@@ -234,27 +408,42 @@ def _run_case(case: dict[str, Any], data: dict[str, torch.Tensor], rank: int, co
         # 12 rows * 8 * 8 bytes over 8 bytes * ceil(23 / 2) columns = 8 rows on *both* ranks.
         chunk_bytes, min_rows = 1, 1
     counter.take()
-    with validation(not case.get("static", False)), mock.patch.object(shard_group, "CHUNK_BYTES", chunk_bytes), \
-            mock.patch.object(shard_group, "MIN_CHUNK_ROWS", min_rows):
+    with (
+        validation(not case.get("static", False)),
+        mock.patch.object(shard_group, "CHUNK_BYTES", chunk_bytes),
+        mock.patch.object(shard_group, "MIN_CHUNK_ROWS", min_rows),
+    ):
         if case["api"] == "linear":
             shard = data["weight"][start:stop].to(dtype).clone().requires_grad_()
             loss = vocab_parallel_linear_cross_entropy(
-                hidden, shard, labels, group=dist.group.WORLD, reduction=case["reduction"],
-                chunk_size=case["chunk"], **layout, **kwargs)
+                hidden,
+                shard,
+                labels,
+                group=dist.group.WORLD,
+                reduction=case["reduction"],
+                chunk_size=case["chunk"],
+                **layout,
+                **kwargs,
+            )
         else:
             full = (data["hidden"] @ data["weight"].T).to(dtype)
             shard = full[..., start:stop].clone().requires_grad_()
             loss = vocab_parallel_cross_entropy(
-                shard, labels, group=dist.group.WORLD, reduction=case["reduction"], **layout, **kwargs)
+                shard, labels, group=dist.group.WORLD, reduction=case["reduction"], **layout, **kwargs
+            )
     forward_calls = counter.take()
     if case["reduction"] == "none":
         (loss * data["upstream"].to(dtype)).sum().backward()
     else:
         loss.backward()
     return {
-        "loss": loss.detach(), "dtype": loss.dtype, "requires_grad": loss.requires_grad,
-        "hidden_grad": hidden.grad, "shard_grad": shard.grad,
-        "forward_calls": forward_calls, "backward_calls": counter.take(),
+        "loss": loss.detach(),
+        "dtype": loss.dtype,
+        "requires_grad": loss.requires_grad,
+        "hidden_grad": hidden.grad,
+        "shard_grad": shard.grad,
+        "forward_calls": forward_calls,
+        "backward_calls": counter.take(),
     }
 
 
@@ -267,18 +456,28 @@ def _errors(data: dict[str, torch.Tensor], rank: int) -> list[str]:
     attempts = [
         lambda: vocab_parallel_linear_cross_entropy(hidden, shard, labels, group=None),
         # rank 1 claims to start at 10: a gap at row 9, seen by both after the gather
-        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
-                                                    vocab_start=start if rank == 0 else 10),
+        lambda: vocab_parallel_linear_cross_entropy(
+            hidden, shard, data["labels/default"], group=None, vocab_start=start if rank == 0 else 10
+        ),
         lambda: vocab_parallel_cross_entropy(hidden @ shard.T, data["labels/default"], group=None, vocab_size=V + 1),
-        lambda: vocab_parallel_linear_cross_entropy(hidden, shard.float(), data["labels/default"], group=None,
-                                                    vocab_start=start, vocab_size=V),
-        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
-                                                    vocab_start=start, vocab_size=V, chunk_size=0),
+        lambda: vocab_parallel_linear_cross_entropy(
+            hidden, shard.float(), data["labels/default"], group=None, vocab_start=start, vocab_size=V
+        ),
+        lambda: vocab_parallel_linear_cross_entropy(
+            hidden, shard, data["labels/default"], group=None, vocab_start=start, vocab_size=V, chunk_size=0
+        ),
         # class weights are all [V] of them on every rank, not the rank's shard
-        lambda: vocab_parallel_linear_cross_entropy(hidden, shard, data["labels/default"], group=None,
-                                                    class_weights=data["classes/some"][start:stop]),
-        lambda: vocab_parallel_cross_entropy(hidden @ shard.T, data["labels/default"], group=None,
-                                             vocab_start=start, vocab_size=V, class_weights=-data["classes/some"]),
+        lambda: vocab_parallel_linear_cross_entropy(
+            hidden, shard, data["labels/default"], group=None, class_weights=data["classes/some"][start:stop]
+        ),
+        lambda: vocab_parallel_cross_entropy(
+            hidden @ shard.T,
+            data["labels/default"],
+            group=None,
+            vocab_start=start,
+            vocab_size=V,
+            class_weights=-data["classes/some"],
+        ),
     ]
     messages = []
     for attempt in attempts:
@@ -314,8 +513,9 @@ def _one_rank_bad_calls(data: dict[str, torch.Tensor], rank: int, group: Any) ->
 
     def linear(bad: int, bad_shard: Any, **kwargs: Any) -> torch.Tensor:
         mine = bad_shard if rank == bad else shard
-        return vocab_parallel_linear_cross_entropy(hidden, mine, kwargs.pop("labels", labels), group=group,
-                                                   chunk_size=CHUNK, **kwargs)
+        return vocab_parallel_linear_cross_entropy(
+            hidden, mine, kwargs.pop("labels", labels), group=group, chunk_size=CHUNK, **kwargs
+        )
 
     def logits_ce(bad: int, bad_logits: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return vocab_parallel_cross_entropy(bad_logits if rank == bad else logits, labels, group=group, **kwargs)
@@ -457,8 +657,9 @@ def test_every_option_matches_the_one_process_truth(launched):
             torch.testing.assert_close(result["loss"].double(), expected["loss"], **_tolerance(case), msg=where)
         if case["api"] == "linear":
             for result in got:  # the full hidden gradient on every rank: all-reduced inside
-                torch.testing.assert_close(result["hidden_grad"].double(), expected["hidden"], **_tolerance(case),
-                                           msg=where)
+                torch.testing.assert_close(
+                    result["hidden_grad"].double(), expected["hidden"], **_tolerance(case), msg=where
+                )
             weight_grad = torch.cat([r["shard_grad"] for r in got]).double()
             torch.testing.assert_close(weight_grad, expected["weight"], **_tolerance(case), msg=where)
         else:
@@ -496,8 +697,12 @@ def test_bfloat16_is_no_worse_than_the_naive_bfloat16_path(launched):
         case, expected, naive = cases[i], truth(cases[i], data), naive_same_dtype(cases[i], data)
         got = [r["results"][i] for r in ranks]
         if case["api"] == "linear":
-            pairs = [("loss", got[0]["loss"]), ("hidden", got[0]["hidden_grad"]), ("hidden", got[1]["hidden_grad"]),
-                     ("weight", torch.cat([r["shard_grad"] for r in got]))]
+            pairs = [
+                ("loss", got[0]["loss"]),
+                ("hidden", got[0]["hidden_grad"]),
+                ("hidden", got[1]["hidden_grad"]),
+                ("weight", torch.cat([r["shard_grad"] for r in got])),
+            ]
         else:
             pairs = [("loss", got[0]["loss"]), ("logits", torch.cat([r["shard_grad"] for r in got], dim=-1))]
         assert all(r["dtype"] == torch.float32 for r in got)  # float32 math, float32 loss
@@ -542,8 +747,11 @@ def test_number_of_collectives_per_call(launched):
             assert rank["results"][i]["backward_calls"] == backward, (i, case)
     # Every option, 4-token chunks, layout gathered: 10 positions - 2 ignored - 1 zero weight = 7 scored
     # rows, so 1 layout gather + 2 chunk gathers in forward and 1 all-reduce in backward.
-    big = next(i for i, c in enumerate(cases) if c["options"] is ALL_ON and c["dtype"] == torch.float32
-               and c["api"] == "linear" and c["reduction"] == "mean")
+    big = next(
+        i
+        for i, c in enumerate(cases)
+        if c["options"] is ALL_ON and c["dtype"] == torch.float32 and c["api"] == "linear" and c["reduction"] == "mean"
+    )
     assert len(ranks[0]["results"][big]["forward_calls"]) == 1 + math.ceil(scored_rows(cases[big], data) / CHUNK) == 3
     assert ranks[0]["results"][big]["backward_calls"] == ["all_reduce"]
 

@@ -34,8 +34,15 @@ SMOOTHED = {"label_smoothing": 0.1, "z_loss": 0.01, "reduction": "sum"}
 
 
 def make_model() -> Any:
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).double()
 
@@ -47,12 +54,16 @@ def make_data() -> dict[str, torch.Tensor]:
     labels[0, 2] = labels[1, 4] = -100
     labels_lp = torch.randint(0, V, (B, T + 1), generator=g)
     labels_lp[1, 3] = -100
-    return {"ids": ids, "labels": labels, "labels_lp": labels_lp,
-            "head": torch.randn(V, H, generator=g, dtype=torch.float64),
-            "bias": torch.randn(V, generator=g, dtype=torch.float64),
-            "hidden": torch.randn(B, T + 1, H, generator=g, dtype=torch.float64),
-            "up_lp": torch.randn(B, T + 1, generator=g, dtype=torch.float64),
-            "up_ent": torch.randn(B, T + 1, generator=g, dtype=torch.float64)}
+    return {
+        "ids": ids,
+        "labels": labels,
+        "labels_lp": labels_lp,
+        "head": torch.randn(V, H, generator=g, dtype=torch.float64),
+        "bias": torch.randn(V, generator=g, dtype=torch.float64),
+        "hidden": torch.randn(B, T + 1, H, generator=g, dtype=torch.float64),
+        "up_lp": torch.randn(B, T + 1, generator=g, dtype=torch.float64),
+        "up_ent": torch.randn(B, T + 1, generator=g, dtype=torch.float64),
+    }
 
 
 # --- the worker ------------------------------------------------------------------------------------
@@ -60,8 +71,12 @@ def make_data() -> dict[str, torch.Tensor]:
 
 def _grads(model: Any) -> dict[str, Any]:
     weight = model.lm_head.weight
-    out = {"head": weight.grad.to_local().clone(), "head_type": type(weight.grad).__name__,
-           "head_placements": str(weight.grad.placements), "embed": model.model.embed_tokens.weight.grad.clone()}
+    out = {
+        "head": weight.grad.to_local().clone(),
+        "head_type": type(weight.grad).__name__,
+        "head_placements": str(weight.grad.placements),
+        "embed": model.model.embed_tokens.weight.grad.clone(),
+    }
     model.zero_grad(set_to_none=True)
     return out
 
@@ -111,13 +126,26 @@ def _logprobs_call(data: dict[str, torch.Tensor], mesh: Any) -> dict[str, Any]:
         head.bias.copy_(data["bias"])
     head = parallelize_module(head, mesh, ColwiseParallel())
     hidden = distribute_tensor(data["hidden"], mesh, [Shard(1)]).requires_grad_()
-    out = vocab_parallel_linear_token_logprobs(hidden, head.weight, data["labels_lp"], group=None, bias=head.bias,
-                                               temperature=0.8, with_entropy=True, chunk_size=3)
+    out = vocab_parallel_linear_token_logprobs(
+        hidden,
+        head.weight,
+        data["labels_lp"],
+        group=None,
+        bias=head.bias,
+        temperature=0.8,
+        with_entropy=True,
+        chunk_size=3,
+    )
     ((out.logprobs * data["up_lp"]).sum() + (out.entropy * data["up_ent"]).sum()).backward()
-    return {"logprobs": out.logprobs.detach(), "entropy": out.entropy.detach(),
-            "weight": head.weight.grad.to_local(), "bias": head.bias.grad.to_local(),
-            "hidden": hidden.grad.to_local(), "hidden_placements": str(hidden.grad.placements),
-            "bias_placements": str(head.bias.grad.placements)}
+    return {
+        "logprobs": out.logprobs.detach(),
+        "entropy": out.entropy.detach(),
+        "weight": head.weight.grad.to_local(),
+        "bias": head.bias.grad.to_local(),
+        "hidden": hidden.grad.to_local(),
+        "hidden_placements": str(hidden.grad.placements),
+        "bias_placements": str(head.bias.grad.placements),
+    }
 
 
 def _mesh_2d_call(data: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -130,8 +158,12 @@ def _mesh_2d_call(data: dict[str, torch.Tensor]) -> dict[str, Any]:
     hidden = data["hidden"].clone().requires_grad_()
     loss = vocab_parallel_linear_cross_entropy(hidden, weight, data["labels_lp"], group=None, chunk_size=4)
     loss.backward()
-    return {"loss": loss.detach(), "weight": weight.grad.to_local(), "placements": str(weight.grad.placements),
-            "hidden": hidden.grad}
+    return {
+        "loss": loss.detach(),
+        "weight": weight.grad.to_local(),
+        "placements": str(weight.grad.placements),
+        "hidden": hidden.grad,
+    }
 
 
 def _errors(data: dict[str, torch.Tensor], mesh: Any) -> list[str]:
@@ -141,18 +173,22 @@ def _errors(data: dict[str, torch.Tensor], mesh: Any) -> list[str]:
     sharded = distribute_tensor(data["head"], mesh, [Shard(0)])
     logits = distribute_tensor(hidden @ data["head"].T, mesh, [Shard(0)])
     attempts = [
-        lambda: vocab_parallel_linear_cross_entropy(hidden, distribute_tensor(data["head"], mesh, [Replicate()]),
-                                                    labels, group=None),
-        lambda: vocab_parallel_linear_token_logprobs(hidden, distribute_tensor(data["head"], mesh, [Shard(1)]),
-                                                     labels, group=None),
+        lambda: vocab_parallel_linear_cross_entropy(
+            hidden, distribute_tensor(data["head"], mesh, [Replicate()]), labels, group=None
+        ),
+        lambda: vocab_parallel_linear_token_logprobs(
+            hidden, distribute_tensor(data["head"], mesh, [Shard(1)]), labels, group=None
+        ),
         lambda: vocab_parallel_cross_entropy(logits, labels, group=None),
-        lambda: vocab_parallel_linear_cross_entropy(distribute_tensor(hidden, mesh, [Shard(1)]), data["head"][:12],
-                                                    labels, group=None),
+        lambda: vocab_parallel_linear_cross_entropy(
+            distribute_tensor(hidden, mesh, [Shard(1)]), data["head"][:12], labels, group=None
+        ),
         lambda: vocab_parallel_linear_cross_entropy(hidden, sharded, labels, group=None, vocab_size=V + 1),
         lambda: vocab_parallel_linear_token_logprobs(hidden, sharded, labels, group=None, bias=data["bias"]),
         # the mesh's group (or one with its ranks) and the mesh's layout, given: accepted
-        lambda: vocab_parallel_linear_cross_entropy(hidden, sharded, labels, group=dist.group.WORLD,
-                                                    vocab_start=0 if dist.get_rank() == 0 else 12, vocab_size=V),
+        lambda: vocab_parallel_linear_cross_entropy(
+            hidden, sharded, labels, group=dist.group.WORLD, vocab_start=0 if dist.get_rank() == 0 else 12, vocab_size=V
+        ),
     ]
     messages = []
     for attempt in attempts:
@@ -169,8 +205,12 @@ def _worker(rank: int, world_size: int, data: dict[str, torch.Tensor]) -> dict[s
 
     torch.use_deterministic_algorithms(True)
     mesh = init_device_mesh("cpu", (world_size,))
-    return {"model": _model_calls(data, mesh), "logprobs": _logprobs_call(data, mesh),
-            "mesh_2d": _mesh_2d_call(data), "errors": _errors(data, mesh)}
+    return {
+        "model": _model_calls(data, mesh),
+        "logprobs": _logprobs_call(data, mesh),
+        "mesh_2d": _mesh_2d_call(data),
+        "errors": _errors(data, mesh),
+    }
 
 
 # --- the truths -----------------------------------------------------------------------------------
@@ -194,8 +234,13 @@ def logprobs_truth(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ent = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0)
     lp, ent = F.pad(lp, (1, 0)), F.pad(ent, (1, 0))  # aligned with the labels
     ((lp * data["up_lp"]).sum() + (ent * data["up_ent"]).sum()).backward()
-    return {"logprobs": lp.detach(), "entropy": ent.detach(), "weight": weight.grad, "bias": bias.grad,
-            "hidden": hidden.grad}
+    return {
+        "logprobs": lp.detach(),
+        "entropy": ent.detach(),
+        "weight": weight.grad,
+        "bias": bias.grad,
+        "hidden": hidden.grad,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +348,14 @@ def _four_ranks(rank: int, world_size: int, data: dict[str, torch.Tensor]) -> di
         out = vocab_parallel_linear_token_logprobs(hidden, weight, labels, group=None, with_entropy=True)
         loss = vocab_parallel_linear_cross_entropy(hidden, weight, labels, group=None, label_smoothing=0.1)
         (loss + (out.logprobs * data["up_lp"]).sum() + (out.entropy * data["up_ent"]).sum()).backward()
-        results[vocab] = {"rows": weight.to_local().shape[0], "loss": loss.detach(), "logprobs": out.logprobs.detach(),
-                          "entropy": out.entropy.detach(), "weight": weight.grad.to_local(), "hidden": hidden.grad}
+        results[vocab] = {
+            "rows": weight.to_local().shape[0],
+            "loss": loss.detach(),
+            "logprobs": out.logprobs.detach(),
+            "entropy": out.entropy.detach(),
+            "weight": weight.grad.to_local(),
+            "hidden": hidden.grad,
+        }
     return results
 
 

@@ -30,8 +30,10 @@ CHUNK = 4
 
 def make_data() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    data = {"weight": 1.5 * torch.randn(V, D, generator=g, dtype=torch.float64),
-            "bias": torch.randn(V, generator=g, dtype=torch.float64)}
+    data = {
+        "weight": 1.5 * torch.randn(V, D, generator=g, dtype=torch.float64),
+        "bias": torch.randn(V, generator=g, dtype=torch.float64),
+    }
     for shape in ((2, 6), (7,), (2, 2, 3), (3, 1)):
         key = "x".join(map(str, shape))
         data[f"hidden/{key}"] = torch.randn(*shape, D, generator=g, dtype=torch.float64)
@@ -62,22 +64,65 @@ def make_cases() -> list[dict[str, Any]]:
     cases = []
     for entropy in (True, False):
         for i, option in enumerate(options):
-            cases.append({"shape": "2x6", "options": option, "entropy": entropy, "dtype": torch.float64,
-                          "layout": "given" if i % 2 else "gathered", "chunk": CHUNK if i % 3 else None})
+            cases.append(
+                {
+                    "shape": "2x6",
+                    "options": option,
+                    "entropy": entropy,
+                    "dtype": torch.float64,
+                    "layout": "given" if i % 2 else "gathered",
+                    "chunk": CHUNK if i % 3 else None,
+                }
+            )
     for shape in ("7", "2x2x3", "3x1"):  # 1-D, 3-D, T = 1 (nothing scored with shift=True)
         for shift in (True, False):
-            cases.append({"shape": shape, "options": {"shift": shift, "bias": True}, "entropy": True,
-                          "dtype": torch.float64, "layout": "gathered", "chunk": 2})
+            cases.append(
+                {
+                    "shape": shape,
+                    "options": {"shift": shift, "bias": True},
+                    "entropy": True,
+                    "dtype": torch.float64,
+                    "layout": "gathered",
+                    "chunk": 2,
+                }
+            )
     cases += [
-        {"shape": "2x6", "options": {"temperature": 0.9, "softcap": 2.5, "bias": True}, "entropy": True,
-         "dtype": torch.float32, "layout": "given", "chunk": CHUNK},
-        {"shape": "2x6", "options": {"temperature": 0.8}, "entropy": True, "dtype": torch.float64,
-         "layout": "given", "chunk": CHUNK, "static": True},
-        {"shape": "2x6", "options": {"labels": "masked"}, "entropy": True, "dtype": torch.float64,
-         "layout": "given", "chunk": CHUNK, "static": True},
+        {
+            "shape": "2x6",
+            "options": {"temperature": 0.9, "softcap": 2.5, "bias": True},
+            "entropy": True,
+            "dtype": torch.float32,
+            "layout": "given",
+            "chunk": CHUNK,
+        },
+        {
+            "shape": "2x6",
+            "options": {"temperature": 0.8},
+            "entropy": True,
+            "dtype": torch.float64,
+            "layout": "given",
+            "chunk": CHUNK,
+            "static": True,
+        },
+        {
+            "shape": "2x6",
+            "options": {"labels": "masked"},
+            "entropy": True,
+            "dtype": torch.float64,
+            "layout": "given",
+            "chunk": CHUNK,
+            "static": True,
+        },
         # Rank 0 holds no row of the vocabulary at all.
-        {"shape": "2x6", "options": {"temperature": 0.7, "bias": True}, "entropy": True, "dtype": torch.float64,
-         "layout": "gathered", "chunk": CHUNK, "shards": [(0, 0), (0, V)]},
+        {
+            "shape": "2x6",
+            "options": {"temperature": 0.7, "bias": True},
+            "entropy": True,
+            "dtype": torch.float64,
+            "layout": "gathered",
+            "chunk": CHUNK,
+            "shards": [(0, 0), (0, V)],
+        },
     ]
     return cases
 
@@ -100,18 +145,33 @@ def _run_case(case: dict[str, Any], data: dict[str, torch.Tensor], rank: int, co
     layout = {"vocab_start": start, "vocab_size": V} if case["layout"] == "given" else {}
     counter.take()
     with validation(not case.get("static", False)):
-        out = vocab_parallel_linear_token_logprobs(hidden, shard, labels, group=dist.group.WORLD, bias=bias,
-                                                   with_entropy=case["entropy"], chunk_size=case["chunk"],
-                                                   **layout, **kwargs)
+        out = vocab_parallel_linear_token_logprobs(
+            hidden,
+            shard,
+            labels,
+            group=dist.group.WORLD,
+            bias=bias,
+            with_entropy=case["entropy"],
+            chunk_size=case["chunk"],
+            **layout,
+            **kwargs,
+        )
     forward = counter.take()
     total = (out.logprobs * data[f"up_lp/{key}"].to(out.logprobs.dtype)).sum()
     if out.entropy is not None:
         total = total + (out.entropy * data[f"up_ent/{key}"].to(out.entropy.dtype)).sum()
     total.backward()
-    return {"type": type(out), "logprobs": out.logprobs.detach(), "requires_grad": out.logprobs.requires_grad,
-            "entropy": None if out.entropy is None else out.entropy.detach(), "hidden_grad": hidden.grad,
-            "shard_grad": shard.grad, "bias_grad": None if bias is None else bias.grad,
-            "forward_calls": forward, "backward_calls": counter.take()}
+    return {
+        "type": type(out),
+        "logprobs": out.logprobs.detach(),
+        "requires_grad": out.logprobs.requires_grad,
+        "entropy": None if out.entropy is None else out.entropy.detach(),
+        "hidden_grad": hidden.grad,
+        "shard_grad": shard.grad,
+        "bias_grad": None if bias is None else bias.grad,
+        "forward_calls": forward,
+        "backward_calls": counter.take(),
+    }
 
 
 def _bad_calls(data: dict[str, torch.Tensor], rank: int) -> list[str]:
@@ -121,12 +181,18 @@ def _bad_calls(data: dict[str, torch.Tensor], rank: int) -> list[str]:
     out_of_range[1, 3] = V
     attempts = [
         # a float32 shard on rank 1 only, layout gathered: the layout gather carries the flag
-        lambda: vocab_parallel_linear_token_logprobs(hidden, shard.float() if rank == 1 else shard, labels,
-                                                     group=None),
+        lambda: vocab_parallel_linear_token_logprobs(hidden, shard.float() if rank == 1 else shard, labels, group=None),
         # a bias of the wrong size on rank 0 only, layout given: the first statistics gather carries it
-        lambda: vocab_parallel_linear_token_logprobs(hidden, shard, labels, group=None, vocab_start=start,
-                                                     vocab_size=V, chunk_size=CHUNK,
-                                                     bias=torch.zeros(stop - start + (rank == 0), dtype=hidden.dtype)),
+        lambda: vocab_parallel_linear_token_logprobs(
+            hidden,
+            shard,
+            labels,
+            group=None,
+            vocab_start=start,
+            vocab_size=V,
+            chunk_size=CHUNK,
+            bias=torch.zeros(stop - start + (rank == 0), dtype=hidden.dtype),
+        ),
         lambda: vocab_parallel_linear_token_logprobs(hidden, shard, out_of_range, group=None),
         lambda: vocab_parallel_linear_token_logprobs(hidden, shard, labels, group=None, temperature=0.0),
         lambda: vocab_parallel_linear_token_logprobs(hidden, shard, labels, group=None, chunk_size=0),
@@ -178,8 +244,7 @@ def truth(case: dict[str, Any], data: dict[str, torch.Tensor]) -> dict[str, torc
     if case["entropy"]:
         total = total + (ent * data[f"up_ent/{key}"]).sum()
     grads = torch.autograd.grad(total, (hidden, weight, bias))
-    return {"logprobs": lp.detach(), "entropy": ent.detach(), "hidden": grads[0], "weight": grads[1],
-            "bias": grads[2]}
+    return {"logprobs": lp.detach(), "entropy": ent.detach(), "hidden": grads[0], "weight": grads[1], "bias": grads[2]}
 
 
 def scored(case: dict[str, Any], data: dict[str, torch.Tensor]) -> int:
@@ -239,8 +304,11 @@ def test_the_cases_cover_what_they_claim(launched):
 @pytest.mark.distributed
 def test_all_masked_batches_give_zeros_and_zero_gradients(launched):
     _, cases, ranks = launched
-    masked = [i for i, c in enumerate(cases) if c["options"].get("labels") == "masked" or (c["shape"] == "3x1"
-              and c["options"]["shift"])]
+    masked = [
+        i
+        for i, c in enumerate(cases)
+        if c["options"].get("labels") == "masked" or (c["shape"] == "3x1" and c["options"]["shift"])
+    ]
     assert len(masked) == 4
     for i in masked:
         for rank in ranks:
@@ -292,7 +360,10 @@ def test_takes_the_options_of_linear_token_logprobs_spelled_alike():
             continue
         assert name in ours, name
         assert (ours[name].kind, ours[name].default, str(ours[name].annotation)) == (
-            param.kind, param.default, str(param.annotation)), name
+            param.kind,
+            param.default,
+            str(param.annotation),
+        ), name
     assert list(ours)[:3] == ["hidden", "weight_shard", "labels"]
     assert ours["group"].kind is inspect.Parameter.KEYWORD_ONLY and ours["group"].default is inspect.Parameter.empty
 
@@ -300,5 +371,6 @@ def test_takes_the_options_of_linear_token_logprobs_spelled_alike():
 def test_without_torch_distributed_the_error_says_so():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match=r"need torch\.distributed initialized"):
-        vocab_parallel_linear_token_logprobs(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long),
-                                             group=None)
+        vocab_parallel_linear_token_logprobs(
+            torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), group=None
+        )

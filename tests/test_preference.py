@@ -45,28 +45,44 @@ def _trl_dpo(per_token: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, los
 
     trainer: Any = DPOTrainer.__new__(DPOTrainer)
     attrs = dict(
-        accelerator=_Acc(), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta,
-        label_smoothing=ls, use_weighting=False, _total_train_tokens=0, _tp_size=1,
-        model=SimpleNamespace(training=True), _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=_Acc(),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=ls,
+        use_weighting=False,
+        _total_train_tokens=0,
+        _tp_size=1,
+        model=SimpleNamespace(training=True),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )
     for k, v in attrs.items():
         setattr(trainer, k, v)
     outputs = SimpleNamespace(
-        log_probs=per_token, entropy=torch.zeros_like(per_token), mean_logits=torch.zeros_like(per_token),
+        log_probs=per_token,
+        entropy=torch.zeros_like(per_token),
+        mean_logits=torch.zeros_like(per_token),
         is_top1=torch.zeros_like(per_token, dtype=torch.bool),
     )
     ref_logps = ref.sum(1)
     inputs = {
-        "input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
-        "ref_chosen_logps": ref_logps[:B], "ref_rejected_logps": ref_logps[B:],
+        "input_ids": torch.zeros_like(mask),
+        "attention_mask": torch.ones_like(mask),
+        "completion_mask": mask,
+        "ref_chosen_logps": ref_logps[:B],
+        "ref_rejected_logps": ref_logps[B:],
     }
     loss = trainer._compute_loss(lambda **kw: outputs, inputs, return_outputs=False)
     return loss, trainer._metrics["train"]
 
 
-@pytest.mark.parametrize("loss_type, ls", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0),
-                                               ("robust", 0.2)])
+@pytest.mark.parametrize(
+    "loss_type, ls", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.2)]
+)
 @pytest.mark.parametrize("beta", [0.1, 0.7])
 def test_dpo_equals_trl_compute_loss(loss_type: str, ls: float, beta: float) -> None:
     per_token, ref, mask = _pairs(seed=int(beta * 10))
@@ -78,8 +94,9 @@ def test_dpo_equals_trl_compute_loss(loss_type: str, ls: float, beta: float) -> 
         logps, ref_logps = lp.sum(1) / n, ref.sum(1) / n
     else:
         logps, ref_logps = lp.sum(1), ref.sum(1)
-    ours = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta=beta, loss_type=loss_type,
-                    label_smoothing=ls)
+    ours = dpo_loss(
+        logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], beta=beta, loss_type=loss_type, label_smoothing=ls
+    )
     assert ours.losses.shape == (B,)
     torch.testing.assert_close(ours.losses.mean(), theirs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(ours.losses.mean(), lp)[0], torch.autograd.grad(theirs, lp_trl)[0])
@@ -113,8 +130,15 @@ def _trl_method(cls_path: str, method: str, **attrs: object):
 def test_simpo_equals_trl_cpo_loss(ls: float) -> None:
     g = torch.Generator().manual_seed(2)
     c, r = -torch.rand(5, generator=g) * 2, -torch.rand(5, generator=g) * 2
-    cpo = _trl_method("trl.experimental.cpo.cpo_trainer.CPOTrainer", "cpo_loss", alpha=0.0, beta=2.0,
-                      simpo_gamma=0.7, label_smoothing=ls, loss_type="simpo")
+    cpo = _trl_method(
+        "trl.experimental.cpo.cpo_trainer.CPOTrainer",
+        "cpo_loss",
+        alpha=0.0,
+        beta=2.0,
+        simpo_gamma=0.7,
+        label_smoothing=ls,
+        loss_type="simpo",
+    )
     losses, cr, rr = cpo(c, r)
     ours = simpo_loss(c, r, beta=2.0, gamma=0.7, label_smoothing=ls)
     torch.testing.assert_close(ours.losses, losses)
@@ -143,8 +167,9 @@ def test_kto_matches_trl_formula_in_float64() -> None:
     kl = torch.tensor(0.3)
     beta, dw, uw = 0.2, 1.0, 1.33
     c64, rc64, r64, rr64, kl64 = (x.double() for x in (c, rc, r, rr, kl))
-    expected = torch.cat([dw * (1 - torch.sigmoid(beta * ((c64 - rc64) - kl64))),
-                          uw * (1 - torch.sigmoid(beta * (kl64 - (r64 - rr64))))])
+    expected = torch.cat(
+        [dw * (1 - torch.sigmoid(beta * ((c64 - rc64) - kl64))), uw * (1 - torch.sigmoid(beta * (kl64 - (r64 - rr64))))]
+    )
     out = kto_loss(c, r, rc, rr, kl=kl, beta=beta, desirable_weight=dw, undesirable_weight=uw)
     torch.testing.assert_close(out.losses.double(), expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.chosen_rewards.double(), beta * (c64 - rc64), rtol=1e-6, atol=1e-7)

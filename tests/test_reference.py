@@ -432,8 +432,21 @@ def test_numpy_counts_and_strict_shift():
 # --- DFT and focal token losses against their formulas written out ------------------------
 
 
-def direct_token_loss(logits, labels, token_loss, gamma=2.0, *, shift=True, reduction="mean", label_smoothing=0.0,
-                      z_loss=0.0, softcap=None, token_weights=None, normalize="token", num_items_in_batch=None):
+def direct_token_loss(
+    logits,
+    labels,
+    token_loss,
+    gamma=2.0,
+    *,
+    shift=True,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    token_weights=None,
+    normalize="token",
+    num_items_in_batch=None,
+):
     """DFT / focal on materialized float64 logits, the formulas of the papers written out:
     ce = cross_entropy(z, y) (smoothed as PyTorch smooths), p = softmax(z)[y];
     DFT: ce * p.detach() (Wu et al. 2025, TRL dft_loss); focal: ce * (1 - p)**gamma,
@@ -447,8 +460,9 @@ def direct_token_loss(logits, labels, token_loss, gamma=2.0, *, shift=True, redu
         z, y, w_tok = z[..., :-1, :], labels[..., 1:], w_tok[..., 1:]
     valid = y != -100
     safe_y = torch.where(valid, y, torch.zeros_like(y))
-    ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), safe_y.reshape(-1), reduction="none",
-                         label_smoothing=label_smoothing).view(y.shape)
+    ce = F.cross_entropy(
+        z.reshape(-1, z.shape[-1]), safe_y.reshape(-1), reduction="none", label_smoothing=label_smoothing
+    ).view(y.shape)
     p = torch.softmax(z, dim=-1).gather(-1, safe_y.unsqueeze(-1)).squeeze(-1)
     weight = {
         "dft": lambda: p.detach(),
@@ -509,8 +523,9 @@ def test_token_loss_matches_direct_formula_with_gradients(token_loss, gamma, red
     logits = (logits * 2.0).requires_grad_(True)  # spread the probabilities (weights far from 1)
     options = _materialize_weights(options, labels.shape)
     ours = causal_lm_loss(logits, labels, reduction=reduction, token_loss=token_loss, focal_gamma=gamma, **options)
-    truth = direct_token_loss(logits, labels, token_loss, 2.0 if gamma is None else gamma, reduction=reduction,
-                              **options)
+    truth = direct_token_loss(
+        logits, labels, token_loss, 2.0 if gamma is None else gamma, reduction=reduction, **options
+    )
     assert ours.shape == truth.shape
     torch.testing.assert_close(ours, truth, rtol=1e-10, atol=1e-12)
     upstream = torch.rand(ours.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
@@ -553,8 +568,9 @@ def test_focal_attached_is_finite_when_the_target_is_certain():
     logits = torch.tensor([[[0.0, 0.0, 0.0], [200.0, 0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([[-100, 0]])
     for gamma in (0.5, 1.0, 2.0):
-        loss = causal_lm_loss(logits, labels, shift=False, token_loss="focal_attached", focal_gamma=gamma,
-                              label_smoothing=0.1)
+        loss = causal_lm_loss(
+            logits, labels, shift=False, token_loss="focal_attached", focal_gamma=gamma, label_smoothing=0.1
+        )
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.isfinite(loss) and bool(torch.isfinite(grad).all())
         assert float(loss.detach()) == 0.0  # the weight (1 - 1)^gamma is exactly 0

@@ -48,7 +48,9 @@ def _trl(batch: dict[str, torch.Tensor], lp: torch.Tensor, **kw: object) -> tupl
 
 @pytest.mark.parametrize("loss_type", TRL_TYPES)
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("extra", [{}, {"delta": 1.15}, {"beta": 0.04}, {"epsilon_high": 0.28}, {"beta": 0.1, "kl": True}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"delta": 1.15}, {"beta": 0.04}, {"epsilon_high": 0.28}, {"beta": 0.1, "kl": True}]
+)
 @pytest.mark.parametrize("token_adv", [False, True])
 def test_equals_trl_compute_loss(loss_type: str, level: str, extra: dict, token_adv: bool) -> None:
     batch = _batch(seed=len(loss_type) + 7 * len(extra), token_adv=token_adv)
@@ -89,8 +91,13 @@ def _split_loss(batch: dict, rows: list[slice], loss_type: str, **kw: object) ->
     count = sum(lmloss.count_targets(batch["mask"][r], loss_type=loss_type) for r in rows)
     total = sum(
         policy_loss(
-            lp[r], batch["old"][r], batch["adv"][r], batch["mask"][r], loss_type=loss_type,
-            num_items_in_batch=count, **kw,  # type: ignore[arg-type]
+            lp[r],
+            batch["old"][r],
+            batch["adv"][r],
+            batch["mask"][r],
+            loss_type=loss_type,
+            num_items_in_batch=count,
+            **kw,  # type: ignore[arg-type]
         ).loss
         for r in rows
     )
@@ -118,8 +125,13 @@ def test_trl_accumulation_divisor_differs_on_uneven_micro_batches(loss_type: str
     kw = {"max_completion_length": T} if loss_type == "dr_grpo" else {}
     rows = [slice(0, 1), slice(1, 5), slice(5, 7)]
     trl_total = sum(
-        _trl({k: v[r] for k, v in batch.items()}, batch["logprobs"][r], loss_type=loss_type,
-             accumulation_steps=len(rows), **kw)[0]
+        _trl(
+            {k: v[r] for k, v in batch.items()},
+            batch["logprobs"][r],
+            loss_type=loss_type,
+            accumulation_steps=len(rows),
+            **kw,
+        )[0]
         for r in rows
     )
     big, _ = _trl(batch, batch["logprobs"], loss_type=loss_type, **kw)
@@ -141,8 +153,9 @@ def _rank_worker(rank: int, world: int, loss_type: str) -> torch.Tensor:
     for mb in lmloss.micro_batches(steps, labels_key="completion_mask", loss_type=loss_type, group=dist.group.WORLD):
         r = mb.batch["rows"]
         lp = lmloss.linear_token_logprobs(hidden[r], w, labels[r], shift=False).logprobs
-        out = policy_loss(lp, old[r], adv[r], mask[r], loss_type=loss_type,
-                          num_items_in_batch=mb.num_items_in_batch, **kw)  # type: ignore[arg-type]
+        out = policy_loss(
+            lp, old[r], adv[r], mask[r], loss_type=loss_type, num_items_in_batch=mb.num_items_in_batch, **kw
+        )  # type: ignore[arg-type]
         (out.loss * mb.loss_scale).backward()
     dist.all_reduce(w.grad)
     return w.grad / world
@@ -156,7 +169,9 @@ def _rl_problem() -> tuple[torch.Tensor, ...]:
     lengths = torch.randint(0, 7, (9,), generator=g)
     mask = (torch.arange(6) < lengths[:, None]).long()
     with torch.no_grad():
-        old = lmloss.token_logprobs(hidden @ weight.T, labels, shift=False).logprobs + 0.3 * torch.randn(9, 6, generator=g)
+        old = lmloss.token_logprobs(hidden @ weight.T, labels, shift=False).logprobs + 0.3 * torch.randn(
+            9, 6, generator=g
+        )
     adv = torch.randn(9, generator=g)
     return hidden, weight, labels, mask, old, adv
 
@@ -176,8 +191,9 @@ def test_two_gloo_ranks_equal_the_big_batch(loss_type: str) -> None:
 def test_all_masked_is_zero_with_zero_gradient(loss_type: str) -> None:
     lp = torch.randn(2, 3, requires_grad=True)
     kw = {"max_completion_length": 3} if loss_type == "dr_grpo" else {}
-    out = policy_loss(lp, lp.detach() + 1, torch.ones(2), torch.zeros(2, 3), loss_type=loss_type,
-                      num_items_in_batch=0, **kw)  # type: ignore[arg-type]
+    out = policy_loss(
+        lp, lp.detach() + 1, torch.ones(2), torch.zeros(2, 3), loss_type=loss_type, num_items_in_batch=0, **kw
+    )  # type: ignore[arg-type]
     assert out.loss.item() == 0.0
     (grad,) = torch.autograd.grad(out.loss, lp)
     assert torch.equal(grad, torch.zeros_like(grad))
@@ -189,8 +205,14 @@ def test_masked_positions_may_hold_garbage() -> None:
     lp = batch["logprobs"].masked_fill(batch["mask"] == 0, float("-inf"))
     old = batch["old"].masked_fill(batch["mask"] == 0, float("nan"))
     out = policy_loss(lp, old, batch["adv"], batch["mask"], loss_type="grpo", importance_sampling_level="sequence")
-    clean = policy_loss(batch["logprobs"], batch["old"], batch["adv"], batch["mask"], loss_type="grpo",
-                        importance_sampling_level="sequence")
+    clean = policy_loss(
+        batch["logprobs"],
+        batch["old"],
+        batch["adv"],
+        batch["mask"],
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+    )
     torch.testing.assert_close(out.loss, clean.loss)
 
 
@@ -213,8 +235,12 @@ def test_masked_positions_may_hold_garbage() -> None:
     ],
 )
 def test_bad_input_names_the_problem(kwargs: dict, message: str) -> None:
-    args = {"logprobs": torch.zeros(B, T), "old_logprobs": torch.zeros(B, T), "advantages": torch.ones(B),
-            "mask": torch.ones(B, T)}
+    args = {
+        "logprobs": torch.zeros(B, T),
+        "old_logprobs": torch.zeros(B, T),
+        "advantages": torch.ones(B),
+        "mask": torch.ones(B, T),
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         policy_loss(**args)  # type: ignore[arg-type]
@@ -227,8 +253,9 @@ def test_bad_input_names_the_problem(kwargs: dict, message: str) -> None:
     cuts=st.lists(st.integers(1, 8), min_size=0, max_size=4, unique=True),
     seed=st.integers(0, 1000),
 )
-def test_any_split_into_micro_batches_sums_to_the_big_batch(loss_type: str, level: str, cuts: list[int],
-                                                           seed: int) -> None:
+def test_any_split_into_micro_batches_sums_to_the_big_batch(
+    loss_type: str, level: str, cuts: list[int], seed: int
+) -> None:
     batch = _batch(seed=seed, b=9)
     batch["mask"][seed % 9] = 0  # an empty sequence, sometimes inside a micro-batch of its own
     bounds = [0, *sorted(cuts), 9]
@@ -237,12 +264,21 @@ def test_any_split_into_micro_batches_sums_to_the_big_batch(loss_type: str, leve
     lp = batch["logprobs"].clone().requires_grad_()
     count = sum(lmloss.count_targets(batch["mask"][r], loss_type=loss_type) for r in rows)
     total = sum(
-        policy_loss(lp[r], batch["old"][r], batch["adv"][r], batch["mask"][r], loss_type=loss_type,
-                    ref_logprobs=batch["ref"][r], num_items_in_batch=count, **kw).loss  # type: ignore[arg-type]
+        policy_loss(
+            lp[r],
+            batch["old"][r],
+            batch["adv"][r],
+            batch["mask"][r],
+            loss_type=loss_type,
+            ref_logprobs=batch["ref"][r],
+            num_items_in_batch=count,
+            **kw,
+        ).loss  # type: ignore[arg-type]
         for r in rows
     )
-    big = policy_loss(lp, batch["old"], batch["adv"], batch["mask"], loss_type=loss_type,
-                      ref_logprobs=batch["ref"], **kw).loss  # type: ignore[arg-type]
+    big = policy_loss(
+        lp, batch["old"], batch["adv"], batch["mask"], loss_type=loss_type, ref_logprobs=batch["ref"], **kw
+    ).loss  # type: ignore[arg-type]
     torch.testing.assert_close(total, big, rtol=1e-5, atol=1e-7)
     g_split, g_big = (torch.autograd.grad(x, lp)[0] for x in (total, big))
     torch.testing.assert_close(g_split, g_big, rtol=1e-5, atol=1e-8)
@@ -251,8 +287,20 @@ def test_any_split_into_micro_batches_sums_to_the_big_batch(loss_type: str, leve
 def test_without_value_checks_the_loss_is_the_same() -> None:
     batch = _batch()
     with lmloss.validation(False):
-        quiet = policy_loss(batch["logprobs"], batch["old"], batch["adv"], batch["mask"], loss_type="dapo",
-                            num_items_in_batch=torch.tensor(30.0))
-    loud = policy_loss(batch["logprobs"], batch["old"], batch["adv"], batch["mask"], loss_type="dapo",
-                       num_items_in_batch=torch.tensor(30.0))
+        quiet = policy_loss(
+            batch["logprobs"],
+            batch["old"],
+            batch["adv"],
+            batch["mask"],
+            loss_type="dapo",
+            num_items_in_batch=torch.tensor(30.0),
+        )
+    loud = policy_loss(
+        batch["logprobs"],
+        batch["old"],
+        batch["adv"],
+        batch["mask"],
+        loss_type="dapo",
+        num_items_in_batch=torch.tensor(30.0),
+    )
     assert torch.equal(quiet.loss, loud.loss)

@@ -151,7 +151,10 @@ def _distill_inputs():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
     w = torch.randn(13, 8, generator=g, dtype=torch.float64)
-    th, tw = torch.randn(2, 6, 5, generator=g, dtype=torch.float64), torch.randn(13, 5, generator=g, dtype=torch.float64)
+    th, tw = (
+        torch.randn(2, 6, 5, generator=g, dtype=torch.float64),
+        torch.randn(13, 5, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(0, 13, (2, 6), generator=g)
     return h, w, th, tw, labels
 

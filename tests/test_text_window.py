@@ -17,7 +17,7 @@ def test_windows_grow_from_the_kept_side_and_end_with_the_whole_text():
     left = list(text_windows(text, 6, "left", 10))
     first = (6 + SLACK_TOKENS) * 10
     assert [len(p) for p, _ in right] == [first, 2 * first, 4 * first, 8 * first, 10_000]
-    assert all(p == text[:len(p)] and start == 0 for p, start in right)
+    assert all(p == text[: len(p)] and start == 0 for p, start in right)
     assert all(p == text[start:] for p, start in left) and left[-1] == (text, 0)
     assert list(text_windows("short", 6, "right", 10)) == [("short", 0)]
     assert enough_tokens(6 + SLACK_TOKENS, 6) and not enough_tokens(5 + SLACK_TOKENS, 6)

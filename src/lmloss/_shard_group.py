@@ -214,8 +214,8 @@ def gather_stats(stats: torch.Tensor, layout: ShardLayout, *, first: bool) -> to
             raise _together_error(flagged, None)
     return out
 
-# --- chunking: the same number of collectives on every rank ---------------------------------
 
+# --- chunking: the same number of collectives on every rank ---------------------------------
 
 
 def default_chunk_rows(hidden2d: torch.Tensor, layout: ShardLayout, dtype: torch.dtype, buffers: int = 1) -> int:

@@ -91,9 +91,7 @@ def check_labels(labels: object, expected_shape: torch.Size | None = None) -> to
     """
     labels = check_tensor("labels", labels)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(
-            f"labels must be an integer tensor of token ids (e.g. torch.long), got dtype {labels.dtype}"
-        )
+        raise ValueError(f"labels must be an integer tensor of token ids (e.g. torch.long), got dtype {labels.dtype}")
     if expected_shape is not None and labels.shape != expected_shape:
         raise ValueError(
             f"labels has shape {tuple(labels.shape)} but must match the leading dimensions "
@@ -239,8 +237,14 @@ def check_temperature(temperature: object) -> None:
 def __getattr__(name: str) -> object:
     # The option vocabularies live in lmloss._spec; this keeps older imports working.
     # (check_loss_options now builds a LossSpec there.)
-    if name in ("NORMALIZATIONS", "REDUCTIONS", "TOKEN_LOSSES", "DEFAULT_FOCAL_GAMMA", "check_loss_options",
-                "resolve_focal_gamma"):
+    if name in (
+        "NORMALIZATIONS",
+        "REDUCTIONS",
+        "TOKEN_LOSSES",
+        "DEFAULT_FOCAL_GAMMA",
+        "check_loss_options",
+        "resolve_focal_gamma",
+    ):
         from lmloss import _spec
 
         return getattr(_spec, name)

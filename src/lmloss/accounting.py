@@ -221,7 +221,9 @@ def _get(batch: Any, key: str, what: str) -> torch.Tensor:
     if isinstance(batch, torch.Tensor) and what == "labels":
         return batch
     if not isinstance(batch, Mapping):
-        raise TypeError(f"each micro-batch must be a mapping with {key!r} or a labels tensor, got {type(batch).__name__}")
+        raise TypeError(
+            f"each micro-batch must be a mapping with {key!r} or a labels tensor, got {type(batch).__name__}"
+        )
     if key not in batch:
         raise ValueError(f"micro-batch has no {key!r} entry (keys: {sorted(batch)}); set {what}_key=")
     return batch[key]

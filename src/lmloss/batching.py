@@ -344,9 +344,7 @@ def _allocate(
     return out
 
 
-def _write_sample(
-    out: dict[str, torch.Tensor], row: int, start: int, sample: _Sample, ignore_index: int
-) -> None:
+def _write_sample(out: dict[str, torch.Tensor], row: int, start: int, sample: _Sample, ignore_index: int) -> None:
     """Copy ``sample`` into ``out[..][row, start:start+n]`` and mask its first label."""
     end = start + len(sample)
     out["input_ids"][row, start:end] = sample.input_ids
@@ -366,14 +364,10 @@ def _write_sample(
 # --------------------------------------------------------------------------------------
 
 
-def _normalize_batch(
-    samples: object, *, ignore_index: int, max_length: int | None, truncation: bool
-) -> list[_Sample]:
+def _normalize_batch(samples: object, *, ignore_index: int, max_length: int | None, truncation: bool) -> list[_Sample]:
     """Check a list of sample mappings and turn each into a ``_Sample`` of tensors."""
     if isinstance(samples, Mapping) or not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)):
-        raise TypeError(
-            f"a collator takes a list of samples (mappings with 'input_ids'), got {type(samples).__name__}"
-        )
+        raise TypeError(f"a collator takes a list of samples (mappings with 'input_ids'), got {type(samples).__name__}")
     if len(samples) == 0:
         raise ValueError("cannot collate an empty batch: the list of samples is empty")
     keys = None
@@ -434,17 +428,13 @@ def _normalize_sample(sample: Mapping[str, Any], where: str, ignore_index: int) 
         if key in ("input_ids", "labels"):
             continue
         if key in _BUILT_KEYS:
-            raise ValueError(
-                f"{where} carries {key!r}, which the collator builds itself; remove it from the samples"
-            )
+            raise ValueError(f"{where} carries {key!r}, which the collator builds itself; remove it from the samples")
         tensor = _as_number_tensor(value, f"{where}: {key}")
         _check_same_length(tensor, input_ids, f"{where}: {key}")
         if key == "attention_mask":
             # Tokenizers emit an all-ones mask; anything else means the sample is already padded.
             if not bool((tensor == 1).all()):
-                raise ValueError(
-                    f"{where}: attention_mask has zeros; pass unpadded samples (the collator pads)"
-                )
+                raise ValueError(f"{where}: attention_mask has zeros; pass unpadded samples (the collator pads)")
             continue
         extras[key] = tensor
     return _Sample(input_ids, labels, extras)
@@ -493,9 +483,7 @@ def _as_number_tensor(value: object, name: str) -> torch.Tensor:
     if isinstance(value, (list, tuple)):
         for j, item in enumerate(value):
             if not isinstance(item, (numbers.Real, bool)):
-                raise TypeError(
-                    f"{name}[{j}] = {item!r} is not a number; extra keys must be per-token numbers"
-                )
+                raise TypeError(f"{name}[{j}] = {item!r} is not a number; extra keys must be per-token numbers")
         tensor = torch.tensor(value) if value else torch.zeros(0)
     else:
         tensor = _as_tensor(value, name)

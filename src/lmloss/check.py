@@ -222,8 +222,12 @@ def audit(
     placeholders = check_token_id_set("ignore_token_ids", ignore_token_ids)
     eos_ids = _eos_ids(tokenizer) if eos_token_ids is None else check_token_id_set("eos_token_ids", eos_token_ids)
     pad_id = getattr(tokenizer, "pad_token_id", None)
-    report = AuditReport(max_length=max_length, mode=mode, train_turn_suffix=train_turn_suffix,
-                         pad_is_eos=pad_id is not None and pad_id in eos_ids)
+    report = AuditReport(
+        max_length=max_length,
+        mode=mode,
+        train_turn_suffix=train_turn_suffix,
+        pad_is_eos=pad_id is not None and pad_id in eos_ids,
+    )
     vocab = len(tokenizer) if vocab_size is None else vocab_size
     checker = _SampleChecker(tokenizer, mode, placeholders, eos_ids, ignore_index, report.pad_is_eos, vocab,
                              audit_window(max_length), truncation_side, train_turn_suffix)  # fmt: skip
@@ -278,9 +282,7 @@ def _eos_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _truncate(
-    ids: list[int], labels: list[int], max_length: int | None, side: str
-) -> tuple[list[int], list[int]]:
+def _truncate(ids: list[int], labels: list[int], max_length: int | None, side: str) -> tuple[list[int], list[int]]:
     if max_length is None or len(ids) <= max_length:
         return ids, labels
     keep = slice(None, max_length) if side == "right" else slice(-max_length, None)
@@ -472,10 +474,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="truncate as training would")
     parser.add_argument("--truncation-side", choices=_TRUNCATION_SIDES, default="right")
     parser.add_argument("--mode", choices=CHAT_MODES, default="assistant", help="which chat tokens are trained")
-    parser.add_argument("--train-turn-suffix", action="store_true",
-                        help="also train what the chat template writes after each trained turn's end-of-turn token "
-                        "(the newline after <|im_end|> in ChatML), as LLaMA-Factory's templates do and as "
-                        "lmloss train --train-turn-suffix does")
+    parser.add_argument(
+        "--train-turn-suffix",
+        action="store_true",
+        help="also train what the chat template writes after each trained turn's end-of-turn token "
+        "(the newline after <|im_end|> in ChatML), as LLaMA-Factory's templates do and as "
+        "lmloss train --train-turn-suffix does",
+    )
     parser.add_argument("--ignore-token-ids", type=_id_list, default=(), metavar="IDS",
                         help="comma-separated placeholder ids never to be targets, e.g. 151655,151656")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print a machine-readable report")

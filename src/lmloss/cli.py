@@ -38,8 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"lmloss {name}", description=help_text)
     module.configure(parser)
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="on an error, show the traceback (also: environment LMLOSS_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, show the traceback (also: environment LMLOSS_DEBUG=1)",
+    )
     args = parser.parse_args(rest)
     debug = bool(vars(args).pop("debug", False)) or os.environ.get("LMLOSS_DEBUG", "") not in ("", "0")
     try:

@@ -203,8 +203,9 @@ def _check_teacher_logits(teacher_logits: object, student_logits: torch.Tensor) 
             f"{tuple(student_logits.shape)}; the two models must score the same positions over the same vocabulary"
         )
     if teacher_logits.device != student_logits.device:
-        raise ValueError(f"teacher_logits are on {teacher_logits.device} but student_logits are on "
-                         f"{student_logits.device}")
+        raise ValueError(
+            f"teacher_logits are on {teacher_logits.device} but student_logits are on {student_logits.device}"
+        )
     return teacher_logits
 
 
@@ -267,8 +268,9 @@ def _linear_kd(
         compute = coef.element_size()
         # float32 student, teacher and scratch chunks, plus low-precision product outputs.
         row_bytes = 3 * compute + sum(t.element_size() for t in (hidden, t_hidden) if t.element_size() < compute)
-        chunk_rows = default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(),
-                                        row_bytes)
+        chunk_rows = default_chunk_rows(
+            hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
+        )
     runner = partial(_runner, (t_hidden, t_weight, t_bias), (temperature, alpha), chunk_rows)
     job = Job("linear_distillation_loss", "use distillation_loss on logits", runner)
     return rows_loss(Rows(hidden, weight, bias, targets, coef), job, reduce_sum)

@@ -110,8 +110,9 @@ class CausalLMLoss(_LossModule):
     ) -> None:
         if weight is not None and class_weights is not None:
             raise ValueError("give the class weights as weight= (torch's name) or class_weights=, not both")
-        classes = _checked_class_weights(weight, "weight") if weight is not None else _checked_class_weights(
-            class_weights)
+        classes = (
+            _checked_class_weights(weight, "weight") if weight is not None else _checked_class_weights(class_weights)
+        )
         if size_average is not None or reduce is not None:
             reduction = _legacy_reduction(size_average, reduce)
         super().__init__(
@@ -146,8 +147,12 @@ class CausalLMLoss(_LossModule):
     ) -> torch.Tensor:
         """Loss of ``logits [..., T, V]`` against ``labels [..., T]``."""
         return causal_lm_loss(
-            logits, labels, num_items_in_batch=num_items_in_batch, token_weights=token_weights,
-            class_weights=self.weight, **self.spec.options(),  # type: ignore[arg-type]
+            logits,
+            labels,
+            num_items_in_batch=num_items_in_batch,
+            token_weights=token_weights,
+            class_weights=self.weight,
+            **self.spec.options(),  # type: ignore[arg-type]
         )
 
 
@@ -264,8 +269,14 @@ class _DistillationOptions(_LossModule):
     def _checked(self, options: dict[str, object]) -> LossSpec:
         from lmloss.distill import check_distill_options
 
-        check_distill_options(options["temperature"], options["alpha"], options["shift"], options["ignore_index"],
-                              options["reduction"], options["normalize"])
+        check_distill_options(
+            options["temperature"],
+            options["alpha"],
+            options["shift"],
+            options["ignore_index"],
+            options["reduction"],
+            options["normalize"],
+        )
         if "chunk_size" in options:
             check_backend_options("auto", options["chunk_size"])
         return super()._checked(options)
@@ -282,18 +293,44 @@ class DistillationLoss(_DistillationOptions):
     num_items_in_batch=None, token_weights=None)``.
     """
 
-    def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, shift: bool = True,
-                 ignore_index: int = -100, reduction: Reduction = "mean", normalize: Normalize = "token") -> None:
-        super().__init__(temperature=temperature, alpha=alpha, shift=shift, ignore_index=ignore_index,
-                         reduction=reduction, normalize=normalize)
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        shift: bool = True,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        normalize: Normalize = "token",
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            alpha=alpha,
+            shift=shift,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            normalize=normalize,
+        )
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-                num_items_in_batch: torch.Tensor | int | float | None = None,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        num_items_in_batch: torch.Tensor | int | float | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         from lmloss.distill import distillation_loss
 
-        return distillation_loss(student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
-                                 token_weights=token_weights, **self._distill_options())  # type: ignore[arg-type]
+        return distillation_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            num_items_in_batch=num_items_in_batch,
+            token_weights=token_weights,
+            **self._distill_options(),
+        )  # type: ignore[arg-type]
 
 
 class LinearDistillationLoss(_DistillationOptions):
@@ -305,19 +342,51 @@ class LinearDistillationLoss(_DistillationOptions):
     num_items_in_batch=None, token_weights=None)``.
     """
 
-    def __init__(self, *, temperature: float = 1.0, alpha: float = 1.0, shift: bool = True,
-                 ignore_index: int = -100, reduction: Reduction = "mean", normalize: Normalize = "token",
-                 chunk_size: int | None = None) -> None:
-        super().__init__(temperature=temperature, alpha=alpha, shift=shift, ignore_index=ignore_index,
-                         reduction=reduction, normalize=normalize, chunk_size=chunk_size)
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        shift: bool = True,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        normalize: Normalize = "token",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            alpha=alpha,
+            shift=shift,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+        )
 
-    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                teacher_weight: torch.Tensor, labels: torch.Tensor, *, student_bias: torch.Tensor | None = None,
-                teacher_bias: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | int | float | None = None,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | float | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         from lmloss.distill import linear_distillation_loss
 
-        return linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                        student_bias=student_bias, teacher_bias=teacher_bias,
-                                        num_items_in_batch=num_items_in_batch, token_weights=token_weights,
-                                        **self._options)  # type: ignore[arg-type]
+        return linear_distillation_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            num_items_in_batch=num_items_in_batch,
+            token_weights=token_weights,
+            **self._options,
+        )  # type: ignore[arg-type]

@@ -178,7 +178,10 @@ def _reducer(layout: ShardLayout, class_weights: torch.Tensor | None = None) -> 
     """The engine's reducer for this rank's shard: one all-gather of ``[c, 4]`` per exchange
     (with ``[V]`` class weights, the fourth number is the shard's ``sum(u * z)``)."""
     return ShardReducer(
-        layout.start, layout.size, layout.vocab_size, lambda stats, first: gather_stats(stats, layout, first=first),
+        layout.start,
+        layout.size,
+        layout.vocab_size,
+        lambda stats, first: gather_stats(stats, layout, first=first),
         class_weights,
     )
 
@@ -260,11 +263,27 @@ def vocab_parallel_linear_cross_entropy(
             ``torch.distributed`` is not initialized. A bad ``weight_shard`` (or
             ``vocab_start``) on one rank raises on every rank (see the module doc).
     """
-    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+    spec = LossSpec(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalize=normalize,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
     _check_chunk_size(chunk_size)
-    local = localize(weight_shard, 0, "weight_shard", group, vocab_start, vocab_size,
-                     {"hidden": hidden, "labels": labels, "token_weights": token_weights})
+    local = localize(
+        weight_shard,
+        0,
+        "weight_shard",
+        group,
+        vocab_start,
+        vocab_size,
+        {"hidden": hidden, "labels": labels, "token_weights": token_weights},
+    )
     weight_shard, group, vocab_start, vocab_size = local.shard, local.group, local.vocab_start, local.vocab_size
     hidden, labels, token_weights = local.replicated
     hidden, weight_shard = autocast_inputs(hidden, weight_shard)
@@ -275,8 +294,9 @@ def vocab_parallel_linear_cross_entropy(
     shard_rows = 0 if problem is not None else weight_shard.shape[0]
     layout, problem = resolve_layout(group, shard_rows, vocab_start, vocab_size, problem)
     # Labels are replicated, so every rank raises alike (or none does).
-    plan, num_items = prepare(labels, token_weights, num_items_in_batch, layout.vocab_size, spec,
-                              compute_dtype(hidden.dtype), class_weights)
+    plan, num_items = prepare(
+        labels, token_weights, num_items_in_batch, layout.vocab_size, spec, compute_dtype(hidden.dtype), class_weights
+    )
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
         chunk_size = default_chunk_rows(hidden2d, layout, plan.coef.dtype)
@@ -285,8 +305,15 @@ def vocab_parallel_linear_cross_entropy(
     needs = needs_grad(hidden, weight_shard)
     with torch.autocast(hidden.device.type, enabled=False):
         result = ShardedLinearCE.apply(
-            hidden2d, weight_shard, plan.targets.reshape(-1), plan.coef.reshape(-1),
-            _reducer(layout, plan.class_weights), LossMath.from_spec(spec), reduction != "none", chunk_size, needs,
+            hidden2d,
+            weight_shard,
+            plan.targets.reshape(-1),
+            plan.coef.reshape(-1),
+            _reducer(layout, plan.class_weights),
+            LossMath.from_spec(spec),
+            reduction != "none",
+            chunk_size,
+            needs,
             _sum_hidden(layout),
         )
     return finish(result, plan, labels.shape, spec, num_items)
@@ -340,10 +367,26 @@ def vocab_parallel_cross_entropy(
         ValueError: as :func:`vocab_parallel_linear_cross_entropy`; a bad
             ``logits_shard`` on one rank raises on every rank.
     """
-    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
-    local = localize(logits_shard, -1, "logits_shard", group, vocab_start, vocab_size,
-                     {"labels": labels, "token_weights": token_weights})
+    spec = LossSpec(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalize=normalize,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
+    local = localize(
+        logits_shard,
+        -1,
+        "logits_shard",
+        group,
+        vocab_start,
+        vocab_size,
+        {"labels": labels, "token_weights": token_weights},
+    )
     logits_shard, group, vocab_start, vocab_size = local.shard, local.group, local.vocab_start, local.vocab_size
     labels, token_weights = local.replicated
     labels = check_labels(labels)
@@ -361,7 +404,10 @@ def vocab_parallel_cross_entropy(
     logits2d = logits_shard.reshape(labels.numel(), logits_shard.shape[-1])
     chunk_rows = logits_chunk_rows(logits2d.shape[1], plan.coef.dtype)
     per_row = ShardedLogitsCE.apply(
-        logits2d, plan.targets.reshape(-1), plan.coef.reshape(-1), _reducer(layout, plan.class_weights),
+        logits2d,
+        plan.targets.reshape(-1),
+        plan.coef.reshape(-1),
+        _reducer(layout, plan.class_weights),
         LossMath.from_spec(spec),
         chunk_rows,
     )
@@ -419,8 +465,9 @@ def vocab_parallel_linear_token_logprobs(
     """
     check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
     _check_chunk_size(chunk_size)
-    local = localize(weight_shard, 0, "weight_shard", group, vocab_start, vocab_size,
-                     {"hidden": hidden, "labels": labels})
+    local = localize(
+        weight_shard, 0, "weight_shard", group, vocab_start, vocab_size, {"hidden": hidden, "labels": labels}
+    )
     weight_shard, group, vocab_start, vocab_size = local.shard, local.group, local.vocab_start, local.vocab_size
     (hidden, labels), bias = local.replicated, local_bias(bias, local.piece)
     hidden, weight_shard, bias = autocast_inputs(hidden, weight_shard, bias)
@@ -439,8 +486,16 @@ def vocab_parallel_linear_token_logprobs(
     if problem is not None:
         fail_together(problem, first_gather_rows(scored, chunk_size), layout, labels.device)
     options = LogprobOptions(float(temperature), None if softcap is None else float(softcap), with_entropy, chunk_size)
-    logprobs, entropy = linear_logprobs(hidden2d, weight_shard, bias, plan.targets.reshape(-1), scored, options,
-                                        ShardLogprobs(_reducer(layout)), _sum_hidden(layout))
+    logprobs, entropy = linear_logprobs(
+        hidden2d,
+        weight_shard,
+        bias,
+        plan.targets.reshape(-1),
+        scored,
+        options,
+        ShardLogprobs(_reducer(layout)),
+        _sum_hidden(layout),
+    )
     logprobs = to_label_alignment(logprobs.view(labels.shape), shift)
     return TokenLogprobs(logprobs, to_label_alignment(entropy.view(labels.shape), shift) if with_entropy else None)
 

@@ -104,7 +104,13 @@ def sequence_logprobs(
         per_token = token_logprobs(inputs, labels, **options).logprobs  # type: ignore[arg-type]
     else:
         per_token = linear_token_logprobs(
-            inputs, weight, labels, bias=bias, backend=backend, chunk_size=chunk_size, **options  # type: ignore[arg-type]
+            inputs,
+            weight,
+            labels,
+            bias=bias,
+            backend=backend,
+            chunk_size=chunk_size,
+            **options,  # type: ignore[arg-type]
         ).logprobs
     if per_token.ndim != 2:
         raise ValueError(f"labels must be [B, T] (one row per sequence), got shape {tuple(labels.shape)}")

@@ -142,8 +142,17 @@ def causal_lm_loss(
             (with its position), mismatched shapes or devices, wrong dtypes,
             unknown options or a bad ``num_items_in_batch``.
     """
-    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+    spec = LossSpec(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalize=normalize,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
     logits = check_logits(logits)
     labels = check_labels_on(labels, logits.shape[:-1], logits.device, "logits")
     vocab_size = logits.shape[-1]
@@ -152,8 +161,9 @@ def causal_lm_loss(
     scored = (plan.coef != 0).reshape(-1)
     # Rows are upcast chunk by chunk (only the scored ones); the per-row math is _row_losses.
     row_losses = partial(_row_losses, spec=spec, class_weights=plan.class_weights)
-    per_token = scored_row_losses(row_losses, (logits.reshape(-1, vocab_size),), plan.targets.reshape(-1), scored,
-                                  dtype, _CHUNK_BYTES)
+    per_token = scored_row_losses(
+        row_losses, (logits.reshape(-1, vocab_size),), plan.targets.reshape(-1), scored, dtype, _CHUNK_BYTES
+    )
     weighted = per_token * plan.coef.reshape(-1)
     return finish(weighted if spec.reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)
 

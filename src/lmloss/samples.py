@@ -73,9 +73,7 @@ def _int_list(name: str, value: object, vocab_size: int, ignore_index: int | Non
     for position, item in enumerate(value):
         # bool is an int subclass: true/false in a JSON list is a mistake, not the ids 1/0.
         if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(
-                f"'{name}'[{position}] = {_short(item)} is not an integer token id (expected {allowed})"
-            )
+            raise ValueError(f"'{name}'[{position}] = {_short(item)} is not an integer token id (expected {allowed})")
         if not (0 <= item < vocab_size or item == ignore_index):
             raise ValueError(f"'{name}'[{position}] = {_short(item)} is outside the vocabulary (expected {allowed})")
     return [int(item) for item in value]

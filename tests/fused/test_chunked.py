@@ -50,8 +50,12 @@ def record(backend, reduction="mean", **kwargs):
 
 
 def test_no_tensor_of_tokens_times_vocab():
-    cases = [("mean", {}), ("none", {}), ("mean", {"token_loss": "dft"}),
-             ("none", {"token_loss": "focal_attached", "label_smoothing": 0.1})]
+    cases = [
+        ("mean", {}),
+        ("none", {}),
+        ("mean", {"token_loss": "dft"}),
+        ("none", {"token_loss": "focal_attached", "label_smoothing": 0.1}),
+    ]
     for reduction, extra in cases:
         recorder, n_by_v = record("chunked", reduction, chunk_size=16, **extra)
         largest = max(recorder.shapes, key=lambda item: torch.Size(item[1]).numel())

@@ -44,15 +44,18 @@ def truth(hidden, weight, bias, labels, *, shift, temperature, softcap):
 @pytest.mark.parametrize("chunk_size", [None, 1, 3])
 def test_values_and_gradients_of_both_outputs_match_float64(shift, options, chunk_size):
     (hidden, weight, bias), labels, g = _problem()
-    lp, ent = chunked_token_logprobs(hidden, weight, labels, bias=bias, shift=shift, with_entropy=True,
-                                     chunk_size=chunk_size, **options)
+    lp, ent = chunked_token_logprobs(
+        hidden, weight, labels, bias=bias, shift=shift, with_entropy=True, chunk_size=chunk_size, **options
+    )
     kw = dict(shift=shift, temperature=options.get("temperature", 1.0), softcap=options.get("softcap"))
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
     want_lp, want_ent = truth(*leaves, labels, **kw)
     torch.testing.assert_close(lp, want_lp, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ent, want_ent, rtol=1e-10, atol=1e-12)
-    up_lp, up_ent = torch.randn(lp.shape, generator=g, dtype=torch.float64), torch.randn(lp.shape, generator=g,
-                                                                                         dtype=torch.float64)
+    up_lp, up_ent = (
+        torch.randn(lp.shape, generator=g, dtype=torch.float64),
+        torch.randn(lp.shape, generator=g, dtype=torch.float64),
+    )
     got = torch.autograd.grad((lp * up_lp).sum() + (ent * up_ent).sum(), (hidden, weight, bias))
     want = torch.autograd.grad((want_lp * up_lp).sum() + (want_ent * up_ent).sum(), leaves)
     for a, b in zip(got, want):

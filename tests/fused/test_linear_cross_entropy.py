@@ -67,7 +67,9 @@ def check(hidden, weight, bias, labels, *, backend, chunk_size=None, atol=1e-10,
     for name, got, want in zip(("hidden", "weight", "bias"), got_grads, expected_grads):
         if want is not None:
             assert got.dtype == {"hidden": hidden, "weight": weight, "bias": bias}[name].dtype
-            torch.testing.assert_close(got.double(), want, rtol=atol, atol=atol, msg=lambda m, where=f"d{name}": f"{where}: {m}")
+            torch.testing.assert_close(
+                got.double(), want, rtol=atol, atol=atol, msg=lambda m, where=f"d{name}": f"{where}: {m}"
+            )
 
 
 # --- the grid ------------------------------------------------------------------------
@@ -125,11 +127,30 @@ def test_token_losses_with_token_weights_and_static_shapes(reduction):
     hidden, weight, bias, labels = problem(seq_len=9, ignore=0.4, seed=6)
     weights = torch.rand(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     for options in ({"token_loss": "dft"}, {"token_loss": "focal_attached", "focal_gamma": 2.0}):
-        check(hidden, weight, bias, labels, backend="chunked", chunk_size=4, reduction=reduction,
-              token_weights=weights, num_items_in_batch=30, **options)
+        check(
+            hidden,
+            weight,
+            bias,
+            labels,
+            backend="chunked",
+            chunk_size=4,
+            reduction=reduction,
+            token_weights=weights,
+            num_items_in_batch=30,
+            **options,
+        )
         with lmloss.validation(False):  # ignored rows masked instead of dropped
-            check(hidden, weight, bias, labels, backend="chunked", chunk_size=4, reduction=reduction,
-                  label_smoothing=0.1, **options)
+            check(
+                hidden,
+                weight,
+                bias,
+                labels,
+                backend="chunked",
+                chunk_size=4,
+                reduction=reduction,
+                label_smoothing=0.1,
+                **options,
+            )
 
 
 def test_token_loss_all_ignored_gives_zero_gradients():
@@ -164,8 +185,17 @@ def test_without_bias_and_with_token_weights(reduction):
     weights = torch.rand(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     check(hidden, weight, None, labels, backend="chunked", chunk_size=2, reduction=reduction, token_weights=weights)
     mask = weights > 0.5
-    check(hidden, weight, None, labels, backend="chunked", chunk_size=5, reduction=reduction, token_weights=mask,
-          normalize="sequence")
+    check(
+        hidden,
+        weight,
+        None,
+        labels,
+        backend="chunked",
+        chunk_size=5,
+        reduction=reduction,
+        token_weights=mask,
+        normalize="sequence",
+    )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -193,8 +223,9 @@ def test_static_shapes_when_value_checks_are_off():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 10.0}])
 def test_low_precision_error_is_no_worse_than_naive(dtype, options):
-    hidden, weight, bias, labels = problem(lead=(4,), seq_len=64, hidden_size=64, vocab=1000, ignore=0.2,
-                                          seed=5, dtype=dtype)
+    hidden, weight, bias, labels = problem(
+        lead=(4,), seq_len=64, hidden_size=64, vocab=1000, ignore=0.2, seed=5, dtype=dtype
+    )
     with torch.no_grad():
         weight.mul_(0.125)
     loss64, grads64 = truth(hidden, weight, bias, labels, **options)
@@ -308,8 +339,7 @@ def test_bad_options():
 def test_property_matches_reference(lead, seq_len, hidden_size, vocab, chunk, ignore, options, token_loss, seed):
     reduction, extra = options
     hidden, weight, bias, labels = problem(lead, seq_len, hidden_size, vocab, ignore=ignore, seed=seed)
-    check(hidden, weight, bias, labels, backend="chunked", chunk_size=chunk, reduction=reduction, **extra,
-          **token_loss)
+    check(hidden, weight, bias, labels, backend="chunked", chunk_size=chunk, reduction=reduction, **extra, **token_loss)
 
 
 # --- review fixes --------------------------------------------------------------------------
@@ -320,8 +350,7 @@ def test_autocast_casts_inputs_like_linear_would(backend):
     hidden, weight, bias, labels = problem(seq_len=9, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = linear_cross_entropy(hidden, weight, labels, bias=bias, backend=backend)
-    expected = linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels, bias=bias.bfloat16(),
-                                    backend=backend)
+    expected = linear_cross_entropy(hidden.bfloat16(), weight.bfloat16(), labels, bias=bias.bfloat16(), backend=backend)
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32

@@ -29,4 +29,3 @@ def python_giou(p: list[float], q: list[float]) -> float:
     union = area(p) + area(q) - inter
     enclosing = (max(p[2], q[2]) - min(p[0], q[0])) * (max(p[3], q[3]) - min(p[1], q[1]))
     return inter / union - (enclosing - union) / enclosing
-

@@ -22,9 +22,7 @@ def test_convert_boxes_between_grids():
         (0.25, 0.5, 1.0, 1.0)
     ]
     # normalized -> 10 bins: floor(x * 10), 1.0 clamps into the last bin; back: centres.
-    assert convert_boxes([(0.0, 0.05, 0.55, 1.0)], src="normalized", dst="bins", num_bins=10) == [
-        (0.0, 0.0, 5.0, 9.0)
-    ]
+    assert convert_boxes([(0.0, 0.05, 0.55, 1.0)], src="normalized", dst="bins", num_bins=10) == [(0.0, 0.0, 5.0, 9.0)]
     assert convert_boxes([(0, 0, 5, 9)], src="bins", dst="normalized", num_bins=10) == [(0.05, 0.05, 0.55, 0.95)]
     tensor = torch.tensor([[[0.1, 0.2, 0.3, 0.4]]])
     out = convert_boxes(tensor, src="normalized", dst="grid")

@@ -136,29 +136,47 @@ def test_qwen25_vl_objects_are_in_key_order_with_their_own_offsets():
     assert "x2 = 5 < x1 = 9" in report.issues[0].problem
 
 
-
-
 MALFORMED = [
     # (format, text, expected offset, quoted text (a prefix of the quote), problem words)
     ("qwen2-vl", "Look: <|box_start|>(1,2),(3,4)", 6, "<|box_start|>(1,2),(3,4)", "unclosed <|box_start|>"),
-    ("qwen2-vl", "ab <|box_start|>(1,2),(3)<|box_end|>", 3, "<|box_start|>(1,2),(3)<|box_end|>",
-     "expected 4 coordinates"),
+    (
+        "qwen2-vl",
+        "ab <|box_start|>(1,2),(3)<|box_end|>",
+        3,
+        "<|box_start|>(1,2),(3)<|box_end|>",
+        "expected 4 coordinates",
+    ),
     ("qwen2-vl", "<|box_start|>(1,2),(3,4),(5,6)<|box_end|>", 0, "<|box_start|>(1,2)", "found 6"),
-    ("qwen2-vl", "x <|box_start|>(1,two),(3,4)<|box_end|>", 2, "<|box_start|>(1,two)",
-     "non-numeric coordinate 'two'"),
-    ("qwen2-vl", "<|box_start|>(1,2),(3,1001)<|box_end|>", 0, "<|box_start|>(1,2),(3,1001)", "1001 is outside [0, 1000]"),
+    ("qwen2-vl", "x <|box_start|>(1,two),(3,4)<|box_end|>", 2, "<|box_start|>(1,two)", "non-numeric coordinate 'two'"),
+    (
+        "qwen2-vl",
+        "<|box_start|>(1,2),(3,1001)<|box_end|>",
+        0,
+        "<|box_start|>(1,2),(3,1001)",
+        "1001 is outside [0, 1000]",
+    ),
     ("qwen2-vl", "<|box_start|>(-5,2),(3,4)<|box_end|>", 0, "<|box_start|>(-5,2)", "-5 is outside"),
     ("qwen2-vl", "ok <|box_start|>(50,2),(30,4)<|box_end|>", 3, "<|box_start|>(50,2),(30,4)", "x2 = 30 < x1 = 50"),
     ("qwen2-vl", "a<|box_start|>1,2,3,4<|box_end|>", 1, "<|box_start|>1,2,3,4", "expected the form (x1,y1),(x2,y2)"),
-    ("qwen2-vl", "a<|object_ref_start|>cat<|box_start|>(1,2),(3,4)<|box_end|>", 1, "<|object_ref_start|>cat",
-     "unclosed <|object_ref_start|>"),
+    (
+        "qwen2-vl",
+        "a<|object_ref_start|>cat<|box_start|>(1,2),(3,4)<|box_end|>",
+        1,
+        "<|object_ref_start|>cat",
+        "unclosed <|object_ref_start|>",
+    ),
     ("qwen2-vl", "stray <|box_end|>", 6, "<|box_end|>", "without a matching <|box_start|>"),
     ("qwen2.5-vl", 'A: [{"bbox_2d": [1, 2, 3], "label": "a"}]', 4, '{"bbox_2d": [1, 2, 3]', "expected 4 coordinates"),
     ("qwen2.5-vl", 'A: [{"bbox_2d": [1, "x", 3, 4]}]', 4, '{"bbox_2d": [1, "x"', "non-numeric coordinate 'x'"),
     ("qwen2.5-vl", 'A: {"bbox_2d": [9, 2, 3, 4]}', 3, '{"bbox_2d": [9, 2, 3, 4]}', "x2 = 3 < x1 = 9"),
     ("qwen2.5-vl", 'A: {"bbox_2d": [1, 2, 700, 4]}', 3, '{"bbox_2d": [1, 2, 700, 4]}', "700 is outside [0, 640]"),
-    ("qwen2.5-vl", 'A: [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6', 45, '{"bbox_2d": [5, 6',
-     "invalid JSON"),
+    (
+        "qwen2.5-vl",
+        'A: [{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6',
+        45,
+        '{"bbox_2d": [5, 6',
+        "invalid JSON",
+    ),
     ("bins", "go <loc_1><loc_2><loc_3>", 3, "<loc_1><loc_2><loc_3>", "expected 4 bin tokens per box, found a run of 3"),
     ("bins", "<loc_1><loc_2><loc_x><loc_4>", 14, "<loc_x>", "non-numeric bin index 'x'"),
     ("bins", "<loc_1><loc_2><loc_3><loc_10>", 21, "<loc_10>", "bin index 10 is outside [0, 10)"),

@@ -96,11 +96,61 @@ def test_bins_round_trip_inside_prose(num_bins, pattern, order, data, before, af
 # --------------------------------------------------- arbitrary and mutated text
 
 PIECES = {
-    "qwen2-vl": ["<|box_start|>", "<|box_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "(", ")", ",",
-                 " ", "1", "23", "999", "1001", "-", ".", "x", "\uff11", "\u0661", "1" * 30, "<|", "|>"],
-    "qwen2.5-vl": ["{", "}", "[", "]", '"bbox_2d"', '"label"', '"cat"', ":", ",", '"', "\\", " ", "\n", "1", "23",
-                   "-", ".", "e", "E", "+", "0", "true", "null", "NaN", "\uff11", "\u0661", "1" * 30, "```json",
-                   "```", "\\u005f", '"bbox\\u005f2d"'],
+    "qwen2-vl": [
+        "<|box_start|>",
+        "<|box_end|>",
+        "<|object_ref_start|>",
+        "<|object_ref_end|>",
+        "(",
+        ")",
+        ",",
+        " ",
+        "1",
+        "23",
+        "999",
+        "1001",
+        "-",
+        ".",
+        "x",
+        "\uff11",
+        "\u0661",
+        "1" * 30,
+        "<|",
+        "|>",
+    ],
+    "qwen2.5-vl": [
+        "{",
+        "}",
+        "[",
+        "]",
+        '"bbox_2d"',
+        '"label"',
+        '"cat"',
+        ":",
+        ",",
+        '"',
+        "\\",
+        " ",
+        "\n",
+        "1",
+        "23",
+        "-",
+        ".",
+        "e",
+        "E",
+        "+",
+        "0",
+        "true",
+        "null",
+        "NaN",
+        "\uff11",
+        "\u0661",
+        "1" * 30,
+        "```json",
+        "```",
+        "\\u005f",
+        '"bbox\\u005f2d"',
+    ],
     "bins": ["<loc_", ">", "<", "1", "23", "9", " ", "\n", "x", "\u0662", "1" * 30, "<loc_1>", "<loc_12>", "<loc_>"],
 }
 OPTIONS = {"qwen2-vl": {}, "qwen2.5-vl": {"image_size": (640, 480)}, "bins": {"num_bins": 16}}
@@ -140,7 +190,7 @@ def test_any_text_never_breaks_the_contract(fmt, text):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 3000), st.sampled_from(["[", "{\"a\": ", "[{\"bbox_2d\": "]))
+@given(st.integers(0, 3000), st.sampled_from(["[", '{"a": ', '[{"bbox_2d": ']))
 def test_any_json_depth_is_a_value_or_an_issue(depth, opener):
     closer = {"[": "]", '{"a": ': "}", '[{"bbox_2d": ': "}]"}[opener]
     text = opener * depth + '{"bbox_2d": [1, 2, 3, 4]}' + closer * depth

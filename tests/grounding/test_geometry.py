@@ -135,8 +135,9 @@ def test_giou_of_huge_coordinates_equals_the_float64_value(dtype):
     # GIoU = -(1 - 5/16) = -11/16.
     expected = torch.tensor([0.5, 0.0, -11 / 16], dtype=torch.float64)
     torch.testing.assert_close(giou(pred, target).double(), expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(box_iou(pred, target).double(), torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        box_iou(pred, target).double(), torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64), atol=1e-6, rtol=0
+    )
 
 
 def _general_position_boxes(n: int, seed: int) -> torch.Tensor:

@@ -90,10 +90,7 @@ def test_expected_coordinates_reject_bad_input():
         expected_number(torch.zeros(3, 9))
 
 
-
-
 # ---------------------------------------------------------------- box loss
-
 
 
 def _materialized_box_loss(logits: torch.Tensor, labels: torch.Tensor, tokens: BoxTokenIds) -> dict[str, float]:
@@ -156,8 +153,9 @@ def _digit_batch() -> tuple[torch.Tensor, BoxTokenIds]:
 
 def _bin_batch() -> tuple[torch.Tensor, BoxTokenIds]:
     bins = [30 + k for k in range(12)]
-    labels = torch.tensor([[-100, 1, 33, 35, 38, 40, 2, 31, 30, 41, 39, 3], [-100, 4, 32, 36, 34, 37, 5, -100, -100,
-                                                                               -100, -100, -100]])
+    labels = torch.tensor(
+        [[-100, 1, 33, 35, 38, 40, 2, 31, 30, 41, 39, 3], [-100, 4, 32, 36, 34, 37, 5, -100, -100, -100, -100, -100]]
+    )
     return labels, BoxTokenIds.bins(bins)
 
 

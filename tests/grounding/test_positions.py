@@ -241,7 +241,7 @@ def test_qwen25_vl_malformed_token_boxes_raise_with_row_and_column_or_are_skippe
     good = '{"bbox_2d": [1, 2, 3, 4]}'
     cases = {
         "not one digit token": ('{"bbox_2d": [', [1000], ", 3, 4, 5]}"),  # "12" as one token
-        "expected 4 coordinates in \"bbox_2d\" [x1, y1, x2, y2], found 3": ('{"bbox_2d": [1, 2, 3]}', [], ""),
+        'expected 4 coordinates in "bbox_2d" [x1, y1, x2, y2], found 3': ('{"bbox_2d": [1, 2, 3]}', [], ""),
         "coordinate '1.5' is not a non-negative integer": ('{"bbox_2d": [1.5, 2, 3, 4]}', [], ""),
         "coordinate 700 is outside [0, 640] (a 640x480 image)": ('{"bbox_2d": [1, 2, 700, 4]}', [], ""),
         "x2 = 1 < x1 = 5": ('{"bbox_2d": [5, 2, 1, 4]}', [], ""),
@@ -259,11 +259,13 @@ def test_qwen25_vl_malformed_token_boxes_raise_with_row_and_column_or_are_skippe
     # Cut off by truncation: the list never closes.
     ids, texts = _char_row(good + ' {"bbox_2d": [5, 6')
     with pytest.raises(ValueError, match='unclosed "bbox_2d" list'):
-        find_box_targets(torch.tensor([ids]), BoxTokenIds.json_digits([ord(str(d)) for d in range(10)], texts),
-                         image_size=(640, 480))
+        find_box_targets(
+            torch.tensor([ids]), BoxTokenIds.json_digits([ord(str(d)) for d in range(10)], texts), image_size=(640, 480)
+        )
     with pytest.raises(ValueError, match="token id 1000 is not in token_text"):
-        find_box_targets(torch.tensor([[1000, ord("5")]]), BoxTokenIds.json_digits(range(48, 58), {53: "5"}),
-                         image_size=(8, 8))
+        find_box_targets(
+            torch.tensor([[1000, ord("5")]]), BoxTokenIds.json_digits(range(48, 58), {53: "5"}), image_size=(8, 8)
+        )
     # image_size: required for pixels, refused where it means nothing, one pair per row.
     with pytest.raises(ValueError, match="needs image_size"):
         find_box_targets(torch.tensor([ids]), tokens)
@@ -307,8 +309,6 @@ def test_positions_of_bin_tokens_by_hand():
     yx = find_box_targets(labels, BoxTokenIds.bins(bins, order="yxyx"))
     assert yx.coord_index.tolist()[:4] == [1, 0, 3, 2]
     torch.testing.assert_close(yx.target_boxes[0], torch.tensor([5.5, 2.5, 7.5, 6.5]) / 8)
-
-
 
 
 def test_malformed_token_boxes_raise_with_row_and_column_or_are_skipped():

@@ -23,9 +23,19 @@ from lmloss.integrations import transformers as lmloss_hf
 
 V = 61  # odd, not a power of two
 IMAGE, VIDEO, VSTART, VEND = 55, 56, 57, 58  # Qwen2-VL special ids in the tiny vocabulary
-TEXT = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.3,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TEXT = dict(
+    vocab_size=V,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 # Per model: its config class name, model class name, and what makes it special.
 TEXT_MODELS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(head_dim=8)),
@@ -62,8 +72,14 @@ def vl_model(seed: int = 0, version: str = "2") -> torch.nn.Module:
     else:
         config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
         vision.update(out_hidden_size=16, intermediate_size=16, window_size=8, fullatt_block_indexes=[0])
-    config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
-                        vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+    )
     torch.manual_seed(seed)
     return model_cls(config).float()
 
@@ -81,19 +97,30 @@ def text_batch(seed: int = 1, batch: int = 3, length: int = 11) -> dict[str, tor
 def vl_sample(seed: int, n_masked: int) -> dict[str, torch.Tensor]:
     """One image (a 4x4 patch grid -> 4 placeholder tokens) between text tokens."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.randint(3, 50, (3,), generator=g), torch.tensor([VSTART, IMAGE, IMAGE, IMAGE, IMAGE, VEND]),
-                     torch.randint(3, 50, (5,), generator=g)])
+    ids = torch.cat(
+        [
+            torch.randint(3, 50, (3,), generator=g),
+            torch.tensor([VSTART, IMAGE, IMAGE, IMAGE, IMAGE, VEND]),
+            torch.randint(3, 50, (5,), generator=g),
+        ]
+    )
     labels = ids.clone()
     labels[:n_masked] = -100
-    return {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(16, 24, generator=g),
-            "image_grid_thw": torch.tensor([1, 4, 4])}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": torch.randn(16, 24, generator=g),
+        "image_grid_thw": torch.tensor([1, 4, 4]),
+    }
 
 
 def vl_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    batch = {"input_ids": torch.stack([s["input_ids"] for s in samples]),
-             "labels": torch.stack([s["labels"] for s in samples]),
-             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-             "image_grid_thw": torch.stack([s["image_grid_thw"] for s in samples])}
+    batch = {
+        "input_ids": torch.stack([s["input_ids"] for s in samples]),
+        "labels": torch.stack([s["labels"] for s in samples]),
+        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+        "image_grid_thw": torch.stack([s["image_grid_thw"] for s in samples]),
+    }
     # transformers 5.2x needs the modality of every token for M-RoPE; older versions find it themselves.
     if "mm_token_type_ids" in inspect.signature(transformers.Qwen2VLForConditionalGeneration.forward).parameters:
         batch["mm_token_type_ids"] = (batch["input_ids"] == IMAGE).int()
@@ -160,8 +187,9 @@ def test_dft_option_equals_the_direct_formula():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
     loss_func = lmloss_hf.trainer_loss(token_loss="dft")
     lmloss_hf.remove(model)
-    torch.testing.assert_close(loss_func(model(input_ids=batch["input_ids"]), batch["labels"]).double(), want,
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        loss_func(model(input_ids=batch["input_ids"]), batch["labels"]).double(), want, rtol=1e-5, atol=0
+    )
     with pytest.raises(ValueError, match="focal_gamma"):
         lmloss_hf.apply(model, focal_gamma=1.0)
 
@@ -306,8 +334,9 @@ def test_tuple_output_logits_to_keep_shift_labels_and_positional_labels():
     got = model(**batch, return_dict=False)
     assert isinstance(got, tuple) and len(got) == len(own_tuple) - 1  # no logits
     torch.testing.assert_close(got[0], own_tuple[0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(model(input_ids=batch["input_ids"], labels=kept, logits_to_keep=4).loss, own_kept,
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        model(input_ids=batch["input_ids"], labels=kept, logits_to_keep=4).loss, own_kept, rtol=1e-5, atol=0
+    )
     by_shift = model(input_ids=batch["input_ids"], labels=batch["labels"], shift_labels=shifted).loss
     torch.testing.assert_close(by_shift, own_tuple[0], rtol=1e-5, atol=0)
     # forward(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels)
@@ -400,14 +429,31 @@ def text_samples() -> list[dict[str, torch.Tensor]]:
 def train_one_step(model, samples, tmp_path, collate=None, **trainer_kwargs) -> dict[str, torch.Tensor]:
     """One optimizer step of Trainer: 4 micro-batches of 2, SGD lr 1, no clipping or decay."""
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=1,
-        max_grad_norm=0.0, weight_decay=0.0, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, seed=0, logging_strategy="no",
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_steps=1,
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=0,
+        logging_strategy="no",
     )
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
     constant = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=ListDataset(samples), data_collator=collate,
-                                   optimizers=(sgd, constant), **trainer_kwargs)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(samples),
+        data_collator=collate,
+        optimizers=(sgd, constant),
+        **trainer_kwargs,
+    )
     trainer.train()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -436,7 +482,7 @@ def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path):
     stacked = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
     big = sgd_step(reference := text_model("llama"), reference(**stacked).loss)  # transformers' own loss
     means = text_model("llama")  # the control: a mean of the micro-batches' own means
-    loss = sum(means(**{k: v[i:i + 2] for k, v in stacked.items()}).loss for i in range(0, 8, 2)) / 4
+    loss = sum(means(**{k: v[i : i + 2] for k, v in stacked.items()}).loss for i in range(0, 8, 2)) / 4
     assert far(sgd_step(means, loss), big)
 
     model = lmloss_hf.apply(text_model("llama"), backend="chunked", chunk_size=4)

@@ -26,8 +26,16 @@ def _trainer(cls: type, tmp: Any, model: Any, ref: Any, tokenizer: Any, loss_typ
     from datasets import Dataset
 
     args = DPOConfig(
-        output_dir=str(tmp / cls.__name__), per_device_train_batch_size=4, max_steps=1, report_to="none",
-        use_cpu=True, bf16=False, save_strategy="no", loss_type=loss_type, label_smoothing=ls, beta=0.3,
+        output_dir=str(tmp / cls.__name__),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        loss_type=loss_type,
+        label_smoothing=ls,
+        beta=0.3,
     )
     return cls(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_dict(DATA), processing_class=tokenizer)
 
@@ -45,8 +53,9 @@ def parts() -> dict[str, Any]:
     "loss_type, ls",
     [(["sigmoid"], 0.0), (["hinge"], 0.0), (["ipo"], 0.0), (["robust"], 0.2), (["sigmoid", "ipo"], 0.0)],
 )
-def test_same_batch_gives_trls_loss(parts: dict, tmp_path: Any, loss_type: list[str], ls: float,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_batch_gives_trls_loss(
+    parts: dict, tmp_path: Any, loss_type: list[str], ls: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lmloss.integrations.trl import dpo
 
     calls: list[str] = []
@@ -54,8 +63,9 @@ def test_same_batch_gives_trls_loss(parts: dict, tmp_path: Any, loss_type: list[
     monkeypatch.setattr(dpo, "dpo_loss", lambda *a, **k: calls.append(k["loss_type"]) or real(*a, **k))
     results = []
     for cls in (DPOTrainer, LMLossDPOTrainer):
-        trainer = _trainer(cls, tmp_path, copy.deepcopy(parts["model"]), copy.deepcopy(parts["ref"]),
-                           parts["tokenizer"], loss_type, ls)
+        trainer = _trainer(
+            cls, tmp_path, copy.deepcopy(parts["model"]), copy.deepcopy(parts["ref"]), parts["tokenizer"], loss_type, ls
+        )
         inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, inputs)

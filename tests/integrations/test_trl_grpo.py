@@ -26,12 +26,26 @@ def _trainer(cls: type, tmp_path: Any, model: Any, tokenizer: Any, **overrides: 
     from datasets import Dataset
 
     args = GRPOConfig(
-        output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=6, max_steps=1, report_to="none", use_cpu=True, logging_steps=1,
-        save_strategy="no", seed=0, bf16=False, **overrides,  # float32: TRL defaults to bf16 autocast
+        output_dir=str(tmp_path / cls.__name__),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        bf16=False,
+        **overrides,  # float32: TRL defaults to bf16 autocast
     )
-    return cls(model=model, reward_funcs=_reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-               processing_class=tokenizer)
+    return cls(
+        model=model,
+        reward_funcs=_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +118,10 @@ def test_same_batch_gives_trls_loss(setup: dict, loss_type: str, level: str, bet
 def test_bnpo_is_exact_over_uneven_micro_batches_where_trl_is_not(setup: dict, lmloss_calls: list) -> None:
     """Two micro-batches with different token counts: lmloss sums to the big batch's token mean."""
     ours, theirs, inputs = setup["ours"], setup["theirs"], setup["inputs"]
-    halves = [{k: (v[:2] if torch.is_tensor(v) and v.ndim and v.shape[0] == 4 else v) for k, v in inputs.items()},
-              {k: (v[2:] if torch.is_tensor(v) and v.ndim and v.shape[0] == 4 else v) for k, v in inputs.items()}]
+    halves = [
+        {k: (v[:2] if torch.is_tensor(v) and v.ndim and v.shape[0] == 4 else v) for k, v in inputs.items()},
+        {k: (v[2:] if torch.is_tensor(v) and v.ndim and v.shape[0] == 4 else v) for k, v in inputs.items()},
+    ]
     assert halves[0]["completion_mask"].sum() != halves[1]["completion_mask"].sum()
     for trainer in (ours, theirs):
         trainer.loss_type, trainer.importance_sampling_level, trainer.beta = "bnpo", "token", 0.0

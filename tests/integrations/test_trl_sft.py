@@ -39,9 +39,18 @@ def _llama(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2, use_cache=False, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -54,9 +63,19 @@ def _data(kind):
 
 
 def _config(kind, **extra):
-    options = dict(output_dir="/tmp/lmloss-trl-test", per_device_train_batch_size=4, max_steps=1, report_to=[],
-                   use_cpu=True, save_strategy="no", logging_steps=1, max_length=128, dataset_num_proc=None,
-                   assistant_only_loss=kind == "assistant", packing=kind == "packing")
+    options = dict(
+        output_dir="/tmp/lmloss-trl-test",
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_length=128,
+        dataset_num_proc=None,
+        assistant_only_loss=kind == "assistant",
+        packing=kind == "packing",
+    )
     options.update(extra)
     return SFTConfig(**options)
 
@@ -64,8 +83,13 @@ def _config(kind, **extra):
 def _trainer(cls, model, tokenizer, kind, config_extra=None, **options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(model=model, args=_config(kind, **(config_extra or {})), train_dataset=_data(kind),
-                   processing_class=tokenizer, **options)
+        return cls(
+            model=model,
+            args=_config(kind, **(config_extra or {})),
+            train_dataset=_data(kind),
+            processing_class=tokenizer,
+            **options,
+        )
 
 
 def _batch(trainer):
@@ -133,8 +157,14 @@ def test_options_equal_causal_lm_loss_on_the_models_logits(tokenizer, options, k
 def test_normalize_sequence_counts_the_steps_sequences(tokenizer):
     model = _qwen2(tokenizer)
     plain = copy.deepcopy(model)
-    ours = _trainer(LMLossSFTTrainer, model, tokenizer, "assistant", normalize="sequence",
-                    config_extra=dict(gradient_accumulation_steps=2))
+    ours = _trainer(
+        LMLossSFTTrainer,
+        model,
+        tokenizer,
+        "assistant",
+        normalize="sequence",
+        config_extra=dict(gradient_accumulation_steps=2),
+    )
     batches, count = ours.get_batch_samples(iter(ours.get_train_dataloader()), 2, torch.device("cpu"))
     assert int(count) == 8  # two micro-batches of 4 chats, each with answers
     loss = ours.compute_loss(ours.model, dict(batches[0]), num_items_in_batch=count)
@@ -154,8 +184,14 @@ def test_one_forward_per_step_and_no_logits(tokenizer):
 
 
 def test_training_logs_trl_metrics(tokenizer):
-    ours = _trainer(LMLossSFTTrainer, _qwen2(tokenizer), tokenizer, "assistant", z_loss=1e-4,
-                    config_extra=dict(gradient_accumulation_steps=2, max_steps=2))
+    ours = _trainer(
+        LMLossSFTTrainer,
+        _qwen2(tokenizer),
+        tokenizer,
+        "assistant",
+        z_loss=1e-4,
+        config_extra=dict(gradient_accumulation_steps=2, max_steps=2),
+    )
     ours.train()
     logged = [entry for entry in ours.state.log_history if "loss" in entry]
     assert len(logged) == 2
@@ -203,8 +239,13 @@ def test_bad_options_raise(tokenizer, options, config_extra, match):
 
 
 def test_trl_spellings_map_to_lmloss_options(tokenizer):
-    ours = _trainer(LMLossSFTTrainer, _qwen2(tokenizer), tokenizer, "chats",
-                    config_extra=dict(loss_type="dft", label_smoothing_factor=0.2))
+    ours = _trainer(
+        LMLossSFTTrainer,
+        _qwen2(tokenizer),
+        tokenizer,
+        "chats",
+        config_extra=dict(loss_type="dft", label_smoothing_factor=0.2),
+    )
     assert ours.lmloss_options["token_loss"] == "dft" and ours.lmloss_options["label_smoothing"] == 0.2
     assert ours.label_smoother is None
 
@@ -215,9 +256,13 @@ def test_evaluate_loss_equals_trl(tokenizer):
     for cls, copy_of in ((SFTTrainer, copy.deepcopy(model)), (LMLossSFTTrainer, model)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer = cls(model=copy_of, args=_config("assistant", per_device_eval_batch_size=4),
-                          train_dataset=_data("assistant"), eval_dataset=_data("assistant"),
-                          processing_class=tokenizer)
+            trainer = cls(
+                model=copy_of,
+                args=_config("assistant", per_device_eval_batch_size=4),
+                train_dataset=_data("assistant"),
+                eval_dataset=_data("assistant"),
+                processing_class=tokenizer,
+            )
         results.append(trainer.evaluate())
     theirs, ours = results
     assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)

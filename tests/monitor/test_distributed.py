@@ -53,15 +53,28 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         if step == 2:  # tensors this time (they are read at the flush, not here)
             loss, tokens = torch.tensor(loss, dtype=torch.float64), torch.tensor(tokens)
         for m in (monitor, quiet):
-            m.update(step, loss=loss, tokens=tokens, correct=mine["correct"], grad_norm=2.0, lr=1e-3,
-                     terms={"aux": aux}, z_loss=aux / 10, input_tokens=tokens + 5)
+            m.update(
+                step,
+                loss=loss,
+                tokens=tokens,
+                correct=mine["correct"],
+                grad_norm=2.0,
+                lr=1e-3,
+                terms={"aux": aux},
+                z_loss=aux / 10,
+                input_tokens=tokens + 5,
+            )
     eval_losses = EVAL[rank]["losses"]
     monitor.update_eval(2, loss=_local_mean(eval_losses), tokens=len(eval_losses))
     quiet.update_eval(2, loss=_local_mean(eval_losses), tokens=len(eval_losses))
     monitor.close()
     quiet.close()
-    return {"records": sinks["written"].records, "default": sinks["default"].records,
-            "events": [e.kind for e in monitor.events], "stats": monitor.stats}
+    return {
+        "records": sinks["written"].records,
+        "default": sinks["default"].records,
+        "events": [e.kind for e in monitor.events],
+        "stats": monitor.stats,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,37 @@ class RandomTokens(torch.utils.data.Dataset):
 
 
 def tiny_trainer(tmp_path, callback: LossMonitorCallback) -> transformers.Trainer:
-    config = transformers.Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = transformers.Qwen2Config(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=1, eval_strategy="steps", eval_steps=4, save_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=True, include_num_input_tokens_seen="all",
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        include_num_input_tokens_seen="all",
     )
-    return transformers.Trainer(model=transformers.Qwen2ForCausalLM(config), args=args,
-                                train_dataset=RandomTokens(48, 0), eval_dataset=RandomTokens(8, 1),
-                                callbacks=[callback])
+    return transformers.Trainer(
+        model=transformers.Qwen2ForCausalLM(config),
+        args=args,
+        train_dataset=RandomTokens(48, 0),
+        eval_dataset=RandomTokens(8, 1),
+        callbacks=[callback],
+    )
 
 
 def test_trainer_callback_writes_the_run_directory_and_plots(tmp_path):
@@ -78,7 +98,13 @@ def test_callback_through_the_trainers_callback_handler(tmp_path):
     assert [r["step"] for r in train] == list(range(1, 31)) and train[-1]["train/loss"] == 3.0 / 30**0.5
     assert [r.get("train/tokens") for r in train[:3]] == [None, 64, 64]
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
-        "grad_norm.png", "loss.png", "lr.png", "overview.png", "perplexity.png", "throughput.png"]
+        "grad_norm.png",
+        "loss.png",
+        "lr.png",
+        "overview.png",
+        "perplexity.png",
+        "throughput.png",
+    ]
 
 
 def test_trainer_callback_stops_on_the_events_asked_for():

@@ -95,13 +95,26 @@ def eventful_calls(n: int = 1000) -> list[tuple[str, int, dict[str, Any]]]:
         losses[s] += (s - 800) * 0.03
     calls: list[tuple[str, int, dict[str, Any]]] = []
     for s in range(n):
-        calls.append(("train", s, {"loss": losses[s], "tokens": 1000, "correct": 300 + s // 5, "grad_norm": norms[s],
-                                   "lr": 1e-3 * min(1.0, (s + 1) / 100), "terms": {"ce": losses[s] - 0.05, "z": 0.05}}))
+        calls.append(
+            (
+                "train",
+                s,
+                {
+                    "loss": losses[s],
+                    "tokens": 1000,
+                    "correct": 300 + s // 5,
+                    "grad_norm": norms[s],
+                    "lr": 1e-3 * min(1.0, (s + 1) / 100),
+                    "terms": {"ce": losses[s] - 0.05, "z": 0.05},
+                },
+            )
+        )
         if s % 100 == 99:
             smooth = 2.0 + 3.0 * math.exp(-s / 150)
             rise = 0.05 * max(0, (s - 499) // 100)
-            calls.append(("eval", s, {"loss": smooth + 0.3 + rise, "train_loss": smooth, "tokens": 4000,
-                                      "correct": 1200}))
+            calls.append(
+                ("eval", s, {"loss": smooth + 0.3 + rise, "train_loss": smooth, "tokens": 4000, "correct": 1200})
+            )
     return calls
 
 
@@ -339,8 +352,9 @@ def test_statistics_by_hand():
     steps = [(2.0, 100, 10, 10.0), (1.0, 100, 50, 12.0), (4.0, 300, 60, 13.0)]  # loss, tokens, correct, time
     for step, (loss, tokens, correct, t) in enumerate(steps):
         clock.now = t
-        monitor.update(step, loss=torch.tensor(loss), tokens=torch.tensor(tokens), correct=correct, lr=0.1,
-                       grad_norm=1.5)
+        monitor.update(
+            step, loss=torch.tensor(loss), tokens=torch.tensor(tokens), correct=correct, lr=0.1, grad_norm=1.5
+        )
     stats = monitor.stats
     # EMA, w = 0.5: 2/1 = 2; (1 + 1)/1.5 = 1.3333; (1 + 4)/1.75 = 2.857142...
     assert [r["train/loss_smoothed"] for r in sink.metrics()] == pytest.approx([2.0, 4 / 3, 5 / 1.75], rel=1e-12)
@@ -353,8 +367,14 @@ def test_statistics_by_hand():
     monitor.update_eval(2, loss=3.0, tokens=10, correct=4)
     monitor.update_eval(3, loss=3.5)
     assert (monitor.stats.best_eval_loss, monitor.stats.best_eval_step, monitor.stats.eval_loss) == (3.0, 2, 3.5)
-    assert sink.metrics("eval")[0] == {"step": 2, "split": "eval", "eval/loss": 3.0, "eval/ppl": math.exp(3.0),
-                                       "eval/tokens": 10, "eval/accuracy": 0.4}
+    assert sink.metrics("eval")[0] == {
+        "step": 2,
+        "split": "eval",
+        "eval/loss": 3.0,
+        "eval/ppl": math.exp(3.0),
+        "eval/tokens": 10,
+        "eval/accuracy": 0.4,
+    }
 
 
 def test_throughput_is_the_rate_over_each_read_window_and_skips_evaluation_time():
@@ -448,9 +468,13 @@ def test_state_round_trip_mid_run_gives_the_same_events(sync_every):
     diverged = next(e.step for e in whole.events if e.kind == "divergence")
     assert 850 < diverged < 899  # the smoothed loss doubles its minimum (~2.1) after ~70 steps of +0.03
     assert kinds(whole.events) == [
-        (300, "spike", "train/loss"), (350, "nan", "train/loss"), (420, "spike", "train/grad_norm"),
-        (700, "spike", "train/loss"), (diverged, "divergence", "train/loss_smoothed"),
-        (899, "plateau", "eval/loss"), (899, "overfitting", "eval/loss"),
+        (300, "spike", "train/loss"),
+        (350, "nan", "train/loss"),
+        (420, "spike", "train/grad_norm"),
+        (700, "spike", "train/loss"),
+        (diverged, "divergence", "train/loss_smoothed"),
+        (899, "plateau", "eval/loss"),
+        (899, "overfitting", "eval/loss"),
     ]
 
     # Mid-run: after the best evaluation (599), before the spike at 700 (the window must survive).
@@ -575,9 +599,16 @@ def _distributed_data(n_steps: int = 300, seed: int = 0) -> list[dict[str, Any]]
                 losses[0] = NAN  # a NaN on one rank only: every rank must see it
             aux = [0.01 * (rank + 1)] * len(losses)
             ranks.append({"losses": losses, "aux": aux, "correct": rng.randint(0, len(losses))})
-        steps.append({"ranks": ranks, "grad_norm": 1.0 + rng.gauss(0.0, 0.05), "lr": 1e-3,
-                      "eval": [2.3 + 3.0 * math.exp(-step / 150) + rng.gauss(0, 0.01) for _ in range(6)]
-                      if step % 50 == 49 else None})
+        steps.append(
+            {
+                "ranks": ranks,
+                "grad_norm": 1.0 + rng.gauss(0.0, 0.05),
+                "lr": 1e-3,
+                "eval": [2.3 + 3.0 * math.exp(-step / 150) + rng.gauss(0, 0.01) for _ in range(6)]
+                if step % 50 == 49
+                else None,
+            }
+        )
     return steps
 
 
@@ -588,9 +619,15 @@ def _feed_distributed(monitor: LossMonitor, data: list[dict[str, Any]], ranks: l
         aux = [x for r in ranks for x in item["ranks"][r]["aux"]]
         correct = sum(item["ranks"][r]["correct"] for r in ranks)
         mean = torch.tensor(losses, dtype=torch.float64).mean()
-        monitor.update(step, loss=mean, tokens=torch.tensor(len(losses)), correct=correct,
-                       grad_norm=item["grad_norm"], lr=item["lr"],
-                       terms={"ce": mean, "aux": torch.tensor(aux, dtype=torch.float64).mean()})
+        monitor.update(
+            step,
+            loss=mean,
+            tokens=torch.tensor(len(losses)),
+            correct=correct,
+            grad_norm=item["grad_norm"],
+            lr=item["lr"],
+            terms={"ce": mean, "aux": torch.tensor(aux, dtype=torch.float64).mean()},
+        )
         if item["eval"] is not None:
             share = item["eval"][:2] if ranks == [0] else item["eval"][2:] if ranks == [1] else item["eval"]
             monitor.update_eval(step, loss=sum(share) / len(share), tokens=len(share), train_loss=2.0)

@@ -103,8 +103,13 @@ def test_cli_reports_a_missing_run_and_bad_options(tmp_path, capsys):
 def test_console_script(run_dir, tmp_path):
     script = Path(sys.executable).with_name("lmloss")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "lmloss.cli"]
-    done = subprocess.run([*command, "plot", str(run_dir), "--out", str(tmp_path), "--smoothing", "0.6"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"})
+    done = subprocess.run(
+        [*command, "plot", str(run_dir), "--out", str(tmp_path), "--smoothing", "0.6"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
     assert done.returncode == 0, done.stderr
     assert f"wrote {tmp_path / 'loss.png'}" in done.stdout
     assert png_size(tmp_path / "loss.png") == (1200, 675)

@@ -25,8 +25,15 @@ from lmloss.monitor import (
 RECORDS = [
     {"step": 0, "split": "train", "train/loss": 2.5, "train/tokens": 10},
     {"step": 1, "split": "train", "train/loss": float("nan")},
-    {"step": 1, "split": "train", "event": "nan", "metric": "train/loss", "value": float("nan"),
-     "threshold": None, "message": "step 1: non-finite train value(s): train/loss=nan"},
+    {
+        "step": 1,
+        "split": "train",
+        "event": "nan",
+        "metric": "train/loss",
+        "value": float("nan"),
+        "threshold": None,
+        "message": "step 1: non-finite train value(s): train/loss=nan",
+    },
     {"step": 2, "split": "eval", "eval/loss": 2.7, "note": "ünïcode"},
 ]
 
@@ -112,8 +119,15 @@ def test_monitor_to_jsonl_and_back(tmp_path):
     log = read_jsonl(tmp_path / "metrics.jsonl")
     assert log.events == monitor.events and log.skipped == []
     assert len([r for r in log.records if r["split"] == "train"]) == 1000
-    assert {"train/loss", "train/loss_smoothed", "train/ppl", "train/grad_norm", "train/lr",
-            "throughput/tokens_per_s", "train/term/ce"} <= set(log.records[5])
+    assert {
+        "train/loss",
+        "train/loss_smoothed",
+        "train/ppl",
+        "train/grad_norm",
+        "train/lr",
+        "throughput/tokens_per_s",
+        "train/term/ce",
+    } <= set(log.records[5])
 
 
 def test_sink_that_never_writes_creates_no_file(tmp_path):
@@ -139,7 +153,10 @@ def test_csv_widens_its_header_and_skips_events(tmp_path):
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["step", "split", "train/loss", "train/tokens", "eval/loss", "note"]
     assert [(r["step"], r["split"], r["train/loss"], r["eval/loss"]) for r in rows] == [
-        ("0", "train", "2.5", ""), ("1", "train", "nan", ""), ("2", "eval", "", "2.7")]
+        ("0", "train", "2.5", ""),
+        ("1", "train", "nan", ""),
+        ("2", "eval", "", "2.7"),
+    ]
     # Resuming keeps the header; no temporary file is left behind.
     resumed = CsvSink(path)
     resumed.write({"step": 3, "split": "train", "train/loss": 2.0})
@@ -172,8 +189,13 @@ def test_tensorboard_scalars_and_event_text(tmp_path):
 
 
 def _train(step: int, loss: float) -> dict:
-    return {"step": step, "split": "train", "train/loss": loss, "train/loss_smoothed": loss,
-            "throughput/tokens_per_s": 18250.0}
+    return {
+        "step": step,
+        "split": "train",
+        "train/loss": loss,
+        "train/loss_smoothed": loss,
+        "throughput/tokens_per_s": 18250.0,
+    }
 
 
 @pytest.mark.parametrize("backend", ["rich", "tqdm", "plain"])

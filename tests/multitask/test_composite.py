@@ -110,8 +110,9 @@ def test_scheduled_weights_follow_the_step():
 
 def test_learned_strategy_composes_with_a_curriculum_weight():
     strategy = UncertaintyWeighting(["text", "box"], init_log_var=0.4)
-    loss_fn = CompositeLoss({"text": text_term, "box": BoxTerm()}, weights={"box": StepSchedule([(0, 0.5), (5, 3.0)])},
-                            weighting=strategy)
+    loss_fn = CompositeLoss(
+        {"text": text_term, "box": BoxTerm()}, weights={"box": StepSchedule([(0, 0.5), (5, 3.0)])}, weighting=strategy
+    )
     assert [n for n, _ in loss_fn.named_parameters()] == ["weighting.log_vars"]
     out = Outputs()
     text, box = text_term(BATCH, out).item(), BoxTerm()(BATCH, out).item()

@@ -129,8 +129,11 @@ def test_dwa_under_a_curriculum_measures_the_task_loss_not_its_schedule():
 
     dwa = DynamicWeightAverage(["a", "b"], temperature=1.0)
     losses = {"a": 2.0, "b": 1.0}
-    composite = CompositeLoss({n: (lambda b, o, n=n: torch.tensor(losses[n])) for n in losses},
-                              weights={"b": LinearSchedule(0.0, 1.0, 0, 4)}, weighting=dwa)
+    composite = CompositeLoss(
+        {n: (lambda b, o, n=n: torch.tensor(losses[n])) for n in losses},
+        weights={"b": LinearSchedule(0.0, 1.0, 0, 4)},
+        weighting=dwa,
+    )
     for step in range(4):
         composite(None, None, step=step)
         if step % 2 == 1:
@@ -147,8 +150,10 @@ def test_dwa_checkpoint_mid_period():
     restored.load_state_dict(_round_trip(dwa.state_dict()))
     for strategy in (dwa, restored):
         strategy.combine({"a": torch.tensor(0.6), "b": torch.tensor(0.9)})
-    assert restored.update() == dwa.update() == pytest.approx(
-        dict(zip("ab", _dwa_by_hand([2.0, 1.0], [0.8, 0.8]))), rel=1e-6
+    assert (
+        restored.update()
+        == dwa.update()
+        == pytest.approx(dict(zip("ab", _dwa_by_hand([2.0, 1.0], [0.8, 0.8]))), rel=1e-6)
     )
 
 
@@ -305,8 +310,11 @@ def test_uncertainty_under_a_curriculum_does_not_drift_while_the_weight_is_zero(
     from lmloss.multitask import CompositeLoss, LinearSchedule
 
     strategy = UncertaintyWeighting(["text", "box"])
-    composite = CompositeLoss({"text": lambda b, o: torch.tensor(2.0), "box": lambda b, o: torch.tensor(4.0)},
-                              weights={"box": LinearSchedule(0.0, 1.0, 5, 7)}, weighting=strategy)
+    composite = CompositeLoss(
+        {"text": lambda b, o: torch.tensor(2.0), "box": lambda b, o: torch.tensor(4.0)},
+        weights={"box": LinearSchedule(0.0, 1.0, 5, 7)},
+        weighting=strategy,
+    )
     optimizer = torch.optim.SGD(strategy.parameters(), lr=1.0)
     for step in range(5):  # box weight 0 at steps 0..4
         optimizer.zero_grad()

@@ -44,8 +44,9 @@ def test_tokenizer_round_trips_and_renders_chatml(data_and_tokenizer):
     _, tokenizer = data_and_tokenizer
     text = "The capital is Beijing."
     assert tokenizer.decode(tokenizer(text).input_ids) == text
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -68,8 +69,10 @@ def test_split_digits_makes_one_token_per_digit():
     texts = ["The box is at 135, 2048 and 7."] * 20
     whole = build_tokenizer(texts, vocab_size=300)
     split = build_tokenizer(texts, vocab_size=300, split_digits=True)
-    assert any(len(whole.decode([i])) > 1 and whole.decode([i]).strip().isdigit()
-               for i in whole("135 2048", add_special_tokens=False).input_ids)
+    assert any(
+        len(whole.decode([i])) > 1 and whole.decode([i]).strip().isdigit()
+        for i in whole("135 2048", add_special_tokens=False).input_ids
+    )
     pieces = [split.decode([i]) for i in split("135 2048", add_special_tokens=False).input_ids]
     assert [p.strip() for p in pieces if p.strip()] == list("1352048")
     assert split.decode(split("135 2048").input_ids) == "135 2048"

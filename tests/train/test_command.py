@@ -21,11 +21,14 @@ def test_help_explains_every_group(capsys):
     assert "torchrun" in text and "(default: " in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
-    (["--model", "no/such/dir"], "neither a built-in size"),
-    (["--max-steps", "3", "--epochs", "1"], "conflict"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
+        (["--model", "no/such/dir"], "neither a built-in size"),
+        (["--max-steps", "3", "--epochs", "1"], "conflict"),
+    ],
+)
 def test_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
     code = main(["train", "--output-dir", str(tmp_path / "run"), "--progress", "none", *argv])
     assert code == 2
@@ -47,12 +50,38 @@ def test_local_model_directory_and_prompt_completion_data(tmp_path, capsys):
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."}) + "\n"
-                            for i in range(1, 9)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."}) + "\n"
+            for i in range(1, 9)
+        )
+    )
     run = tmp_path / "run"
-    code = main(["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(run), "--max-steps",
-                 "3", "--batch-size", "2", "--grad-accum", "1", "--eval-fraction", "0.25", "--progress", "none",
-                 "--samples", "1", "--max-new-tokens", "2"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(run),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--eval-fraction",
+            "0.25",
+            "--progress",
+            "none",
+            "--samples",
+            "1",
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["first_eval_loss"] is not None
@@ -63,8 +92,27 @@ def test_local_model_directory_and_prompt_completion_data(tmp_path, capsys):
 def test_resume_refuses_a_flag_set_to_its_default_that_differs_from_the_run(tmp_path, capsys):
     """--lr 0.003 is the default, but the run was made with 0.01: set explicitly, it differs."""
     run = tmp_path / "run"
-    flags = ["train", "--output-dir", str(run), "--model", "tiny", "--vocab-size", "300", "--max-steps", "1",
-             "--batch-size", "2", "--grad-accum", "1", "--samples", "0", "--progress", "none", "--eval-every", "1"]
+    flags = [
+        "train",
+        "--output-dir",
+        str(run),
+        "--model",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--samples",
+        "0",
+        "--progress",
+        "none",
+        "--eval-every",
+        "1",
+    ]
     assert main([*flags, "--lr", "0.01"]) == 0
     assert main(["train", "--output-dir", str(run), "--resume", "--lr", "0.003"]) == 2
     assert "--lr" in capsys.readouterr().err
@@ -77,9 +125,28 @@ def test_resume_refuses_a_flag_set_to_its_default_that_differs_from_the_run(tmp_
 
 
 def _tiny(run, *extra: str) -> list[str]:
-    return ["train", "--output-dir", str(run), "--model", "tiny", "--vocab-size", "300", "--max-steps", "2",
-            "--batch-size", "2", "--grad-accum", "1", "--samples", "0", "--progress", "none", "--eval-every", "100",
-            *extra]
+    return [
+        "train",
+        "--output-dir",
+        str(run),
+        "--model",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--samples",
+        "0",
+        "--progress",
+        "none",
+        "--eval-every",
+        "100",
+        *extra,
+    ]
 
 
 def one_line(err: str, *needles: str) -> str:
@@ -132,11 +199,15 @@ def test_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch, where):
 
     def full(*args, **kwargs):
         if where == "safetensors":
-            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                                  "message: \"No space left on device\" })")
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                'message: "No space left on device" })'
+            )
         if where == "torch.save":
-            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 512 vs 448\n"
-                               "frame #0: c10::ThrowEnforceNotMet")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . unexpected pos 512 vs 448\n"
+                "frame #0: c10::ThrowEnforceNotMet"
+            )
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / ".summary.json.tmp"))
 
     if where == "safetensors":
@@ -206,8 +277,7 @@ def test_without_matplotlib_the_run_warns_and_still_writes_summary_and_report(tm
     (shim / "matplotlib" / "__init__.py").write_text("raise ImportError('No module named matplotlib (test shim)')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "lmloss.cli", *_tiny(run)], capture_output=True, text=True,
-                            env=env)
+    result = subprocess.run([sys.executable, "-m", "lmloss.cli", *_tiny(run)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "matplotlib is not installed" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr

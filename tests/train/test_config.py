@@ -20,19 +20,50 @@ def test_no_flags_is_the_default_config():
 
 
 def test_flags_map_to_fields():
-    c = parse("--max-steps", "7", "--no-packing", "--lr", "0.1", "--softcap", "30", "--data", "a.jsonl", "b.jsonl:2",
-              "--precision", "bfloat16", "--masking", "last_assistant", "--batch-tokens", "2048", "--train-turn-suffix")
+    c = parse(
+        "--max-steps",
+        "7",
+        "--no-packing",
+        "--lr",
+        "0.1",
+        "--softcap",
+        "30",
+        "--data",
+        "a.jsonl",
+        "b.jsonl:2",
+        "--precision",
+        "bfloat16",
+        "--masking",
+        "last_assistant",
+        "--batch-tokens",
+        "2048",
+        "--train-turn-suffix",
+    )
     assert (c.max_steps, c.packing, c.lr, c.softcap, c.precision, c.masking, c.batch_tokens, c.train_turn_suffix) == (
-        7, False, 0.1, 30.0, "bfloat16", "last_assistant", 2048, True)
+        7,
+        False,
+        0.1,
+        30.0,
+        "bfloat16",
+        "last_assistant",
+        2048,
+        True,
+    )
     assert parse().train_turn_suffix is False
     assert c.sources == [DataSource("a.jsonl", 1.0), DataSource("b.jsonl", 2.0)]
 
 
-@pytest.mark.parametrize("suffix, text", [
-    (".yaml", "max_steps: 9\nlr: 0.5\ndata:\n  - path: x.jsonl\n    weight: 0.5\n  - y.jsonl\npacking: false\n"),
-    (".toml", 'max-steps = 9\nlr = 0.5\npacking = false\ndata = [{path = "x.jsonl", weight = 0.5}, "y.jsonl"]\n'),
-    (".json", '{"max_steps": 9, "lr": 0.5, "packing": false, "data": [{"path": "x.jsonl", "weight": 0.5}, "y.jsonl"]}'),
-])
+@pytest.mark.parametrize(
+    "suffix, text",
+    [
+        (".yaml", "max_steps: 9\nlr: 0.5\ndata:\n  - path: x.jsonl\n    weight: 0.5\n  - y.jsonl\npacking: false\n"),
+        (".toml", 'max-steps = 9\nlr = 0.5\npacking = false\ndata = [{path = "x.jsonl", weight = 0.5}, "y.jsonl"]\n'),
+        (
+            ".json",
+            '{"max_steps": 9, "lr": 0.5, "packing": false, "data": [{"path": "x.jsonl", "weight": 0.5}, "y.jsonl"]}',
+        ),
+    ],
+)
 def test_config_files(tmp_path, suffix, text):
     path = tmp_path / f"run{suffix}"
     path.write_text(text)
@@ -65,18 +96,24 @@ def test_config_file_errors(tmp_path):
         parse("--config", str(other))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-steps", "5", "--epochs", "2"], "--max-steps and --epochs conflict"),
-    (["--resume", "--overwrite"], "--resume and --overwrite conflict"),
-    (["--eval-data", "e.jsonl", "--eval-fraction", "0.1"], "--eval-data and --eval-fraction conflict"),
-    (["--focal-gamma", "3"], "--focal-gamma is only used with --token-loss focal"),
-    (["--train-on-prompt", "--masking", "last_assistant"], "--train-on-prompt and --masking last_assistant conflict"),
-    (["--label-smoothing", "1.5"], r"--label-smoothing must be in \[0, 1\]"),
-    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
-    (["--max-steps", "0"], "--max-steps must be an integer >= 1"),
-    (["--data", "a.jsonl:-1"], "weight after ':' must be a positive number"),
-    (["--softcap", "-2"], "--softcap must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-steps", "5", "--epochs", "2"], "--max-steps and --epochs conflict"),
+        (["--resume", "--overwrite"], "--resume and --overwrite conflict"),
+        (["--eval-data", "e.jsonl", "--eval-fraction", "0.1"], "--eval-data and --eval-fraction conflict"),
+        (["--focal-gamma", "3"], "--focal-gamma is only used with --token-loss focal"),
+        (
+            ["--train-on-prompt", "--masking", "last_assistant"],
+            "--train-on-prompt and --masking last_assistant conflict",
+        ),
+        (["--label-smoothing", "1.5"], r"--label-smoothing must be in \[0, 1\]"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--max-steps", "0"], "--max-steps must be an integer >= 1"),
+        (["--data", "a.jsonl:-1"], "weight after ':' must be a positive number"),
+        (["--softcap", "-2"], "--softcap must be a positive number"),
+    ],
+)
 def test_conflicts_and_bad_values_name_the_option(argv, message):
     with pytest.raises(ValueError, match=message):
         parse(*argv)

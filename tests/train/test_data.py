@@ -40,10 +40,13 @@ def test_non_json_line_names_its_line(tmp_path):
         records(tmp_path, [CHAT, "{oops", CHAT])
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"messages": [{"role": "user", "content": "Hi?"}]}, "has no assistant turn"),
-    ({"messages": [{"role": "human", "content": "Hi?"}, {"role": "gpt", "content": "Yo."}]}, "not a known role"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"messages": [{"role": "user", "content": "Hi?"}]}, "has no assistant turn"),
+        ({"messages": [{"role": "human", "content": "Hi?"}, {"role": "gpt", "content": "Yo."}]}, "not a known role"),
+    ],
+)
 def test_bad_sample_is_an_error_with_its_line_or_a_report(tmp_path, tokenizer, bad, message):
     recs, config = records(tmp_path, [CHAT, CHAT, bad, CHAT])
     with pytest.raises(ValueError, match=rf"d.jsonl:3: .*{message}(.|\n)*--skip-bad-samples"):
@@ -76,8 +79,14 @@ def test_prompt_completion_masks_the_prompt(tmp_path, tokenizer):
     assert example["input_ids"][-1] == tokenizer.eos_token_id
 
 
-TWO_TURNS = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
-                          {"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}]}
+TWO_TURNS = {
+    "messages": [
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2 plus 2?"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+}
 
 
 @pytest.mark.parametrize("masking", ["assistant", "last_assistant", "all"])
@@ -145,16 +154,19 @@ def test_held_out_split_is_per_source_and_seeded(tmp_path):
 # --- hardening: pre-tokenized ids, bad bytes, deep nesting, long samples -----------------
 
 
-@pytest.mark.parametrize("ids, labels, match", [
-    # Reproductions: an id outside the vocabulary was an IndexError traceback in the
-    # embedding; 1.9 was silently truncated to 1, true to 1; 2**63 overflowed int64
-    # ("Overflow when unpacking long long") without file or line.
-    ([1, "V"], [1, 1], r"'input_ids'\[1\] = V is outside the vocabulary \(expected \[0, V\)\)"),
-    ([1, 2], [1, "V"], r"'labels'\[1\] = V is outside the vocabulary \(expected \[0, V\) or -100\)"),
-    ([1, 1.9], [1, 1], r"'input_ids'\[1\] = 1\.9 is not an integer"),
-    ([1, True], [1, 1], r"'input_ids'\[1\] = True is not an integer"),
-    ([1, 2**63], [1, 1], r"'input_ids'\[1\] = 9223372036854775808 is outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "ids, labels, match",
+    [
+        # Reproductions: an id outside the vocabulary was an IndexError traceback in the
+        # embedding; 1.9 was silently truncated to 1, true to 1; 2**63 overflowed int64
+        # ("Overflow when unpacking long long") without file or line.
+        ([1, "V"], [1, 1], r"'input_ids'\[1\] = V is outside the vocabulary \(expected \[0, V\)\)"),
+        ([1, 2], [1, "V"], r"'labels'\[1\] = V is outside the vocabulary \(expected \[0, V\) or -100\)"),
+        ([1, 1.9], [1, 1], r"'input_ids'\[1\] = 1\.9 is not an integer"),
+        ([1, True], [1, 1], r"'input_ids'\[1\] = True is not an integer"),
+        ([1, 2**63], [1, 1], r"'input_ids'\[1\] = 9223372036854775808 is outside the vocabulary"),
+    ],
+)
 def test_pretokenized_ids_are_checked_at_load_with_file_and_line(tmp_path, tokenizer, ids, labels, match):
     vocab = len(tokenizer)  # "V": the first id outside the vocabulary
     ids, labels = ([vocab if i == "V" else i for i in seq] for seq in (ids, labels))
@@ -192,8 +204,12 @@ def test_deep_nesting_is_a_line_error_not_a_recursion_error(tmp_path):
 def test_a_long_sample_is_cut_as_encoding_it_whole_would(tmp_path, tokenizer):
     from lmloss.labels import encode_chat
 
-    long_chat = {"messages": [{"role": "user", "content": "What is 2 plus 2? " * 2000},
-                              {"role": "assistant", "content": "It is 4. " * 3000}]}
+    long_chat = {
+        "messages": [
+            {"role": "user", "content": "What is 2 plus 2? " * 2000},
+            {"role": "assistant", "content": "It is 4. " * 3000},
+        ]
+    }
     recs, config = records(tmp_path, [long_chat, CHAT], max_length=40)
     report = DataReport()
     examples = encode_records(recs, tokenizer, config, report, "train")
@@ -238,11 +254,18 @@ def test_memory_of_a_50_mb_line_is_bounded_by_max_length(tmp_path):
 
     answer = "The sea is wide, the sea is deep. " * 1_500_000
     path = tmp_path / "big.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": answer}]}) + "\n"
+    )
     assert path.stat().st_size > 50_000_000
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True,
-                         env=dict(os.environ), timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=300,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["length"] == 256
     assert result["peak_kib"] < 1024 * 1024, f"peak RSS {result['peak_kib'] / 1024:.0f} MiB"

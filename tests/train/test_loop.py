@@ -19,8 +19,17 @@ from lmloss.train.config import TrainConfig
 from lmloss.train.loop import train
 
 # Seconds, not minutes: a tiny Qwen2, a 300-token vocabulary, a dozen steps.
-TINY = dict(model="tiny", vocab_size=300, batch_size=4, grad_accum=2, max_length=96, samples=1, max_new_tokens=3,
-            progress="none", lr=1e-2)
+TINY = dict(
+    model="tiny",
+    vocab_size=300,
+    batch_size=4,
+    grad_accum=2,
+    max_length=96,
+    samples=1,
+    max_new_tokens=3,
+    progress="none",
+    lr=1e-2,
+)
 
 
 def tiny(tmp_path: Path, **changes: object) -> TrainConfig:
@@ -47,8 +56,9 @@ def test_tiny_run_learns_and_writes_its_files(tmp_path):
     for key in ("first_train_loss", "last_train_loss", "best_eval_loss", "tokens_seen", "tokens_per_second", "events"):
         assert key in on_disk
     assert sorted(eval_losses(run)) == [0, 8, 16]  # before training, every 8 steps
-    assert TrainConfig(**json.loads((run / "config.json").read_text())) == tiny(tmp_path, max_steps=16,
-                                                                                eval_every=8, save_every=8)
+    assert TrainConfig(**json.loads((run / "config.json").read_text())) == tiny(
+        tmp_path, max_steps=16, eval_every=8, save_every=8
+    )
     assert (run / "plots" / "loss.png").stat().st_size > 10_000
     assert "## Answers" in (run / "report.md").read_text()
     samples = json.loads((run / "samples.json").read_text())
@@ -122,8 +132,9 @@ def test_resume_refuses_changed_math_and_missing_checkpoint(tmp_path):
 
 def test_resume_can_extend_the_run(tmp_path):
     train(tiny(tmp_path, max_steps=3), log=lambda _: None)
-    summary = train(TrainConfig(output_dir=str(tmp_path / "run"), resume=True, max_steps=5, progress="none"),
-                    log=lambda _: None)
+    summary = train(
+        TrainConfig(output_dir=str(tmp_path / "run"), resume=True, max_steps=5, progress="none"), log=lambda _: None
+    )
     assert summary["steps"] == 5
     assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
 
@@ -148,8 +159,27 @@ def _cli(*args: str) -> list[str]:
 
 
 def _tiny_flags(run: Path, *extra: str) -> list[str]:
-    return ["--output-dir", str(run), "--model", "tiny", "--vocab-size", "300", "--batch-size", "4",
-            "--grad-accum", "2", "--max-length", "96", "--samples", "0", "--progress", "none", "--lr", "0.01", *extra]
+    return [
+        "--output-dir",
+        str(run),
+        "--model",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-length",
+        "96",
+        "--samples",
+        "0",
+        "--progress",
+        "none",
+        "--lr",
+        "0.01",
+        *extra,
+    ]
 
 
 def test_killed_run_leaves_no_corrupt_checkpoint_and_resumes_exactly(tmp_path):
@@ -158,8 +188,7 @@ def test_killed_run_leaves_no_corrupt_checkpoint_and_resumes_exactly(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     flags = ("--max-steps", "40", "--save-every", "1", "--eval-every", "10", "--keep-checkpoints", "3")
     subprocess.run(_cli(*_tiny_flags(whole, *flags)), check=True, capture_output=True)
-    process = subprocess.Popen(_cli(*_tiny_flags(killed, *flags)), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_cli(*_tiny_flags(killed, *flags)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while ckpt.latest_checkpoint(killed) is None or ckpt.latest_checkpoint(killed).name < "step-0000005":
         assert process.poll() is None, "the run ended before it could be killed"
@@ -184,13 +213,29 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     """2 processes x 2 micro-batches per step (DDP, gloo) = 1 process x 4 micro-batches, for
     the loss and for the z-loss share (both ride the step's one all-reduce)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cli(*_tiny_flags(one, "--max-steps", "4", "--grad-accum", "4", "--packing", "--z-loss", "1e-2")),
-                   check=True, capture_output=True)
+    subprocess.run(
+        _cli(*_tiny_flags(one, "--max-steps", "4", "--grad-accum", "4", "--packing", "--z-loss", "1e-2")),
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "lmloss.cli", "train", *_tiny_flags(two, "--max-steps", "4", "--grad-accum", "2",
-                                                                       "--packing", "--z-loss", "1e-2")],
-                            capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "lmloss.cli",
+            "train",
+            *_tiny_flags(two, "--max-steps", "4", "--grad-accum", "2", "--packing", "--z-loss", "1e-2"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = train_losses(one), train_losses(two)
     assert a.keys() == b.keys() == {1, 2, 3, 4}
@@ -255,7 +300,7 @@ def test_z_loss_is_logged_as_its_share_of_the_loss(tmp_path):
     micro = epoch_micro_batches(TrainData(encoded, [s.weight for s in sources], [], [], DataReport()), config, 0)
     collate = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
     for step in (1, 2):
-        batches = [collate(group) for group in micro[2 * (step - 1):2 * step]]  # grad_accum=2 micro-batches
+        batches = [collate(group) for group in micro[2 * (step - 1) : 2 * step]]  # grad_accum=2 micro-batches
         lse_squared, ce, n = 0.0, 0.0, 0
         with torch.no_grad():
             for b in batches:

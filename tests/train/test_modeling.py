@@ -9,16 +9,26 @@ import transformers
 from lmloss.train.modeling import LossModel, logit_transform, per_sample_weights
 
 V = 53
-TEXT = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=64)
+TEXT = dict(
+    vocab_size=V,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+)
 
 
-@pytest.mark.parametrize("config_cls, model_cls, extra", [
-    ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
-    ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
-    ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0, "head_dim": 8}),
-])
+@pytest.mark.parametrize(
+    "config_cls, model_cls, extra",
+    [
+        ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 8.0}),
+        ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+        ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0, "head_dim": 8}),
+    ],
+)
 def test_loss_model_equals_the_models_own_loss(config_cls, model_cls, extra):
     """The trainer's loss reproduces the model's logit scaling and soft-capping."""
     torch.manual_seed(0)

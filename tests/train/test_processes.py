@@ -17,11 +17,14 @@ def test_one_process_without_torchrun(monkeypatch):
     procs.barrier()
 
 
-@pytest.mark.parametrize("option, message", [
-    ("meta", "--device 'meta': lmloss train runs on cpu or cuda"),
-    ("not-a-device", "--device 'not-a-device' is not a device"),
-    ("cuda", "--device cuda: no CUDA device is available"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("meta", "--device 'meta': lmloss train runs on cpu or cuda"),
+        ("not-a-device", "--device 'not-a-device' is not a device"),
+        ("cuda", "--device cuda: no CUDA device is available"),
+    ],
+)
 def test_bad_device_names_the_option(monkeypatch, option, message):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -18,8 +18,9 @@ from lmloss.train import rundir
 from lmloss.train.config import TrainConfig
 from lmloss.train.loop import train
 
-TINY = dict(model="tiny", vocab_size=300, batch_size=4, grad_accum=1, max_length=96, samples=0, progress="none",
-            eval_every=100)
+TINY = dict(
+    model="tiny", vocab_size=300, batch_size=4, grad_accum=1, max_length=96, samples=0, progress="none", eval_every=100
+)
 
 
 def tiny(run: Path, **changes: object) -> TrainConfig:
@@ -94,8 +95,7 @@ def test_a_reused_pid_does_not_keep_a_stale_lock(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / rundir.LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                    "started": 1}))
+    (run / rundir.LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 1}))
     lock = rundir.RunLock(run)
     lock.acquire()
     assert json.loads((run / rundir.LOCK_FILE).read_text())["started"] != 1

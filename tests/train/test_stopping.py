@@ -21,9 +21,35 @@ STEPS = 400  # far more than run before the signal lands: the run cannot end on 
 
 
 def _cmd(run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lmloss.cli", "train", "--output-dir", str(run), "--model", "tiny", "--vocab-size",
-            "300", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--samples", "0", "--progress",
-            "none", "--eval-every", "1000", "--save-every", "1000", "--max-steps", str(STEPS), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "lmloss.cli",
+        "train",
+        "--output-dir",
+        str(run),
+        "--model",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-length",
+        "64",
+        "--samples",
+        "0",
+        "--progress",
+        "none",
+        "--eval-every",
+        "1000",
+        "--save-every",
+        "1000",
+        "--max-steps",
+        str(STEPS),
+        *extra,
+    ]
 
 
 def _train_losses(run: Path) -> dict[int, float]:

@@ -94,8 +94,9 @@ class LogprobReducer(Protocol):
 
     needs_scratch: bool
 
-    def stats_(self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *,
-               first: bool, entropy: bool) -> LogprobStats: ...
+    def stats_(
+        self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *, first: bool, entropy: bool
+    ) -> LogprobStats: ...
 
     def for_backward(self, lse: torch.Tensor, entropy: torch.Tensor) -> LogprobReducer: ...
 
@@ -105,8 +106,9 @@ class LocalLogprobs:
 
     needs_scratch = False
 
-    def stats_(self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *,
-               first: bool, entropy: bool) -> LogprobStats:
+    def stats_(
+        self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *, first: bool, entropy: bool
+    ) -> LogprobStats:
         torch.ops.aten._log_softmax.out(x, 1, False, out=x)  # log p, in place (row-wise: safe)
         lp = x.gather(1, y.unsqueeze(1)).squeeze(1)
         return LogprobStats(lp, _entropy(x, scratch) if entropy else None, None, y)
@@ -130,8 +132,9 @@ class ShardLogprobs:
     def __init__(self, shard: ShardReducer) -> None:
         self.shard = shard
 
-    def stats_(self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *,
-               first: bool, entropy: bool) -> LogprobStats:
+    def stats_(
+        self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *, first: bool, entropy: bool
+    ) -> LogprobStats:
         y_local, own = self.shard.columns(y)
         rows = x.shape[0]
         local = x.new_zeros(rows, 4)
@@ -176,8 +179,9 @@ class SavedLogprobs:
     def __init__(self, lse: torch.Tensor, entropy: torch.Tensor, shard: ShardReducer) -> None:
         self.lse, self.entropy, self.shard = lse, entropy, shard
 
-    def stats_(self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *,
-               first: bool, entropy: bool) -> LogprobStats:
+    def stats_(
+        self, x: torch.Tensor, y: torch.Tensor, scratch: torch.Tensor | None, index: Any, *, first: bool, entropy: bool
+    ) -> LogprobStats:
         lse = self.lse[index]
         x.sub_(lse.unsqueeze(1))
         y_local, own = self.shard.columns(y)
@@ -208,8 +212,9 @@ def linear_logprobs(
     hidden-state gradient in backward for a shard (each process holds its part).
     """
     with torch.autocast(hidden.device.type, enabled=False):
-        return _TokenLogprobs.apply(hidden, weight, bias, targets, scored, options, reducer,
-                                    needs_grad(hidden, weight, bias), sum_hidden)
+        return _TokenLogprobs.apply(
+            hidden, weight, bias, targets, scored, options, reducer, needs_grad(hidden, weight, bias), sum_hidden
+        )
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -293,8 +298,9 @@ def _run(
         accumulate(z, h, weight, grads, buffers, index)
 
 
-def _store(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], index: Any, keep: torch.Tensor,
-           stats: LogprobStats) -> None:
+def _store(
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], index: Any, keep: torch.Tensor, stats: LogprobStats
+) -> None:
     logprobs, entropy, lse = out
     zero = torch.zeros_like(stats.logprobs)
     logprobs[index] = torch.where(keep, stats.logprobs, zero)

@@ -140,7 +140,12 @@ def prepare(
     classes = None if class_weights is None else check_class_weights(class_weights, vocab_size, labels.device, dtype)
     num_items = check_num_items(num_items_in_batch)
     plan = plan_targets(
-        labels, weights, shift=spec.shift, ignore_index=spec.ignore_index, normalize=spec.normalize, dtype=dtype,
+        labels,
+        weights,
+        shift=spec.shift,
+        ignore_index=spec.ignore_index,
+        normalize=spec.normalize,
+        dtype=dtype,
         class_weights=classes,
     )
     return plan, num_items

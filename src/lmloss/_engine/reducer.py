@@ -117,7 +117,11 @@ class ShardReducer:
     """
 
     def __init__(
-        self, start: int, size: int, vocab_size: int, gather: Callable[[torch.Tensor, bool], torch.Tensor],
+        self,
+        start: int,
+        size: int,
+        vocab_size: int,
+        gather: Callable[[torch.Tensor, bool], torch.Tensor],
         class_weights: torch.Tensor | None = None,
     ) -> None:
         self.start, self.size, self.vocab_size, self.gather = start, size, vocab_size, gather
@@ -187,14 +191,23 @@ class SavedReducer:
     ``row_classes`` gives class weights as the reducer that made the record did."""
 
     def __init__(
-        self, record: RowRecord, vocab_size: int, columns: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        self,
+        record: RowRecord,
+        vocab_size: int,
+        columns: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         row_classes: Callable[[torch.Tensor], RowClasses | None] | None = None,
     ) -> None:
         self.record, self.vocab_size, self.columns = record, vocab_size, columns
         self.row_classes = row_classes if row_classes is not None else (lambda y: None)
 
     def stats_(
-        self, z: torch.Tensor, y: torch.Tensor, math: LossMath, index: torch.Tensor | slice, *, first: bool,
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        math: LossMath,
+        index: torch.Tensor | slice,
+        *,
+        first: bool,
         probs: bool,
     ) -> RowStats:
         lse = self.record.lse[index]

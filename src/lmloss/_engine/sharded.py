@@ -75,13 +75,21 @@ class ShardedLinearCE(torch.autograd.Function):
         if not ctx.reduce_sum:
             hidden, weight, targets, coef, rows, lse, nll, sum_z = ctx.saved_tensors
             # The statistics are known from forward: no exchange, only the gradients.
-            saved = SavedReducer(RowRecord(lse, nll, sum_z), ctx.reducer.vocab_size, ctx.reducer.columns,
-                                 ctx.reducer.row_classes)
+            saved = SavedReducer(
+                RowRecord(lse, nll, sum_z), ctx.reducer.vocab_size, ctx.reducer.columns, ctx.reducer.row_classes
+            )
             inputs = (hidden, weight, None)
             run = _runner(hidden, weight, targets, rows, ctx.math, ctx.chunk_rows, saved)
-        grads = backward_made(ctx, grad_output, run, inputs, coef, "vocab_parallel_linear_cross_entropy",
-                              "use reduction='none' and sum the result",
-                              before_scale=_summed(ctx.sum_hidden, ctx.any_row))
+        grads = backward_made(
+            ctx,
+            grad_output,
+            run,
+            inputs,
+            coef,
+            "vocab_parallel_linear_cross_entropy",
+            "use reduction='none' and sum the result",
+            before_scale=_summed(ctx.sum_hidden, ctx.any_row),
+        )
         return grads.hidden, grads.weight, None, None, None, None, None, None, None, None
 
 
@@ -149,7 +157,17 @@ class ShardedLogitsCE(torch.autograd.Function):
             cap = softcap_(z, math.softcap, torch.empty_like(z) if math.softcap is not None else None)
             stats = saved.stats_(z, targets[index], math, index, first=False, probs=True)
             terms = token_terms(stats.lse, stats.nll, stats.sum_z, math, vocab, stats.classes)
-            logits_grad_(z, stats.y, upstream[index], stats.lse, terms, math, vocab, own=stats.own, cap=cap,
-                         classes=stats.classes)
+            logits_grad_(
+                z,
+                stats.y,
+                upstream[index],
+                stats.lse,
+                terms,
+                math,
+                vocab,
+                own=stats.own,
+                cap=cap,
+                classes=stats.classes,
+            )
             grad[index] = z.to(grad.dtype)
         return grad, None, None, None, None, None

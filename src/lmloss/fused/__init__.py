@@ -90,8 +90,17 @@ def linear_cross_entropy(
         synchronise a GPU once; ``with lmloss.validation(False):`` turns both off
         (ignored rows are then masked, not dropped) for CUDA graphs.
     """
-    spec = LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                    z_loss=z_loss, softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+    spec = LossSpec(
+        shift=shift,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        normalize=normalize,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
     check_backend_options(backend, chunk_size)
     hidden, weight, bias = check_linear(*autocast_inputs(hidden, weight, bias))
     labels = check_labels_on(labels, hidden.shape[:-1], hidden.device, "hidden")
@@ -99,8 +108,9 @@ def linear_cross_entropy(
     # them; autocast itself is off so both backends (and both products) agree.
     with torch.autocast(hidden.device.type, enabled=False):
         run = _RUNNERS[_pick_backend(backend, hidden, weight)]
-        call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size,
-                          class_weights)
+        call = LinearCall(
+            hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size, class_weights
+        )
         return run(call)
 
 
@@ -115,8 +125,11 @@ def _reference(call: LinearCall) -> torch.Tensor:
     _, item = align(call.labels, None, shift=spec.shift, ignore_index=spec.ignore_index, dtype=hidden.dtype)
     hidden = torch.where((item != 0).unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     return causal_lm_loss(
-        F.linear(hidden, call.weight, call.bias), call.labels, token_weights=call.token_weights,  # type: ignore[arg-type]
-        num_items_in_batch=call.num_items_in_batch, class_weights=call.class_weights,  # type: ignore[arg-type]
+        F.linear(hidden, call.weight, call.bias),
+        call.labels,
+        token_weights=call.token_weights,  # type: ignore[arg-type]
+        num_items_in_batch=call.num_items_in_batch,
+        class_weights=call.class_weights,  # type: ignore[arg-type]
         **spec.options(),  # type: ignore[arg-type]
     )
 
@@ -145,7 +158,10 @@ def _triton_lowmem(call: LinearCall) -> torch.Tensor:
 # Backend name -> function; "auto" is resolved by _pick_backend first (never to a Triton
 # backend until they are measured on a GPU).
 _RUNNERS: dict[str, Callable[[LinearCall], torch.Tensor]] = {
-    "reference": _reference, "chunked": _chunked, "triton": _triton, "triton-lowmem": _triton_lowmem,
+    "reference": _reference,
+    "chunked": _chunked,
+    "triton": _triton,
+    "triton-lowmem": _triton_lowmem,
 }
 
 

@@ -166,8 +166,9 @@ def _pred_boxes(z: torch.Tensor, targets: BoxTargets, temperature: float, straig
     check_bool("straight_through", straight_through)
     n = z.shape[-1]
     if tokens.kind == "bins":
-        contrib = _expectation(z, (torch.arange(n, dtype=z.dtype, device=z.device) + 0.5) / n, temperature,
-                               straight_through)
+        contrib = _expectation(
+            z, (torch.arange(n, dtype=z.dtype, device=z.device) + 0.5) / n, temperature, straight_through
+        )
     else:
         digits = torch.arange(10, dtype=z.dtype, device=z.device)
         divisor = tokens.grid_size if targets.divisor is None else targets.divisor.to(z)
@@ -236,8 +237,16 @@ def box_loss(
         ``1 - GIoU``. With no box every term is an exact 0 attached to the graph.
     """
     z = _gather_value_logits(hidden, weight, bias, targets)
-    return _box_terms(z, targets, l1_weight=l1_weight, giou_weight=giou_weight, temperature=temperature,
-                      straight_through=straight_through, num_boxes=num_boxes, eps=eps)
+    return _box_terms(
+        z,
+        targets,
+        l1_weight=l1_weight,
+        giou_weight=giou_weight,
+        temperature=temperature,
+        straight_through=straight_through,
+        num_boxes=num_boxes,
+        eps=eps,
+    )
 
 
 def box_loss_from_logits(
@@ -256,8 +265,16 @@ def box_loss_from_logits(
     _check_targets(targets, logits.shape[:-1], "logits")
     rows = logits.reshape(-1, logits.shape[-1]).index_select(0, targets.positions.to(logits.device))
     z = _value_logits(rows, targets.tokens.value_ids)
-    return _box_terms(z, targets, l1_weight=l1_weight, giou_weight=giou_weight, temperature=temperature,
-                      straight_through=straight_through, num_boxes=num_boxes, eps=eps)
+    return _box_terms(
+        z,
+        targets,
+        l1_weight=l1_weight,
+        giou_weight=giou_weight,
+        temperature=temperature,
+        straight_through=straight_through,
+        num_boxes=num_boxes,
+        eps=eps,
+    )
 
 
 def expected_boxes(
@@ -314,6 +331,15 @@ def grounding_loss(
     if shift != targets.shift:
         raise ValueError(f"shift={shift} but the box targets were found with shift={targets.shift}")
     ce = linear_cross_entropy(hidden, weight, labels, bias=bias, shift=shift, **ce_options)
-    terms = box_loss(hidden, weight, targets, bias=bias, l1_weight=l1_weight, giou_weight=giou_weight,
-                     temperature=temperature, straight_through=straight_through, num_boxes=num_boxes)
+    terms = box_loss(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        l1_weight=l1_weight,
+        giou_weight=giou_weight,
+        temperature=temperature,
+        straight_through=straight_through,
+        num_boxes=num_boxes,
+    )
     return {"loss": ce + terms["loss"], "ce": ce, "l1": terms["l1"], "giou": terms["giou"]}

@@ -77,7 +77,7 @@ class BoxTokenIds:
             raise ValueError(f"{self.kind} needs the 10 token ids of '0'..'9', got {len(ids)}")
         if self.kind == "json":
             if not callable(self.token_text):
-                raise ValueError("json needs token_text (token id -> its text) to find the \"bbox_2d\" keys")
+                raise ValueError('json needs token_text (token id -> its text) to find the "bbox_2d" keys')
         elif self.kind == "digits":
             if self.box_start_id is None or self.box_end_id is None:
                 raise ValueError("digits need box_start_id and box_end_id (the box delimiters)")
@@ -97,8 +97,14 @@ class BoxTokenIds:
         merged_digit_ids: Sequence[int] = (),
     ) -> BoxTokenIds:
         """Digit tokens (ids of ``'0'..'9'`` in order) between two delimiter tokens."""
-        return cls("digits", tuple(int(i) for i in digit_ids), int(box_start_id), int(box_end_id), grid_size,
-                   frozenset(int(i) for i in merged_digit_ids))
+        return cls(
+            "digits",
+            tuple(int(i) for i in digit_ids),
+            int(box_start_id),
+            int(box_end_id),
+            grid_size,
+            frozenset(int(i) for i in merged_digit_ids),
+        )
 
     @classmethod
     def json_digits(cls, digit_ids: Sequence[int], token_text: Mapping[int, str] | Callable[[int], str]) -> BoxTokenIds:
@@ -144,8 +150,12 @@ class BoxTokenIds:
             return cls.json_digits(digits, _DecodedText(tokenizer))
         vocab = tokenizer.get_vocab()
         merged = [i for tok, i in vocab.items() if i not in digits and any(c in "0123456789" for c in tok)]
-        return cls.digits(digits, _single_token_id(tokenizer, BOX_START), _single_token_id(tokenizer, BOX_END),
-                          merged_digit_ids=merged)
+        return cls.digits(
+            digits,
+            _single_token_id(tokenizer, BOX_START),
+            _single_token_id(tokenizer, BOX_END),
+            merged_digit_ids=merged,
+        )
 
 
 class _DecodedText:
@@ -373,8 +383,10 @@ def _digit_span(ids: list[int], start: int, end: int, digits: set[int], merged: 
     previous_digit = False
     for col in range(start + 1, end):
         if ids[col] in merged:
-            problem = (f"token id {ids[col]} in column {col} holds several characters with a digit; "
-                       "the expected-number loss needs one digit per token")
+            problem = (
+                f"token id {ids[col]} in column {col} holds several characters with a digit; "
+                "the expected-number loss needs one digit per token"
+            )
             return _Span(start, end + 1, [], problem)
         is_digit = ids[col] in digits
         if is_digit and not previous_digit:
@@ -430,8 +442,9 @@ def _json_boxes(ids: list[int], tokens: BoxTokenIds, ignore_index: int) -> Itera
         if close is None:
             yield _Span(start, len(ids), [], 'unclosed "bbox_2d" list (no "]" before the end of the row)')
             continue
-        yield _json_span(text[key.end() + 1 : close], key.end() + 1, start, owner[close] + 1, pieces, owner, ids,
-                         digits)
+        yield _json_span(
+            text[key.end() + 1 : close], key.end() + 1, start, owner[close] + 1, pieces, owner, ids, digits
+        )
 
 
 def _list_end(text: str, opening: int) -> int | None:
@@ -452,8 +465,11 @@ def _json_span(
     if match is None:
         items = [item.strip() for item in content.split(",")] if content.strip() else []
         bad = [item for item in items if not re.fullmatch("[0-9]+", item)]
-        problem = (f"coordinate {bad[0]!r} is not a non-negative integer written in digits" if bad
-                   else f'expected 4 coordinates in "bbox_2d" [x1, y1, x2, y2], found {len(items)}')
+        problem = (
+            f"coordinate {bad[0]!r} is not a non-negative integer written in digits"
+            if bad
+            else f'expected 4 coordinates in "bbox_2d" [x1, y1, x2, y2], found {len(items)}'
+        )
         return _Span(start, end, [], problem)
     numbers: list[list[int]] = []
     for k in range(1, 5):
@@ -462,8 +478,10 @@ def _json_span(
             # The number's digits must be the digit tokens: a token such as " 5" or
             # "12" cannot be scored digit by digit.
             if ids[col] not in digits:
-                problem = (f"token id {ids[col]} in column {col} is {pieces[col]!r}, not one digit token; "
-                           "the expected-number loss needs one digit per token")
+                problem = (
+                    f"token id {ids[col]} in column {col} is {pieces[col]!r}, not one digit token; "
+                    "the expected-number loss needs one digit per token"
+                )
                 return _Span(start, end, [], problem)
         numbers.append(columns)
     return _Span(start, end, numbers)
@@ -571,5 +589,16 @@ class _TargetBuilder:
         boxes = torch.tensor(self.boxes, dtype=torch.float32, device=device).reshape(-1, 4)
         c = self.cols
         divisor = torch.tensor(self.divisors, dtype=torch.float32, device=device)
-        return BoxTargets(longs(c["pos"]), longs(c["box"]), longs(c["coord"]), longs(c["value"]),
-                          longs(c["place"]), boxes, longs(self.rows), self.tokens, shape, self.shift, divisor)
+        return BoxTargets(
+            longs(c["pos"]),
+            longs(c["box"]),
+            longs(c["coord"]),
+            longs(c["value"]),
+            longs(c["place"]),
+            boxes,
+            longs(self.rows),
+            self.tokens,
+            shape,
+            self.shift,
+            divisor,
+        )

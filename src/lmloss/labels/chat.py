@@ -102,8 +102,10 @@ def _none_content_as_empty(messages: Any) -> Any:
     (both falsy), and so does the labelling (which needs a string to locate)."""
     if not isinstance(messages, (list, tuple)):
         return messages
-    return [dict(m, content="") if isinstance(m, Mapping) and m.get("content", "") is None and m.get("tool_calls")
-            else m for m in messages]
+    return [
+        dict(m, content="") if isinstance(m, Mapping) and m.get("content", "") is None and m.get("tool_calls") else m
+        for m in messages
+    ]
 
 
 def _check_messages(messages: object, mode: str) -> None:

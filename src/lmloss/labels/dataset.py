@@ -108,8 +108,12 @@ def encode_dataset(
     check_flag("add_eos", add_eos)
     check_template_kwargs(chat_template_kwargs)
     check_flag("train_turn_suffix", train_turn_suffix)
-    chat = dict(mode=mode, mask_history=mask_history, chat_template_kwargs=chat_template_kwargs,
-                train_turn_suffix=train_turn_suffix)
+    chat = dict(
+        mode=mode,
+        mask_history=mask_history,
+        chat_template_kwargs=chat_template_kwargs,
+        train_turn_suffix=train_turn_suffix,
+    )
     pair = dict(add_eos=add_eos, eos_token_id=eos_token_id)
     common = dict(
         train_on_prompt=train_on_prompt, max_length=max_length, truncation_side=truncation_side,

@@ -102,8 +102,11 @@ def _check_ids_or_text(name: str, value: object, tokenizer: Any) -> None:
         if tokenizer is None:
             raise TypeError(f"{name} is text, so a tokenizer is needed: pass tokenizer=..., or pass token ids")
         return
-    if (isinstance(value, Sequence) and not isinstance(value, bytes)
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)):
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, bytes)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    ):
         return
     raise TypeError(
         f"{name} must be a str or a list of int token ids >= 0 (use .tolist() for tensors), got {preview(value)}"

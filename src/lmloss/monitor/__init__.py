@@ -85,8 +85,6 @@ def __getattr__(name: str) -> Any:
         try:
             from lmloss.monitor.hf import LossMonitorCallback
         except ImportError as error:
-            raise ImportError(
-                "LossMonitorCallback needs transformers: pip install 'lmloss[hf]'"
-            ) from error
+            raise ImportError("LossMonitorCallback needs transformers: pip install 'lmloss[hf]'") from error
         return LossMonitorCallback
     raise AttributeError(f"module 'lmloss.monitor' has no attribute {name!r}")

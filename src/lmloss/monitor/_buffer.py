@@ -157,8 +157,9 @@ def _reduce_and_read(
 
 def _pack(entries: list[Scalar], device: torch.device) -> torch.Tensor:
     """One float64 vector of numbers and device scalars (no host read)."""
-    vector = torch.tensor([0.0 if isinstance(e, torch.Tensor) else float(e) for e in entries],
-                          dtype=torch.float64, device=device)
+    vector = torch.tensor(
+        [0.0 if isinstance(e, torch.Tensor) else float(e) for e in entries], dtype=torch.float64, device=device
+    )
     tensors = {i: e for i, e in enumerate(entries) if isinstance(e, torch.Tensor)}
     if tensors:
         vector.index_copy_(0, torch.tensor(list(tensors), device=device), _stack(tensors, device))

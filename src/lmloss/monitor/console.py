@@ -15,8 +15,14 @@ from typing import IO, Any
 __all__ = ["ConsoleSink"]
 
 BACKENDS = ("auto", "rich", "tqdm", "plain")
-_STYLE = {"nan": "bold red", "divergence": "bold red", "spike": "yellow", "overfitting": "magenta",
-          "plateau": "cyan", "converged": "green"}
+_STYLE = {
+    "nan": "bold red",
+    "divergence": "bold red",
+    "spike": "yellow",
+    "overfitting": "magenta",
+    "plateau": "cyan",
+    "converged": "green",
+}
 
 
 class ConsoleSink:
@@ -169,8 +175,10 @@ def _rich_progress(total: int | None, file: IO[str] | None) -> tuple[Any, Any]:
         TimeRemainingColumn(),
         # The metrics get what is left (about 56 columns go to the rest): a narrow terminal
         # cuts them short with an ellipsis, never the step or the ETA, and never wraps.
-        TextColumn("{task.fields[metrics]}",
-                   table_column=Column(no_wrap=True, overflow="ellipsis", max_width=max(console.width - 56, 8))),
+        TextColumn(
+            "{task.fields[metrics]}",
+            table_column=Column(no_wrap=True, overflow="ellipsis", max_width=max(console.width - 56, 8)),
+        ),
         console=console,
         transient=False,
     )

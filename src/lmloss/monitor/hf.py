@@ -85,8 +85,12 @@ class LossMonitorCallback(TrainerCallback):
             self.monitor = LossMonitor(sinks=sinks, write_sinks=state.is_world_process_zero)
 
     def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-        logs: dict[str, Any] | None = None, **kwargs: Any,
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> TrainerControl:
         if self.monitor is None or not logs:
             return control
@@ -94,8 +98,13 @@ class LossMonitorCallback(TrainerCallback):
         # A resumed Trainer may log a step again: the monitor wants increasing steps.
         if "loss" in logs and step > self._last_step:
             self._last_step = step
-            events += self.monitor.update(step, loss=logs["loss"], grad_norm=logs.get("grad_norm"),
-                                          lr=logs.get("learning_rate"), tokens=self._new_tokens(logs))
+            events += self.monitor.update(
+                step,
+                loss=logs["loss"],
+                grad_norm=logs.get("grad_norm"),
+                lr=logs.get("learning_rate"),
+                tokens=self._new_tokens(logs),
+            )
         if "eval_loss" in logs:
             last_eval = self.monitor.stats.eval_step
             if last_eval is None or step > last_eval:

@@ -173,8 +173,14 @@ class LossMonitor:
     ) -> None:
         check_monitor_options(ema_weight, sync_every, sinks, write_sinks, clock)
         check_flops(flops_per_token, peak_flops)
-        check_rules(spike=spike, max_ratio=max_ratio, divergence=divergence, plateau=plateau,
-                    overfitting=overfitting, converged=converged)
+        check_rules(
+            spike=spike,
+            max_ratio=max_ratio,
+            divergence=divergence,
+            plateau=plateau,
+            overfitting=overfitting,
+            converged=converged,
+        )
         self.ema_weight = float(ema_weight)
         self.sync_every = sync_every
         self.group = group
@@ -219,8 +225,16 @@ class LossMonitor:
                 the FLOPs of ``throughput/tflops``/``mfu``; default ``tokens``.
         """
         self._check_step(step, self._last_step, "update")
-        values = self._values(loss=loss, tokens=tokens, correct=correct, grad_norm=grad_norm, lr=lr, terms=terms,
-                              z_loss=z_loss, input_tokens=input_tokens)
+        values = self._values(
+            loss=loss,
+            tokens=tokens,
+            correct=correct,
+            grad_norm=grad_norm,
+            lr=lr,
+            terms=terms,
+            z_loss=z_loss,
+            input_tokens=input_tokens,
+        )
         self._last_step = step
         self._pending.append(PendingStep("train", step, self.clock(), values))
         if self.sync_every is None:
@@ -480,8 +494,12 @@ class LossMonitor:
         found: dict[str, Any] = {f"spike/{m}": d for m, d in self._spike.items()}
         found.update({f"max_ratio/{m}": d for m, d in self._ratio.items()})
         found.update({f"converged/{s}": d for s, d in self._converged.items()})
-        named = {"divergence": self._divergence, "plateau/eval": self._plateau_eval,
-                 "plateau/train": self._plateau_train, "overfitting": self._overfitting}
+        named = {
+            "divergence": self._divergence,
+            "plateau/eval": self._plateau_eval,
+            "plateau/train": self._plateau_train,
+            "overfitting": self._overfitting,
+        }
         found.update({name: d for name, d in named.items() if d is not None})
         return found
 
@@ -569,8 +587,9 @@ def _zero_without_tokens(value: Scalar, tokens: Scalar) -> Scalar:
             return value
         return torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0.0
     # Tokens on an accelerator: decide there, without reading (the flush reads once).
-    value = torch.as_tensor(value, dtype=value.dtype if isinstance(value, torch.Tensor) else torch.float64,
-                            device=tokens.device)
+    value = torch.as_tensor(
+        value, dtype=value.dtype if isinstance(value, torch.Tensor) else torch.float64, device=tokens.device
+    )
     return torch.where(tokens > 0, value, torch.zeros_like(value))
 
 

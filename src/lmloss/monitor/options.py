@@ -41,8 +41,14 @@ def check_monitor_options(
 
 def check_rules(**rules: object) -> None:
     """Each detector rule, by keyword, is ``None`` or an instance of its rule class."""
-    expected = {"spike": SpikeRule, "max_ratio": MaxRatioRule, "divergence": DivergenceRule,
-                "plateau": PlateauRule, "overfitting": OverfittingRule, "converged": ConvergedRule}
+    expected = {
+        "spike": SpikeRule,
+        "max_ratio": MaxRatioRule,
+        "divergence": DivergenceRule,
+        "plateau": PlateauRule,
+        "overfitting": OverfittingRule,
+        "converged": ConvergedRule,
+    }
     for name, rule in rules.items():
         if rule is not None and not isinstance(rule, expected[name]):
             raise TypeError(

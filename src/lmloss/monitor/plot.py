@@ -42,7 +42,14 @@ __all__ = ["PlotResult", "configure", "plot_log", "plot_run", "run"]
 
 # Okabe-Ito: distinguishable with every common colour-vision deficiency.
 BLUE, ORANGE, GREEN, VERMILION, PURPLE, SKY, YELLOW, GREY = (
-    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#666666"
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#56B4E9",
+    "#F0E442",
+    "#666666",
 )
 TERM_COLORS = (BLUE, ORANGE, GREEN, PURPLE, SKY, VERMILION, YELLOW, GREY)
 EVENT_STYLE: dict[str, dict[str, Any]] = {
@@ -208,8 +215,14 @@ def _panel_terms(ax: Any, data: RunData) -> bool:
             ax.plot(steps, ema(raw, DEFAULT_SMOOTHING), color=color, linewidth=1.8, label=f"{name} (train)")
             values += raw
         if data.has(f"eval/term/{name}"):
-            ax.plot(*data.get(f"eval/term/{name}"), color=color, linestyle="none", marker="o", markersize=4,
-                    label=f"{name} (eval)")
+            ax.plot(
+                *data.get(f"eval/term/{name}"),
+                color=color,
+                linestyle="none",
+                marker="o",
+                markersize=4,
+                label=f"{name} (eval)",
+            )
             values += data.get(f"eval/term/{name}")[1]
     _auto_log_scale(ax, values)
     _finish(ax, "Loss terms", "loss (nats / token)", data)
@@ -277,15 +290,40 @@ def _mark_events(ax: Any, data: RunData, metric: str, *, lines: bool = True) -> 
     for event in data.events:
         style = EVENT_STYLE[event.kind]
         if event.kind == "spike" and event.metric == metric:
-            ax.plot([event.step], [event.value], linestyle="none", marker=style["marker"], markersize=8,
-                    color=style["color"], markeredgecolor="white", markeredgewidth=0.8, zorder=5,
-                    label=label("spike"))
+            ax.plot(
+                [event.step],
+                [event.value],
+                linestyle="none",
+                marker=style["marker"],
+                markersize=8,
+                color=style["color"],
+                markeredgecolor="white",
+                markeredgewidth=0.8,
+                zorder=5,
+                label=label("spike"),
+            )
         elif event.kind == "nan" and lines:
-            ax.plot([event.step], [0.97], transform=ax.get_xaxis_transform(), linestyle="none", zorder=5,
-                    marker=style["marker"], markersize=8, color=style["color"], label=label("NaN / inf"))
+            ax.plot(
+                [event.step],
+                [0.97],
+                transform=ax.get_xaxis_transform(),
+                linestyle="none",
+                zorder=5,
+                marker=style["marker"],
+                markersize=8,
+                color=style["color"],
+                label=label("NaN / inf"),
+            )
         elif event.kind not in ("spike", "nan") and lines:
-            ax.axvline(event.step, color=style["color"], linestyle=style["linestyle"], linewidth=1.3,
-                       alpha=0.9, zorder=1, label=label(event.kind))
+            ax.axvline(
+                event.step,
+                color=style["color"],
+                linestyle=style["linestyle"],
+                linewidth=1.3,
+                alpha=0.9,
+                zorder=1,
+                label=label(event.kind),
+            )
             at_step.setdefault(event.step, []).append(event.kind)
     _label_lines(ax, at_step)
 
@@ -295,8 +333,18 @@ def _label_lines(ax: Any, at_step: dict[int, list[str]]) -> None:
     if len(at_step) > 12:  # too many to read: the legend has to do
         return
     for step, kinds in at_step.items():
-        ax.text(step, 0.985, " + ".join(dict.fromkeys(kinds)), transform=ax.get_xaxis_transform(), rotation=90,
-                ha="right", va="top", fontsize=7.5, color=EVENT_STYLE[kinds[0]]["color"], zorder=6)
+        ax.text(
+            step,
+            0.985,
+            " + ".join(dict.fromkeys(kinds)),
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            ha="right",
+            va="top",
+            fontsize=7.5,
+            color=EVENT_STYLE[kinds[0]]["color"],
+            zorder=6,
+        )
 
 
 def _finish(ax: Any, title: str, ylabel: str, data: RunData, *, legend: bool = True) -> None:
@@ -343,8 +391,9 @@ def _exp(x: float) -> float:
 # --- files ---------------------------------------------------------------------------------
 
 
-def plot_log(log: RunLog, out_dir: str | os.PathLike[str], *, smoothing: float | None = None,
-             name: str = "") -> list[Path]:
+def plot_log(
+    log: RunLog, out_dir: str | os.PathLike[str], *, smoothing: float | None = None, name: str = ""
+) -> list[Path]:
     """Write the PNGs of ``log`` into ``out_dir``; return their paths (panels without data are skipped)."""
     matplotlib = _matplotlib()
     from matplotlib.figure import Figure
@@ -390,8 +439,9 @@ def _matplotlib() -> Any:
     return mpl
 
 
-def plot_run(run_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[str] | None = None,
-             smoothing: float | None = None) -> PlotResult:
+def plot_run(
+    run_dir: str | os.PathLike[str], *, out_dir: str | os.PathLike[str] | None = None, smoothing: float | None = None
+) -> PlotResult:
     """Read ``RUN_DIR/metrics.jsonl`` (or a ``.jsonl`` file) and write ``RUN_DIR/plots/*.png``.
 
     Args:
@@ -421,8 +471,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``lmloss plot``."""
     parser.add_argument("run_dir", metavar="RUN_DIR", help=f"run directory holding {METRICS_FILE} (or the file)")
     parser.add_argument("--out", metavar="DIR", default=None, help="where to write the PNGs (default RUN_DIR/plots)")
-    parser.add_argument("--smoothing", metavar="W", type=float, default=None,
-                        help="re-smooth the train loss with this EMA weight in [0, 1) (default: as logged)")
+    parser.add_argument(
+        "--smoothing",
+        metavar="W",
+        type=float,
+        default=None,
+        help="re-smooth the train loss with this EMA weight in [0, 1) (default: as logged)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -443,8 +498,10 @@ def run(args: argparse.Namespace) -> int:
     for skipped in result.log.skipped:
         print(f"lmloss plot: {skipped.describe(result.source)}", file=sys.stderr)
     log = result.log
-    print(f"read {len(log.records)} records and {len(log.events)} events from {result.source}"
-          + (f" ({len(log.skipped)} line(s) skipped)" if log.skipped else ""))
+    print(
+        f"read {len(log.records)} records and {len(log.events)} events from {result.source}"
+        + (f" ({len(log.skipped)} line(s) skipped)" if log.skipped else "")
+    )
     if not result.paths:
         print("lmloss plot: nothing to plot (no loss record)", file=sys.stderr)
         return 1

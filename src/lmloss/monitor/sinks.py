@@ -272,6 +272,7 @@ class CsvSink:
         file.close()
         with open(self.path, newline="", encoding="utf-8") as existing:
             rows = list(csv.DictReader(existing))
+
         def write(out: Any) -> None:
             writer = csv.DictWriter(out, columns, lineterminator="\n")
             writer.writeheader()
@@ -301,8 +302,7 @@ class TensorBoardSink:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:  # torch raises this when tensorboard is missing
             raise ImportError(
-                "TensorBoardSink needs the tensorboard package: pip install tensorboard "
-                "(or pip install 'lmloss[test]')"
+                "TensorBoardSink needs the tensorboard package: pip install tensorboard (or pip install 'lmloss[test]')"
             ) from error
         self.log_dir = Path(log_dir)
         self._writer_type = SummaryWriter

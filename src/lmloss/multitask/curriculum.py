@@ -85,8 +85,7 @@ def _check_points(name: str, points: object) -> list[list[Any]]:
         value = check_finite(f"{name}[{i}] value", point[1])
         if checked and step <= checked[-1][0]:
             raise ValueError(
-                f"{name} steps must be strictly increasing, but {name}[{i}] has step {step} after "
-                f"step {checked[-1][0]}"
+                f"{name} steps must be strictly increasing, but {name}[{i}] has step {step} after step {checked[-1][0]}"
             )
         checked.append([step, value])
     return checked
@@ -236,8 +235,7 @@ class StepSchedule(Schedule):
         self._stages = _check_points("stages", stages)
         if self._stages[0][0] != 0:
             raise ValueError(
-                f"the first stage must start at step 0 (got step {self._stages[0][0]}), "
-                f"so that every step has a value"
+                f"the first stage must start at step 0 (got step {self._stages[0][0]}), so that every step has a value"
             )
 
     def _at(self, step: int) -> float:
@@ -275,8 +273,7 @@ class PiecewiseLinearSchedule(Schedule):
 
 
 _KINDS: dict[str, type[Schedule]] = {
-    cls.kind: cls
-    for cls in (ConstantSchedule, LinearSchedule, CosineSchedule, StepSchedule, PiecewiseLinearSchedule)
+    cls.kind: cls for cls in (ConstantSchedule, LinearSchedule, CosineSchedule, StepSchedule, PiecewiseLinearSchedule)
 }
 
 

@@ -18,6 +18,7 @@ from lmloss.multitask.terms import Losses, check_known, check_names, check_same_
 
 __all__ = ["GradNorm"]
 
+
 class GradNorm(nn.Module):
     """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018).
 

@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 
-
 @runtime_checkable
 class WeightingStrategy(Protocol):
     """What ``CompositeLoss`` needs from a strategy (write your own: no base class needed)."""
@@ -225,7 +224,9 @@ class DynamicWeightAverage(nn.Module):
     def check_terms(self, names: Sequence[str]) -> None:
         check_same_terms("DynamicWeightAverage", self.names, names)
 
-    def combine(self, losses: Losses, *, unscaled: Losses | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def combine(
+        self, losses: Losses, *, unscaled: Losses | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``unscaled``: the terms before any curriculum weight (``CompositeLoss`` passes
         them): the rate of change DWA measures is the task's, not its schedule's."""
         check_known("DynamicWeightAverage", self.names, losses)

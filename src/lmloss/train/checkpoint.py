@@ -21,8 +21,14 @@ import torch
 
 from lmloss._files import atomic_write
 
-__all__ = ["CHECKPOINTS", "CheckpointWriteError", "check_model_file", "latest_checkpoint", "load_trainer_state",
-           "save_checkpoint"]
+__all__ = [
+    "CHECKPOINTS",
+    "CheckpointWriteError",
+    "check_model_file",
+    "latest_checkpoint",
+    "load_trainer_state",
+    "save_checkpoint",
+]
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -40,8 +46,9 @@ class CheckpointWriteError(RuntimeError):
     """
 
 
-def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: Any, tokenizer: Any,
-                    state: dict[str, Any], *, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike[str], step: int, model: Any, tokenizer: Any, state: dict[str, Any], *, keep: int
+) -> Path:
     """Write the checkpoint of ``step``, point ``latest`` at it, keep the ``keep`` newest."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -121,11 +128,14 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
         try:
             name = pointer.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"{pointer}: cannot be read ({err}); delete it to resume from the newest complete "
-                             f"checkpoint") from err
+            raise ValueError(
+                f"{pointer}: cannot be read ({err}); delete it to resume from the newest complete checkpoint"
+            ) from err
         if not _NAME.fullmatch(name):
-            raise ValueError(f"{pointer} names {name[:100]!r}, not a checkpoint inside {root} (step-NNNNNNN); "
-                             f"delete it to resume from the newest complete checkpoint")
+            raise ValueError(
+                f"{pointer} names {name[:100]!r}, not a checkpoint inside {root} (step-NNNNNNN); "
+                f"delete it to resume from the newest complete checkpoint"
+            )
         named = root / name
         if is_complete(named):
             return named
@@ -153,8 +163,10 @@ def load_trainer_state(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as err:  # zip, pickle and EOF errors of a damaged file all mean the same here
-        raise ValueError(f"{path}: not a readable trainer state ({_reason(err)}); resume from an earlier "
-                         f"checkpoint (write its name into {Path(checkpoint).parent / LATEST})") from err
+        raise ValueError(
+            f"{path}: not a readable trainer state ({_reason(err)}); resume from an earlier "
+            f"checkpoint (write its name into {Path(checkpoint).parent / LATEST})"
+        ) from err
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{path}: not a trainer state of lmloss train (no 'step')")
     return state
@@ -170,5 +182,7 @@ def check_model_file(checkpoint: str | os.PathLike[str]) -> None:
             if not list(handle.keys()):
                 raise ValueError("no tensor")
     except Exception as err:
-        raise ValueError(f"{path}: not a readable model ({_reason(err)}); resume from an earlier checkpoint "
-                         f"(write its name into {Path(checkpoint).parent / LATEST})") from err
+        raise ValueError(
+            f"{path}: not a readable model ({_reason(err)}); resume from an earlier checkpoint "
+            f"(write its name into {Path(checkpoint).parent / LATEST})"
+        ) from err

@@ -21,10 +21,12 @@ Ctrl-C (or SIGTERM) finishes the step in flight, saves a checkpoint and exits wi
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``lmloss train``."""
-    parser.description = ("Fine-tune a causal LM end to end: JSONL chats or prompt/completion pairs -> labels -> "
-                          "packed batches -> fused loss with correct gradient accumulation -> monitor, checkpoints, "
-                          "plots and a report in --output-dir. With no arguments: a small built-in model on built-in "
-                          "data (nothing is downloaded).")
+    parser.description = (
+        "Fine-tune a causal LM end to end: JSONL chats or prompt/completion pairs -> labels -> "
+        "packed batches -> fused loss with correct gradient accumulation -> monitor, checkpoints, "
+        "plots and a report in --output-dir. With no arguments: a small built-in model on built-in "
+        "data (nothing is downloaded)."
+    )
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_arguments(parser)

@@ -33,15 +33,23 @@ LOSS_OPTIONS_FIXED = {
 }
 
 
-def _meta(help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
-          math_: bool = True) -> dict[str, Any]:
+def _meta(
+    help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None, math_: bool = True
+) -> dict[str, Any]:
     """A config field's metadata: its help text and flag. ``math_``: changing it changes what
     is computed (so a resumed run must not change it)."""
     return {"help": help, "group": group, "choices": choices, "metavar": metavar, "math": math_}
 
 
-def _opt(default: Any, help: str, *, group: str, choices: Sequence[Any] | None = None, metavar: str | None = None,
-         math_: bool = True) -> Any:
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    choices: Sequence[Any] | None = None,
+    metavar: str | None = None,
+    math_: bool = True,
+) -> Any:
     """A config field with an immutable default and its help text (list fields: ``field(default_factory=list,
     metadata=_meta(...))``, so each config gets its own list)."""
     if isinstance(default, (list, dict, set)):
@@ -63,93 +71,185 @@ class TrainConfig:
     """Everything a run needs. ``lmloss train --help`` lists the same, by group."""
 
     # --- model and data
-    model: str = _opt("small", "a built-in size (tiny, small: a Qwen2 model with random weights and a BPE tokenizer "
-                      "trained on the data) or a local transformers model directory (model and tokenizer; "
-                      "nothing is downloaded)", group="model and data", metavar="SIZE|DIR")
-    data: list[str] = field(default_factory=list, metadata=_meta(
-        "JSONL training files, each PATH or PATH:WEIGHT (samples in 'messages' chat format or 'prompt'/'completion' "
-        "format; WEIGHT = times each sample is seen per epoch, default 1); none: the built-in chat data set",
-        group="model and data", metavar="PATH[:W]"))
-    eval_data: list[str] = field(default_factory=list, metadata=_meta(
-        "JSONL files held out for evaluation (default: --eval-fraction of --data)",
-        group="model and data", metavar="PATH"))
-    eval_fraction: float | None = _opt(None, "fraction of each training file held out for evaluation (default "
-                                       "0.05; 0 when --eval-data is given)", group="model and data", metavar="F")
+    model: str = _opt(
+        "small",
+        "a built-in size (tiny, small: a Qwen2 model with random weights and a BPE tokenizer "
+        "trained on the data) or a local transformers model directory (model and tokenizer; "
+        "nothing is downloaded)",
+        group="model and data",
+        metavar="SIZE|DIR",
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "JSONL training files, each PATH or PATH:WEIGHT (samples in 'messages' chat format or 'prompt'/'completion' "
+            "format; WEIGHT = times each sample is seen per epoch, default 1); none: the built-in chat data set",
+            group="model and data",
+            metavar="PATH[:W]",
+        ),
+    )
+    eval_data: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "JSONL files held out for evaluation (default: --eval-fraction of --data)",
+            group="model and data",
+            metavar="PATH",
+        ),
+    )
+    eval_fraction: float | None = _opt(
+        None,
+        "fraction of each training file held out for evaluation (default 0.05; 0 when --eval-data is given)",
+        group="model and data",
+        metavar="F",
+    )
     vocab_size: int = _opt(512, "vocabulary of the tokenizer trained for a built-in model", group="model and data")
-    masking: str = _opt("assistant", "which chat tokens are trained: assistant (every assistant turn), all (every "
-                        "turn), last_assistant (the last assistant turn), everything (the whole text; also "
-                        "trains prompts of prompt/completion samples)", group="model and data", choices=MASKING)
-    train_on_prompt: bool = _opt(False, "train on prompts too (the same as --masking everything)",
-                                 group="model and data")
-    train_turn_suffix: bool = _opt(False, "also train what the chat template writes after each trained turn's "
-                                   "end-of-turn token (the newline after <|im_end|> in ChatML), as LLaMA-Factory's "
-                                   "templates do: the labels of a LLaMA-Factory recipe, token for token (chat "
-                                   "samples; lmloss check takes the same flag)", group="model and data")
-    max_length: int = _opt(256, "tokens per sample (longer ones are truncated; reported) and per packed row",
-                           group="model and data")
-    skip_bad_samples: bool = _opt(False, "skip samples that cannot be encoded (unknown role, no assistant turn...) "
-                                  "and report them, instead of stopping with an error", group="model and data")
+    masking: str = _opt(
+        "assistant",
+        "which chat tokens are trained: assistant (every assistant turn), all (every "
+        "turn), last_assistant (the last assistant turn), everything (the whole text; also "
+        "trains prompts of prompt/completion samples)",
+        group="model and data",
+        choices=MASKING,
+    )
+    train_on_prompt: bool = _opt(
+        False, "train on prompts too (the same as --masking everything)", group="model and data"
+    )
+    train_turn_suffix: bool = _opt(
+        False,
+        "also train what the chat template writes after each trained turn's "
+        "end-of-turn token (the newline after <|im_end|> in ChatML), as LLaMA-Factory's "
+        "templates do: the labels of a LLaMA-Factory recipe, token for token (chat "
+        "samples; lmloss check takes the same flag)",
+        group="model and data",
+    )
+    max_length: int = _opt(
+        256, "tokens per sample (longer ones are truncated; reported) and per packed row", group="model and data"
+    )
+    skip_bad_samples: bool = _opt(
+        False,
+        "skip samples that cannot be encoded (unknown role, no assistant turn...) "
+        "and report them, instead of stopping with an error",
+        group="model and data",
+    )
     # --- batches and steps
     batch_size: int = _opt(8, "samples per micro-batch (see --batch-tokens)", group="batches and steps")
-    batch_tokens: int | None = _opt(None, "tokens per micro-batch instead of a sample count (samples are added "
-                                    "until the next one would not fit)", group="batches and steps", metavar="N")
-    grad_accum: int = _opt(4, "micro-batches per optimizer step (per process under torchrun); the loss of each "
-                           "is divided by the target count of the whole step", group="batches and steps")
-    packing: bool = _opt(True, "pack samples into rows of --max-length (boundaries never leak into the loss); "
-                         "--no-packing pads instead", group="batches and steps")
-    max_steps: int | None = _opt(None, "optimizer steps to run (conflicts with --epochs)", group="batches and steps",
-                                 metavar="N")
-    epochs: float | None = _opt(None, "passes over the training data (when --max-steps is not given; default 3, "
-                                "or 15 on the small built-in data set)",
-                                group="batches and steps", metavar="E")
+    batch_tokens: int | None = _opt(
+        None,
+        "tokens per micro-batch instead of a sample count (samples are added until the next one would not fit)",
+        group="batches and steps",
+        metavar="N",
+    )
+    grad_accum: int = _opt(
+        4,
+        "micro-batches per optimizer step (per process under torchrun); the loss of each "
+        "is divided by the target count of the whole step",
+        group="batches and steps",
+    )
+    packing: bool = _opt(
+        True,
+        "pack samples into rows of --max-length (boundaries never leak into the loss); --no-packing pads instead",
+        group="batches and steps",
+    )
+    max_steps: int | None = _opt(
+        None, "optimizer steps to run (conflicts with --epochs)", group="batches and steps", metavar="N"
+    )
+    epochs: float | None = _opt(
+        None,
+        "passes over the training data (when --max-steps is not given; default 3, "
+        "or 15 on the small built-in data set)",
+        group="batches and steps",
+        metavar="E",
+    )
     seed: int = _opt(0, "seed of the initialisation, the split and the data order", group="batches and steps")
     # --- optimizer
     lr: float = _opt(3e-3, "peak learning rate of AdamW", group="optimizer")
     weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and norms)", group="optimizer")
-    warmup_steps: int | None = _opt(None, "linear warm-up steps (default: 5%% of the steps)", group="optimizer",
-                                    metavar="N")
+    warmup_steps: int | None = _opt(
+        None, "linear warm-up steps (default: 5%% of the steps)", group="optimizer", metavar="N"
+    )
     min_lr_ratio: float = _opt(0.1, "the cosine decay ends at this fraction of --lr", group="optimizer")
-    max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this (0 or none: no clipping)",
-                                       group="optimizer")
+    max_grad_norm: float | None = _opt(
+        1.0, "clip the gradient norm to this (0 or none: no clipping)", group="optimizer"
+    )
     # --- loss
     label_smoothing: float = _opt(0.0, "label smoothing in [0, 1]", group="loss")
-    z_loss: float = _opt(0.0, "z-loss coefficient (adds c * logsumexp^2 per target; its share of the loss is "
-                         "logged as train/z_loss, for one more forward of the output layer per micro-batch)",
-                         group="loss")
-    softcap: float | None = _opt(None, "tanh soft-capping of the logits (Gemma 2 uses 30)", group="loss",
-                                 metavar="S")
-    normalize: str = _opt("token", "token: mean over the step's target tokens; sequence: mean of per-sequence means",
-                          group="loss", choices=NORMALIZATIONS)
-    token_loss: str = _opt("ce", "ce: cross-entropy; dft: scaled by the detached target probability; focal: "
-                           "scaled by the detached (1 - p)^gamma; focal_attached: focal loss of Lin et al.", group="loss",
-                           choices=TOKEN_LOSSES)
-    focal_gamma: float | None = _opt(None, f"gamma of --token-loss focal (default {DEFAULT_FOCAL_GAMMA:g})",
-                                     group="loss", metavar="G")
-    loss_backend: str = _opt("auto", "linear cross-entropy backend (auto: reference for small logits, else "
-                             "chunked; triton, triton-lowmem: CUDA)", group="loss", choices=BACKENDS)
-    chunk_size: int | None = _opt(None, "rows per chunk of the fused loss (default: from a memory budget)",
-                                  group="loss", metavar="N")
+    z_loss: float = _opt(
+        0.0,
+        "z-loss coefficient (adds c * logsumexp^2 per target; its share of the loss is "
+        "logged as train/z_loss, for one more forward of the output layer per micro-batch)",
+        group="loss",
+    )
+    softcap: float | None = _opt(None, "tanh soft-capping of the logits (Gemma 2 uses 30)", group="loss", metavar="S")
+    normalize: str = _opt(
+        "token",
+        "token: mean over the step's target tokens; sequence: mean of per-sequence means",
+        group="loss",
+        choices=NORMALIZATIONS,
+    )
+    token_loss: str = _opt(
+        "ce",
+        "ce: cross-entropy; dft: scaled by the detached target probability; focal: "
+        "scaled by the detached (1 - p)^gamma; focal_attached: focal loss of Lin et al.",
+        group="loss",
+        choices=TOKEN_LOSSES,
+    )
+    focal_gamma: float | None = _opt(
+        None, f"gamma of --token-loss focal (default {DEFAULT_FOCAL_GAMMA:g})", group="loss", metavar="G"
+    )
+    loss_backend: str = _opt(
+        "auto",
+        "linear cross-entropy backend (auto: reference for small logits, else chunked; triton, triton-lowmem: CUDA)",
+        group="loss",
+        choices=BACKENDS,
+    )
+    chunk_size: int | None = _opt(
+        None, "rows per chunk of the fused loss (default: from a memory budget)", group="loss", metavar="N"
+    )
     # --- hardware
-    device: str = _opt("auto", "cpu, cuda, cuda:N, or auto (cuda if available); under torchrun each process takes "
-                       "cuda:LOCAL_RANK", group="hardware", math_=False)
-    precision: str = _opt("float32", "float32, or bfloat16 autocast (weights and optimizer stay float32)",
-                          group="hardware", choices=PRECISIONS)
+    device: str = _opt(
+        "auto",
+        "cpu, cuda, cuda:N, or auto (cuda if available); under torchrun each process takes cuda:LOCAL_RANK",
+        group="hardware",
+        math_=False,
+    )
+    precision: str = _opt(
+        "float32",
+        "float32, or bfloat16 autocast (weights and optimizer stay float32)",
+        group="hardware",
+        choices=PRECISIONS,
+    )
     # --- run directory, evaluation, checkpoints
-    output_dir: str = _opt("runs/train", "the run directory: config, metrics.jsonl, plots/, checkpoints/, "
-                           "summary.json, report.md", group="run directory", math_=False)
-    resume: bool = _opt(False, "continue the run in --output-dir from its last complete checkpoint (same losses "
-                        "as an uninterrupted run)", group="run directory", math_=False)
-    overwrite: bool = _opt(False, "delete an existing run in --output-dir instead of refusing to start",
-                           group="run directory", math_=False)
+    output_dir: str = _opt(
+        "runs/train",
+        "the run directory: config, metrics.jsonl, plots/, checkpoints/, summary.json, report.md",
+        group="run directory",
+        math_=False,
+    )
+    resume: bool = _opt(
+        False,
+        "continue the run in --output-dir from its last complete checkpoint (same losses as an uninterrupted run)",
+        group="run directory",
+        math_=False,
+    )
+    overwrite: bool = _opt(
+        False, "delete an existing run in --output-dir instead of refusing to start", group="run directory", math_=False
+    )
     eval_every: int = _opt(50, "evaluate every N steps (and at the end)", group="run directory", math_=False)
     save_every: int = _opt(100, "checkpoint every N steps (and at the end)", group="run directory", math_=False)
-    keep_checkpoints: int = _opt(2, "complete checkpoints to keep (older ones are deleted)", group="run directory",
-                                 math_=False)
-    samples: int = _opt(3, "prompts to answer with greedy generation before and after training",
-                        group="run directory", math_=False)
+    keep_checkpoints: int = _opt(
+        2, "complete checkpoints to keep (older ones are deleted)", group="run directory", math_=False
+    )
+    samples: int = _opt(
+        3, "prompts to answer with greedy generation before and after training", group="run directory", math_=False
+    )
     max_new_tokens: int = _opt(24, "tokens per generated answer", group="run directory", math_=False)
-    progress: str = _opt("auto", "progress display: auto, rich, tqdm, plain, none", group="run directory",
-                         choices=("auto", "rich", "tqdm", "plain", "none"), math_=False)
+    progress: str = _opt(
+        "auto",
+        "progress display: auto, rich, tqdm, plain, none",
+        group="run directory",
+        choices=("auto", "rich", "tqdm", "plain", "none"),
+        math_=False,
+    )
 
     def __post_init__(self) -> None:
         if self.max_grad_norm == 0:
@@ -198,8 +298,10 @@ def _coerce(value: Any, kind: str, where: str) -> Any:
         return value
     if base.startswith("list") and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise ValueError(f"{where} must be {'a list of strings' if base.startswith('list') else 'a ' + base}"
-                     f"{' or null' if 'None' in kind else ''}, got {value!r}")
+    raise ValueError(
+        f"{where} must be {'a list of strings' if base.startswith('list') else 'a ' + base}"
+        f"{' or null' if 'None' in kind else ''}, got {value!r}"
+    )
 
 
 def parse_data_source(text: str) -> DataSource:
@@ -221,8 +323,17 @@ def parse_data_source(text: str) -> DataSource:
 
 def check_config(c: TrainConfig) -> None:
     """Reject impossible values and conflicting options with a message that says what to do."""
-    _positive(c, "vocab_size", "max_length", "batch_size", "grad_accum", "eval_every", "save_every",
-              "keep_checkpoints", "max_new_tokens")
+    _positive(
+        c,
+        "vocab_size",
+        "max_length",
+        "batch_size",
+        "grad_accum",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "max_new_tokens",
+    )
     _positive(c, "batch_tokens", "max_steps", "warmup_steps", "chunk_size", optional=True, zero_ok=("warmup_steps",))
     for name in ("samples",):
         if getattr(c, name) < 0:
@@ -253,15 +364,17 @@ def check_config(c: TrainConfig) -> None:
     if c.focal_gamma not in (None, DEFAULT_FOCAL_GAMMA) and c.token_loss not in ("focal", "focal_attached"):
         raise ValueError("--focal-gamma is only used with --token-loss focal or focal_attached")
     if c.train_on_prompt and c.masking not in ("assistant", "everything"):
-        raise ValueError(f"--train-on-prompt and --masking {c.masking} conflict: --train-on-prompt means "
-                         f"--masking everything")
+        raise ValueError(
+            f"--train-on-prompt and --masking {c.masking} conflict: --train-on-prompt means --masking everything"
+        )
     if c.resume and c.overwrite:
         raise ValueError("--resume and --overwrite conflict: resume continues the run, overwrite deletes it")
     for f in fields(c):
         choices = f.metadata.get("choices")
         if choices is not None and getattr(c, f.name) not in choices:
-            raise ValueError(f"--{_flag(f.name)} must be one of {', '.join(map(str, choices))}; "
-                             f"got {getattr(c, f.name)!r}")
+            raise ValueError(
+                f"--{_flag(f.name)} must be one of {', '.join(map(str, choices))}; got {getattr(c, f.name)!r}"
+            )
     for text in c.data:
         parse_data_source(text)
 
@@ -357,8 +470,12 @@ def _source_text(value: Any, where: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field, grouped as in ``--help``; every default is SUPPRESS so that only
     the flags actually given override the config file."""
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                        help="YAML, TOML or JSON file of options (keys = option names); flags override it")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="YAML, TOML or JSON file of options (keys = option names); flags override it",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
         group_name = f.metadata["group"]

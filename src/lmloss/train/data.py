@@ -63,8 +63,12 @@ class DataReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": dict(self.samples), "skipped": list(self.skipped), "no_target": list(self.no_target),
-                "truncated": list(self.truncated)}
+        return {
+            "samples": dict(self.samples),
+            "skipped": list(self.skipped),
+            "no_target": list(self.no_target),
+            "truncated": list(self.truncated),
+        }
 
 
 @dataclass
@@ -97,6 +101,7 @@ def load_records(config: TrainConfig) -> tuple[list[Source], list[Record]]:
     for path in [s.path for s in config.sources] + list(config.eval_data):
         if not Path(path).is_file():
             raise ValueError(f"data file {path!r} does not exist (--data/--eval-data take JSONL files)")
+
     def read(path: str) -> list[Record]:
         if config.skip_bad_samples:
             return _read_skipping(path)
@@ -105,8 +110,11 @@ def load_records(config: TrainConfig) -> tuple[list[Source], list[Record]]:
         except DataError as err:
             if err.line is None:
                 raise
-            raise DataError(err.path, err.line, f"{err.reason} (fix the line, or pass --skip-bad-samples to skip "
-                                                f"and report such lines)") from err
+            raise DataError(
+                err.path,
+                err.line,
+                f"{err.reason} (fix the line, or pass --skip-bad-samples to skip and report such lines)",
+            ) from err
 
     if config.data:
         sources = [Source(s.path, s.weight, read(s.path)) for s in config.sources]
@@ -162,7 +170,9 @@ def texts_of(records: Sequence[Record]) -> list[str]:
     for record in records:
         data = record.data
         if isinstance(data.get("messages"), list):
-            texts += [m["content"] for m in data["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            texts += [
+                m["content"] for m in data["messages"] if isinstance(m, dict) and isinstance(m.get("content"), str)
+            ]
         for key in ("prompt", "completion"):
             if isinstance(data.get(key), str):
                 texts.append(data[key])
@@ -172,8 +182,9 @@ def texts_of(records: Sequence[Record]) -> list[str]:
 # ---------------------------------------------------------------------------- encoding
 
 
-def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfig, report: DataReport,
-                   split: str) -> list[Example]:
+def encode_records(
+    records: Sequence[Record], tokenizer: Any, config: TrainConfig, report: DataReport, split: str
+) -> list[Example]:
     """Label every record; bad ones raise (naming ``file:line``) or, with --skip-bad-samples,
     are reported and left out. Samples with no target are always left out and reported.
 
@@ -192,8 +203,11 @@ def encode_records(records: Sequence[Record], tokenizer: Any, config: TrainConfi
             full = _encode(record.data, tokenizer, config)
         except (TypeError, ValueError) as err:
             if not config.skip_bad_samples:
-                raise DataError(record.source, record.line, f"{err} (fix the sample, or pass --skip-bad-samples to "
-                                                            f"skip and report such samples)") from err
+                raise DataError(
+                    record.source,
+                    record.line,
+                    f"{err} (fix the sample, or pass --skip-bad-samples to skip and report such samples)",
+                ) from err
             report.skipped.append(f"{record.where}: {err}")
             continue
         example, cut = _truncate(full, config.max_length)
@@ -214,13 +228,19 @@ def _encode(data: dict[str, Any], tokenizer: Any, config: TrainConfig) -> Exampl
     mode = "everything" if config.train_on_prompt else config.masking
     bound = config.max_length + 1
     if "messages" in data:
-        return encode_chat(data["messages"], tokenizer, mode=mode, tools=data.get("tools"),  # type: ignore[arg-type]
-                           max_length=bound, train_turn_suffix=config.train_turn_suffix)
+        return encode_chat(
+            data["messages"],
+            tokenizer,
+            mode=mode,
+            tools=data.get("tools"),  # type: ignore[arg-type]
+            max_length=bound,
+            train_turn_suffix=config.train_turn_suffix,
+        )
     if "prompt" in data:
-        return encode_prompt_completion(data["prompt"], data["completion"], tokenizer,
-                                        train_on_prompt=mode == "everything", max_length=bound)
-    return pretokenized_example(data["input_ids"], data["labels"], vocab_size=len(tokenizer),
-                                ignore_index=IGNORE_INDEX)
+        return encode_prompt_completion(
+            data["prompt"], data["completion"], tokenizer, train_on_prompt=mode == "everything", max_length=bound
+        )
+    return pretokenized_example(data["input_ids"], data["labels"], vocab_size=len(tokenizer), ignore_index=IGNORE_INDEX)
 
 
 def _truncate(example: Example, max_length: int) -> tuple[Example, bool]:
@@ -244,8 +264,9 @@ def prompts_of(records: Sequence[Record], n: int) -> list[Prompt]:
         data = record.data
         if isinstance(data.get("messages"), list):
             messages = data["messages"]
-            first = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
-                         None)
+            first = next(
+                (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None
+            )
             if first:
                 prompts.append(Prompt(list(messages[:first]), None, str(messages[first].get("content", ""))))
         elif isinstance(data.get("prompt"), str) and isinstance(data.get("completion"), str):
@@ -267,7 +288,7 @@ def epoch_micro_batches(data: TrainData, config: TrainConfig, epoch: int) -> lis
         pool += rng.sample(examples, round(part * len(examples)))
     rng.shuffle(pool)
     if config.batch_tokens is None:
-        return [pool[i:i + config.batch_size] for i in range(0, len(pool), config.batch_size)]
+        return [pool[i : i + config.batch_size] for i in range(0, len(pool), config.batch_size)]
     return _by_tokens(pool, config.batch_tokens)
 
 

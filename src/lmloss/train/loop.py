@@ -61,8 +61,7 @@ CONFIG_FILE = "config.json"
 BUILTIN_PROMPT = [{"role": "user", "content": "Where is the capital of China?"}]
 
 
-def train(config: TrainConfig, *, log: Callable[[str], None] = print,
-          given: set[str] | None = None) -> dict[str, Any]:
+def train(config: TrainConfig, *, log: Callable[[str], None] = print, given: set[str] | None = None) -> dict[str, Any]:
     """Run ``lmloss train`` with ``config``; returns the summary (also in ``summary.json``).
 
     ``given``: the option names the user set (the command line passes them); on
@@ -82,8 +81,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
 class Trainer:
     """Sets up a run from a :class:`TrainConfig` and runs it; see :func:`train`."""
 
-    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print,
-                 given: set[str] | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, *, log: Callable[[str], None] = print, given: set[str] | None = None
+    ) -> None:
         self.procs, self.device = start_processes(config.device)
         self.log = log if self.procs.main else (lambda _: None)
         self.lock: rundir.RunLock | None = None
@@ -110,8 +110,10 @@ class Trainer:
         if config.resume:
             found = ckpt.latest_checkpoint(self.run_dir)
             if found is None:
-                raise ValueError(f"--resume: {self.run_dir} has no complete checkpoint to resume from "
-                                 f"(start the run without --resume)")
+                raise ValueError(
+                    f"--resume: {self.run_dir} has no complete checkpoint to resume from "
+                    f"(start the run without --resume)"
+                )
             self._restored = ckpt.load_trainer_state(found)  # a damaged checkpoint fails here, named
             ckpt.check_model_file(found)
             if self.procs.main:
@@ -119,8 +121,10 @@ class Trainer:
             return found
         has_run = rundir.has_run(self.run_dir)
         if has_run and not config.overwrite:
-            raise ValueError(f"{self.run_dir} already holds a run: pass --resume to continue it, --overwrite to "
-                             f"replace it, or another --output-dir")
+            raise ValueError(
+                f"{self.run_dir} already holds a run: pass --resume to continue it, --overwrite to "
+                f"replace it, or another --output-dir"
+            )
         if self.procs.main and has_run:
             rundir.clear_run(self.run_dir)
         self.procs.barrier()
@@ -140,8 +144,10 @@ class Trainer:
             names = {f.name for f in fields(TrainConfig) if getattr(given, f.name) != getattr(defaults, f.name)}
         changed = sorted(n for n in names - changeable if getattr(given, n) != getattr(saved, n))
         if changed:
-            raise ValueError(f"--resume continues the saved run; these options differ from it: "
-                             f"{', '.join('--' + n.replace('_', '-') for n in changed)} (see {CONFIG_FILE})")
+            raise ValueError(
+                f"--resume continues the saved run; these options differ from it: "
+                f"{', '.join('--' + n.replace('_', '-') for n in changed)} (see {CONFIG_FILE})"
+            )
         values = saved.to_dict()
         for name in names & changeable:
             values[name] = getattr(given, name)
@@ -161,8 +167,7 @@ class Trainer:
         sources, held_out = load_records(c)
         train_records = [r for s in sources for r in s.records]
         source = str(self.resume_from) if self.resume_from else c.model
-        self.tokenizer = load_tokenizer(source if self.resume_from else c.model, texts_of(train_records),
-                                        c.vocab_size)
+        self.tokenizer = load_tokenizer(source if self.resume_from else c.model, texts_of(train_records), c.vocab_size)
         report = DataReport()
         train = [encode_records(s.records, self.tokenizer, c, report, s.name) for s in sources]
         if not any(train):
@@ -192,8 +197,13 @@ class Trainer:
         c = self.config
         # Packed rows hold several samples: "sequence" becomes per-sample weights (see _batches).
         normalize = "token" if self._per_sample_weights else c.normalize
-        options: dict[str, Any] = dict(label_smoothing=c.label_smoothing, z_loss=c.z_loss, normalize=normalize,
-                                       backend=c.loss_backend, chunk_size=c.chunk_size)
+        options: dict[str, Any] = dict(
+            label_smoothing=c.label_smoothing,
+            z_loss=c.z_loss,
+            normalize=normalize,
+            backend=c.loss_backend,
+            chunk_size=c.chunk_size,
+        )
         softcap = c.softcap if c.softcap is not None else self.model_softcap
         if softcap is not None:
             options["softcap"] = softcap
@@ -229,7 +239,7 @@ class Trainer:
         after the first ``(s - 1) * per_step``, and process ``r`` every ``world``-th of them."""
         start = (step - 1) * self.per_step
         chosen = [self._stream(i) for i in range(start, start + self.per_step)]
-        return chosen[self.procs.rank::self.procs.world]
+        return chosen[self.procs.rank :: self.procs.world]
 
     def _stream(self, index: int) -> list[Example]:
         epoch = 0
@@ -243,8 +253,10 @@ class Trainer:
         if epoch not in sizes:
             sizes[epoch] = len(self._epoch(epoch))
             if sizes[epoch] == 0:
-                raise ValueError(f"epoch {epoch} has no sample: the mix weights leave nothing to train "
-                                 f"(a weight below 1 on a file with few samples?)")
+                raise ValueError(
+                    f"epoch {epoch} has no sample: the mix weights leave nothing to train "
+                    f"(a weight below 1 on a file with few samples?)"
+                )
         return sizes[epoch]
 
     def _epoch(self, epoch: int) -> list[list[Example]]:
@@ -268,8 +280,9 @@ class Trainer:
         self.plots = self._plots_available()
         start = self._restore() if self.resume_from else 0
         if self.procs.main and not self.resume_from:
-            atomic_write(self.run_dir / CONFIG_FILE, lambda f: f.write(json.dumps(self.config.to_dict(), indent=2)),
-                         binary=False)
+            atomic_write(
+                self.run_dir / CONFIG_FILE, lambda f: f.write(json.dumps(self.config.to_dict(), indent=2)), binary=False
+            )
         self._announce(start)
         self.monitor = self._monitor(start)
         if not self.resume_from:
@@ -295,21 +308,27 @@ class Trainer:
         try:
             import matplotlib as mpl  # noqa: F401
         except ImportError:
-            self.log("warning: matplotlib is not installed: this run writes no plots (pip install 'lmloss[plot]'; "
-                     "`lmloss plot RUN_DIR` draws them later)")
+            self.log(
+                "warning: matplotlib is not installed: this run writes no plots (pip install 'lmloss[plot]'; "
+                "`lmloss plot RUN_DIR` draws them later)"
+            )
             return False
         return True
 
     def _announce(self, start: int) -> None:
         c = self.config
         params = sum(p.numel() for p in self.model.parameters())
-        self.log(f"model: {c.model} ({type(self.model).__name__}, {params:,} parameters), vocabulary "
-                 f"{len(self.tokenizer):,}, device {self.device}, {self.procs.world} process(es), {c.precision}")
+        self.log(
+            f"model: {c.model} ({type(self.model).__name__}, {params:,} parameters), vocabulary "
+            f"{len(self.tokenizer):,}, device {self.device}, {self.procs.world} process(es), {c.precision}"
+        )
         for line in self.data.report.lines():
             self.log(f"data: {line}")
-        self.log(f"steps: {self.total_steps} x {self.per_step} micro-batches of "
-                 f"{f'{c.batch_tokens} tokens' if c.batch_tokens else f'{c.batch_size} samples'}"
-                 f"{', packed' if c.packing else ''}" + (f"; resuming after step {start}" if start else ""))
+        self.log(
+            f"steps: {self.total_steps} x {self.per_step} micro-batches of "
+            f"{f'{c.batch_tokens} tokens' if c.batch_tokens else f'{c.batch_size} samples'}"
+            f"{', packed' if c.packing else ''}" + (f"; resuming after step {start}" if start else "")
+        )
 
     def _monitor(self, start: int) -> LossMonitor:
         sinks: list[Any] = []
@@ -365,14 +384,22 @@ class Trainer:
         targets = sum(lmloss.count_targets(b["labels"]).double() for b in batches)
         # The stop flag rides along, so that every process stops after the same step.
         stop = float(self.stop.signum is not None)
-        numbers = torch.stack([total.double(), z_total.double()] + [
-            torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in (inputs, targets, stop)])
+        numbers = torch.stack(
+            [total.double(), z_total.double()]
+            + [torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in (inputs, targets, stop)]
+        )
         loss, z_loss, inputs, targets, stops = self.procs.sum(numbers).tolist()
         self.counters["tokens_seen"] += int(inputs)
         self.counters["target_tokens_seen"] += int(targets)
         self.counters["train_seconds"] += time.perf_counter() - began
-        self.monitor.update(step, loss=loss, tokens=int(targets), grad_norm=grad_norm,
-                            lr=self.scheduler.get_last_lr()[0], z_loss=z_loss if z_share else None)
+        self.monitor.update(
+            step,
+            loss=loss,
+            tokens=int(targets),
+            grad_norm=grad_norm,
+            lr=self.scheduler.get_last_lr()[0],
+            z_loss=z_loss if z_share else None,
+        )
         return stops > 0
 
     def _clip(self) -> torch.Tensor:
@@ -390,14 +417,22 @@ class Trainer:
             return
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, targets, correct
-        mine = [self.data.eval[i:i + self.config.batch_size]
-                for i in range(0, len(self.data.eval), self.config.batch_size)][self.procs.rank::self.procs.world]
+        mine = [
+            self.data.eval[i : i + self.config.batch_size]
+            for i in range(0, len(self.data.eval), self.config.batch_size)
+        ][self.procs.rank :: self.procs.world]
         for batch in self._batches(mine):
             with self._autocast():
                 head = head_of(self.model)
                 hidden, bias = self.loss_model.scaled(self.loss_model.hidden_states(batch), head.bias)
-                loss = lmloss.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=bias,
-                                                   reduction="sum", softcap=self.loss_model.loss_options.get("softcap"))
+                loss = lmloss.linear_cross_entropy(
+                    hidden,
+                    head.weight,
+                    batch["labels"],
+                    bias=bias,
+                    reduction="sum",
+                    softcap=self.loss_model.loss_options.get("softcap"),
+                )
             sums[0] += loss.double()
             sums[1] += lmloss.count_targets(batch["labels"]).double()
             sums[2] += correct_targets(hidden.float(), head.weight.float(), batch["labels"]).double()
@@ -419,8 +454,9 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
         if self.procs.main:
-            ckpt.save_checkpoint(self.run_dir, step, self.model, self.tokenizer, state,
-                                 keep=self.config.keep_checkpoints)
+            ckpt.save_checkpoint(
+                self.run_dir, step, self.model, self.tokenizer, state, keep=self.config.keep_checkpoints
+            )
         self.procs.barrier()
 
     def _restore(self) -> int:
@@ -441,14 +477,16 @@ class Trainer:
     def _answers(self) -> list[dict[str, str]]:
         if not self.procs.main or not self.data.prompts:
             return []
-        return generate_answers(self.model, self.tokenizer, self.data.prompts, self.config.max_new_tokens,
-                                self.device)
+        return generate_answers(self.model, self.tokenizer, self.data.prompts, self.config.max_new_tokens, self.device)
 
     def _finish(self) -> dict[str, Any]:
         interrupted = None
         if self.stopped_at is not None:  # no answers "after": the run is not over, and the user is waiting
-            interrupted = {"signal": self.stop.name or "a stop request", "step": self.stopped_at,
-                           "exit_code": exit_code(self.stop.signum or 0) if self.stop.signum else 1}
+            interrupted = {
+                "signal": self.stop.name or "a stop request",
+                "step": self.stopped_at,
+                "exit_code": exit_code(self.stop.signum or 0) if self.stop.signum else 1,
+            }
         self.samples["after"] = [] if interrupted else self._answers()
         self.monitor.close()
         events = [e.to_record() for e in self.monitor.events]
@@ -457,8 +495,9 @@ class Trainer:
             plots = plot_run(self.run_dir).paths if self.plots else []
             summary = {**summarize(self.run_dir, self.counters, events), "interrupted": interrupted}
             write_summary(self.run_dir, summary)
-            atomic_write(self.run_dir / "samples.json", lambda f: f.write(json.dumps(self.samples, indent=2)),
-                         binary=False)
+            atomic_write(
+                self.run_dir / "samples.json", lambda f: f.write(json.dumps(self.samples, indent=2)), binary=False
+            )
             write_report(self.run_dir, summary, self._setup_lines(), self.samples, self.data.report.lines(), plots)
             self._print_end(summary)
         self.procs.barrier()
@@ -466,23 +505,36 @@ class Trainer:
 
     def _setup_lines(self) -> dict[str, Any]:
         c = self.config
-        return {"model": c.model, "parameters": f"{sum(p.numel() for p in self.model.parameters()):,}",
-                "data": " ".join(c.data) or "built-in chats", "processes": self.procs.world, "device": str(self.device),
-                "precision": c.precision, "steps": self.total_steps,
-                "micro-batches per step": f"{self.per_step} ({c.grad_accum} per process)",
-                "loss": json.dumps({k: v for k, v in self._loss_options().items() if v is not None})}
+        return {
+            "model": c.model,
+            "parameters": f"{sum(p.numel() for p in self.model.parameters()):,}",
+            "data": " ".join(c.data) or "built-in chats",
+            "processes": self.procs.world,
+            "device": str(self.device),
+            "precision": c.precision,
+            "steps": self.total_steps,
+            "micro-batches per step": f"{self.per_step} ({c.grad_accum} per process)",
+            "loss": json.dumps({k: v for k, v in self._loss_options().items() if v is not None}),
+        }
 
     def _print_end(self, summary: dict[str, Any]) -> None:
         if summary["interrupted"]:
             stop = summary["interrupted"]
-            self.log(f"interrupted by {stop['signal']} after step {stop['step']} of {self.total_steps}: checkpoint "
-                     f"saved; continue with: lmloss train --output-dir {self.run_dir} --resume")
+            self.log(
+                f"interrupted by {stop['signal']} after step {stop['step']} of {self.total_steps}: checkpoint "
+                f"saved; continue with: lmloss train --output-dir {self.run_dir} --resume"
+            )
         for before, after in zip(self.samples.get("before", []), self.samples["after"]):
             self.log(f"Q: {before['prompt']}\n   before: {before['answer']!r}\n   after:  {after['answer']!r}")
-        self.log(f"train loss {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; "
-                 + (f"eval loss {summary['first_eval_loss']:.3f} -> {summary['last_eval_loss']:.3f}; "
-                    if summary["first_eval_loss"] is not None else "")
-                 + f"{summary['tokens_seen']:,} tokens in {summary['train_seconds']:.0f} s")
+        self.log(
+            f"train loss {summary['first_train_loss']:.3f} -> {summary['last_train_loss']:.3f}; "
+            + (
+                f"eval loss {summary['first_eval_loss']:.3f} -> {summary['last_eval_loss']:.3f}; "
+                if summary["first_eval_loss"] is not None
+                else ""
+            )
+            + f"{summary['tokens_seen']:,} tokens in {summary['train_seconds']:.0f} s"
+        )
         self.log(f"wrote {self.run_dir}/: summary.json, report.md, metrics.jsonl, plots/, checkpoints/")
 
 
@@ -492,8 +544,9 @@ class Trainer:
 def _builtin_prompt_record() -> Any:
     from lmloss.check import Record
 
-    return Record("builtin", 0, {"messages": BUILTIN_PROMPT + [{"role": "assistant",
-                                                                "content": "The capital is Beijing."}]})
+    return Record(
+        "builtin", 0, {"messages": BUILTIN_PROMPT + [{"role": "assistant", "content": "The capital is Beijing."}]}
+    )
 
 
 def _adamw(model: nn.Module, c: TrainConfig) -> torch.optim.AdamW:

@@ -68,8 +68,10 @@ def _embedding_rows(model: Any) -> int:
 def _model_dir(model: str) -> Path:
     directory = Path(model)
     if not directory.is_dir():
-        raise ValueError(f"--model {model!r} is neither a built-in size ({', '.join(BUILTIN_MODELS)}) nor an existing "
-                         f"local directory (a transformers model saved with save_pretrained; nothing is downloaded)")
+        raise ValueError(
+            f"--model {model!r} is neither a built-in size ({', '.join(BUILTIN_MODELS)}) nor an existing "
+            f"local directory (a transformers model saved with save_pretrained; nothing is downloaded)"
+        )
     if not (directory / "config.json").is_file():
         raise ValueError(f"--model {model!r} has no config.json: not a transformers model directory")
     return directory
@@ -89,16 +91,20 @@ def backbone_of(model: nn.Module) -> nn.Module:
         candidate = getattr(model, name, None)
         if isinstance(candidate, nn.Module) and candidate is not model:
             return candidate
-    raise ValueError(f"cannot find the backbone of {type(model).__name__} (tried get_decoder(), .model, "
-                     f".transformer): lmloss train needs the hidden states before lm_head")
+    raise ValueError(
+        f"cannot find the backbone of {type(model).__name__} (tried get_decoder(), .model, "
+        f".transformer): lmloss train needs the hidden states before lm_head"
+    )
 
 
 def head_of(model: nn.Module) -> nn.Linear:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not nn.Linear: "
-                         f"the fused loss needs the lm_head weight")
+        raise ValueError(
+            f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not nn.Linear: "
+            f"the fused loss needs the lm_head weight"
+        )
     return head
 
 
@@ -132,15 +138,33 @@ class LossModel(nn.Module):
         return backbone_of(self.model)(**inputs, use_cache=False).last_hidden_state
 
     @overload
-    def forward(self, batch: Mapping[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None, *,
-                z_share: Literal[False] = False, **overrides: Any) -> torch.Tensor: ...
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | None = None,
+        *,
+        z_share: Literal[False] = False,
+        **overrides: Any,
+    ) -> torch.Tensor: ...
 
     @overload
-    def forward(self, batch: Mapping[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None, *,
-                z_share: Literal[True], **overrides: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | None = None,
+        *,
+        z_share: Literal[True],
+        **overrides: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def forward(self, batch: Mapping[str, torch.Tensor], num_items_in_batch: torch.Tensor | None = None, *,
-                z_share: bool = False, **overrides: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        num_items_in_batch: torch.Tensor | None = None,
+        *,
+        z_share: bool = False,
+        **overrides: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The loss (0-dim); with ``z_share=True``, ``(loss, z)`` where ``z`` (0-dim, detached)
         is the z-loss term's part of ``loss`` (``loss`` minus :meth:`z_free_loss`)."""
         head = head_of(self.model)
@@ -148,8 +172,9 @@ class LossModel(nn.Module):
         if "token_weights" in batch:
             options["token_weights"] = batch["token_weights"]
         hidden, bias = self.scaled(self.hidden_states(batch), head.bias)
-        loss = lmloss.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=bias,
-                                           num_items_in_batch=num_items_in_batch, **options)
+        loss = lmloss.linear_cross_entropy(
+            hidden, head.weight, batch["labels"], bias=bias, num_items_in_batch=num_items_in_batch, **options
+        )
         if not z_share:
             return loss
         plain = self.z_free_loss(hidden, head.weight, bias, batch["labels"], num_items_in_batch, options)
@@ -157,14 +182,21 @@ class LossModel(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def z_free_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                    num_items_in_batch: torch.Tensor | None, options: Mapping[str, Any]) -> torch.Tensor:
+    def z_free_loss(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | None,
+        options: Mapping[str, Any],
+    ) -> torch.Tensor:
         """The same loss with ``z_loss=0``: no gradient, so one more pass of the fused head
         forward only (the backbone is not run again). ``loss - z_free_loss`` is the z term's
         share, ``c * sum_i w_i lse_i^2 / N`` over the same targets, weights and ``N`` as the
         loss, so its sum over a step's micro-batches and processes is the step's share."""
-        return lmloss.linear_cross_entropy(hidden, weight, labels, bias=bias, num_items_in_batch=num_items_in_batch,
-                                           **{**options, "z_loss": 0.0})
+        return lmloss.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, num_items_in_batch=num_items_in_batch, **{**options, "z_loss": 0.0}
+        )
 
     def scaled(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``scale * (h W^T + b)`` as ``(scale h) W^T + scale b``."""
@@ -183,18 +215,19 @@ def per_sample_weights(labels: torch.Tensor, position_ids: torch.Tensor) -> torc
     """
     starts = (position_ids == 0).reshape(-1)
     sample = starts.long().cumsum(0) - 1  # sample index of every position, over the flattened rows
-    is_target = (labels.reshape(-1) != IGNORE_INDEX)
+    is_target = labels.reshape(-1) != IGNORE_INDEX
     # Position 0 of a row is never a target under the shift (and a packing collator masks
     # every sample's first label), so nothing predicts across a sample boundary.
-    is_target[::labels.shape[-1]] = False
+    is_target[:: labels.shape[-1]] = False
     counts = torch.bincount(sample, weights=is_target.double(), minlength=int(sample.max()) + 1)
     weights = torch.where(is_target, 1.0 / counts[sample].clamp_min(1.0), torch.zeros((), dtype=torch.float64))
     return weights.float().view_as(labels)
 
 
 @torch.no_grad()
-def correct_targets(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                    rows_per_chunk: int = 1024) -> torch.Tensor:
+def correct_targets(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, rows_per_chunk: int = 1024
+) -> torch.Tensor:
     """Targets whose argmax prediction is right, chunk by chunk (never all logits at once).
 
     ``hidden`` ``[B, T, D]``, ``labels`` ``[B, T]`` unshifted; returns a 0-dim int64 count.
@@ -205,6 +238,6 @@ def correct_targets(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h, y = h[keep], y[keep]
     correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
     for start in range(0, h.shape[0], rows_per_chunk):
-        logits = h[start:start + rows_per_chunk] @ weight.T
-        correct += (logits.argmax(-1) == y[start:start + rows_per_chunk]).sum()
+        logits = h[start : start + rows_per_chunk] @ weight.T
+        correct += (logits.argmax(-1) == y[start : start + rows_per_chunk]).sum()
     return correct

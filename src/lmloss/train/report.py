@@ -22,8 +22,9 @@ __all__ = ["generate_answers", "summarize", "write_report", "write_summary"]
 
 
 @torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int,
-                     device: torch.device) -> list[dict[str, str]]:
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int, device: torch.device
+) -> list[dict[str, str]]:
     """Greedy answers to ``prompts`` (the model is put back in training mode afterwards)."""
     was_training = model.training
     model.eval()
@@ -32,10 +33,15 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_
         for prompt in prompts:
             text = _prompt_text(tokenizer, prompt)
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=prompt.messages is None).input_ids.to(device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
             answers.append({"prompt": _question(prompt), "answer": answer, "reference": prompt.reference})
     finally:
         model.train(was_training)
@@ -85,33 +91,48 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     return atomic_write(run_dir / "summary.json", lambda f: f.write(text), binary=False)
 
 
-def write_report(run_dir: Path, summary: Mapping[str, Any], setup: Mapping[str, Any],
-                 samples: Mapping[str, list[dict[str, str]]], data_lines: Sequence[str], plots: Sequence[Path]) -> Path:
+def write_report(
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    setup: Mapping[str, Any],
+    samples: Mapping[str, list[dict[str, str]]],
+    data_lines: Sequence[str],
+    plots: Sequence[Path],
+) -> Path:
     """``report.md``: the run in a page: setup, losses, events, answers before/after, plots."""
     lines = [f"# lmloss train: {run_dir.name}", ""]
     stop = summary.get("interrupted")
     if stop:
         lines += [
-            (f"**Interrupted** by {stop['signal']} after step {stop['step']} of {setup.get('steps', '?')}; "
-             f"a checkpoint holds it: continue with `lmloss train --output-dir {run_dir} --resume`."),
+            (
+                f"**Interrupted** by {stop['signal']} after step {stop['step']} of {setup.get('steps', '?')}; "
+                f"a checkpoint holds it: continue with `lmloss train --output-dir {run_dir} --resume`."
+            ),
             "",
         ]
     lines += [f"- {key}: {value}" for key, value in setup.items()]
     lines += ["", "## Data", ""] + [f"- {line}" for line in data_lines]
     lines += ["", "## Loss", "", "| | first | last | best |", "|---|---|---|---|"]
     lines.append(f"| train loss | {_num(summary['first_train_loss'])} | {_num(summary['last_train_loss'])} | |")
-    lines.append(f"| eval loss | {_num(summary['first_eval_loss'])} | {_num(summary['last_eval_loss'])} "
-                 f"| {_num(summary['best_eval_loss'])} |")
+    lines.append(
+        f"| eval loss | {_num(summary['first_eval_loss'])} | {_num(summary['last_eval_loss'])} "
+        f"| {_num(summary['best_eval_loss'])} |"
+    )
     rate = summary["tokens_per_second"]
-    lines += ["", f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens "
-              f"({summary['target_tokens_seen']:,} targets) in {summary['train_seconds']:.1f} s of training"
-              + (f", {rate:,.0f} tokens/s." if rate else ".")]
+    lines += [
+        "",
+        f"{summary['steps']} steps, {summary['tokens_seen']:,} tokens "
+        f"({summary['target_tokens_seen']:,} targets) in {summary['train_seconds']:.1f} s of training"
+        + (f", {rate:,.0f} tokens/s." if rate else "."),
+    ]
     lines += ["", "## Events", ""]
     lines += [f"- step {e['step']}: {e['message']}" for e in summary["events"]] or ["- none"]
     lines += ["", "## Answers (greedy)", "", "| prompt | before | after | reference |", "|---|---|---|---|"]
     before, after = samples.get("before", []), samples.get("after", [])
     for b, a in zip(before, after):
-        lines.append(f"| {_cell(b['prompt'])} | {_cell(b['answer'])} | {_cell(a['answer'])} | {_cell(a['reference'])} |")
+        lines.append(
+            f"| {_cell(b['prompt'])} | {_cell(b['answer'])} | {_cell(a['answer'])} | {_cell(a['reference'])} |"
+        )
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     text = "\n".join(lines) + "\n"

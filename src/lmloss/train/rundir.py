@@ -18,13 +18,33 @@ from pathlib import Path
 
 from lmloss._files import check_writable_dir
 
-__all__ = ["LOCK_FILE", "RUN_FILES", "RunDirError", "RunLock", "clear_run", "foreign_entries", "has_run",
-           "prepare_output_dir"]
+__all__ = [
+    "LOCK_FILE",
+    "RUN_FILES",
+    "RunDirError",
+    "RunLock",
+    "clear_run",
+    "foreign_entries",
+    "has_run",
+    "prepare_output_dir",
+]
 
 LOCK_FILE = ".lmloss.lock"
 # Every name a run writes at the top of its directory (files and folders); nothing else is its.
-RUN_FILES = frozenset({"config.json", "metrics.jsonl", "metrics.csv", "summary.json", "report.md", "samples.json",
-                       "plots", "checkpoints", "tensorboard", LOCK_FILE})
+RUN_FILES = frozenset(
+    {
+        "config.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "report.md",
+        "samples.json",
+        "plots",
+        "checkpoints",
+        "tensorboard",
+        LOCK_FILE,
+    }
+)
 # Inside the folders a run owns, what it writes there.
 _OWN_INSIDE = {"plots": (".png", ".tmp"), "checkpoints": ("step-", ".step-", "latest", ".latest.")}
 
@@ -46,8 +66,9 @@ def prepare_output_dir(path: str, *, resume: bool = False) -> Path:
     if root.exists() and not root.is_dir():
         raise RunDirError(f"--output-dir {path!r} is a file, not a directory")
     if resume and not root.exists():
-        raise RunDirError(f"--resume: {path!r} does not exist, so there is no run to continue (start the run "
-                          f"without --resume)")
+        raise RunDirError(
+            f"--resume: {path!r} does not exist, so there is no run to continue (start the run without --resume)"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -74,8 +95,11 @@ def foreign_entries(root: Path) -> list[str]:
                 found.append(entry.name)
                 continue
             prefixes = _OWN_INSIDE[entry.name]
-            found += [f"{entry.name}/{inner.name}" for inner in sorted(entry.iterdir())
-                      if not any(inner.name.startswith(p) or inner.name.endswith(p) for p in prefixes)]
+            found += [
+                f"{entry.name}/{inner.name}"
+                for inner in sorted(entry.iterdir())
+                if not any(inner.name.startswith(p) or inner.name.endswith(p) for p in prefixes)
+            ]
     return found
 
 
@@ -88,8 +112,10 @@ def clear_run(root: Path) -> list[str]:
     foreign = foreign_entries(root)
     if foreign:
         shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
-        raise RunDirError(f"--overwrite: {root} holds files no lmloss run writes ({shown}); refusing to delete "
-                          f"it: pass an --output-dir of its own")
+        raise RunDirError(
+            f"--overwrite: {root} holds files no lmloss run writes ({shown}); refusing to delete "
+            f"it: pass an --output-dir of its own"
+        )
     deleted = []
     for entry in sorted(root.iterdir()):
         if entry.name == LOCK_FILE:
@@ -130,8 +156,10 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None:
-                    raise RunDirError(f"{self.path.parent} is in use by another lmloss run (pid {owner}); wait "
-                                      f"for it to finish or pass another --output-dir") from None
+                    raise RunDirError(
+                        f"{self.path.parent} is in use by another lmloss run (pid {owner}); wait "
+                        f"for it to finish or pass another --output-dir"
+                    ) from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as handle:

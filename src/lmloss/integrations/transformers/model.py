@@ -51,7 +51,9 @@ def output_head(model: nn.Module) -> nn.Linear:
         )
     if head.weight.ndim != 2 or not head.weight.is_floating_point():
         shape = tuple(head.weight.shape)
-        raise ValueError(f"the lm_head weight must be a floating [vocab, hidden] matrix, got {shape} {head.weight.dtype}")
+        raise ValueError(
+            f"the lm_head weight must be a floating [vocab, hidden] matrix, got {shape} {head.weight.dtype}"
+        )
     return head
 
 

@@ -74,8 +74,13 @@ def apply(
         raise ValueError("lmloss is already applied to this model; call remove(model) first to change its options")
     # The other per-token options are fixed here: transformers shifts, means over the
     # step's targets, and the softcap is the model's own (see SPEC_OPTIONS_FIXED).
-    spec = loss_spec(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                     token_loss=token_loss, focal_gamma=focal_gamma)
+    spec = loss_spec(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
     check_backend_options(backend, chunk_size)
     check_bool("eval_logits", eval_logits)
     head = output_head(target)

@@ -55,8 +55,13 @@ def trainer_loss(
     """
     # The other per-token options are fixed here: transformers shifts, means over the
     # step's targets, and the softcap is the model's own (see SPEC_OPTIONS_FIXED).
-    spec = loss_spec(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                     token_loss=token_loss, focal_gamma=focal_gamma)
+    spec = loss_spec(
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        token_loss=token_loss,
+        focal_gamma=focal_gamma,
+    )
     ids = check_token_ids(ignore_token_ids)
 
     def loss_func(outputs: Any, labels: torch.Tensor | None, num_items_in_batch: Any = None) -> torch.Tensor:

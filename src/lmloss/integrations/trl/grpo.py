@@ -53,7 +53,13 @@ class LMLossGRPOTrainer(GRPOTrainer):
         extra = {k: v for k, v in multimodal.items() if v is not None}
         if compute_aux_loss or extra:
             return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
                 **multimodal,
             )
         labels = input_ids.masked_fill(attention_mask == 0, -100)
@@ -61,7 +67,12 @@ class LMLossGRPOTrainer(GRPOTrainer):
         owner = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():  # as TRL runs its forward (bf16 autocast by default)
             out = completion_logprobs(
-                model, owner, input_ids, attention_mask, labels, temperature=self.temperature,
+                model,
+                owner,
+                input_ids,
+                attention_mask,
+                labels,
+                temperature=self.temperature,
                 with_entropy=compute_entropy,
             )
         entropy = None if out.entropy is None else out.entropy[:, -logits_to_keep:]

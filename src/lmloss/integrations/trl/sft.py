@@ -93,9 +93,19 @@ class LMLossSFTTrainer(SFTTrainer):
         **kwargs: Any,
     ) -> None:
         if kwargs.get("compute_loss_func") is not None:
-            raise ValueError("LMLossSFTTrainer computes the loss itself; pass lmloss's options instead of compute_loss_func")
-        check_loss_options(ignore_index=-100, reduction="mean", label_smoothing=label_smoothing, z_loss=z_loss,
-                           softcap=softcap, normalize=normalize, token_loss=token_loss, focal_gamma=focal_gamma)
+            raise ValueError(
+                "LMLossSFTTrainer computes the loss itself; pass lmloss's options instead of compute_loss_func"
+            )
+        check_loss_options(
+            ignore_index=-100,
+            reduction="mean",
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            normalize=normalize,
+            token_loss=token_loss,
+            focal_gamma=focal_gamma,
+        )
         check_backend_options(backend, chunk_size)
         check_bool("token_metrics", token_metrics)
         model = kwargs.get("model", args[0] if args else None)
@@ -114,7 +124,9 @@ class LMLossSFTTrainer(SFTTrainer):
         inner = _inner_model(self.model)
         self.lmloss_softcap = _softcap_of(inner, softcap)
         self.lmloss_ignore_ids = (
-            placeholder_token_ids(inner) if ignore_token_ids is None else tuple(sorted({int(i) for i in ignore_token_ids}))
+            placeholder_token_ids(inner)
+            if ignore_token_ids is None
+            else tuple(sorted({int(i) for i in ignore_token_ids}))
         )
         self.lmloss_token_metrics = token_metrics
         if normalize == "sequence" and (self.padding_free or getattr(self.args, "packing", False)):
@@ -156,15 +168,19 @@ class LMLossSFTTrainer(SFTTrainer):
         targets = cast(torch.Tensor, shift_labels if shift_labels is not None else labels)
         call = _HeadCall(self, _mask_ids(targets, self.lmloss_ignore_ids), shift_labels is None, num_items_in_batch)
         head = _inner_model(model).get_output_embeddings()
-        handles = [head.register_forward_pre_hook(call.pre_hook, with_kwargs=True),
-                   head.register_forward_hook(call.post_hook, with_kwargs=True, prepend=True)]
+        handles = [
+            head.register_forward_pre_hook(call.pre_hook, with_kwargs=True),
+            head.register_forward_hook(call.post_hook, with_kwargs=True, prepend=True),
+        ]
         try:
             outputs = model(**forward_inputs)
         finally:
             for handle in handles:
                 handle.remove()
         if call.loss is None:
-            raise RuntimeError(f"LMLossSFTTrainer: the forward never called the output embeddings ({type(head).__name__})")
+            raise RuntimeError(
+                f"LMLossSFTTrainer: the forward never called the output embeddings ({type(head).__name__})"
+            )
         loss = call.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages the gradients
@@ -241,7 +257,11 @@ class _HeadCall:
 
 
 def _token_stats(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, shift: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    shift: bool,
     softcap: float | None,
 ) -> tuple[torch.Tensor, ...]:
     """(target count, summed entropy, argmax hits, summed squared log-sum-exp) over the
