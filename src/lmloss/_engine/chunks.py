@@ -317,9 +317,11 @@ def _chunk(
     if record is not None:
         record.store(index, stats)
     if grads is not None:
-        logits_grad_(z, stats.y, a, stats.lse, terms, math, reducer.vocab_size, to_softmax=stats.to_softmax,
+        # The gradient is linear in the coefficients: they scale the [c, D] side of the
+        # products instead of the [c, V] buffer (for plain cross-entropy, one pass fewer).
+        logits_grad_(z, stats.y, 1.0, stats.lse, terms, math, reducer.vocab_size, to_softmax=stats.to_softmax,
                      own=stats.own, cap=cap)
-        accumulate(z, h, weight, grads, buffers, index)
+        accumulate(z, h, weight, grads, buffers, index, row_scale=a)
     return torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
 
 
@@ -346,22 +348,34 @@ def accumulate(
     grads: Grads,
     buffers: Buffers,
     index: torch.Tensor | slice,
+    *,
+    row_scale: torch.Tensor | None = None,
 ) -> None:
-    """The two products of the backward pass for one chunk, plus the bias gradient."""
+    """The two products of the backward pass for one chunk, plus the bias gradient.
+
+    ``row_scale``: ``[c]`` factors of the rows of ``dz`` (the gradient of the logits is
+    ``row_scale[:, None] * dz``), applied to the ``[c, D]`` operands and results, not to
+    ``dz``; None: ``dz`` is the gradient itself.
+    """
     if buffers.low is not None:  # products in the input dtype, as the naive path does
         low = buffers.low[: dz.shape[0]]
         low.copy_(dz)
     else:
         low = dz
+    scale = None if row_scale is None else row_scale.unsqueeze(1)
     if grads.hidden is not None:
-        grads.hidden[index] = torch.mm(low, weight).to(grads.hidden.dtype)
+        dh = torch.mm(low, weight).to(grads.hidden.dtype)
+        grads.hidden[index] = dh if scale is None else dh.mul_(scale.to(dh.dtype))
     if grads.weight is not None:
         # float32 accumulation: a low-precision weight's gradient takes the float32 dz.
         left, right = (low, h) if grads.weight.dtype == h.dtype else (dz, h.to(dz.dtype))
+        if scale is not None:
+            right = right * scale.to(right.dtype)
         if grads.weight_written:
             grads.weight.addmm_(left.t(), right)
         else:
             torch.mm(left.t(), right, out=grads.weight)
             grads.weight_written = True
     if grads.bias is not None:
-        grads.bias += dz.sum(dim=0).to(grads.bias.dtype)
+        column_sums = dz.sum(dim=0) if row_scale is None else torch.mv(dz.t(), row_scale.to(dz.dtype))
+        grads.bias += column_sums.to(grads.bias.dtype)

@@ -128,7 +128,7 @@ def _token_weight(
 def logits_grad_(
     probs: torch.Tensor,
     y: torch.Tensor,
-    a: torch.Tensor,
+    a: torch.Tensor | float,
     lse: torch.Tensor,
     terms: Terms,
     math: LossMath,
@@ -144,7 +144,10 @@ def logits_grad_(
         probs: ``[c, V_r]`` the softmax (or, with ``to_softmax``, ``exp(z - m)`` whose
             row ``i`` times ``to_softmax[i]`` is the softmax).
         y: ``[c]`` target columns of this block (any column where ``own`` is False).
-        a: ``[c]`` coefficients (0: the row adds nothing).
+        a: ``[c]`` coefficients (0: the row adds nothing), or ``1.0`` for every row: the
+            gradient is linear in ``a``, so a caller may scale the rows later (on the
+            ``[c, D]`` side of the products), and plain cross-entropy then skips a pass
+            over ``probs``.
         lse, terms: the row's log-sum-exp and :func:`token_terms`.
         vocab_size: the full ``V`` (label smoothing spreads over all of it).
         own: ``[c]`` whether the target lies in this block (a vocabulary shard); None: always.
@@ -156,12 +159,23 @@ def logits_grad_(
     onehot = (1.0 - math.label_smoothing) * aw
     if k is not None:
         row_scale, onehot = row_scale + a * k, onehot + a * k
-    probs.mul_((row_scale if to_softmax is None else row_scale * to_softmax).unsqueeze(1))
+    if to_softmax is not None:
+        row_scale = row_scale * to_softmax
+    if not (isinstance(row_scale, float) and row_scale == 1.0):  # 1: probs is already the gradient's dense part
+        probs.mul_(_per_row(row_scale, probs))
     if math.label_smoothing > 0:
-        probs.sub_((aw * (math.label_smoothing / vocab_size)).unsqueeze(1))
+        probs.sub_(_per_row(aw * (math.label_smoothing / vocab_size), probs))
     if probs.shape[1] > 0:
-        hit = -onehot if own is None else torch.where(own, -onehot, torch.zeros_like(onehot))
-        probs.scatter_add_(1, y.unsqueeze(1), hit.unsqueeze(1).to(probs.dtype))
+        hit = _per_row(onehot, probs).neg()
+        if own is not None:
+            hit = torch.where(own.unsqueeze(1), hit, torch.zeros_like(hit))
+        probs.scatter_add_(1, y.unsqueeze(1), hit)
     if cap is not None:
         probs.mul_(cap)
     return probs
+
+
+def _per_row(value: torch.Tensor | float, probs: torch.Tensor) -> torch.Tensor:
+    """``[c, 1]`` column of a per-row value (a ``[c]`` tensor or one number for every row)."""
+    column = torch.as_tensor(value, dtype=probs.dtype, device=probs.device)
+    return column.expand(probs.shape[0]).unsqueeze(1)
