@@ -4,8 +4,10 @@ For each chunk of ``c`` scored rows the logits ``[c, V]`` are computed into one 
 float32 (float64) buffer; a reducer (:mod:`lmloss._engine.reducer`) turns them into
 the row statistics in place; the row math (:mod:`lmloss._engine.rowmath`) gives the
 losses and, when a gradient is needed, overwrites the buffer with the gradient of the
-logits, which feeds the two other products (``dh = dz @ W``, ``dW += dz^T @ h``).
-So a chunk costs the three matrix products plus a few passes over one buffer.
+logits per unit coefficient, which feeds the two other products (``dh = a * (dz @ W)``,
+``dW += dz^T @ (a * h)``: the coefficients ``a`` scale the ``[c, D]`` side). So a chunk
+costs the three matrix products plus a few passes over one buffer: for plain
+cross-entropy, the in-place log-softmax and one ``exp``.
 
 Unscored rows (coefficient 0) are dropped before any product, found by one
 ``nonzero`` (a host synchronisation on GPU). With ``lmloss.validation(False)`` every
