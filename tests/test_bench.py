@@ -61,6 +61,7 @@ def test_floor_of_scored_rows_and_cpu_time_lines(capsys):
     assert against is not None
     expected = float(rows["lmloss"][0]) / float(rows["floor-scored"][0])
     assert float(against.group(1)) == pytest.approx(expected, rel=0.05, abs=0.02)
-    cpu = re.search(r"CPU time \(median, all threads; x: vs floor\): floor ([0-9.]+) s \(1\.00x\), "
-                    r"floor-scored ([0-9.]+) s \(([0-9.]+)x\), lmloss ([0-9.]+) s \(([0-9.]+)x\)", out)
+    cpu = re.search(r"CPU time \(median, all threads; x: vs floor-scored\): floor ([0-9.]+) s \(([0-9.]+)x\), "
+                    r"floor-scored ([0-9.]+) s \(1\.00x\), lmloss ([0-9.]+) s \(([0-9.]+)x\)", out)
     assert cpu is not None
+    assert float(cpu.group(5)) == pytest.approx(float(cpu.group(4)) / float(cpu.group(3)), rel=0.05, abs=0.02)

@@ -292,9 +292,10 @@ def _table(args, seconds, losses, memory, skipped, cpu=None) -> str:
         against = [f"{m} {s / scored:.2f}x" for m, s in seconds.items() if not m.startswith("floor")]
         lines.append("\nvs floor-scored (the products over the scored rows): " + ", ".join(against))
     if cpu and args.device == "cpu":
-        text = ", ".join(f"{m} {t:.3f} s" + (f" ({t / cpu['floor']:.2f}x)" if cpu.get("floor") else "")
+        base = "floor-scored" if cpu.get("floor-scored") else "floor"
+        text = ", ".join(f"{m} {t:.3f} s" + (f" ({t / cpu[base]:.2f}x)" if cpu.get(base) else "")
                          for m, t in cpu.items())
-        lines.append(f"\nCPU time (median, all threads; x: vs floor): {text}")
+        lines.append(f"\nCPU time (median, all threads; x: vs {base}): {text}")
     if skipped:
         lines.append(f"\nnot available here: {', '.join(skipped)}")
     return "\n".join(lines)
