@@ -54,3 +54,21 @@ def test_bad_method_is_refused():
 
 def test_peak_rss_is_read():
     assert peak_rss_bytes() > 10 * 2**20
+
+
+def test_floor_of_scored_rows_and_cpu_time_lines(capsys):
+    assert main(["bench", "--tokens", "40", "--repeats", "1", "--methods", "floor,floor-scored,lmloss",
+                 "--ignored", "0.5", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert list(rows) == ["floor", "floor-scored", "lmloss"]
+    assert rows["floor-scored"][4] == "-"  # no loss: products only
+    # The last lines put each method against the scored-rows floor, from the table's own times.
+    against = re.search(r"vs floor-scored \(the products over the scored rows\): lmloss ([0-9.]+)x", out)
+    assert against is not None
+    expected = float(rows["lmloss"][0]) / float(rows["floor-scored"][0])
+    assert float(against.group(1)) == pytest.approx(expected, rel=0.05, abs=0.02)
+    cpu = re.search(r"CPU time \(median, all threads; x: vs floor-scored\): floor ([0-9.]+) s \(([0-9.]+)x\), "
+                    r"floor-scored ([0-9.]+) s \(1\.00x\), lmloss ([0-9.]+) s \(([0-9.]+)x\)", out)
+    assert cpu is not None
+    assert float(cpu.group(5)) == pytest.approx(float(cpu.group(4)) / float(cpu.group(3)), rel=0.05, abs=0.02)

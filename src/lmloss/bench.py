@@ -15,7 +15,9 @@ transformers does), ``torch`` (``torch.nn.functional.linear_cross_entropy`` with
 chunking options, where the installed PyTorch has it), ``lmloss`` (``backend=
 "chunked"``), ``lmloss-triton`` and ``lmloss-lowmem`` (the Triton backends, on CUDA),
 ``liger`` and ``cce`` (Liger Kernel, Cut Cross-Entropy: when installed and on CUDA),
-and ``floor``: the three matrix products alone.
+``floor``: the three matrix products alone, and ``floor-scored``: the same over the
+rows whose target is not ignored (the least any method that drops ignored rows must
+do; the table's last line gives each method's time against it).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ HEADS = {  # name -> (hidden size D, vocabulary V)
     "llama3-8b": (4096, 128_256),
     "gemma2-2b": (2304, 256_000),
 }
-METHODS = ("floor", "naive", "torch", "lmloss", "lmloss-triton", "lmloss-lowmem", "liger", "cce")
+METHODS = ("floor", "floor-scored", "naive", "torch", "lmloss", "lmloss-triton", "lmloss-lowmem", "liger", "cce")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +80,8 @@ def method_step(method: str, x: Inputs, chunk_size: int | None = None) -> Callab
     """A closure doing one forward+backward and returning the loss; None if unavailable."""
     if method == "floor":
         return _floor(x)
+    if method == "floor-scored":
+        return _floor(x, scored_only=True)
     if method == "naive":
         return lambda: _backward(F.cross_entropy((x.hidden @ x.weight.t()).float(), x.labels))
     if method == "torch":
@@ -130,13 +134,16 @@ def _backward(loss: torch.Tensor) -> torch.Tensor:
     return loss.detach()
 
 
-def _floor(x: Inputs) -> Callable[[], torch.Tensor]:
-    """The three products of any exact method: logits, grad of hidden, grad of weight.
+def _floor(x: Inputs, scored_only: bool = False) -> Callable[[], torch.Tensor]:
+    """The three products of any exact method: logits, grad of hidden, grad of weight
+    (``scored_only``: over the rows whose label is not ignored).
 
     Their outputs are allocated once, outside the timed step, so the floor is the
     arithmetic alone (no page faults of fresh [N, V] buffers).
     """
     h, w = x.hidden.detach(), x.weight.detach()
+    if scored_only:
+        h = h[x.labels != -100]
     z = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
     dh, dw = torch.empty_like(h), torch.empty_like(w)
 
@@ -155,21 +162,26 @@ def _sync(device: str) -> None:
 
 
 def time_methods(x: Inputs, steps: dict[str, Callable[[], torch.Tensor]], repeats: int, device: str):
-    """Median seconds per method, the methods taking turns within each repeat."""
+    """Median seconds per method, the methods taking turns within each repeat: wall
+    time, and this process's CPU time (all threads; steadier on a shared machine,
+    where the wall time counts the moments other processes held the cores)."""
     times: dict[str, list[float]] = {m: [] for m in steps}
+    cpu: dict[str, list[float]] = {m: [] for m in steps}
     losses: dict[str, float] = {}
     for repeat in range(repeats + 1):
         for method, step in steps.items():
             x.clear()
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = step()
             _sync(device)
             if repeat:  # repeat 0 is the warm-up
                 times[method].append(time.perf_counter() - start)
+                cpu[method].append(time.process_time() - cpu_start)
             losses[method] = float(loss)
     x.clear()
-    return {m: statistics.median(t) for m, t in times.items()}, losses
+    median = statistics.median
+    return {m: median(t) for m, t in times.items()}, losses, {m: median(t) for m, t in cpu.items()}
 
 
 def peak_extra_bytes(method: str, args: argparse.Namespace) -> float | None:
@@ -252,16 +264,16 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"lmloss bench: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     # Memory first: each CPU measurement is a fresh process, and the GPU one needs
     # the allocator free of the timing runs' inputs.
-    memory = {m: None if args.no_memory or m == "floor" else peak_extra_bytes(m, args) for m in methods}
+    memory = {m: None if args.no_memory or m.startswith("floor") else peak_extra_bytes(m, args) for m in methods}
     x = make_inputs(args.tokens, args.head, DTYPES[args.dtype], args.device, args.ignored)
     steps = {m: s for m in methods if (s := method_step(m, x, args.chunk_size)) is not None}
     skipped = [m for m in methods if m not in steps]
-    seconds, losses = time_methods(x, steps, args.repeats, args.device)
-    print(_table(args, seconds, losses, memory, skipped))
+    seconds, losses, cpu = time_methods(x, steps, args.repeats, args.device)
+    print(_table(args, seconds, losses, memory, skipped, cpu))
     return 0
 
 
-def _table(args, seconds, losses, memory, skipped) -> str:
+def _table(args, seconds, losses, memory, skipped, cpu=None) -> str:
     d, v = HEADS[args.head]
     n = args.tokens
     flops = 6 * n * d * v
@@ -278,9 +290,18 @@ def _table(args, seconds, losses, memory, skipped) -> str:
     for method, s in seconds.items():
         ratio = f"{s / floor:.2f}x" if floor else "-"
         mem = memory.get(method)
-        mem_text = "-" if mem is None or method == "floor" else f"{mem / 2**20:.0f}"
-        loss = "-" if method == "floor" else f"{losses[method]:.5f}"
+        mem_text = "-" if mem is None or method.startswith("floor") else f"{mem / 2**20:.0f}"
+        loss = "-" if method.startswith("floor") else f"{losses[method]:.5f}"
         lines.append(f"| {method} | {s:.3f} | {ratio} | {flops / s / 1e12:.1f} | {mem_text} | {loss} |")
+    scored = seconds.get("floor-scored")
+    if scored:
+        against = [f"{m} {s / scored:.2f}x" for m, s in seconds.items() if not m.startswith("floor")]
+        lines.append("\nvs floor-scored (the products over the scored rows): " + ", ".join(against))
+    if cpu and args.device == "cpu":
+        base = "floor-scored" if cpu.get("floor-scored") else "floor"
+        text = ", ".join(f"{m} {t:.3f} s" + (f" ({t / cpu[base]:.2f}x)" if cpu.get(base) else "")
+                         for m, t in cpu.items())
+        lines.append(f"\nCPU time (median, all threads; x: vs {base}): {text}")
     if skipped:
         lines.append(f"\nnot available here: {', '.join(skipped)}")
     return "\n".join(lines)
