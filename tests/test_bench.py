@@ -20,8 +20,23 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 
 def test_bench_prints_one_table_with_matching_losses(capsys):
-    assert main(["bench", "--tokens", "48", "--repeats", "1", "--methods", "floor,naive,lmloss", "--ignored",
-                 "0.25", "--no-memory"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--tokens",
+                "48",
+                "--repeats",
+                "1",
+                "--methods",
+                "floor,naive,lmloss",
+                "--ignored",
+                "0.25",
+                "--no-memory",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("# qwen2-0.5b head: N=48, D=896, V=151936, float32, cpu")
     rows = table_rows(out)
@@ -33,8 +48,22 @@ def test_bench_prints_one_table_with_matching_losses(capsys):
 
 def test_bench_memory_column_comes_from_fresh_processes(capsys):
     tokens, chunk = 64, 8
-    assert main(["bench", "--tokens", str(tokens), "--repeats", "1", "--methods", "lmloss,naive",
-                 "--chunk-size", str(chunk)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--tokens",
+                str(tokens),
+                "--repeats",
+                "1",
+                "--methods",
+                "lmloss,naive",
+                "--chunk-size",
+                str(chunk),
+            ]
+        )
+        == 0
+    )
     rows = table_rows(capsys.readouterr().out)
     naive, lmloss = float(rows["naive"][3]), float(rows["lmloss"][3])
     # Bounds by construction, not by a machine's kernels: naive must hold the [64, 151936]
@@ -57,8 +86,23 @@ def test_peak_rss_is_read():
 
 
 def test_floor_of_scored_rows_and_cpu_time_lines(capsys):
-    assert main(["bench", "--tokens", "40", "--repeats", "1", "--methods", "floor,floor-scored,lmloss",
-                 "--ignored", "0.5", "--no-memory"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--tokens",
+                "40",
+                "--repeats",
+                "1",
+                "--methods",
+                "floor,floor-scored,lmloss",
+                "--ignored",
+                "0.5",
+                "--no-memory",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert list(rows) == ["floor", "floor-scored", "lmloss"]
@@ -68,7 +112,10 @@ def test_floor_of_scored_rows_and_cpu_time_lines(capsys):
     assert against is not None
     expected = float(rows["lmloss"][0]) / float(rows["floor-scored"][0])
     assert float(against.group(1)) == pytest.approx(expected, rel=0.05, abs=0.02)
-    cpu = re.search(r"CPU time \(median, all threads; x: vs floor-scored\): floor ([0-9.]+) s \(([0-9.]+)x\), "
-                    r"floor-scored ([0-9.]+) s \(1\.00x\), lmloss ([0-9.]+) s \(([0-9.]+)x\)", out)
+    cpu = re.search(
+        r"CPU time \(median, all threads; x: vs floor-scored\): floor ([0-9.]+) s \(([0-9.]+)x\), "
+        r"floor-scored ([0-9.]+) s \(1\.00x\), lmloss ([0-9.]+) s \(([0-9.]+)x\)",
+        out,
+    )
     assert cpu is not None
     assert float(cpu.group(5)) == pytest.approx(float(cpu.group(4)) / float(cpu.group(3)), rel=0.05, abs=0.02)

@@ -234,8 +234,18 @@ def peak_rss_bytes() -> int:
 
 
 def _shape_args(args: argparse.Namespace) -> list[str]:
-    return ["--head", args.head, "--tokens", str(args.tokens), "--dtype", args.dtype, "--device", args.device,
-            "--ignored", str(args.ignored)] + ([] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)])
+    return [
+        "--head",
+        args.head,
+        "--tokens",
+        str(args.tokens),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--ignored",
+        str(args.ignored),
+    ] + ([] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)])
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -299,8 +309,9 @@ def _table(args, seconds, losses, memory, skipped, cpu=None) -> str:
         lines.append("\nvs floor-scored (the products over the scored rows): " + ", ".join(against))
     if cpu and args.device == "cpu":
         base = "floor-scored" if cpu.get("floor-scored") else "floor"
-        text = ", ".join(f"{m} {t:.3f} s" + (f" ({t / cpu[base]:.2f}x)" if cpu.get(base) else "")
-                         for m, t in cpu.items())
+        text = ", ".join(
+            f"{m} {t:.3f} s" + (f" ({t / cpu[base]:.2f}x)" if cpu.get(base) else "") for m, t in cpu.items()
+        )
         lines.append(f"\nCPU time (median, all threads; x: vs {base}): {text}")
     if skipped:
         lines.append(f"\nnot available here: {', '.join(skipped)}")
@@ -314,8 +325,9 @@ def _device_name(device: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="lmloss bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lmloss bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     configure(parser)
     return run(parser.parse_args())
 

@@ -67,7 +67,13 @@ class Reducer(Protocol):
     vocab_size: int
 
     def stats_(
-        self, z: torch.Tensor, y: torch.Tensor, math: LossMath, index: torch.Tensor | slice, *, first: bool,
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        math: LossMath,
+        index: torch.Tensor | slice,
+        *,
+        first: bool,
         probs: bool,
     ) -> RowStats: ...
 
@@ -116,7 +122,12 @@ class LinearCall:
         """The per-call checks and the target plan: the rows to score, the plan, the item count."""
         dtype = compute_dtype(self.hidden.dtype)
         plan, num_items = prepare(
-            self.labels, self.token_weights, self.num_items_in_batch, self.weight.shape[0], self.spec, dtype,
+            self.labels,
+            self.token_weights,
+            self.num_items_in_batch,
+            self.weight.shape[0],
+            self.spec,
+            dtype,
             self.class_weights,
         )
         return Rows.of(self.hidden, self.weight, self.bias, plan), plan, num_items
@@ -320,8 +331,19 @@ def _chunk(
     if record is not None:
         record.store(index, stats)
     if grads is not None:
-        logits_grad_(z, stats.y, a, stats.lse, terms, math, reducer.vocab_size, to_softmax=stats.to_softmax,
-                     own=stats.own, cap=cap, classes=stats.classes)
+        logits_grad_(
+            z,
+            stats.y,
+            a,
+            stats.lse,
+            terms,
+            math,
+            reducer.vocab_size,
+            to_softmax=stats.to_softmax,
+            own=stats.own,
+            cap=cap,
+            classes=stats.classes,
+        )
         accumulate(z, h, weight, grads, buffers, index)
     return torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
 
