@@ -329,8 +329,8 @@ class DistillationLoss(_DistillationOptions):
             labels,
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
-            **self._distill_options(),
-        )  # type: ignore[arg-type]
+            **self._distill_options(),  # type: ignore[arg-type]
+        )
 
 
 class LinearDistillationLoss(_DistillationOptions):
@@ -388,5 +388,5 @@ class LinearDistillationLoss(_DistillationOptions):
             teacher_bias=teacher_bias,
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
-            **self._options,
-        )  # type: ignore[arg-type]
+            **self._options,  # type: ignore[arg-type]
+        )

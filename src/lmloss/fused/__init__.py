@@ -128,7 +128,7 @@ def _reference(call: LinearCall) -> torch.Tensor:
         F.linear(hidden, call.weight, call.bias),
         call.labels,
         token_weights=call.token_weights,  # type: ignore[arg-type]
-        num_items_in_batch=call.num_items_in_batch,
+        num_items_in_batch=call.num_items_in_batch,  # type: ignore[arg-type]
         class_weights=call.class_weights,  # type: ignore[arg-type]
         **spec.options(),  # type: ignore[arg-type]
     )

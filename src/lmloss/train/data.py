@@ -231,8 +231,8 @@ def _encode(data: dict[str, Any], tokenizer: Any, config: TrainConfig) -> Exampl
         return encode_chat(
             data["messages"],
             tokenizer,
-            mode=mode,
-            tools=data.get("tools"),  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            tools=data.get("tools"),
             max_length=bound,
             train_turn_suffix=config.train_turn_suffix,
         )
