@@ -91,7 +91,7 @@ class LossSpec:
 
     def replace(self, **changes: object) -> LossSpec:
         """A new, checked spec with ``changes`` applied."""
-        return LossSpec(**{**self.options(), **changes})  # type: ignore[arg-type]
+        return check_loss_options(**{**self.options(), **changes})
 
     def options(self) -> dict[str, object]:
         """The options as keywords of a public entry point."""
@@ -100,7 +100,7 @@ class LossSpec:
 
 def check_loss_options(**options: object) -> LossSpec:
     """Check per-token options (keywords of :class:`LossSpec`) together; returns their spec."""
-    return LossSpec(**options)  # type: ignore[arg-type]
+    return LossSpec(**options)  # type: ignore[arg-type]  # keywords typed object; __post_init__ checks each
 
 
 def check_softcap(softcap: object) -> None:
@@ -108,9 +108,9 @@ def check_softcap(softcap: object) -> None:
     if softcap is None:
         return
     check_real("softcap", softcap)
-    if not (math.isfinite(softcap) and softcap > 0.0):  # type: ignore[arg-type, operator]
+    if not (math.isfinite(softcap) and softcap > 0.0):  # type: ignore[arg-type, operator]  # check_real passed
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-    if softcap < MIN_SOFTCAP:  # type: ignore[operator]
+    if softcap < MIN_SOFTCAP:  # type: ignore[operator]  # check_real passed
         raise ValueError(
             f"softcap={softcap} is below the minimum {MIN_SOFTCAP}: logits / softcap would overflow and "
             "every gradient vanish; use softcap=None for no capping"
@@ -134,9 +134,9 @@ def resolve_focal_gamma(token_loss: object, focal_gamma: object) -> float:
             f"but token_loss={token_loss!r}; leave focal_gamma=None"
         )
     check_real("focal_gamma", focal_gamma)
-    if not (math.isfinite(focal_gamma) and focal_gamma >= 0.0):  # type: ignore[arg-type, operator]
+    if not (math.isfinite(focal_gamma) and focal_gamma >= 0.0):  # type: ignore[arg-type, operator]  # check_real passed
         raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma}")
-    return float(focal_gamma)  # type: ignore[arg-type]
+    return float(focal_gamma)  # type: ignore[arg-type]  # check_real passed
 
 
 # The option names, in signature order (every entry point spells them this way).

@@ -230,7 +230,7 @@ def check_real(name: str, value: object) -> None:
 def check_temperature(temperature: object) -> None:
     """``temperature``: a finite number ``> 0``, the divisor of the logits in ``softmax(z / tau)``."""
     check_real("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]
+    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]  # check_real passed
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 

@@ -317,14 +317,16 @@ class _SampleChecker:
         window = {"max_length": self.window, "truncation_side": self.truncation_side}
         if "messages" in data:
             ex = encode_chat(
-                data["messages"], self.tokenizer, mode=self.mode,  # type: ignore[arg-type]
+                data["messages"], self.tokenizer, mode=self.mode,  # type: ignore[arg-type]  # a str; encode_chat checks it
                 ignore_index=self.ignore_index, ignore_token_ids=self.placeholders, tools=data.get("tools"),
-                train_turn_suffix=self.train_turn_suffix, **window,  # type: ignore[arg-type]
+                train_turn_suffix=self.train_turn_suffix,
+                **window,  # type: ignore[arg-type]  # dict[str, object]; the encoder checks its values
             )  # fmt: skip
         elif "prompt" in data and "completion" in data:
             ex = encode_prompt_completion(
                 data["prompt"], data["completion"], self.tokenizer, train_on_prompt=self.mode == "everything",
-                ignore_index=self.ignore_index, ignore_token_ids=self.placeholders, **window,  # type: ignore[arg-type]
+                ignore_index=self.ignore_index, ignore_token_ids=self.placeholders,
+                **window,  # type: ignore[arg-type]  # dict[str, object]; the encoder checks its values
             )  # fmt: skip
         elif "input_ids" in data and "labels" in data:
             ex = pretokenized_example(

@@ -45,7 +45,7 @@ from lmloss._engine.chunks import (
 )
 from lmloss._engine.logits_rows import scored_row_losses
 from lmloss._engine.plan import compute_dtype, finish, prepare
-from lmloss._spec import LossSpec, Normalize, Reduction
+from lmloss._spec import LossSpec, Normalize, Reduction, check_loss_options
 from lmloss._validation import (
     check_labels_on,
     check_logits,
@@ -168,8 +168,8 @@ def linear_distillation_loss(
             h.reshape(-1, h.shape[-1]),
             w,
             b,
-            teacher[0].reshape(-1, th.shape[-1]),  # type: ignore[union-attr]
-            teacher[1],  # type: ignore[arg-type]
+            teacher[0].reshape(-1, th.shape[-1]),  # type: ignore[union-attr]  # th is a tensor
+            teacher[1],  # type: ignore[arg-type]  # tw is a tensor
             teacher[2],
             plan.targets.reshape(-1),
             plan.coef.reshape(-1),
@@ -188,10 +188,10 @@ def check_distill_options(
     temperature: object, alpha: object, shift: object, ignore_index: object, reduction: object, normalize: object
 ) -> None:
     """The options of both distillation losses; raises ``ValueError``/``TypeError``."""
-    LossSpec(shift=shift, ignore_index=ignore_index, reduction=reduction, normalize=normalize)  # type: ignore[arg-type]
+    check_loss_options(shift=shift, ignore_index=ignore_index, reduction=reduction, normalize=normalize)
     check_temperature(temperature)
     check_real("alpha", alpha)
-    if not 0.0 <= alpha <= 1.0:  # type: ignore[operator]
+    if not 0.0 <= alpha <= 1.0:  # type: ignore[operator]  # check_real made it a real number; mypy cannot narrow object
         raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}")
 
 
@@ -353,9 +353,9 @@ def _kd_chunk_(
         loss = alpha * loss + hard * ce
     if not want_grad:
         return loss
-    if z_y is not None:
+    if z_y is not None and lse1 is not None:  # lse1 is always set with z_y (both need hard > 0)
         # s1 = exp(zs - lse1) with zs = tau * (log q + lse_tau) and lse_tau = z_y - log q_y.
-        shift = tau * (z_y - zs.gather(1, y.unsqueeze(1)).squeeze(1)) - lse1  # type: ignore[operator]
+        shift = tau * (z_y - zs.gather(1, y.unsqueeze(1)).squeeze(1)) - lse1
         torch.mul(zs, tau, out=scratch).add_(shift.unsqueeze(1)).exp_()
     soft = a * (alpha * tau)
     # At tau = 1, s1 is q itself: its CE coefficient joins the distillation one.

@@ -15,6 +15,7 @@ from lmloss._spec import (
     Normalize,
     Reduction,
     TokenLoss,
+    check_loss_options,
 )
 from lmloss._validation import check_class_weights
 from lmloss.fused import check_backend_options, linear_cross_entropy
@@ -43,7 +44,7 @@ class _LossModule(nn.Module):
 
     def _checked(self, options: dict[str, object]) -> LossSpec:
         """Check ``options`` together; returns their spec."""
-        return LossSpec(**{k: options[k] for k in SPEC_OPTIONS if k in options})  # type: ignore[arg-type]
+        return check_loss_options(**{k: options[k] for k in SPEC_OPTIONS if k in options})
 
     def __setattr__(self, name: str, value: object) -> None:
         options = self.__dict__.get("_options")
@@ -52,7 +53,7 @@ class _LossModule(nn.Module):
             self.__dict__["spec"] = self._checked(updated)  # raises before anything changes
             options[name] = value
         else:
-            super().__setattr__(name, value)  # type: ignore[arg-type]
+            super().__setattr__(name, value)  # type: ignore[arg-type]  # nn.Module's stub types value as Tensor | Module
 
     def __getattr__(self, name: str) -> Any:
         options = self.__dict__.get("_options", {})
@@ -152,7 +153,7 @@ class CausalLMLoss(_LossModule):
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
             class_weights=self.weight,
-            **self.spec.options(),  # type: ignore[arg-type]
+            **self.spec.options(),  # type: ignore[arg-type]  # options() values are object; LossSpec checked each
         )
 
 
@@ -231,9 +232,9 @@ class LinearCrossEntropyLoss(_LossModule):
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
             class_weights=self.class_weights,
-            backend=self._options["backend"],  # type: ignore[arg-type]
-            chunk_size=self._options["chunk_size"],  # type: ignore[arg-type]
-            **self.spec.options(),  # type: ignore[arg-type]
+            backend=self._options["backend"],  # type: ignore[arg-type]  # checked in __init__
+            chunk_size=self._options["chunk_size"],  # type: ignore[arg-type]  # checked in __init__
+            **self.spec.options(),  # type: ignore[arg-type]  # options() values are object; LossSpec checked each
         )
 
 
@@ -243,7 +244,7 @@ def _checked_class_weights(value: object, name: str = "class_weights") -> torch.
     if value is None:
         return None
     check_class_weights(value, None, None, torch.float64, name)
-    return value.detach()  # type: ignore[attr-defined]
+    return value.detach()  # type: ignore[attr-defined]  # a tensor (checked)
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reduction:
@@ -329,7 +330,7 @@ class DistillationLoss(_DistillationOptions):
             labels,
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
-            **self._distill_options(),  # type: ignore[arg-type]
+            **self._distill_options(),  # type: ignore[arg-type]  # checked by check_distill_options in __init__
         )
 
 
@@ -388,5 +389,5 @@ class LinearDistillationLoss(_DistillationOptions):
             teacher_bias=teacher_bias,
             num_items_in_batch=num_items_in_batch,
             token_weights=token_weights,
-            **self._options,  # type: ignore[arg-type]
+            **self._options,  # type: ignore[arg-type]  # checked in __init__; a dict of mixed option types
         )

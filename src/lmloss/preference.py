@@ -101,7 +101,7 @@ def sequence_logprobs(
     if weight is None:
         if bias is not None:
             raise ValueError("bias is only used with weight= (hidden states as inputs)")
-        per_token = token_logprobs(inputs, labels, **options).logprobs  # type: ignore[arg-type]
+        per_token = token_logprobs(inputs, labels, **options).logprobs  # type: ignore[arg-type]  # checked there
     else:
         per_token = linear_token_logprobs(
             inputs,
@@ -110,7 +110,7 @@ def sequence_logprobs(
             bias=bias,
             backend=backend,
             chunk_size=chunk_size,
-            **options,  # type: ignore[arg-type]
+            **options,  # type: ignore[arg-type]  # dict of mixed option types; linear_token_logprobs checks them
         ).logprobs
     if per_token.ndim != 2:
         raise ValueError(f"labels must be [B, T] (one row per sequence), got shape {tuple(labels.shape)}")
@@ -291,6 +291,7 @@ def _real(name: str, value: object) -> float:
 
 
 def _positive(name: str, value: object) -> float:
-    if _real(name, value) <= 0:
+    number = _real(name, value)
+    if number <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)  # type: ignore[arg-type]
+    return number

@@ -175,7 +175,7 @@ def _normalize(
             per_seq = per_token.sum(-1)
         total, count = per_seq.sum(), torch.tensor(float(per_seq.numel()), device=m.device)
         if loss_type == "dr_grpo":
-            total = total / float(max_completion_length)  # type: ignore[arg-type]
+            total = total / float(max_completion_length)  # type: ignore[arg-type]  # dr_grpo: set (checked)
     if num_items is not None:
         divisor = num_items if isinstance(num_items, float) else num_items.to(torch.float32)
         # An empty step (0 items) gives 0, never NaN: every summed term is 0 then.

@@ -127,10 +127,10 @@ def _reference(call: LinearCall) -> torch.Tensor:
     return causal_lm_loss(
         F.linear(hidden, call.weight, call.bias),
         call.labels,
-        token_weights=call.token_weights,  # type: ignore[arg-type]
-        num_items_in_batch=call.num_items_in_batch,  # type: ignore[arg-type]
-        class_weights=call.class_weights,  # type: ignore[arg-type]
-        **spec.options(),  # type: ignore[arg-type]
+        token_weights=call.token_weights,  # type: ignore[arg-type]  # checked on entry
+        num_items_in_batch=call.num_items_in_batch,  # type: ignore[arg-type]  # checked on entry
+        class_weights=call.class_weights,  # type: ignore[arg-type]  # checked on entry
+        **spec.options(),  # type: ignore[arg-type]  # options() values are object; LossSpec checked each
     )
 
 

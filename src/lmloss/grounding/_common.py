@@ -12,7 +12,7 @@ import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 from lmloss._validation import check_choice
 
@@ -184,11 +184,15 @@ def check_num_bins(num_bins: object) -> int:
     return num_bins
 
 
-def check_order(order: object) -> str:
+def check_order(order: object) -> Literal["xyxy", "yxyx"]:
     check_choice("order", order, ("xyxy", "yxyx"))
-    return order  # type: ignore[return-value]
+    return "xyxy" if order == "xyxy" else "yxyx"  # the same string, typed as the Literal
 
 
+@overload
+def check_image_size(image_size: object, *, required: Literal[True]) -> tuple[int, int]: ...
+@overload
+def check_image_size(image_size: object, *, required: bool) -> tuple[int, int] | None: ...
 def check_image_size(image_size: object, *, required: bool) -> tuple[int, int] | None:
     if image_size is None:
         if required:
@@ -200,5 +204,7 @@ def check_image_size(image_size: object, *, required: bool) -> tuple[int, int] |
 
 
 def _positive(value: object) -> bool:
-    # Compared as given (no float(): a huge int stays exact); typeshed's numbers.Real declares < and <= only.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0  # type: ignore[operator]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    # Compared as given (no float(): a huge int stays exact).
+    return value > 0  # type: ignore[operator]  # typeshed's numbers.Real declares < and <= only

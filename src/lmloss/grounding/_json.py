@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 
 # json's own string reader (in C), a module attribute since Python 2.6 that typeshed omits.
-from json.decoder import scanstring  # type: ignore[attr-defined]
+from json.decoder import scanstring  # type: ignore[attr-defined]  # typeshed omits it
 from typing import Any
 
 from lmloss.grounding._common import Box, GroundedPhrase, IssueList, box_problem
@@ -113,7 +113,7 @@ class _Reader:
         while True:
             token = _TOKEN.match(text, i)
             if token is None:
-                at = _WS.match(text, i).end()  # type: ignore[union-attr]
+                at = _WS.match(text, i).end()  # type: ignore[union-attr]  # * always matches
                 return self.fail(at, self.unexpected(at, state))
             kind = str(token.lastgroup)  # one named group always matches
             at, i = token.start(kind), token.end()
@@ -199,7 +199,7 @@ class _Reader:
         if isinstance(frame.value, list):
             frame.value.append(value)
         else:
-            frame.value[frame.key] = value  # type: ignore[index]
+            frame.value[frame.key] = value  # type: ignore[index]  # key set first
 
     def close(self, i: int) -> bool:
         """Close the innermost container at ``text[i]``; True when it was the outermost."""
@@ -275,7 +275,7 @@ def _box_groups(
         if problem is not None:
             issues.add(entry.start, entry.end, problem)
             continue
-        groups.append(GroundedPhrase(entry.label, (box,), entry.start))  # type: ignore[arg-type]
+        groups.append(GroundedPhrase(entry.label, (box,), entry.start))  # type: ignore[arg-type]  # no problem: a box
     return groups
 
 
@@ -296,7 +296,7 @@ def _json_box(bbox: Any, label: Any, image_size: tuple[int, int] | None) -> tupl
         return None, f'expected 4 coordinates in "bbox_2d" [x1, y1, x2, y2], found {len(bbox)}'
     values = tuple(float(v) for v in bbox)
     problem = box_problem(values, image_size, "pixels" if image_size is None else f"a {image_size} image")
-    return (None, problem) if problem else (values, None)  # type: ignore[return-value]
+    return (None, problem) if problem else (values, None)  # type: ignore[return-value]  # 4 entries
 
 
 def _report_uncovered(

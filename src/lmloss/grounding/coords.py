@@ -63,7 +63,7 @@ def _scale(tensor: torch.Tensor, space: str, image_size: object, grid_size: int)
         if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
             raise ValueError(f"grid_size must be an int >= 1, got {grid_size!r}")
         return tensor.new_full((4,), float(grid_size))
-    width, height = check_image_size(image_size, required=True)  # type: ignore[misc]
+    width, height = check_image_size(image_size, required=True)
     return tensor.new_tensor([width, height, width, height])
 
 

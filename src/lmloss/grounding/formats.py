@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from lmloss._validation import check_choice
 from lmloss.grounding._common import (
@@ -182,7 +182,7 @@ def _qwen2_vl_box(content: str, start: int, end: int, issues: IssueList) -> Box 
     if problem is not None:
         issues.add(start, end, problem)
         return None
-    return values  # type: ignore[return-value]
+    return values  # type: ignore[return-value]  # 4 atoms checked above; mypy sees tuple[float, ...]
 
 
 def _atom_problem(atom: str) -> str:
@@ -245,7 +245,7 @@ def _bin_box(tokens: list[re.Match[str]], num_bins: int, order: str, issues: Iss
     if problem is not None:
         issues.add(start, end, problem)
         return None
-    return tuple(values)  # type: ignore[return-value]
+    return tuple(values)  # type: ignore[return-value]  # 4 values (one per coordinate tag); mypy sees tuple[float, ...]
 
 
 def _below(digits: str, limit: int) -> bool:
@@ -283,7 +283,7 @@ def format_grounding(
         size = check_image_size(image_size, required=False)
         lines = [_format_json_entry(group.phrase, box, size) for group in groups for box in group.boxes]
         return "```json\n[\n" + ",\n".join(lines) + "\n]\n```"
-    n, order = check_num_bins(num_bins), check_order(order)  # type: ignore[assignment]
+    n, order = check_num_bins(num_bins), check_order(order)
     bin_affixes(pattern)  # validates; writing uses the pattern itself (it may hold a format spec)
     return "".join(_format_bin_box(group, box, n, pattern, order) for group in groups for box in group.boxes)
 
@@ -305,7 +305,8 @@ def format_boxes(
     if labels is not None and len(labels) != len(boxes):
         raise ValueError(f"labels has {len(labels)} entries but there are {len(boxes)} boxes")
     names = [None] * len(boxes) if labels is None else list(labels)
-    groups = [GroundedPhrase(name, (tuple(box),)) for name, box in zip(names, boxes)]  # type: ignore[arg-type]
+    # cast: _integer_box checks each box has 4 coordinates when it is written.
+    groups = [GroundedPhrase(name, (cast(Box, tuple(box)),)) for name, box in zip(names, boxes)]
     return format_grounding(groups, fmt, image_size=image_size, num_bins=num_bins, pattern=pattern, order=order)
 
 

@@ -55,14 +55,14 @@ def common_options(
     """Check the options every encoder takes and bundle them."""
     if max_length is not None:
         check_int("max_length", max_length)
-        if max_length < 1:  # type: ignore[operator]
+        if max_length < 1:  # type: ignore[operator]  # check_int made it an int; mypy cannot narrow object
             raise ValueError(f"max_length must be None or an int >= 1, got {max_length}")
     check_choice("truncation_side", truncation_side, _TRUNCATION_SIDES)
     check_int("ignore_index", ignore_index)
     return CommonOptions(
-        max_length=max_length,  # type: ignore[arg-type]
-        truncation_side=truncation_side,  # type: ignore[arg-type]
-        ignore_index=ignore_index,  # type: ignore[arg-type]
+        max_length=max_length,  # type: ignore[arg-type]  # checked above; mypy cannot narrow object
+        truncation_side=truncation_side,  # type: ignore[arg-type]  # checked above; mypy cannot narrow object
+        ignore_index=ignore_index,  # type: ignore[arg-type]  # checked above; mypy cannot narrow object
         ignore_token_ids=check_token_id_set("ignore_token_ids", ignore_token_ids),
     )
 
@@ -117,7 +117,7 @@ def resolve_mode(mode: object, mask_history: object, train_on_prompt: object) ->
             return implied
         if value is False and mode == implied:
             raise ValueError(f"{flag}=False contradicts mode={implied!r}; pass only one of them")
-    return mode  # type: ignore[return-value]
+    return mode  # type: ignore[return-value]  # mode was checked by check_choice before this function
 
 
 def preview(value: object, width: int = 60) -> str:

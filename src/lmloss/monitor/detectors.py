@@ -424,19 +424,19 @@ def _is_real(value: object) -> bool:
 def _finite(name: str, value: object) -> None:
     if not _is_real(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):  # type: ignore[arg-type]
+    if not math.isfinite(value):  # type: ignore[arg-type]  # _is_real checked int or float; mypy cannot narrow object
         raise ValueError(f"{name} must be finite, got {value}")
 
 
 def _non_negative(name: str, value: object) -> None:
     _finite(name, value)
-    if value < 0:  # type: ignore[operator]
+    if value < 0:  # type: ignore[operator]  # _finite checked a real number; mypy cannot narrow object
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 def _positive(name: str, value: object) -> None:
     _finite(name, value)
-    if value <= 0:  # type: ignore[operator]
+    if value <= 0:  # type: ignore[operator]  # _finite checked a real number; mypy cannot narrow object
         raise ValueError(f"{name} must be > 0, got {value}")
 
 

@@ -231,7 +231,7 @@ def _encode(data: dict[str, Any], tokenizer: Any, config: TrainConfig) -> Exampl
         return encode_chat(
             data["messages"],
             tokenizer,
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]  # TrainConfig checked masking against the encoder's modes
             tools=data.get("tools"),
             max_length=bound,
             train_turn_suffix=config.train_turn_suffix,

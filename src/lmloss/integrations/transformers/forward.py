@@ -39,7 +39,8 @@ def make_forward(signature: inspect.Signature, original: Callable[..., Any]) -> 
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         params.append(inspect.Parameter("loss_kwargs", inspect.Parameter.VAR_KEYWORD))
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    forward.__signature__ = signature.replace(parameters=[self_param] + params)  # type: ignore[attr-defined]
+    new_signature = signature.replace(parameters=[self_param] + params)
+    forward.__signature__ = new_signature  # type: ignore[attr-defined]  # typeshed's Callable has no __signature__
     forward.__doc__ = getattr(original, "__doc__", None)
     return forward
 

@@ -122,7 +122,7 @@ class LMLossGRPOTrainer(GRPOTrainer):
             delta=config.delta,
             beta=self.beta,
             ref_logprobs=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
-            importance_sampling_level=self.importance_sampling_level,  # type: ignore[arg-type]
+            importance_sampling_level=self.importance_sampling_level,  # type: ignore[arg-type]  # grpo_loss checks it
             max_completion_length=self.max_completion_length,
             num_items_in_batch=self._window_count(inputs, mask, training),
             sapo_temperature_pos=config.sapo_temperature_pos,
