@@ -107,10 +107,10 @@ def check_softcap(softcap: object) -> None:
     """``softcap``: None or a finite number ``>= MIN_SOFTCAP``."""
     if softcap is None:
         return
-    check_real("softcap", softcap)
-    if not (math.isfinite(softcap) and softcap > 0.0):  # type: ignore[arg-type, operator]  # check_real passed
+    softcap = check_real("softcap", softcap)
+    if not (math.isfinite(softcap) and softcap > 0.0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-    if softcap < MIN_SOFTCAP:  # type: ignore[operator]  # check_real passed
+    if softcap < MIN_SOFTCAP:
         raise ValueError(
             f"softcap={softcap} is below the minimum {MIN_SOFTCAP}: logits / softcap would overflow and "
             "every gradient vanish; use softcap=None for no capping"
@@ -133,10 +133,10 @@ def resolve_focal_gamma(token_loss: object, focal_gamma: object) -> float:
             f"focal_gamma={focal_gamma!r} is only used with token_loss='focal' or 'focal_attached', "
             f"but token_loss={token_loss!r}; leave focal_gamma=None"
         )
-    check_real("focal_gamma", focal_gamma)
-    if not (math.isfinite(focal_gamma) and focal_gamma >= 0.0):  # type: ignore[arg-type, operator]  # check_real passed
+    focal_gamma = check_real("focal_gamma", focal_gamma)
+    if not (math.isfinite(focal_gamma) and focal_gamma >= 0.0):
         raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma}")
-    return float(focal_gamma)  # type: ignore[arg-type]  # check_real passed
+    return float(focal_gamma)
 
 
 # The option names, in signature order (every entry point spells them this way).

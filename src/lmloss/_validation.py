@@ -18,6 +18,7 @@ import math
 import numbers
 import threading
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 
@@ -221,16 +222,19 @@ def check_num_items(num_items_in_batch: object) -> torch.Tensor | float | None:
     return float(num_items_in_batch)  # also numpy scalars
 
 
-def check_real(name: str, value: object) -> None:
-    """``value`` is a real number (not a bool)."""
+def check_real(name: str, value: object) -> float:
+    """``value`` is a real number (not a bool); returns it unchanged, typed for comparisons."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
+    # cast, not float(): the caller keeps the value as given (a huge int stays exact); any
+    # numbers.Real compares and converts like a float, which typeshed's Real does not declare.
+    return cast(float, value)
 
 
 def check_temperature(temperature: object) -> None:
     """``temperature``: a finite number ``> 0``, the divisor of the logits in ``softmax(z / tau)``."""
-    check_real("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):  # type: ignore[arg-type, operator]  # check_real passed
+    temperature = check_real("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 

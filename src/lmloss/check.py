@@ -317,7 +317,7 @@ class _SampleChecker:
         window = {"max_length": self.window, "truncation_side": self.truncation_side}
         if "messages" in data:
             ex = encode_chat(
-                data["messages"], self.tokenizer, mode=self.mode,  # type: ignore[arg-type]  # a str; encode_chat checks it
+                data["messages"], self.tokenizer, mode=self.mode,  # type: ignore[arg-type]  # encode_chat checks it
                 ignore_index=self.ignore_index, ignore_token_ids=self.placeholders, tools=data.get("tools"),
                 train_turn_suffix=self.train_turn_suffix,
                 **window,  # type: ignore[arg-type]  # dict[str, object]; the encoder checks its values

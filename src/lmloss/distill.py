@@ -190,8 +190,8 @@ def check_distill_options(
     """The options of both distillation losses; raises ``ValueError``/``TypeError``."""
     check_loss_options(shift=shift, ignore_index=ignore_index, reduction=reduction, normalize=normalize)
     check_temperature(temperature)
-    check_real("alpha", alpha)
-    if not 0.0 <= alpha <= 1.0:  # type: ignore[operator]  # check_real made it a real number; mypy cannot narrow object
+    alpha = check_real("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}")
 
 

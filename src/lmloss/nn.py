@@ -53,7 +53,7 @@ class _LossModule(nn.Module):
             self.__dict__["spec"] = self._checked(updated)  # raises before anything changes
             options[name] = value
         else:
-            super().__setattr__(name, value)  # type: ignore[arg-type]  # nn.Module's stub types value as Tensor | Module
+            super().__setattr__(name, value)  # type: ignore[arg-type]  # stub: Tensor | Module; any value works
 
     def __getattr__(self, name: str) -> Any:
         options = self.__dict__.get("_options", {})

@@ -54,15 +54,15 @@ def common_options(
 ) -> CommonOptions:
     """Check the options every encoder takes and bundle them."""
     if max_length is not None:
-        check_int("max_length", max_length)
-        if max_length < 1:  # type: ignore[operator]  # check_int made it an int; mypy cannot narrow object
+        max_length = check_int("max_length", max_length)
+        if max_length < 1:
             raise ValueError(f"max_length must be None or an int >= 1, got {max_length}")
     check_choice("truncation_side", truncation_side, _TRUNCATION_SIDES)
-    check_int("ignore_index", ignore_index)
+    ignore_index = check_int("ignore_index", ignore_index)
     return CommonOptions(
-        max_length=max_length,  # type: ignore[arg-type]  # checked above; mypy cannot narrow object
-        truncation_side=truncation_side,  # type: ignore[arg-type]  # checked above; mypy cannot narrow object
-        ignore_index=ignore_index,  # type: ignore[arg-type]  # checked above; mypy cannot narrow object
+        max_length=max_length,
+        truncation_side=truncation_side,  # type: ignore[arg-type]  # check_choice passed; mypy cannot narrow object
+        ignore_index=ignore_index,
         ignore_token_ids=check_token_id_set("ignore_token_ids", ignore_token_ids),
     )
 

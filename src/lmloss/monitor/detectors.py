@@ -45,7 +45,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from lmloss.monitor.events import Event
 
@@ -417,26 +417,26 @@ class ConvergedDetector:
 # --- argument checks --------------------------------------------------------------------
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[int | float]:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def _finite(name: str, value: object) -> None:
+def _finite(name: str, value: object) -> float:
+    """Checks ``value`` is a finite int or float; returns it unchanged (an int stays an int)."""
     if not _is_real(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):  # type: ignore[arg-type]  # _is_real checked int or float; mypy cannot narrow object
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 def _non_negative(name: str, value: object) -> None:
-    _finite(name, value)
-    if value < 0:  # type: ignore[operator]  # _finite checked a real number; mypy cannot narrow object
+    if _finite(name, value) < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 def _positive(name: str, value: object) -> None:
-    _finite(name, value)
-    if value <= 0:  # type: ignore[operator]  # _finite checked a real number; mypy cannot narrow object
+    if _finite(name, value) <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
