@@ -162,14 +162,14 @@ def linear_distillation_loss(
     labels = check_labels_on(labels, h.shape[:-1], h.device, "student_hidden")
     spec = _spec(shift, ignore_index, reduction, normalize)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, w.shape[0], spec, compute_dtype(h.dtype))
-    teacher = tuple(None if t is None else t.detach() for t in (th, tw, tb))
+    teacher = (th.detach(), tw.detach(), None if tb is None else tb.detach())
     with torch.autocast(h.device.type, enabled=False):
         result = _linear_kd(
             h.reshape(-1, h.shape[-1]),
             w,
             b,
-            teacher[0].reshape(-1, th.shape[-1]),  # type: ignore[union-attr]  # th is a tensor
-            teacher[1],  # type: ignore[arg-type]  # tw is a tensor
+            teacher[0].reshape(-1, th.shape[-1]),
+            teacher[1],
             teacher[2],
             plan.targets.reshape(-1),
             plan.coef.reshape(-1),

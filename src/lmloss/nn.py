@@ -244,7 +244,7 @@ def _checked_class_weights(value: object, name: str = "class_weights") -> torch.
     if value is None:
         return None
     check_class_weights(value, None, None, torch.float64, name)
-    return value.detach()  # type: ignore[attr-defined]  # a tensor (checked)
+    return value.detach()  # type: ignore[attr-defined]  # checked: a tensor
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reduction:

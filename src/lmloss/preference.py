@@ -101,7 +101,7 @@ def sequence_logprobs(
     if weight is None:
         if bias is not None:
             raise ValueError("bias is only used with weight= (hidden states as inputs)")
-        per_token = token_logprobs(inputs, labels, **options).logprobs  # type: ignore[arg-type]  # checked there
+        per_token = token_logprobs(inputs, labels, **options).logprobs  # type: ignore[arg-type]  # it checks them
     else:
         per_token = linear_token_logprobs(
             inputs,

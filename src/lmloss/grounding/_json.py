@@ -113,7 +113,7 @@ class _Reader:
         while True:
             token = _TOKEN.match(text, i)
             if token is None:
-                at = _WS.match(text, i).end()  # type: ignore[union-attr]  # * always matches
+                at = _WS.match(text, i).end()  # type: ignore[union-attr]  # [...]* always matches
                 return self.fail(at, self.unexpected(at, state))
             kind = str(token.lastgroup)  # one named group always matches
             at, i = token.start(kind), token.end()
@@ -199,7 +199,7 @@ class _Reader:
         if isinstance(frame.value, list):
             frame.value.append(value)
         else:
-            frame.value[frame.key] = value  # type: ignore[index]  # key set first
+            frame.value[frame.key] = value  # type: ignore[index]  # an object: set_key set key
 
     def close(self, i: int) -> bool:
         """Close the innermost container at ``text[i]``; True when it was the outermost."""
@@ -296,7 +296,7 @@ def _json_box(bbox: Any, label: Any, image_size: tuple[int, int] | None) -> tupl
         return None, f'expected 4 coordinates in "bbox_2d" [x1, y1, x2, y2], found {len(bbox)}'
     values = tuple(float(v) for v in bbox)
     problem = box_problem(values, image_size, "pixels" if image_size is None else f"a {image_size} image")
-    return (None, problem) if problem else (values, None)  # type: ignore[return-value]  # 4 entries
+    return (None, problem) if problem else (values, None)  # type: ignore[return-value]  # 4 entries (checked)
 
 
 def _report_uncovered(

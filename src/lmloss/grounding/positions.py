@@ -12,7 +12,7 @@ import numbers
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -430,7 +430,8 @@ def _json_boxes(ids: list[int], tokens: BoxTokenIds, ignore_index: int) -> Itera
     digits = set(tokens.value_ids)
     if not digits.intersection(ids):
         return  # no digit, no box: spare the row's text
-    pieces = ["\0" if i == ignore_index else tokens.token_text(i) for i in ids]  # type: ignore[misc]  # int == Literal
+    token_text = cast(Callable[[int], str], tokens.token_text)  # json: BoxTokenIds checked it is callable
+    pieces = ["\0" if i == ignore_index else token_text(i) for i in ids]
     text = "".join(pieces)
     owner = [t for t, piece in enumerate(pieces) for _ in piece]  # character -> column
     for key in _JSON_KEY.finditer(text):
@@ -549,7 +550,7 @@ class _TargetBuilder:
         # is out of range anyway, and reported as such).
         box = [float("".join(map(str, coord))) for coord in values]
         if self.tokens.kind == "json":
-            width, height = self.sizes[b]  # type: ignore[index]  # json: sizes set
+            width, height = self.sizes[b]  # type: ignore[index]  # json: sizes is set
             return box, (width, height), f"a {width:g}x{height:g} image"
         grid = self.tokens.grid_size
         return box, (grid, grid), f"the 0-{grid} grid"
@@ -557,7 +558,7 @@ class _TargetBuilder:
     def _divisors(self, b: int) -> tuple[float, float, float, float]:
         """What each of x1, y1, x2, y2 is divided by to land in [0, 1] (digits and json)."""
         if self.tokens.kind == "json":
-            width, height = self.sizes[b]  # type: ignore[index]  # json: sizes set
+            width, height = self.sizes[b]  # type: ignore[index]  # json: sizes is set
             return (width, height, width, height)
         grid = float(self.tokens.grid_size)
         return (grid, grid, grid, grid)

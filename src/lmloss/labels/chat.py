@@ -84,7 +84,7 @@ def encode_chat(
             turns is not a prefix of the whole rendering (templates that rewrite
             earlier turns: use ``mode="everything"`` or ``"last_assistant"``).
     """
-    mode = resolve_mode(mode, mask_history, train_on_prompt)  # type: ignore[assignment]  # checked Literal
+    mode = resolve_mode(mode, mask_history, train_on_prompt)  # type: ignore[assignment]  # a checked mode
     options = common_options(max_length, truncation_side, ignore_index, ignore_token_ids)
     messages = _none_content_as_empty(messages)
     _check_messages(messages, mode)

@@ -34,7 +34,7 @@ def window_tokens(
             trained = [True] * len(ids)
         else:
             ids, trained = _tokens_in_spans(tokenizer, piece, _spans_in_window(spans, start, len(piece)))
-        if len(piece) == len(text) or enough_tokens(len(ids), m):  # type: ignore[arg-type]  # m None: 1st ends
+        if len(piece) == len(text) or (m is not None and enough_tokens(len(ids), m)):  # m is None: one whole window
             break
     return ids, trained
 
@@ -64,7 +64,7 @@ def window_ids(
     for piece, _ in windows:
         ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
         whole = len(piece) == len(value)
-        if whole or enough_tokens(len(ids), need):  # type: ignore[arg-type]  # need None: whole ends
+        if whole or (need is not None and enough_tokens(len(ids), need)):  # need is None: one whole window
             break
     return (specials + ids if whole or side == "right" else ids), whole
 

@@ -74,10 +74,10 @@ class Throughput:
         out: dict[str, float] = {}
         tokens = [row.get("tokens") for _, row in train]
         if all(t is not None for t in tokens):
-            out["tokens_per_s"] = math.fsum(tokens) / elapsed  # type: ignore[arg-type]  # no None (above)
+            out["tokens_per_s"] = math.fsum(tokens) / elapsed  # type: ignore[arg-type]  # none is None (checked)
         processed = [row.get("input_tokens", row.get("tokens")) for _, row in train]
         if self.flops_per_token is not None and all(t is not None for t in processed):
-            per_device = math.fsum(processed) / elapsed / devices  # type: ignore[arg-type]  # no None
+            per_device = math.fsum(processed) / elapsed / devices  # type: ignore[arg-type]  # none is None (checked)
             achieved = per_device * self.flops_per_token
             out["tflops"] = achieved / 1e12
             if self.peak_flops is not None:
