@@ -22,7 +22,7 @@ def digit_row(*numbers: int) -> list[int]:
 
 def python_giou(p: list[float], q: list[float]) -> float:
     """GIoU in plain Python for valid boxes (the formula of Rezatofighi et al.)."""
-    area = lambda b: max(b[2] - b[0], 0) * max(b[3] - b[1], 0)  # noqa: E731
+    area = lambda b: max(b[2] - b[0], 0) * max(b[3] - b[1], 0)  # noqa: E731  (a one-line formula, read beside its uses)
     iw = max(min(p[2], q[2]) - max(p[0], q[0]), 0)
     ih = max(min(p[3], q[3]) - max(p[1], q[1]), 0)
     inter = iw * ih

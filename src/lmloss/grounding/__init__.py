@@ -36,7 +36,7 @@ stays float64), whatever the input dtype.
 from __future__ import annotations
 
 # Public before the package became one, though never in __all__: still importable from here.
-from lmloss.grounding._common import (  # noqa: F401
+from lmloss.grounding._common import (  # noqa: F401  (re-exported: see the comment above)
     BOX_END,
     BOX_START,
     DEFAULT_BIN_PATTERN,

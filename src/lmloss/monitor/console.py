@@ -151,12 +151,12 @@ def _pick(backend: str) -> str:
 def _require(backend: str) -> None:
     if backend == "rich":
         try:
-            import rich  # noqa: F401
+            import rich  # noqa: F401  (imported only to see whether it is installed)
         except ImportError as error:
             raise ImportError("the rich console needs rich: pip install 'lmloss[plot]'") from error
     elif backend == "tqdm":
         try:
-            import tqdm  # noqa: F401
+            import tqdm  # noqa: F401  (imported only to see whether it is installed)
         except ImportError as error:
             raise ImportError("the tqdm console needs tqdm: pip install tqdm") from error
 

@@ -306,7 +306,7 @@ class Trainer:
         if not self.procs.main:
             return False
         try:
-            import matplotlib as mpl  # noqa: F401
+            import matplotlib as mpl  # noqa: F401  (imported only to see whether it is installed)
         except ImportError:
             self.log(
                 "warning: matplotlib is not installed: this run writes no plots (pip install 'lmloss[plot]'; "
