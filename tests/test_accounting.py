@@ -53,7 +53,7 @@ def test_count_targets_bad_input():
     with pytest.raises(ValueError, match="token_weights has shape"):
         count_targets(torch.ones(2, 3, dtype=torch.long), token_weights=torch.ones(3))
     with pytest.raises(ValueError, match="normalize='rows'"):
-        count_targets(torch.ones(3, dtype=torch.long), normalize="rows")  # type: ignore[arg-type]
+        count_targets(torch.ones(3, dtype=torch.long), normalize="rows")  # type: ignore[arg-type]  # on purpose
 
 
 # --- micro_batches: accumulation gives the big-batch gradient ---------------------------

@@ -55,14 +55,14 @@ def _loss(
 ) -> torch.Tensor:
     """The entry point's loss of ``hidden @ weight.T`` (logits formed inside for the logits ones)."""
     if entry == "causal_lm_loss":
-        return lmloss.causal_lm_loss(hidden @ weight.T, labels, class_weights=classes, **options)  # type: ignore[arg-type]
+        return lmloss.causal_lm_loss(hidden @ weight.T, labels, class_weights=classes, **options)  # type: ignore[arg-type]  # mixed-type dict
     if entry in ("reference", "chunked"):
         return lmloss.linear_cross_entropy(
             hidden, weight, labels, class_weights=classes, backend=entry, chunk_size=2, **options
-        )  # type: ignore[arg-type]
+        )  # type: ignore[arg-type]  # mixed-type dict
     if entry == "nn.CausalLMLoss":
-        return nn.CausalLMLoss(weight=classes, **options)(hidden @ weight.T, labels)  # type: ignore[arg-type]
-    return nn.LinearCrossEntropyLoss(class_weights=classes, chunk_size=2, **options)(  # type: ignore[arg-type]
+        return nn.CausalLMLoss(weight=classes, **options)(hidden @ weight.T, labels)  # type: ignore[arg-type]  # mixed-type dict
+    return nn.LinearCrossEntropyLoss(class_weights=classes, chunk_size=2, **options)(  # type: ignore[arg-type]  # mixed-type dict
         hidden, weight, labels
     )
 

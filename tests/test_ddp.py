@@ -56,7 +56,7 @@ def fully_shard_fn() -> Callable[..., Any] | None:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
         try:
-            from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]
+            from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]  # older torch
         except ImportError:
             return None
     return fully_shard

@@ -49,9 +49,9 @@ def test_legacy_reduction_is_what_the_module_computes():
 
 def test_bad_options_fail_at_construction():
     with pytest.raises(ValueError, match="reduction='avg'"):
-        CausalLMLoss(reduction="avg")  # type: ignore[arg-type]
+        CausalLMLoss(reduction="avg")  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(TypeError, match="size_average must be None or a bool"):
-        CausalLMLoss(size_average=1)  # type: ignore[arg-type]
+        CausalLMLoss(size_average=1)  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match="label_smoothing"):
         CausalLMLoss(label_smoothing=-0.1)
 

@@ -301,7 +301,7 @@ def test_bad_tensors_raise(logits, labels, error, message):
 def test_unknown_keyword_is_a_type_error():
     logits, labels = random_batch()
     with pytest.raises(TypeError):
-        causal_lm_loss(logits, labels, smoothing=0.1)  # type: ignore[call-arg]
+        causal_lm_loss(logits, labels, smoothing=0.1)  # type: ignore[call-arg]  # an unknown keyword on purpose
 
 
 # --- property tests against the float64 oracle -----------------------------------------
@@ -426,7 +426,7 @@ def test_numpy_counts_and_strict_shift():
         causal_lm_loss(logits, labels, num_items_in_batch=7),
     )
     with pytest.raises(TypeError, match="shift must be True or False"):
-        causal_lm_loss(logits, labels, shift="no")  # type: ignore[arg-type]
+        causal_lm_loss(logits, labels, shift="no")  # type: ignore[arg-type]  # a wrong type on purpose
 
 
 # --- DFT and focal token losses against their formulas written out ------------------------

@@ -32,7 +32,7 @@ def _batch(seed: int = 0, b: int = B, t: int = T, token_adv: bool = False) -> di
 
 def _ours(batch: dict[str, torch.Tensor], lp: torch.Tensor, **kw: object) -> lmloss.rl.PolicyLossResult:
     ref = batch["ref"] if kw.get("beta", 0.0) else None
-    return policy_loss(lp, batch["old"], batch["adv"], batch["mask"], ref_logprobs=ref, **kw)  # type: ignore[arg-type]
+    return policy_loss(lp, batch["old"], batch["adv"], batch["mask"], ref_logprobs=ref, **kw)  # type: ignore[arg-type]  # mixed-type dict
 
 
 def _trl(batch: dict[str, torch.Tensor], lp: torch.Tensor, **kw: object) -> tuple[torch.Tensor, dict]:
@@ -43,7 +43,7 @@ def _trl(batch: dict[str, torch.Tensor], lp: torch.Tensor, **kw: object) -> tupl
         "ref_per_token_logps": batch["ref"],
         "num_items_in_batch": batch["mask"].sum(),
     }
-    return trl_grpo_loss(lp, inputs, **kw)  # type: ignore[arg-type]
+    return trl_grpo_loss(lp, inputs, **kw)  # type: ignore[arg-type]  # mixed-type dict
 
 
 @pytest.mark.parametrize("loss_type", TRL_TYPES)
@@ -97,7 +97,7 @@ def _split_loss(batch: dict, rows: list[slice], loss_type: str, **kw: object) ->
             batch["mask"][r],
             loss_type=loss_type,
             num_items_in_batch=count,
-            **kw,  # type: ignore[arg-type]
+            **kw,  # type: ignore[arg-type]  # mixed-type dict
         ).loss
         for r in rows
     )
@@ -112,7 +112,7 @@ def test_uneven_micro_batches_equal_the_big_batch(loss_type: str) -> None:
     rows = [slice(0, 1), slice(1, 5), slice(5, 7)]
     total, grad = _split_loss(batch, rows, loss_type, **kw)
     lp = batch["logprobs"].clone().requires_grad_()
-    big = policy_loss(lp, batch["old"], batch["adv"], batch["mask"], loss_type=loss_type, **kw).loss  # type: ignore[arg-type]
+    big = policy_loss(lp, batch["old"], batch["adv"], batch["mask"], loss_type=loss_type, **kw).loss  # type: ignore[arg-type]  # mixed-type dict
     (big_grad,) = torch.autograd.grad(big, lp)
     torch.testing.assert_close(total, big.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, big_grad, rtol=1e-6, atol=1e-8)
@@ -155,7 +155,7 @@ def _rank_worker(rank: int, world: int, loss_type: str) -> torch.Tensor:
         lp = lmloss.linear_token_logprobs(hidden[r], w, labels[r], shift=False).logprobs
         out = policy_loss(
             lp, old[r], adv[r], mask[r], loss_type=loss_type, num_items_in_batch=mb.num_items_in_batch, **kw
-        )  # type: ignore[arg-type]
+        )  # type: ignore[arg-type]  # mixed-type dict
         (out.loss * mb.loss_scale).backward()
     dist.all_reduce(w.grad)
     return w.grad / world
@@ -193,7 +193,7 @@ def test_all_masked_is_zero_with_zero_gradient(loss_type: str) -> None:
     kw = {"max_completion_length": 3} if loss_type == "dr_grpo" else {}
     out = policy_loss(
         lp, lp.detach() + 1, torch.ones(2), torch.zeros(2, 3), loss_type=loss_type, num_items_in_batch=0, **kw
-    )  # type: ignore[arg-type]
+    )  # type: ignore[arg-type]  # mixed-type dict
     assert out.loss.item() == 0.0
     (grad,) = torch.autograd.grad(out.loss, lp)
     assert torch.equal(grad, torch.zeros_like(grad))
@@ -243,7 +243,7 @@ def test_bad_input_names_the_problem(kwargs: dict, message: str) -> None:
     }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        policy_loss(**args)  # type: ignore[arg-type]
+        policy_loss(**args)  # type: ignore[arg-type]  # options in a dict of mixed types
 
 
 @settings(max_examples=25, deadline=None)
@@ -273,12 +273,12 @@ def test_any_split_into_micro_batches_sums_to_the_big_batch(
             ref_logprobs=batch["ref"][r],
             num_items_in_batch=count,
             **kw,
-        ).loss  # type: ignore[arg-type]
+        ).loss  # type: ignore[arg-type]  # mixed-type dict
         for r in rows
     )
     big = policy_loss(
         lp, batch["old"], batch["adv"], batch["mask"], loss_type=loss_type, ref_logprobs=batch["ref"], **kw
-    ).loss  # type: ignore[arg-type]
+    ).loss  # type: ignore[arg-type]  # mixed-type dict
     torch.testing.assert_close(total, big, rtol=1e-5, atol=1e-7)
     g_split, g_big = (torch.autograd.grad(x, lp)[0] for x in (total, big))
     torch.testing.assert_close(g_split, g_big, rtol=1e-5, atol=1e-8)

@@ -310,15 +310,15 @@ def test_bad_input(change, message):
 def test_bad_options():
     hidden, weight, _, labels = problem()
     with pytest.raises(ValueError, match="backend='triton-fast' is not supported"):
-        linear_cross_entropy(hidden, weight, labels, backend="triton-fast")  # type: ignore[arg-type]
+        linear_cross_entropy(hidden, weight, labels, backend="triton-fast")  # type: ignore[arg-type]  # on purpose
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         linear_cross_entropy(hidden, weight, labels, chunk_size=0)
     with pytest.raises(ValueError, match="reduction='avg'"):
-        LinearCrossEntropyLoss(reduction="avg")  # type: ignore[arg-type]
+        LinearCrossEntropyLoss(reduction="avg")  # type: ignore[arg-type]  # on purpose
     with pytest.raises(ValueError, match=r"focal_gamma=3\.0 is only used with"):
         linear_cross_entropy(hidden, weight, labels, backend="chunked", focal_gamma=3.0)
     with pytest.raises(ValueError, match="token_loss='poly' is not supported"):
-        linear_cross_entropy(hidden, weight, labels, token_loss="poly")  # type: ignore[arg-type]
+        linear_cross_entropy(hidden, weight, labels, token_loss="poly")  # type: ignore[arg-type]  # on purpose
 
 
 # --- property test -----------------------------------------------------------------------

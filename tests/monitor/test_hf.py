@@ -118,4 +118,4 @@ def test_trainer_callback_stops_on_the_events_asked_for():
     with pytest.raises(ValueError, match="unknown event kind"):
         LossMonitorCallback(stop_on=("explosion",))
     with pytest.raises(TypeError, match="LossMonitor or None"):
-        LossMonitorCallback(monitor=object())  # type: ignore[arg-type]
+        LossMonitorCallback(monitor=object())  # type: ignore[arg-type]  # a wrong type on purpose

@@ -500,7 +500,7 @@ def test_state_round_trip_mid_run_gives_the_same_events(sync_every):
 def test_load_state_dict_checks_its_input():
     monitor = LossMonitor()
     with pytest.raises(TypeError, match="mapping"):
-        monitor.load_state_dict([1, 2])  # type: ignore[arg-type]
+        monitor.load_state_dict([1, 2])  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match="version"):
         monitor.load_state_dict({"version": 99})
     monitor.update(0, loss=1.0)
@@ -522,13 +522,13 @@ def test_load_state_dict_checks_its_input():
 def test_bad_arguments_fail_with_a_clear_message():
     monitor = LossMonitor()
     with pytest.raises(TypeError, match=r"step=...\) must be an int"):
-        monitor.update(1.0, loss=1.0)  # type: ignore[arg-type]
+        monitor.update(1.0, loss=1.0)  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match="steps are >= 0"):
         monitor.update(-1, loss=1.0)
     with pytest.raises(ValueError, match="one number"):
         monitor.update(0, loss=torch.ones(2))
     with pytest.raises(TypeError, match="loss must be a number"):
-        monitor.update(0, loss="2.0")  # type: ignore[arg-type]
+        monitor.update(0, loss="2.0")  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match="real number"):
         monitor.update(0, loss=torch.tensor(True))
     with pytest.raises(ValueError, match="correct= needs tokens="):
@@ -536,7 +536,7 @@ def test_bad_arguments_fail_with_a_clear_message():
     with pytest.raises(ValueError, match="terms names"):
         monitor.update(0, loss=1.0, terms={"a/b": 1.0})
     with pytest.raises(TypeError, match="terms must be a mapping"):
-        monitor.update(0, loss=1.0, terms=[1.0])  # type: ignore[arg-type]
+        monitor.update(0, loss=1.0, terms=[1.0])  # type: ignore[arg-type]  # a wrong type on purpose
     monitor.update(0, loss=1.0)
     with pytest.raises(ValueError, match="steps must increase"):
         monitor.update(0, loss=1.0)
@@ -552,15 +552,15 @@ def test_bad_configuration_fails_with_a_clear_message():
     with pytest.raises(ValueError, match="sync_every must be >= 1"):
         LossMonitor(sync_every=0)
     with pytest.raises(TypeError, match="write\\(record\\) and close\\(\\)"):
-        LossMonitor(sinks=[object()])  # type: ignore[list-item]
+        LossMonitor(sinks=[object()])  # type: ignore[list-item]  # a wrong type on purpose
     with pytest.raises(TypeError, match="spike must be a SpikeRule"):
-        LossMonitor(spike=PlateauRule())  # type: ignore[arg-type]
+        LossMonitor(spike=PlateauRule())  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match=re.escape("SpikeRule.window must be >= 2")):
         SpikeRule(window=1)
     with pytest.raises(ValueError, match="unknown metric"):
         SpikeRule(metrics=("accuracy",))
     with pytest.raises(TypeError, match="tuple of metric names"):
-        SpikeRule(metrics="loss")  # type: ignore[arg-type]
+        SpikeRule(metrics="loss")  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match="factor must be >= 1"):
         DivergenceRule(factor=0.5)
     with pytest.raises(ValueError, match="patience must be >= 1"):

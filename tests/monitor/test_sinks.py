@@ -135,9 +135,9 @@ def test_sink_that_never_writes_creates_no_file(tmp_path):
     sink.close()
     assert not (tmp_path / "metrics.jsonl").exists()
     with pytest.raises(TypeError, match="fsync must be a bool"):
-        JsonlSink(tmp_path / "x.jsonl", fsync=1)  # type: ignore[arg-type]
+        JsonlSink(tmp_path / "x.jsonl", fsync=1)  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(TypeError, match="record must be a mapping"):
-        JsonlSink(tmp_path / "x.jsonl").write([1])  # type: ignore[arg-type]
+        JsonlSink(tmp_path / "x.jsonl").write([1])  # type: ignore[arg-type]  # a wrong type on purpose
 
 
 # --- CSV -------------------------------------------------------------------------------------
@@ -224,4 +224,4 @@ def test_console_checks_its_arguments():
     with pytest.raises(ValueError, match="backend='curses'"):
         ConsoleSink(backend="curses")
     with pytest.raises(TypeError, match="total_steps"):
-        ConsoleSink(total_steps=1.5)  # type: ignore[arg-type]
+        ConsoleSink(total_steps=1.5)  # type: ignore[arg-type]  # a wrong type on purpose

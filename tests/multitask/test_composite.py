@@ -203,12 +203,12 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError, match=re.escape("without '.' or '/'")):
         CompositeLoss().add("loss/text", text_term)
     with pytest.raises(ValueError, match="must be callable"):
-        CompositeLoss().add("text", 3.0)  # type: ignore[arg-type]
+        CompositeLoss().add("text", 3.0)  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match=r"term 'vec' must return a scalar loss, got shape \(5,\)"):
         CompositeLoss({"vec": lambda b, o: o.a})(BATCH, Outputs())
     with pytest.raises(ValueError, match=re.escape("term 'num' must return a torch.Tensor, got float")):
         CompositeLoss({"num": lambda b, o: 1.0})(BATCH, Outputs())
     with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
-        CompositeLoss(on_nonfinite="ignore")  # type: ignore[arg-type]
+        CompositeLoss(on_nonfinite="ignore")  # type: ignore[arg-type]  # a wrong type on purpose
     with pytest.raises(ValueError, match=r"built for terms \['text', 'box'\].*missing: \['box'\]"):
         CompositeLoss({"text": text_term}, weighting=UncertaintyWeighting(["text", "box"]))(BATCH, Outputs())

@@ -120,7 +120,7 @@ def test_schedule_bad_input():
     with pytest.raises(ValueError, match="step must be >= 0"):
         ConstantSchedule(1.0).value(-1)
     with pytest.raises(ValueError, match="int optimizer step"):
-        ConstantSchedule(1.0).set_step(1.5)  # type: ignore[arg-type]
+        ConstantSchedule(1.0).set_step(1.5)  # type: ignore[arg-type]  # a wrong type on purpose
 
 
 # --- mixtures -------------------------------------------------------------------------------
