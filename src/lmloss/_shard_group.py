@@ -25,7 +25,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from lmloss._engine.chunks import chunk_indices, scored_rows
+from lmloss._engine.chunks import DEFAULT_CHUNK_BYTES, chunk_indices, scored_rows
 from lmloss._validation import check_int, value_checks_enabled
 
 __all__ = [
@@ -42,9 +42,9 @@ __all__ = [
     "resolve_layout",
 ]
 
-# Bytes of one [rows, V_r] chunk that the default chunk size aims for (as the
-# single-process chunked backend: large enough for fast products).
-CHUNK_BYTES = 256 * 2**20
+# Bytes of one [rows, V_r] chunk that the default chunk size aims for: the
+# single-process chunked backend's budget (named here so tests can patch it).
+CHUNK_BYTES = DEFAULT_CHUNK_BYTES
 MIN_CHUNK_ROWS = 64
 # A sum of exponentials is never negative: a bad rank's statistics carry this instead.
 _BAD_INPUT_MARK = -1.0

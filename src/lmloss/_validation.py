@@ -236,20 +236,3 @@ def check_temperature(temperature: object) -> None:
     temperature = check_real("temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-
-
-def __getattr__(name: str) -> object:
-    # The option vocabularies live in lmloss._spec; this keeps older imports working.
-    # (check_loss_options now builds a LossSpec there.)
-    if name in (
-        "NORMALIZATIONS",
-        "REDUCTIONS",
-        "TOKEN_LOSSES",
-        "DEFAULT_FOCAL_GAMMA",
-        "check_loss_options",
-        "resolve_focal_gamma",
-    ):
-        from lmloss import _spec
-
-        return getattr(_spec, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

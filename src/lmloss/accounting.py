@@ -37,16 +37,15 @@ from typing import Any, Generic, TypeVar
 import torch
 import torch.distributed as dist
 
-from lmloss._engine.plan import target_class_weights
+from lmloss._engine.plan import align, target_class_weights
+from lmloss._spec import NORMALIZATIONS, Normalize
 from lmloss._validation import (
-    NORMALIZATIONS,
     check_choice,
     check_class_weights,
     check_int,
     check_labels,
     check_token_weights,
 )
-from lmloss.reference import Normalize, _align
 from lmloss.rl import LOSS_TYPES, SEQUENCE_LOSS_TYPES
 
 __all__ = ["MicroBatch", "count_targets", "micro_batches"]
@@ -106,7 +105,7 @@ def count_targets(
         classes = check_class_weights(class_weights, None, labels.device, torch.float64)
     dtype = torch.float32 if weights is not None or classes is not None else torch.int64
     # The same alignment as the loss, so the two can never disagree.
-    targets, item_weights = _align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=torch.float64)
+    targets, item_weights = align(labels, weights, shift=shift, ignore_index=ignore_index, dtype=torch.float64)
     if classes is not None:
         item_weights = item_weights * target_class_weights(classes, targets)
     if normalize == "sequence":

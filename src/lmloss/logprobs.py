@@ -22,10 +22,10 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lmloss._engine.plan import plan_targets, to_label_alignment
 from lmloss._spec import check_softcap
 from lmloss._validation import check_bool, check_choice, check_int, check_label_range, check_labels, check_temperature
 from lmloss.fused import REFERENCE_MAX_LOGITS, check_linear
-from lmloss.reference import plan_targets, to_label_alignment
 
 __all__ = ["LOGPROB_BACKENDS", "TokenLogprobs", "linear_token_logprobs", "token_logprobs"]
 

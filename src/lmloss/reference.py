@@ -32,7 +32,7 @@ from lmloss._engine.logits_rows import scored_row_losses
 
 # TargetPlan, plan_targets, to_label_alignment, mean_over_items: re-exported for older imports from here.
 from lmloss._engine.plan import TargetPlan as TargetPlan
-from lmloss._engine.plan import align, compute_dtype, finish, prepare
+from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._engine.plan import mean_over_items as mean_over_items
 from lmloss._engine.plan import plan_targets as plan_targets
 from lmloss._engine.plan import to_label_alignment as to_label_alignment
@@ -45,9 +45,6 @@ __all__ = ["causal_lm_loss"]
 # chunk loop costs nothing measurable, small enough that a 150k-vocabulary batch
 # never holds a second full-size copy of its logits.
 _CHUNK_BYTES = 256 * 2**20
-
-# Target alignment lives in the engine's planning; normalize.py still uses this name.
-_align = align
 
 
 def causal_lm_loss(
