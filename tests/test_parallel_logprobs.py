@@ -10,6 +10,7 @@ shard gradients and the collectives of each call.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -349,14 +350,19 @@ def test_bad_input_raises_on_every_rank(launched):
 
 
 def test_takes_the_options_of_linear_token_logprobs_spelled_alike():
+    """Its explicit parameters as linear_token_logprobs spells them; the log-prob options
+    as ``**options: Unpack[LogprobKeywords]`` (their defaults are LogprobSpec's, which
+    tests/test_spec.py holds linear_token_logprobs to)."""
     import inspect
 
     import lmloss
+    from lmloss.logprobs import LogprobSpec
 
     ours = inspect.signature(vocab_parallel_linear_token_logprobs).parameters
     theirs = inspect.signature(lmloss.linear_token_logprobs).parameters
+    options = [f.name for f in dataclasses.fields(LogprobSpec)]
     for name, param in theirs.items():
-        if name in ("weight", "backend"):  # the shard is weight_shard; there is one backend
+        if name in ("weight", "backend", *options):  # the shard is weight_shard; there is one backend
             continue
         assert name in ours, name
         assert (ours[name].kind, ours[name].default, str(ours[name].annotation)) == (
@@ -364,7 +370,12 @@ def test_takes_the_options_of_linear_token_logprobs_spelled_alike():
             param.default,
             str(param.annotation),
         ), name
+    assert ours["options"].kind is inspect.Parameter.VAR_KEYWORD and not set(options) & set(ours)
     assert list(ours)[:3] == ["hidden", "weight_shard", "labels"]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'with_entropie'"):
+        vocab_parallel_linear_token_logprobs(
+            torch.zeros(1, 2, 3), torch.zeros(4, 3), torch.zeros(1, 2, dtype=torch.long), group=None, with_entropie=True
+        )
     assert ours["group"].kind is inspect.Parameter.KEYWORD_ONLY and ours["group"].default is inspect.Parameter.empty
 
 

@@ -8,6 +8,7 @@ import typing
 
 import pytest
 import torch
+from typing_extensions import Unpack
 
 import lmloss
 from lmloss import distill, nn, parallel
@@ -17,9 +18,12 @@ from lmloss._spec import (
     NORMALIZATIONS,
     SPEC_OPTIONS,
     TOKEN_LOSSES,
+    LossKeywords,
     LossSpec,
 )
 from lmloss.integrations import transformers as hf
+from lmloss.integrations.transformers import loss as hf_loss
+from lmloss.logprobs import LogprobKeywords, LogprobSpec
 from lmloss.train import config as train_config
 
 SPEC_FIELDS = {f.name: f for f in dataclasses.fields(LossSpec) if f.init}
@@ -48,12 +52,23 @@ def _assert_spelled_like_the_spec(where: str, params: dict[str, inspect.Paramete
         assert str(param.annotation) == str(spec_field.type), f"{where}: {name} is typed {param.annotation}"
 
 
-FUNCTIONS = [
-    lmloss.causal_lm_loss,
-    lmloss.linear_cross_entropy,
-    parallel.vocab_parallel_cross_entropy,
-    parallel.vocab_parallel_linear_cross_entropy,
-]
+# Entry points with explicit keyword parameters (the contract's functions, the modules) ...
+FUNCTIONS = [lmloss.causal_lm_loss, lmloss.linear_cross_entropy]
+# ... and those that pass the options on as ``**options: Unpack[LossKeywords]``.
+KEYWORD_FUNCTIONS = [parallel.vocab_parallel_cross_entropy, parallel.vocab_parallel_linear_cross_entropy]
+
+
+def _hints(cls: object) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _unpacked(function: object, name: str) -> object:
+    """The TypedDict of ``function``'s ``**name: Unpack[...]``."""
+    param = _parameters(function)[name]
+    assert param.kind is inspect.Parameter.VAR_KEYWORD, f"{name} is not **{name}"
+    hint = typing.get_type_hints(function, include_extras=True)[name]
+    assert typing.get_origin(hint) is Unpack, hint
+    return typing.get_args(hint)[0]
 
 
 @pytest.mark.parametrize("function", FUNCTIONS, ids=lambda f: f.__name__)
@@ -64,18 +79,76 @@ def test_functions_take_every_option_with_the_spec_default(function):
         assert params[name].default is default
 
 
+def test_loss_keywords_are_the_spec_options_with_their_types():
+    spec_hints = _hints(LossSpec)
+    assert list(_hints(LossKeywords)) == list(SPEC_OPTIONS)
+    for name, hint in _hints(LossKeywords).items():
+        assert hint == spec_hints[name], f"LossKeywords types {name} as {hint}, LossSpec as {spec_hints[name]}"
+    assert not LossKeywords.__required_keys__, "an absent option takes the spec's default"
+
+
+@pytest.mark.parametrize("function", KEYWORD_FUNCTIONS, ids=lambda f: f.__name__)
+def test_keyword_functions_take_every_option_and_refuse_unknown_ones(function):
+    assert _unpacked(function, "options") is LossKeywords
+    params = _parameters(function)
+    assert not set(SPEC_OPTIONS) & set(params), "an option spelled twice"
+    for name, default in PER_CALL.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default is default
+    inputs = (torch.zeros(1, 3, 4), torch.zeros(5, 4), torch.zeros(1, 3, dtype=torch.long))
+    args = inputs[1:] if function is parallel.vocab_parallel_cross_entropy else inputs
+    # Checked before any collective: no process group is needed to be told.
+    with pytest.raises(TypeError, match=rf"{function.__name__}\(\) got an unexpected keyword argument 'z_los'"):
+        function(*args, group=None, z_los=1e-4)
+    with pytest.raises(ValueError, match="z_loss must be a finite coefficient"):
+        function(*args, group=None, z_loss=-1.0)
+
+
 @pytest.mark.parametrize("module", [nn.CausalLMLoss, nn.LinearCrossEntropyLoss], ids=lambda m: m.__name__)
 def test_modules_take_every_option_with_the_spec_default(module):
     _assert_spelled_like_the_spec(module.__name__, _parameters(module.__init__), list(SPEC_OPTIONS))
+
+
+def test_sft_trainer_takes_every_option_it_does_not_fix_with_the_spec_default():
+    from lmloss.integrations.trl import LMLossSFTTrainer
+
+    params = _parameters(LMLossSFTTrainer.__init__)
+    # TRL's SFTTrainer shifts, means over the step's targets and masks with -100 itself.
+    taken = [name for name in SPEC_OPTIONS if name not in ("shift", "reduction", "ignore_index")]
+    _assert_spelled_like_the_spec("LMLossSFTTrainer", params, taken)
 
 
 @pytest.mark.parametrize("function", [hf.apply, hf.trainer_loss], ids=lambda f: f.__name__)
 def test_transformers_integration_takes_every_option_it_does_not_fix(function):
     params = _parameters(function)
     assert "class_weights" not in params and "integrations.transformers" in CLASS_WEIGHTS_FIXED
+    keywords = _unpacked(function, "loss_options")
+    assert keywords is hf_loss.ModelLossKeywords
     taken = [name for name in SPEC_OPTIONS if name not in hf.SPEC_OPTIONS_FIXED]
-    _assert_spelled_like_the_spec(function.__name__, params, taken)
-    assert not set(hf.SPEC_OPTIONS_FIXED) & set(params), "a fixed option is also a parameter"
+    spec_hints = _hints(LossSpec)
+    assert list(_hints(keywords)) == taken
+    assert all(hint == spec_hints[name] for name, hint in _hints(keywords).items())
+    assert not set(SPEC_OPTIONS) & set(params), "an option spelled twice"
+
+
+def test_transformers_integration_names_a_fixed_option_and_why():
+    with pytest.raises(TypeError, match=r"trainer_loss\(\) does not take softcap: the model's final_logit_softcapping"):
+        hf.trainer_loss(softcap=30.0)  # type: ignore[call-arg]  # a fixed option on purpose
+    with pytest.raises(TypeError, match=r"trainer_loss\(\) got an unexpected keyword argument 'label_smothing'"):
+        hf.trainer_loss(label_smothing=0.1)  # type: ignore[call-arg]  # a misspelled option on purpose
+    assert hf.trainer_loss(label_smoothing=0.1, z_loss=1) is not None
+
+
+LOGPROB_FIELDS = {f.name: f for f in dataclasses.fields(LogprobSpec)}
+
+
+@pytest.mark.parametrize("function", [lmloss.token_logprobs, lmloss.linear_token_logprobs], ids=lambda f: f.__name__)
+def test_logprob_functions_take_every_option_with_the_spec_default(function):
+    params = _parameters(function)
+    for name, spec_field in LOGPROB_FIELDS.items():
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert params[name].default == spec_field.default and str(params[name].annotation) == str(spec_field.type)
+    assert _unpacked(parallel.vocab_parallel_linear_token_logprobs, "options") is LogprobKeywords
+    assert _hints(LogprobKeywords) == _hints(LogprobSpec)
 
 
 def test_backend_options_are_spelled_alike():

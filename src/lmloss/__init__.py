@@ -26,6 +26,7 @@ from lmloss import (
     preference,
     rl,
 )
+from lmloss._spec import LossKeywords, LossSpec
 from lmloss._validation import validation
 from lmloss.accounting import MicroBatch, count_targets, micro_batches
 from lmloss.batching import PackingCollator, PaddingCollator
@@ -42,6 +43,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CompositeLoss",
     "Example",
+    "LossKeywords",
+    "LossSpec",
     "MicroBatch",
     "PackingCollator",
     "PaddingCollator",

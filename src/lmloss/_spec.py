@@ -7,18 +7,26 @@ a spec is frozen, so once built it is known to be valid and every backend can tr
 
 Per-call data (``num_items_in_batch``, ``token_weights``) is not part of the spec: it
 changes every step, the spec does not.
+
+Entry points that pass the options on to another (the vocab-parallel functions, the
+transformers integration) take them as ``**options: Unpack[LossKeywords]``, the way
+transformers types its own forwarded keywords: type checkers and IDEs see every
+option, the defaults are the spec's by construction, and an unknown keyword is a
+``TypeError`` naming it (:func:`spec_from_keywords`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Literal, get_args
+from typing import Literal, TypedDict, get_args
 
-from lmloss._validation import check_bool, check_choice, check_int, check_real
+from lmloss._validation import check_bool, check_choice, check_int, check_keywords, check_real
 
 __all__ = [
     "LossSpec",
+    "LossKeywords",
     "Reduction",
     "Normalize",
     "TokenLoss",
@@ -31,6 +39,7 @@ __all__ = [
     "MIN_SOFTCAP",
     "SPEC_OPTIONS",
     "check_loss_options",
+    "spec_from_keywords",
     "check_softcap",
     "resolve_focal_gamma",
 ]
@@ -97,10 +106,40 @@ class LossSpec:
         """The options as keywords of a public entry point."""
         return {name: getattr(self, name) for name in SPEC_OPTIONS}
 
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, object]) -> LossSpec:
+        """The spec of an entry point's explicit keyword parameters: call it first thing with
+        ``locals()``. The parameters are the options' names (``tests/test_spec.py`` holds every
+        entry point to that, and to the spec's defaults); options an entry point does not take
+        keep their defaults."""
+        return check_loss_options(**{name: arguments[name] for name in SPEC_OPTIONS if name in arguments})
+
+
+class LossKeywords(TypedDict, total=False):
+    """The options of :class:`LossSpec` as keywords, for ``**options: Unpack[LossKeywords]``;
+    an absent one takes the spec's default."""
+
+    shift: bool
+    ignore_index: int
+    reduction: Reduction
+    label_smoothing: float
+    z_loss: float
+    softcap: float | None
+    normalize: Normalize
+    token_loss: TokenLoss
+    focal_gamma: float | None
+
 
 def check_loss_options(**options: object) -> LossSpec:
     """Check per-token options (keywords of :class:`LossSpec`) together; returns their spec."""
     return LossSpec(**options)  # type: ignore[arg-type]  # keywords typed object; __post_init__ checks each
+
+
+def spec_from_keywords(where: str, options: Mapping[str, object]) -> LossSpec:
+    """The spec of the ``**options`` that the entry point ``where`` took; an unknown
+    keyword is a ``TypeError`` naming it."""
+    check_keywords(where, options, SPEC_OPTIONS)
+    return check_loss_options(**options)
 
 
 def check_softcap(softcap: object) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import math
 import numbers
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import cast
 
 import torch
@@ -52,6 +52,20 @@ def validation(enabled: bool = True) -> Iterator[None]:
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}")
+
+
+def check_keywords(
+    where: str, given: Iterable[str], known: Iterable[str], fixed: Mapping[str, str] | None = None
+) -> None:
+    """Every keyword in ``given`` is one ``where`` takes (``known``); raises ``TypeError`` naming
+    the first unknown one, with the reason when it is one of ``fixed`` (name -> why it is fixed)."""
+    known = tuple(known)
+    for name in given:
+        if name in known:
+            continue
+        if fixed and name in fixed:
+            raise TypeError(f"{where}() does not take {name}: {fixed[name]}")
+        raise TypeError(f"{where}() got an unexpected keyword argument {name!r}; its options are {', '.join(known)}")
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:

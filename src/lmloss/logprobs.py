@@ -17,17 +17,35 @@ Per scored position, with ``z`` its logits (float32 whatever the input dtype)::
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
 
-from lmloss._engine.plan import plan_targets, to_label_alignment
+from lmloss._engine.logprobs import LogprobOptions
+from lmloss._engine.plan import TargetPlan, plan_targets, to_label_alignment
 from lmloss._spec import check_softcap
-from lmloss._validation import check_bool, check_choice, check_int, check_label_range, check_labels, check_temperature
+from lmloss._validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_keywords,
+    check_label_range,
+    check_labels,
+    check_temperature,
+)
 from lmloss.fused import REFERENCE_MAX_LOGITS, check_linear
 
-__all__ = ["LOGPROB_BACKENDS", "TokenLogprobs", "linear_token_logprobs", "token_logprobs"]
+__all__ = [
+    "LOGPROB_BACKENDS",
+    "LogprobKeywords",
+    "LogprobSpec",
+    "TokenLogprobs",
+    "linear_token_logprobs",
+    "token_logprobs",
+]
 
 LOGPROB_BACKENDS: tuple[str, ...] = ("auto", "reference", "chunked")
 
@@ -38,6 +56,68 @@ class TokenLogprobs(NamedTuple):
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LogprobSpec:
+    """The options of the token log-probs (as in :func:`token_logprobs`), checked once on
+    construction; every backend and the vocab-parallel form take them from here."""
+
+    shift: bool = True
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: float | None = None
+    with_entropy: bool = False
+
+    def __post_init__(self) -> None:
+        check_bool("shift", self.shift)
+        check_int("ignore_index", self.ignore_index)
+        check_bool("with_entropy", self.with_entropy)
+        check_temperature(self.temperature)
+        check_softcap(self.softcap)
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, object]) -> LogprobSpec:
+        """The spec of an entry point's explicit keyword parameters, by name (its ``locals()``)."""
+        return cls(**{name: arguments[name] for name in LOGPROB_OPTIONS})  # type: ignore[arg-type]  # checked here
+
+    @classmethod
+    def from_keywords(cls, where: str, options: Mapping[str, object]) -> LogprobSpec:
+        """The spec of the ``**options`` that ``where`` took; an unknown keyword is a ``TypeError``."""
+        check_keywords(where, options, LOGPROB_OPTIONS)
+        return cls(**options)  # type: ignore[arg-type]  # each option checked by __post_init__
+
+    def plan(self, labels: torch.Tensor, dtype: torch.dtype) -> TargetPlan:
+        """The targets of ``labels`` ``[..., T]``: aligned, one unit coefficient per scored position."""
+        return plan_targets(
+            labels, None, shift=self.shift, ignore_index=self.ignore_index, normalize="token", dtype=dtype
+        )
+
+    def engine_options(self, chunk_size: int) -> LogprobOptions:
+        """What the engine's chunk loop needs, with ``chunk_size`` rows per chunk."""
+        softcap = None if self.softcap is None else float(self.softcap)
+        return LogprobOptions(float(self.temperature), softcap, self.with_entropy, chunk_size)
+
+    def result(self, logprobs: torch.Tensor, entropy: torch.Tensor, shape: torch.Size) -> TokenLogprobs:
+        """Per-position ``[N]`` outputs of the engine moved to label alignment, shaped ``shape``
+        (``entropy`` kept only when asked for)."""
+        aligned = to_label_alignment(logprobs.view(shape), self.shift)
+        return TokenLogprobs(
+            aligned, to_label_alignment(entropy.view(shape), self.shift) if self.with_entropy else None
+        )
+
+
+LOGPROB_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(LogprobSpec))
+
+
+class LogprobKeywords(TypedDict, total=False):
+    """The options of :class:`LogprobSpec` as keywords, for ``**options: Unpack[LogprobKeywords]``."""
+
+    shift: bool
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+    with_entropy: bool
 
 
 def token_logprobs(
@@ -64,25 +144,29 @@ def token_logprobs(
     Returns:
         :class:`TokenLogprobs`, each ``[..., T]`` float32, aligned with ``labels``.
     """
+    return _logits_logprobs(logits, labels, LogprobSpec.from_arguments(locals()))
+
+
+def _logits_logprobs(logits: torch.Tensor, labels: torch.Tensor, spec: LogprobSpec) -> TokenLogprobs:
+    """:func:`token_logprobs` with checked options: ``logits`` ``[..., T, V]``, ``labels`` ``[..., T]``."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim < 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a floating [..., T, V] tensor, got {shape}")
     labels = check_labels(labels, logits.shape[:-1])
-    check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
-    check_label_range(labels, logits.shape[-1], ignore_index)
-    plan = plan_targets(labels, None, shift=shift, ignore_index=ignore_index, normalize="token", dtype=torch.float32)
+    check_label_range(labels, logits.shape[-1], spec.ignore_index)
+    plan = spec.plan(labels, torch.float32)
     scored = plan.coef > 0
     z = logits.float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    log_p = torch.log_softmax(z / temperature, dim=-1)
+    if spec.softcap is not None:
+        z = spec.softcap * torch.tanh(z / spec.softcap)
+    log_p = torch.log_softmax(z / spec.temperature, dim=-1)
     picked = log_p.gather(-1, plan.targets.clamp(min=0).long().unsqueeze(-1)).squeeze(-1)
     # where() rather than a product: an unscored position gets 0 and a zero gradient.
-    logprobs = to_label_alignment(torch.where(scored, picked, 0.0), shift)
+    logprobs = to_label_alignment(torch.where(scored, picked, 0.0), spec.shift)
     entropy = None
-    if with_entropy:
+    if spec.with_entropy:
         per_position = -(log_p.exp() * log_p).sum(-1)
-        entropy = to_label_alignment(torch.where(scored, per_position, 0.0), shift)
+        entropy = to_label_alignment(torch.where(scored, per_position, 0.0), spec.shift)
     return TokenLogprobs(logprobs, entropy)
 
 
@@ -116,40 +200,18 @@ def linear_token_logprobs(
     Returns:
         :class:`TokenLogprobs`, each ``[..., T]`` float32, aligned with ``labels``.
     """
+    spec = LogprobSpec.from_arguments(locals())
     check_choice("backend", backend, LOGPROB_BACKENDS)
     if chunk_size is not None and check_int("chunk_size", chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1 tokens, got {chunk_size}")
     hidden, weight, bias = check_linear(hidden, weight, bias)
     labels = check_labels(labels, hidden.shape[:-1])
-    check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
-    chosen = _pick_backend(backend, hidden, weight)
-    if chosen == "reference":
-        logits = F.linear(hidden, weight, bias)
-        return token_logprobs(
-            logits,
-            labels,
-            shift=shift,
-            ignore_index=ignore_index,
-            temperature=temperature,
-            softcap=softcap,
-            with_entropy=with_entropy,
-        )
-    # Imported on use: lmloss.fused.logprobs imports this module (for the option checks).
+    if _pick_backend(backend, hidden, weight) == "reference":
+        return _logits_logprobs(F.linear(hidden, weight, bias), labels, spec)
+    # Imported on use: lmloss.fused.logprobs imports this module (for LogprobSpec).
     from lmloss.fused.logprobs import chunked_token_logprobs
 
-    logprobs, entropy = chunked_token_logprobs(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        shift=shift,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        softcap=softcap,
-        with_entropy=with_entropy,
-        chunk_size=chunk_size,
-    )
-    return TokenLogprobs(logprobs, entropy)
+    return chunked_token_logprobs(hidden, weight, bias, labels, spec, chunk_size)
 
 
 def _pick_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
@@ -157,15 +219,3 @@ def _pick_backend(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> s
         return backend
     n_tokens = hidden.numel() // max(hidden.shape[-1], 1)
     return "reference" if n_tokens * weight.shape[0] <= REFERENCE_MAX_LOGITS else "chunked"
-
-
-def check_logprob_options(
-    shift: object, ignore_index: object, temperature: object, softcap: object, with_entropy: object
-) -> None:
-    """The options of the token log-probs, as :func:`linear_token_logprobs` takes them (every
-    backend checks them alike); raises ``ValueError``/``TypeError`` naming the option."""
-    check_bool("shift", shift)
-    check_int("ignore_index", ignore_index)
-    check_bool("with_entropy", with_entropy)
-    check_temperature(temperature)
-    check_softcap(softcap)

@@ -116,17 +116,7 @@ class CausalLMLoss(_LossModule):
         )
         if size_average is not None or reduce is not None:
             reduction = _legacy_reduction(size_average, reduce)
-        super().__init__(
-            shift=shift,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            normalize=normalize,
-            token_loss=token_loss,
-            focal_gamma=focal_gamma,
-        )
+        super().__init__(**_picked(locals(), SPEC_OPTIONS))
         self.register_buffer("weight", classes)
 
     @property
@@ -194,19 +184,7 @@ class LinearCrossEntropyLoss(_LossModule):
         chunk_size: int | None = None,
     ) -> None:
         classes = _checked_class_weights(class_weights)
-        super().__init__(
-            shift=shift,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            normalize=normalize,
-            token_loss=token_loss,
-            focal_gamma=focal_gamma,
-            backend=backend,
-            chunk_size=chunk_size,
-        )
+        super().__init__(**_picked(locals(), (*SPEC_OPTIONS, "backend", "chunk_size")))
         self.register_buffer("class_weights", classes)
 
     def _checked(self, options: dict[str, object]) -> LossSpec:
@@ -238,6 +216,12 @@ class LinearCrossEntropyLoss(_LossModule):
         )
 
 
+def _picked(arguments: dict[str, object], names: tuple[str, ...]) -> dict[str, object]:
+    """A constructor's options from its ``locals()``, by name, in the order of ``names``
+    (its parameters are named as the options: ``tests/test_spec.py`` holds them to it)."""
+    return {name: arguments[name] for name in names}
+
+
 def _checked_class_weights(value: object, name: str = "class_weights") -> torch.Tensor | None:
     """A module's class weights, checked as far as they can be without the vocabulary size
     (``[V]``, floating point, finite, non-negative); kept as given (a buffer)."""
@@ -262,6 +246,10 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> Reducti
         stacklevel=3,
     )
     return reduction
+
+
+# The options of the distillation modules, in signature order (chunk_size: the linear one's).
+_DISTILL_OPTIONS = ("temperature", "alpha", "shift", "ignore_index", "reduction", "normalize")
 
 
 class _DistillationOptions(_LossModule):
@@ -304,14 +292,7 @@ class DistillationLoss(_DistillationOptions):
         reduction: Reduction = "mean",
         normalize: Normalize = "token",
     ) -> None:
-        super().__init__(
-            temperature=temperature,
-            alpha=alpha,
-            shift=shift,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            normalize=normalize,
-        )
+        super().__init__(**_picked(locals(), _DISTILL_OPTIONS))
 
     def forward(
         self,
@@ -354,15 +335,7 @@ class LinearDistillationLoss(_DistillationOptions):
         normalize: Normalize = "token",
         chunk_size: int | None = None,
     ) -> None:
-        super().__init__(
-            temperature=temperature,
-            alpha=alpha,
-            shift=shift,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-        )
+        super().__init__(**_picked(locals(), (*_DISTILL_OPTIONS, "chunk_size")))
 
     def forward(
         self,

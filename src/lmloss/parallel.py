@@ -81,16 +81,15 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from typing_extensions import Unpack
 
 from lmloss._dtensor import local_bias, localize
 from lmloss._engine.chunks import autocast_inputs, needs_grad
-from lmloss._engine.logprobs import LogprobOptions, ShardLogprobs, linear_logprobs
+from lmloss._engine.logprobs import ShardLogprobs, linear_logprobs
 from lmloss._engine.plan import (
     compute_dtype,
     finish,
-    plan_targets,
     prepare,
-    to_label_alignment,
 )
 from lmloss._engine.reducer import ShardReducer
 from lmloss._engine.rowmath import LossMath
@@ -112,9 +111,9 @@ from lmloss._shard_inputs import (
     logits_problem,
     weight_problem,
 )
-from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
+from lmloss._spec import LossKeywords, spec_from_keywords
 from lmloss._validation import check_int, check_label_range, check_labels, check_labels_on
-from lmloss.logprobs import TokenLogprobs, check_logprob_options
+from lmloss.logprobs import LogprobKeywords, LogprobSpec, TokenLogprobs
 
 __all__ = [
     "vocab_parallel_linear_cross_entropy",
@@ -204,19 +203,11 @@ def vocab_parallel_linear_cross_entropy(
     group: dist.ProcessGroup | None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
-    shift: bool = True,
-    ignore_index: int = -100,
-    reduction: Reduction = "mean",
     num_items_in_batch: torch.Tensor | int | float | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
-    normalize: Normalize = "token",
-    token_loss: TokenLoss = "ce",
-    focal_gamma: float | None = None,
     class_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    **options: Unpack[LossKeywords],
 ) -> torch.Tensor:
     """``linear_cross_entropy(hidden, W, labels)`` with ``W`` sharded by vocabulary over ``group``.
 
@@ -240,15 +231,17 @@ def vocab_parallel_linear_cross_entropy(
             (shards in rank order unless ``vocab_start`` is given), which also checks
             that the shards tile the vocabulary; pass both (``lmloss.parallel.vocab_layout``
             once) to skip it.
-        shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
-        softcap, token_weights, normalize, token_loss, focal_gamma: exactly as in
-            :func:`lmloss.causal_lm_loss` on the full logits (label smoothing, the
-            z-loss and the DFT/focal target probability cover the full vocabulary).
+        num_items_in_batch, token_weights: as in :func:`lmloss.causal_lm_loss`.
         class_weights: ``[V]``, *all* the class weights (not this rank's shard), the
             same on every rank, as in :func:`lmloss.causal_lm_loss`: a rank needs the
             weight of every target and their total, and a ``[V]`` vector is small.
         chunk_size: tokens per chunk (one all-gather each); default from a 256 MiB
             budget for a ``[chunk, V / P]`` float32 buffer. Must be the same on every rank.
+        **options: the loss options of :func:`lmloss.causal_lm_loss` (``shift``,
+            ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap``,
+            ``normalize``, ``token_loss``, ``focal_gamma``; :class:`lmloss.LossKeywords`),
+            with its defaults, on the full logits (label smoothing, the z-loss and the
+            DFT/focal target probability cover the full vocabulary).
 
     Returns:
         The same on every rank: a float32 scalar (float64 for float64 inputs), or
@@ -263,17 +256,7 @@ def vocab_parallel_linear_cross_entropy(
             ``torch.distributed`` is not initialized. A bad ``weight_shard`` (or
             ``vocab_start``) on one rank raises on every rank (see the module doc).
     """
-    spec = LossSpec(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalize=normalize,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    spec = spec_from_keywords("vocab_parallel_linear_cross_entropy", options)
     _check_chunk_size(chunk_size)
     local = localize(
         weight_shard,
@@ -311,7 +294,7 @@ def vocab_parallel_linear_cross_entropy(
             plan.coef.reshape(-1),
             _reducer(layout, plan.class_weights),
             LossMath.from_spec(spec),
-            reduction != "none",
+            spec.reduction != "none",
             chunk_size,
             needs,
             _sum_hidden(layout),
@@ -329,18 +312,10 @@ def vocab_parallel_cross_entropy(
     group: dist.ProcessGroup | None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
-    shift: bool = True,
-    ignore_index: int = -100,
-    reduction: Reduction = "mean",
     num_items_in_batch: torch.Tensor | int | float | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
-    normalize: Normalize = "token",
-    token_loss: TokenLoss = "ce",
-    focal_gamma: float | None = None,
     class_weights: torch.Tensor | None = None,
+    **options: Unpack[LossKeywords],
 ) -> torch.Tensor:
     """``causal_lm_loss(logits, labels)`` where each rank holds a vocabulary slice of the logits.
 
@@ -352,11 +327,11 @@ def vocab_parallel_cross_entropy(
             takes): the group and the layout come from its mesh, as for a DTensor weight.
         labels: ``[..., T]`` *global* token ids, the same on every rank.
         group, vocab_start, vocab_size: as in :func:`vocab_parallel_linear_cross_entropy`.
-        shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
-        softcap, token_weights, normalize, token_loss, focal_gamma: exactly as in
-            :func:`lmloss.causal_lm_loss` on the full ``[..., T, V]`` logits.
+        num_items_in_batch, token_weights: as in :func:`lmloss.causal_lm_loss`.
         class_weights: ``[V]``, all of them, the same on every rank (as in
             :func:`vocab_parallel_linear_cross_entropy`).
+        **options: the loss options of :func:`lmloss.causal_lm_loss`, with its defaults,
+            on the full ``[..., T, V]`` logits (:class:`lmloss.LossKeywords`).
 
     Returns:
         As :func:`lmloss.causal_lm_loss`, the same on every rank. Backward gives
@@ -367,17 +342,7 @@ def vocab_parallel_cross_entropy(
         ValueError: as :func:`vocab_parallel_linear_cross_entropy`; a bad
             ``logits_shard`` on one rank raises on every rank.
     """
-    spec = LossSpec(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalize=normalize,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    spec = spec_from_keywords("vocab_parallel_cross_entropy", options)
     local = localize(
         logits_shard,
         -1,
@@ -426,12 +391,8 @@ def vocab_parallel_linear_token_logprobs(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     bias: torch.Tensor | None = None,
-    shift: bool = True,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    with_entropy: bool = False,
     chunk_size: int | None = None,
+    **options: Unpack[LogprobKeywords],
 ) -> TokenLogprobs:
     """:func:`lmloss.linear_token_logprobs` with the ``lm_head`` sharded by vocabulary over ``group``.
 
@@ -446,10 +407,11 @@ def vocab_parallel_linear_token_logprobs(
         labels: ``[..., T]`` *global* token ids, the same on every rank.
         group, vocab_start, vocab_size: as in :func:`vocab_parallel_linear_cross_entropy`.
         bias: ``[V_r]`` this rank's rows of ``lm_head.bias`` (a DTensor like the weight's), or None.
-        shift, ignore_index, temperature, softcap, with_entropy: as in
-            :func:`lmloss.linear_token_logprobs` on the full weight.
         chunk_size: tokens per chunk (one all-gather each), the same on every rank;
             default from a 256 MiB budget for a ``[chunk, V / P]`` float32 buffer.
+        **options: ``shift``, ``ignore_index``, ``temperature``, ``softcap``,
+            ``with_entropy`` (:class:`lmloss.logprobs.LogprobKeywords`): as in
+            :func:`lmloss.linear_token_logprobs` on the full weight, with its defaults.
 
     Returns:
         :class:`lmloss.TokenLogprobs`, the same on every rank: ``[..., T]`` float32
@@ -463,7 +425,7 @@ def vocab_parallel_linear_token_logprobs(
         ValueError: on bad options, labels outside the full vocabulary, or shards that do
             not fit it; a bad shard on one rank raises on every rank (see the module doc).
     """
-    check_logprob_options(shift, ignore_index, temperature, softcap, with_entropy)
+    spec = LogprobSpec.from_keywords("vocab_parallel_linear_token_logprobs", options)
     _check_chunk_size(chunk_size)
     local = localize(
         weight_shard, 0, "weight_shard", group, vocab_start, vocab_size, {"hidden": hidden, "labels": labels}
@@ -476,28 +438,26 @@ def vocab_parallel_linear_token_logprobs(
     problem = weight_problem(hidden, weight_shard)
     problem = problem or bias_problem(weight_shard, bias)
     layout, problem = resolve_layout(group, 0 if problem else weight_shard.shape[0], vocab_start, vocab_size, problem)
-    check_label_range(labels, layout.vocab_size, ignore_index)  # replicated: raises alike everywhere
+    check_label_range(labels, layout.vocab_size, spec.ignore_index)  # replicated: raises alike everywhere
     dtype = compute_dtype(hidden.dtype)
-    plan = plan_targets(labels, None, shift=shift, ignore_index=ignore_index, normalize="token", dtype=dtype)
+    plan = spec.plan(labels, dtype)
     scored = plan.coef.reshape(-1) != 0
     hidden2d = hidden.reshape(labels.numel(), hidden.shape[-1])
     if chunk_size is None:
         chunk_size = default_chunk_rows(hidden2d, layout, dtype, buffers=2)  # the logits and exp(x - max)
     if problem is not None:
         fail_together(problem, first_gather_rows(scored, chunk_size), layout, labels.device)
-    options = LogprobOptions(float(temperature), None if softcap is None else float(softcap), with_entropy, chunk_size)
     logprobs, entropy = linear_logprobs(
         hidden2d,
         weight_shard,
         bias,
         plan.targets.reshape(-1),
         scored,
-        options,
+        spec.engine_options(chunk_size),
         ShardLogprobs(_reducer(layout)),
         _sum_hidden(layout),
     )
-    logprobs = to_label_alignment(logprobs.view(labels.shape), shift)
-    return TokenLogprobs(logprobs, to_label_alignment(entropy.view(labels.shape), shift) if with_entropy else None)
+    return spec.result(logprobs, entropy, labels.shape)
 
 
 # --- argument checks ------------------------------------------------------------------------

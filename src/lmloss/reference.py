@@ -139,17 +139,7 @@ def causal_lm_loss(
             (with its position), mismatched shapes or devices, wrong dtypes,
             unknown options or a bad ``num_items_in_batch``.
     """
-    spec = LossSpec(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalize=normalize,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    spec = LossSpec.from_arguments(locals())  # first: locals() holds only the parameters
     logits = check_logits(logits)
     labels = check_labels_on(labels, logits.shape[:-1], logits.device, "logits")
     vocab_size = logits.shape[-1]

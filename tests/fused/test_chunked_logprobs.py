@@ -1,4 +1,5 @@
-"""fused.logprobs.chunked_token_logprobs against float64 log_softmax on materialized logits."""
+"""The chunked backend of linear_token_logprobs (fused.logprobs) against float64 log_softmax on
+materialized logits."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmloss import validation
-from lmloss.fused.logprobs import chunked_token_logprobs
+from lmloss import linear_token_logprobs, validation
+
+
+def chunked_token_logprobs(*args, **kwargs):
+    """``linear_token_logprobs`` on its chunked backend, whatever the sizes."""
+    return linear_token_logprobs(*args, backend="chunked", **kwargs)
 
 
 def _problem(dtype=torch.float64, lead=(2,), seq_len=7, hidden_size=6, vocab=37, seed=0, ignored=0.3):

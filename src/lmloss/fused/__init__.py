@@ -90,17 +90,7 @@ def linear_cross_entropy(
         synchronise a GPU once; ``with lmloss.validation(False):`` turns both off
         (ignored rows are then masked, not dropped) for CUDA graphs.
     """
-    spec = LossSpec(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalize=normalize,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    spec = LossSpec.from_arguments(locals())  # first: locals() holds only the parameters
     check_backend_options(backend, chunk_size)
     hidden, weight, bias = check_linear(*autocast_inputs(hidden, weight, bias))
     labels = check_labels_on(labels, hidden.shape[:-1], hidden.device, "hidden")

@@ -8,14 +8,24 @@ them as one checked spec and call the public loss functions with its typed field
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 import torch
 
 from lmloss._spec import SPEC_OPTIONS, LossSpec, TokenLoss
+from lmloss._validation import check_keywords
 from lmloss.reference import causal_lm_loss
 
-__all__ = ["SPEC_OPTIONS_FIXED", "count_on_device", "logits_loss", "loss_spec", "options_text"]
+__all__ = [
+    "SPEC_OPTIONS_FIXED",
+    "SPEC_OPTIONS_TAKEN",
+    "ModelLossKeywords",
+    "count_on_device",
+    "logits_loss",
+    "loss_spec",
+    "options_text",
+]
 
 # The LossSpec options that apply() and trainer_loss() do not take, and why: the
 # model's loss always shifts and means over the step's targets (num_items_in_batch
@@ -28,33 +38,37 @@ SPEC_OPTIONS_FIXED = {
 }
 
 
-def loss_spec(
-    *,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    token_loss: TokenLoss,
-    focal_gamma: float | None,
-) -> LossSpec:
-    """The checked spec of the options ``apply``/``trainer_loss`` take (the others at their defaults).
+class ModelLossKeywords(TypedDict, total=False):
+    """The per-token options ``apply`` and ``trainer_loss`` take, as keywords (``**loss_options``):
+    those of :class:`lmloss.LossKeywords` less ``SPEC_OPTIONS_FIXED``, with the spec's defaults."""
+
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    token_loss: TokenLoss
+    focal_gamma: float | None
+
+
+SPEC_OPTIONS_TAKEN: tuple[str, ...] = tuple(name for name in SPEC_OPTIONS if name not in SPEC_OPTIONS_FIXED)
+
+
+def loss_spec(where: str, options: Mapping[str, object]) -> LossSpec:
+    """The checked spec of the ``**loss_options`` that ``where`` (``apply``, ``trainer_loss``)
+    took; the fixed options keep their defaults.
 
     Raises:
+        TypeError: an option the integration does not take (a fixed one: with the reason).
         ValueError, TypeError: an option is bad (the message names it).
     """
-    spec = LossSpec(
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    check_keywords(where, options, SPEC_OPTIONS_TAKEN, SPEC_OPTIONS_FIXED)
+    spec = LossSpec(**options)  # type: ignore[arg-type]  # keywords typed object; __post_init__ checks each
     # Checked as given (an int coefficient is a real number); kept as floats, as the loss sees them.
     return dataclasses.replace(spec, label_smoothing=float(spec.label_smoothing), z_loss=float(spec.z_loss))
 
 
 def options_text(spec: LossSpec) -> str:
     """The options of ``spec`` the integration takes, as ``{'name': value, ...}`` (for messages)."""
-    return str({name: getattr(spec, name) for name in SPEC_OPTIONS if name not in SPEC_OPTIONS_FIXED})
+    return str({name: getattr(spec, name) for name in SPEC_OPTIONS_TAKEN})
 
 
 def count_on_device(num_items: Any, like: torch.Tensor) -> Any:

@@ -6,12 +6,13 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from torch import nn
+from typing_extensions import Unpack
 
-from lmloss._spec import Backend, TokenLoss
+from lmloss._spec import Backend
 from lmloss._validation import check_bool
 from lmloss.fused import check_backend_options
 from lmloss.integrations.transformers.forward import make_forward
-from lmloss.integrations.transformers.loss import loss_spec
+from lmloss.integrations.transformers.loss import ModelLossKeywords, loss_spec
 from lmloss.integrations.transformers.model import logit_transform, output_head, unwrap_peft
 from lmloss.integrations.transformers.state import STATE_ATTR, FusedState
 from lmloss.integrations.transformers.tokens import check_token_ids, placeholder_token_ids
@@ -24,15 +25,11 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 def apply(
     model: ModelT,
     *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    token_loss: TokenLoss = "ce",
-    focal_gamma: float | None = None,
     ignore_token_ids: Iterable[int] | None = None,
     backend: Backend = "auto",
     chunk_size: int | None = None,
     eval_logits: bool = True,
+    **loss_options: Unpack[ModelLossKeywords],
 ) -> ModelT:
     """Make ``model(..., labels=...)`` compute the fused lmloss loss, without logits.
 
@@ -40,14 +37,14 @@ def apply(
         model: a transformers causal LM (``LlamaForCausalLM``, ``Qwen2VLForConditionalGeneration``,
             ...; any model whose forward calls ``get_output_embeddings()``, a plain
             ``torch.nn.Linear``, on the final hidden states), or a PEFT model wrapping one.
-        ignore_index: label value that is not a target.
-        label_smoothing, z_loss, token_loss, focal_gamma: as in :func:`lmloss.causal_lm_loss`
-            (``token_loss="dft"``: Dynamic Fine-Tuning).
         ignore_token_ids: token ids that are never targets. Default: the placeholder ids
             of the config (:func:`placeholder_token_ids`); ``()`` for none.
         backend, chunk_size: as in :func:`lmloss.linear_cross_entropy`.
         eval_logits: under ``torch.no_grad()``, return real logits (and the loss from
             them) from loss calls; ``False`` uses the fused path there too.
+        **loss_options: ``ignore_index``, ``label_smoothing``, ``z_loss``, ``token_loss``
+            (``"dft"``: Dynamic Fine-Tuning), ``focal_gamma``: as in
+            :func:`lmloss.causal_lm_loss`, with its defaults (``ModelLossKeywords``).
 
     The softcap is not an option: it is the model's ``final_logit_softcapping``.
 
@@ -74,13 +71,7 @@ def apply(
         raise ValueError("lmloss is already applied to this model; call remove(model) first to change its options")
     # The other per-token options are fixed here: transformers shifts, means over the
     # step's targets, and the softcap is the model's own (see SPEC_OPTIONS_FIXED).
-    spec = loss_spec(
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    spec = loss_spec("apply", loss_options)
     check_backend_options(backend, chunk_size)
     check_bool("eval_logits", eval_logits)
     head = output_head(target)

@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from typing_extensions import Unpack
 
-from lmloss._spec import TokenLoss
-from lmloss.integrations.transformers.loss import logits_loss, loss_spec
+from lmloss.integrations.transformers.loss import ModelLossKeywords, logits_loss, loss_spec
 from lmloss.integrations.transformers.outputs import logits_of
 from lmloss.integrations.transformers.tokens import check_token_ids, mask_token_ids
 
@@ -16,13 +16,7 @@ __all__ = ["trainer_loss"]
 
 
 def trainer_loss(
-    *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    token_loss: TokenLoss = "ce",
-    focal_gamma: float | None = None,
-    ignore_token_ids: Iterable[int] = (),
+    *, ignore_token_ids: Iterable[int] = (), **loss_options: Unpack[ModelLossKeywords]
 ) -> Callable[..., torch.Tensor]:
     """A ``compute_loss_func`` for ``transformers.Trainer``: lmloss on the model's logits.
 
@@ -41,10 +35,10 @@ def trainer_loss(
     raises) and runs a second forward for a ``compute_loss_func`` (deprecated there).
 
     Args:
-        ignore_index, label_smoothing, z_loss, token_loss, focal_gamma: as in
-            :func:`lmloss.causal_lm_loss`.
         ignore_token_ids: ids never counted as targets (e.g. ``placeholder_token_ids(model)``);
             make the collator mask them too, so that ``Trainer``'s count agrees.
+        **loss_options: ``ignore_index``, ``label_smoothing``, ``z_loss``, ``token_loss``,
+            ``focal_gamma``: as in :func:`lmloss.causal_lm_loss`, with its defaults.
 
     Returns:
         ``loss_func(outputs, labels, num_items_in_batch=None) -> Tensor`` (a float32 scalar);
@@ -55,13 +49,7 @@ def trainer_loss(
     """
     # The other per-token options are fixed here: transformers shifts, means over the
     # step's targets, and the softcap is the model's own (see SPEC_OPTIONS_FIXED).
-    spec = loss_spec(
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
+    spec = loss_spec("trainer_loss", loss_options)
     ids = check_token_ids(ignore_token_ids)
 
     def loss_func(outputs: Any, labels: torch.Tensor | None, num_items_in_batch: Any = None) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from trl import SFTTrainer
 
-from lmloss._spec import check_loss_options
+from lmloss._spec import LossSpec
 from lmloss._validation import check_bool
 from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
 from lmloss.integrations.transformers import is_applied, placeholder_token_ids
@@ -96,16 +96,7 @@ class LMLossSFTTrainer(SFTTrainer):
             raise ValueError(
                 "LMLossSFTTrainer computes the loss itself; pass lmloss's options instead of compute_loss_func"
             )
-        check_loss_options(
-            ignore_index=-100,
-            reduction="mean",
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            normalize=normalize,
-            token_loss=token_loss,
-            focal_gamma=focal_gamma,
-        )
+        LossSpec.from_arguments(locals())  # checks the options this trainer takes
         check_backend_options(backend, chunk_size)
         check_bool("token_metrics", token_metrics)
         model = kwargs.get("model", args[0] if args else None)
