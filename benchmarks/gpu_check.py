@@ -378,7 +378,7 @@ def api_probes(device: Any) -> dict[str, Callable[[], Any]]:
             raise AssertionError(f"differs by {float((x - want).abs().max()):.2e}")
 
     def triton_backend() -> None:
-        from lmloss.fused.triton import triton_linear_cross_entropy  # noqa: F401
+        from lmloss.fused.triton import triton_backend  # noqa: F401
 
     return {
         "mm(out_dtype=float32)": lambda: torch.mm(a, b.t(), out_dtype=torch.float32),

@@ -162,22 +162,10 @@ def linear_distillation_loss(
     labels = check_labels_on(labels, h.shape[:-1], h.device, "student_hidden")
     spec = _spec(shift, ignore_index, reduction, normalize)
     plan, num_items = prepare(labels, token_weights, num_items_in_batch, w.shape[0], spec, compute_dtype(h.dtype))
-    teacher = (th.detach(), tw.detach(), None if tb is None else tb.detach())
+    teacher = (th.detach().reshape(-1, th.shape[-1]), tw.detach(), None if tb is None else tb.detach())
+    options = (float(temperature), float(alpha))
     with torch.autocast(h.device.type, enabled=False):
-        result = _linear_kd(
-            h.reshape(-1, h.shape[-1]),
-            w,
-            b,
-            teacher[0].reshape(-1, th.shape[-1]),
-            teacher[1],
-            teacher[2],
-            plan.targets.reshape(-1),
-            plan.coef.reshape(-1),
-            float(temperature),
-            float(alpha),
-            reduction != "none",
-            chunk_size,
-        )
+        result = _linear_kd(Rows.of(h, w, b, plan), teacher, options, reduction != "none", chunk_size)
     return finish(result, plan, labels.shape, spec, num_items)
 
 
@@ -250,30 +238,26 @@ def _kd_rows(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, temperature: flo
 
 
 def _linear_kd(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    t_hidden: torch.Tensor,
-    t_weight: torch.Tensor,
-    t_bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    temperature: float,
-    alpha: float,
+    rows: Rows,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    options: tuple[float, float],
     reduce_sum: bool,
     chunk_rows: int | None,
 ) -> torch.Tensor:
-    """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms, from ``[N, D]`` rows."""
+    """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms, from the student's
+    ``[N, D]`` rows and the teacher's ``([N, D_t] hidden, [V, D_t] weight, [V] bias or None)``
+    (detached); ``options``: ``(temperature, alpha)``."""
+    hidden, weight = rows.hidden, rows.weight
     if chunk_rows is None:
-        compute = coef.element_size()
+        compute = rows.coef.element_size()
         # float32 student, teacher and scratch chunks, plus low-precision product outputs.
-        row_bytes = 3 * compute + sum(t.element_size() for t in (hidden, t_hidden) if t.element_size() < compute)
+        row_bytes = 3 * compute + sum(t.element_size() for t in (hidden, teacher[0]) if t.element_size() < compute)
         chunk_rows = default_chunk_rows(
             hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), row_bytes
         )
-    runner = partial(_runner, (t_hidden, t_weight, t_bias), (temperature, alpha), chunk_rows)
+    runner = partial(_runner, teacher, options, chunk_rows)
     job = Job("linear_distillation_loss", "use distillation_loss on logits", runner)
-    return rows_loss(Rows(hidden, weight, bias, targets, coef), job, reduce_sum)
+    return rows_loss(rows, job, reduce_sum)
 
 
 def _runner(
@@ -284,32 +268,30 @@ def _runner(
     scored: torch.Tensor | None,
 ) -> Run:
     """The student's chunk loop; the teacher's tensors are constants of the loss, held as they are."""
-    return lambda coef, grads: _run(*rows.inputs, teacher, rows.targets, coef, scored, options, chunk_rows, grads)
+    return lambda coef, grads: _run(rows.with_coef(coef), scored, teacher, options, chunk_rows, grads)
 
 
 def _run(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    rows: Rows,
+    scored: torch.Tensor | None,
     teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    rows: torch.Tensor | None,
     options: tuple[float, float],
     chunk_rows: int,
     grads: Grads | None,
 ) -> torch.Tensor:
-    """Loop over chunks of scored rows; returns the ``[N]`` weighted per-position losses."""
+    """Loop over chunks of the scored rows (``scored``: their indices, None for every row);
+    returns the ``[N]`` weighted per-position losses."""
+    (hidden, weight, bias), coef = rows.inputs, rows.coef
     t_hidden, t_weight, t_bias = teacher
     losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
-    size = buffer_rows(hidden.shape[0], rows, chunk_rows)
+    size = buffer_rows(hidden.shape[0], scored, chunk_rows)
     student_buffers = Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
     teacher_buffers = Buffers(size, weight.shape[0], t_weight.dtype, coef.dtype, hidden.device)
-    for index, h in hidden_chunks(hidden, coef, rows, chunk_rows):
+    for index, h in hidden_chunks(hidden, coef, scored, chunk_rows):
         a = coef[index]
         zs = logits_into(h, weight, bias, student_buffers)
         zt = logits_into(t_hidden[index], t_weight, t_bias, teacher_buffers)
-        loss = _kd_chunk_(zs, zt, targets[index], a, *options, want_grad=grads is not None)
+        loss = _kd_chunk_(zs, zt, rows.targets[index], a, *options, want_grad=grads is not None)
         if grads is not None:
             accumulate(zs, h, weight, grads, student_buffers, index)
         losses[index] = torch.where(a != 0, loss * a, torch.zeros_like(loss))

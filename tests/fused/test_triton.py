@@ -32,12 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lmloss
 from lmloss import causal_lm_loss
 from lmloss._engine.rowmath import LossMath
-from lmloss.fused.triton import (
-    interpreting,
-    math_constexprs,
-    tiles_for,
-    triton_linear_cross_entropy,
-)
+from lmloss.fused import triton as triton_backends
+from lmloss.fused.triton_launch import interpreting, math_constexprs, tiles_for
 
 MODES = ("triton", "triton-lowmem")
 DEFAULTS = dict(
@@ -448,50 +444,65 @@ def test_bf16_error_is_no_worse_than_naive(interpreted, name, mode):
 # --- in this process (no kernel runs) ---------------------------------------------------------
 
 
-def test_this_process_is_untouched_by_the_interpreter(interpreted):
+@pytest.mark.parametrize("mode", MODES)
+def test_this_process_is_untouched_by_the_interpreter(interpreted, mode):
     """The child's interpreter did not leak: this process's Triton still compiles, so a CPU
     call is refused with an error that says what to do."""
     assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] != "1"
     assert not interpreting()
     hidden, weight, bias, labels, _ = inputs(BY_NAME["plain-mean"])
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        triton_linear_cross_entropy(hidden, weight, bias, labels, None, **DEFAULTS)
+        lmloss.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=mode, **DEFAULTS)
 
 
-@pytest.mark.parametrize("lowmem", [False, True])
-def test_float64_uses_the_chunked_math(lowmem):
-    """float64 inputs keep float64 (the kernels would compute in float32)."""
+@pytest.mark.parametrize("mode", MODES)
+def test_float64_uses_the_chunked_math(mode):
+    """float64 inputs keep float64 (the kernels would compute in float32), in chunks of ``chunk_size``."""
     case = Case("f64", dtype=torch.float64, options=dict(label_smoothing=0.1, softcap=3.0))
     hidden, weight, bias, labels, _ = inputs(case)
-    loss = triton_linear_cross_entropy(hidden, weight, bias, labels, 4, lowmem=lowmem, **options_of(case, None))
+    loss = lmloss.linear_cross_entropy(
+        hidden, weight, labels, bias=bias, backend=mode, chunk_size=4, **options_of(case, None)
+    )
     want, _ = truth(case)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
 
 
-def test_newer_options_are_refused_unless_off():
-    case = Case("f64", dtype=torch.float64)
+@pytest.mark.parametrize("mode", MODES)
+def test_options_the_kernels_do_not_compute_are_refused_unless_off(monkeypatch, mode):
+    """A spec option missing from ``KERNEL_OPTIONS`` (as a new option is until the kernels
+    learn it; here a float and a flag taken out) is refused at any value that does not turn
+    it off (0, False, None), with the backends to use instead; off, the loss is the truth's."""
+    taken_out = ("z_loss", "shift")
+    kept = tuple(name for name in triton_backends.KERNEL_OPTIONS if name not in taken_out)
+    monkeypatch.setattr(triton_backends, "KERNEL_OPTIONS", kept)
+    case = Case("f64-unshifted", dtype=torch.float64, options=dict(shift=False))
     hidden, weight, bias, labels, _ = inputs(case)
-    for option in (dict(some_future_weight=0.5), dict(some_future_flag=True)):
+    for option in (dict(z_loss=0.5), dict(shift=True)):
         name, value = next(iter(option.items()))
-        with pytest.raises(ValueError, match=f"{name}={value!r} is not supported by the triton backends"):
-            triton_linear_cross_entropy(hidden, weight, bias, labels, None, **DEFAULTS, **option)
-    off = triton_linear_cross_entropy(
-        hidden, weight, bias, labels, None, **DEFAULTS, token_loss="ce", focal_gamma=None, some_future_weight=0.0
-    )
+        message = f"{name}={value!r} is not supported by the triton backends yet; use backend='chunked'"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            lmloss.linear_cross_entropy(
+                hidden, weight, labels, bias=bias, backend=mode, **{**options_of(case, None), **option}
+            )
+    off = lmloss.linear_cross_entropy(hidden, weight, labels, bias=bias, backend=mode, **options_of(case, None))
     torch.testing.assert_close(off, truth(case)[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("lowmem", [False, True])
-def test_token_loss_is_taken_by_the_direct_entry_point(lowmem):
+@pytest.mark.parametrize("mode", MODES)
+def test_token_loss_reaches_the_backends(mode):
     """``token_loss``/``focal_gamma`` reach the spec (float64: the chunked math), and a
     gamma without a focal form is refused there, as everywhere."""
     case = Case("f64-focal", dtype=torch.float64, options=dict(token_loss="focal_attached", focal_gamma=1.5))
     hidden, weight, bias, labels, _ = inputs(case)
-    loss = triton_linear_cross_entropy(hidden, weight, bias, labels, 4, lowmem=lowmem, **options_of(case, None))
+    loss = lmloss.linear_cross_entropy(
+        hidden, weight, labels, bias=bias, backend=mode, chunk_size=4, **options_of(case, None)
+    )
     torch.testing.assert_close(loss, truth(case)[0], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=re.escape("focal_gamma=2.0 is only used with token_loss='focal'")):
-        triton_linear_cross_entropy(hidden, weight, bias, labels, 4, lowmem=lowmem, **DEFAULTS, focal_gamma=2.0)
+        lmloss.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, backend=mode, chunk_size=4, **DEFAULTS, focal_gamma=2.0
+        )
 
 
 # Argument types of the kernels for a bf16 problem (pointers by name; scalars by kind).

@@ -7,13 +7,19 @@ recomputes the chunks with those folded into the coefficients before the product
 (Liger #968 is what goes wrong otherwise). The chunked and Triton backends,
 linear distillation and the vocab-parallel loss share this pattern; each gives the
 function that runs its chunks, ``run(coef, grads) -> [N] losses``.
+
+Every loss on rows (``[N, D]`` hidden states, the head, targets and coefficients:
+:class:`~lmloss._engine.chunks.Rows`) runs as one autograd function,
+:func:`apply_rows`, given a :class:`RowsMethod` (its forward and backward): the
+pattern above is one (:func:`rows_loss`), the Triton memory mode and the token
+log-probs, which recompute in backward, are others.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -24,7 +30,17 @@ from lmloss._engine.guard import (
     remember_weight,
 )
 
-__all__ = ["Run", "Job", "rows_loss", "forward_made", "backward_made"]
+__all__ = [
+    "Run",
+    "Job",
+    "rows_loss",
+    "forward_made",
+    "backward_made",
+    "RowsMethod",
+    "apply_rows",
+    "save_rows",
+    "saved_rows",
+]
 
 # run(coef, grads): the [N] weighted losses; with grads, adds the gradients of sum(coef * loss).
 Run = Callable[[torch.Tensor, "Grads | None"], torch.Tensor]
@@ -103,13 +119,74 @@ class Job:
 def rows_loss(rows: Rows, job: Job, reduce_sum: bool) -> torch.Tensor:
     """``sum_t coef[t] * loss_t`` (``reduce_sum``) or the ``[N]`` terms, with ``job``'s chunks
     under :func:`forward_made`/:func:`backward_made`."""
+    return apply_rows(rows, _MadeByChunks(job, reduce_sum))
+
+
+@dataclass(frozen=True)
+class _MadeByChunks:
+    """The :class:`RowsMethod` of a :class:`Job`: gradients made in forward (``reduce_sum``)
+    or by recomputing the chunks in backward."""
+
+    job: Job
+    reduce_sum: bool
+
+    def forward(self, ctx: Any, rows: Rows, scored: torch.Tensor | None) -> torch.Tensor:
+        if not self.reduce_sum:
+            save_rows(ctx, rows, scored)
+        run = self.job.runner(rows, scored)
+        return forward_made(
+            ctx, run, rows.inputs, rows.coef, ctx.needs, self.reduce_sum, zero_weight=self.job.zero_weight
+        )
+
+    def backward(self, ctx: Any, grad_output: torch.Tensor) -> Grads:
+        inputs = coef = run = None
+        if not self.reduce_sum:
+            rows, (scored,) = saved_rows(ctx)
+            inputs, coef, run = rows.inputs, rows.coef, self.job.runner(rows, scored)
+        return backward_made(ctx, grad_output, run, inputs, coef, self.job.what, self.job.hint)
+
+
+# --- one autograd function for every loss on rows ----------------------------------------------
+
+
+class RowsMethod(Protocol):
+    """What a loss on rows computes inside :func:`apply_rows`'s autograd function.
+
+    ``forward(ctx, rows, scored)``: the outputs, from the rows and the indices of the
+    scored ones (``scored_rows`` of ``rows.coef``: None for every row); ``ctx.needs``
+    says which of hidden, weight and bias want a gradient. It saves what backward
+    needs with :func:`save_rows`. ``backward(ctx, *grad_outputs)``: the gradients of
+    hidden, weight and bias (:class:`Grads`, cast back to the inputs' dtypes), from
+    the upstream gradient of each output.
+    """
+
+    def forward(self, ctx: Any, rows: Rows, scored: torch.Tensor | None) -> Any: ...
+
+    @property
+    def backward(self) -> Callable[..., Grads]:
+        """``backward(ctx, *grad_outputs)``: one upstream gradient per output, each method naming its own."""
+        ...
+
+
+def apply_rows(rows: Rows, method: RowsMethod) -> Any:
+    """``method`` on ``rows`` as one autograd node whose gradients go to ``rows.hidden``,
+    ``rows.weight`` and ``rows.bias`` (targets, coefficients and class weights are constants)."""
     needs = needs_grad(*rows.inputs)
-    return _RowsLoss.apply(
-        rows.hidden, rows.weight, rows.bias, rows.targets, rows.coef, rows.class_weights, job, reduce_sum, needs
-    )
+    return _OnRows.apply(*rows.inputs, rows.targets, rows.coef, rows.class_weights, method, needs)
 
 
-class _RowsLoss(torch.autograd.Function):
+def save_rows(ctx: Any, rows: Rows, *extra: torch.Tensor | None) -> None:
+    """In a :class:`RowsMethod`'s forward: save the rows and ``extra`` tensors (None allowed)."""
+    ctx.save_for_backward(*rows.inputs, rows.targets, rows.coef, rows.class_weights, *extra)
+
+
+def saved_rows(ctx: Any) -> tuple[Rows, tuple[Any, ...]]:
+    """In its backward: the rows and the ``extra`` tensors saved by :func:`save_rows`."""
+    hidden, weight, bias, targets, coef, class_weights, *extra = ctx.saved_tensors
+    return Rows(hidden, weight, bias, targets, coef, class_weights), tuple(extra)
+
+
+class _OnRows(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
@@ -119,23 +196,13 @@ class _RowsLoss(torch.autograd.Function):
         targets: torch.Tensor,
         coef: torch.Tensor,
         class_weights: torch.Tensor | None,
-        job: Job,
-        reduce_sum: bool,
+        method: RowsMethod,
         needs: tuple[bool, ...],
-    ) -> torch.Tensor:
-        scored = scored_rows(coef)
-        ctx.job = job
-        if not reduce_sum:
-            ctx.save_for_backward(hidden, weight, bias, targets, coef, scored, class_weights)
-        run = job.runner(Rows(hidden, weight, bias, targets, coef, class_weights), scored)
-        return forward_made(ctx, run, (hidden, weight, bias), coef, needs, reduce_sum, zero_weight=job.zero_weight)
+    ) -> Any:
+        ctx.method, ctx.needs = method, needs
+        return method.forward(ctx, Rows(hidden, weight, bias, targets, coef, class_weights), scored_rows(coef))
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
-        inputs = coef = run = None
-        if not ctx.reduce_sum:
-            hidden, weight, bias, targets, coef, scored, class_weights = ctx.saved_tensors
-            rows = Rows(hidden, weight, bias, targets, coef, class_weights)
-            inputs, run = (hidden, weight, bias), ctx.job.runner(rows, scored)
-        grads = backward_made(ctx, grad_output, run, inputs, coef, ctx.job.what, ctx.job.hint)
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
+    def backward(ctx: Any, *grad_outputs: torch.Tensor):
+        grads = ctx.method.backward(ctx, *grad_outputs)
+        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None

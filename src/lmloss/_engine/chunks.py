@@ -16,7 +16,7 @@ zeroed first, so a non-finite hidden state there cannot reach the products.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -82,7 +82,8 @@ class Reducer(Protocol):
 class Rows:
     """A loss on rows: ``[N, D]`` hidden states (rows are positions), the ``[V, D]`` head
     weight and ``[V]`` bias (or None), ``[N]`` targets (any value where ``coef`` is 0) and
-    ``[N]`` coefficients (float32/float64; 0: not scored), and ``[V]`` class weights or None."""
+    ``[N]`` coefficients (float32/float64; 0: not scored), and ``[V]`` class weights or None.
+    The token log-probs, which weigh no row, give a bool ``coef``: the scored rows."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -99,7 +100,12 @@ class Rows:
 
     @property
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(hidden, weight, bias)``: what gets gradients."""
         return self.hidden, self.weight, self.bias
+
+    def with_coef(self, coef: torch.Tensor) -> Rows:
+        """The same rows with other ``[N]`` coefficients (e.g. with the upstream gradient folded in)."""
+        return replace(self, coef=coef)
 
 
 @dataclass(frozen=True)
@@ -281,27 +287,26 @@ class Buffers:
 
 
 def run_chunks(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    coef: torch.Tensor,
-    rows: torch.Tensor | None,
+    rows: Rows,
+    scored: torch.Tensor | None,
     math: LossMath,
     chunk_rows: int,
     grads: Grads | None,
     reducer: Reducer,
     record: RowRecord | None = None,
 ) -> torch.Tensor:
-    """Loop over chunks of scored rows; returns the ``[N]`` weighted per-position losses.
+    """Loop over chunks of the scored rows (``scored``: their indices, None for every
+    row); returns the ``[N]`` weighted per-position losses (``rows.coef`` * loss).
 
     With ``grads``, adds each chunk's gradients of ``sum(coef * loss)``; with
-    ``record``, keeps each row's statistics.
+    ``record``, keeps each row's statistics. ``rows.class_weights`` is not read: the
+    reducer gives the class weights of each chunk.
     """
+    (hidden, weight, bias), targets, coef = rows.inputs, rows.targets, rows.coef
     losses = torch.zeros(hidden.shape[0], dtype=coef.dtype, device=hidden.device)
-    size = buffer_rows(hidden.shape[0], rows, chunk_rows)
+    size = buffer_rows(hidden.shape[0], scored, chunk_rows)
     buffers = Buffers(size, weight.shape[0], weight.dtype, coef.dtype, hidden.device)
-    for i, (index, h) in enumerate(hidden_chunks(hidden, coef, rows, chunk_rows)):
+    for i, (index, h) in enumerate(hidden_chunks(hidden, coef, scored, chunk_rows)):
         a = coef[index]
         y = torch.where(a != 0, targets[index], torch.zeros_like(targets[index]))  # may hold ignore_index
         losses[index] = _chunk(h, weight, bias, y, a, math, buffers, grads, index, reducer, i == 0, record)

@@ -40,15 +40,15 @@ from typing import Any, Protocol
 
 import torch
 
+from lmloss._engine.autograd import apply_rows, save_rows, saved_rows
 from lmloss._engine.chunks import (
     Buffers,
     Grads,
+    Rows,
     accumulate,
     buffer_rows,
     hidden_chunks,
     logits_into,
-    needs_grad,
-    scored_rows,
 )
 from lmloss._engine.guard import refuse_create_graph
 from lmloss._engine.plan import compute_dtype
@@ -211,76 +211,66 @@ def linear_logprobs(
     ``targets``: ``[N]`` (any value where not scored); ``sum_hidden``: all-reduces the
     hidden-state gradient in backward for a shard (each process holds its part).
     """
+    # The rows' coefficients are the bool mask: only which rows are scored matters here.
+    rows = Rows(hidden, weight, bias, targets, scored)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _TokenLogprobs.apply(
-            hidden, weight, bias, targets, scored, options, reducer, needs_grad(hidden, weight, bias), sum_hidden
-        )
+        return apply_rows(rows, _TokenLogprobs(options, reducer, sum_hidden))
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        scored: torch.Tensor,
-        options: LogprobOptions,
-        reducer: LogprobReducer,
-        needs: tuple[bool, bool, bool],
-        sum_hidden: SumHidden | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = scored_rows(scored)
-        dtype = compute_dtype(hidden.dtype)
-        logprobs = torch.zeros(hidden.shape[0], dtype=dtype, device=hidden.device)
+@dataclass(frozen=True)
+class _TokenLogprobs:
+    """The :class:`~lmloss._engine.autograd.RowsMethod` of the token log-probs: forward
+    keeps each row's log-sum-exp and entropy, backward recomputes the chunks."""
+
+    options: LogprobOptions
+    reducer: LogprobReducer
+    sum_hidden: SumHidden | None
+
+    def forward(self, ctx: Any, rows: Rows, scored: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = rows.hidden
+        logprobs = torch.zeros(hidden.shape[0], dtype=compute_dtype(hidden.dtype), device=hidden.device)
         entropy = torch.zeros_like(logprobs)
         lse = torch.zeros_like(logprobs)
-        _run(hidden, weight, bias, targets, scored, rows, options, reducer, (logprobs, entropy, lse), None)
-        ctx.options, ctx.needs, ctx.reducer, ctx.sum_hidden = options, needs, reducer, sum_hidden
-        ctx.any_row = rows is None or rows.numel() > 0
-        ctx.save_for_backward(hidden, weight, bias, targets, scored, rows, lse, entropy)
-        ctx.mark_non_differentiable(*(() if options.with_entropy else (entropy,)))
+        _run(rows, scored, self.options, self.reducer, (logprobs, entropy, lse), None)
+        ctx.any_row = scored is None or scored.numel() > 0
+        save_rows(ctx, rows, scored, lse, entropy)
+        ctx.mark_non_differentiable(*(() if self.options.with_entropy else (entropy,)))
         return logprobs, entropy
 
-    @staticmethod
-    def backward(ctx: Any, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor):
+    def backward(self, ctx: Any, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor) -> Grads:
         refuse_create_graph("token log-probs", "compute them from materialized logits")
-        hidden, weight, bias, targets, scored, rows, lse, entropy = ctx.saved_tensors
-        grads = Grads.allocate(hidden, weight, bias, ctx.needs)
-        upstream = (grad_logprobs, grad_entropy if ctx.options.with_entropy else None)
-        reducer = ctx.reducer.for_backward(lse, entropy)
-        with torch.autocast(hidden.device.type, enabled=False):
-            _run(hidden, weight, bias, targets, scored, rows, ctx.options, reducer, None, (upstream, grads))
+        rows, (scored, lse, entropy) = saved_rows(ctx)
+        grads = Grads.allocate(*rows.inputs, ctx.needs)
+        upstream = (grad_logprobs, grad_entropy if self.options.with_entropy else None)
+        reducer = self.reducer.for_backward(lse, entropy)
+        with torch.autocast(rows.hidden.device.type, enabled=False):
+            _run(rows, scored, self.options, reducer, None, (upstream, grads))
         # Each shard holds dz_r @ W_r, its part of the hidden-state gradient (none without a scored row,
         # on every rank alike: the scored rows are replicated).
-        if ctx.sum_hidden is not None and ctx.any_row and grads.hidden is not None:
-            ctx.sum_hidden(grads.hidden)
-        grads.finished()
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
+        if self.sum_hidden is not None and ctx.any_row and grads.hidden is not None:
+            self.sum_hidden(grads.hidden)
+        return grads.finished()
 
 
 def _run(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    scored: torch.Tensor,
-    rows: torch.Tensor | None,
+    rows: Rows,
+    scored: torch.Tensor | None,
     options: LogprobOptions,
     reducer: LogprobReducer,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     backward: tuple[tuple[torch.Tensor, torch.Tensor | None], Grads] | None,
 ) -> None:
     """Forward (write log-probs, entropies, log-sum-exps into ``out``) or backward
-    (accumulate ``grads``) over the chunks."""
+    (accumulate ``grads``) over the chunks of the scored rows (``rows.coef``: the bool
+    mask; ``scored``: their indices, None for every row)."""
+    (hidden, weight, bias), targets, mask = rows.inputs, rows.targets, rows.coef
     dtype = compute_dtype(hidden.dtype)
-    size = buffer_rows(hidden.shape[0], rows, options.chunk_rows)
+    size = buffer_rows(hidden.shape[0], scored, options.chunk_rows)
     buffers = Buffers(size, weight.shape[0], weight.dtype, dtype, hidden.device)
     with_scratch = options.with_entropy or (reducer.needs_scratch and backward is None)
     scratch = torch.empty_like(buffers.z) if with_scratch else None
-    for i, (index, h) in enumerate(hidden_chunks(hidden, scored, rows, options.chunk_rows)):
-        keep = scored[index]
+    for i, (index, h) in enumerate(hidden_chunks(hidden, mask, scored, options.chunk_rows)):
+        keep = mask[index]
         y = torch.where(keep, targets[index], torch.zeros_like(targets[index]))
         z = logits_into(h, weight, bias, buffers)
         cap = softcap_(z, options.softcap, buffers.cap_buffer(z) if backward and options.softcap else None)

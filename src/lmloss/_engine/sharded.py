@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmloss._engine.autograd import Run, backward_made, forward_made
-from lmloss._engine.chunks import Grads, Reducer, chunk_indices, run_chunks, scored_rows
+from lmloss._engine.chunks import Grads, Reducer, Rows, chunk_indices, run_chunks, scored_rows
 from lmloss._engine.guard import refuse_create_graph
 from lmloss._engine.reducer import RowRecord, SavedReducer, ShardReducer, combine_stats
 from lmloss._engine.rowmath import LossMath, logits_grad_, softcap_, token_terms
@@ -62,7 +62,7 @@ class ShardedLinearCE(torch.autograd.Function):
         ctx.sum_hidden, ctx.any_row = sum_hidden, rows is None or rows.numel() > 0
         # reduction="none": keep each row's statistics, so that backward needs no exchange.
         record = None if reduce_sum else RowRecord.zeros(hidden.shape[0], coef.dtype, hidden.device)
-        run = _runner(hidden, weight, targets, rows, math, chunk_rows, reducer, record)
+        run = _runner(Rows(hidden, weight, None, targets, coef), rows, math, chunk_rows, reducer, record)
         losses = forward_made(ctx, run, (hidden, weight, None), coef, needs, reduce_sum)
         if record is not None:
             saved = (hidden, weight, targets, coef, rows, record.lse, record.nll, record.sum_z)
@@ -79,7 +79,7 @@ class ShardedLinearCE(torch.autograd.Function):
                 RowRecord(lse, nll, sum_z), ctx.reducer.vocab_size, ctx.reducer.columns, ctx.reducer.row_classes
             )
             inputs = (hidden, weight, None)
-            run = _runner(hidden, weight, targets, rows, ctx.math, ctx.chunk_rows, saved)
+            run = _runner(Rows(hidden, weight, None, targets, coef), rows, ctx.math, ctx.chunk_rows, saved)
         grads = backward_made(
             ctx,
             grad_output,
@@ -94,18 +94,15 @@ class ShardedLinearCE(torch.autograd.Function):
 
 
 def _runner(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    rows: torch.Tensor | None,
+    rows: Rows,
+    scored: torch.Tensor | None,
     math: LossMath,
     chunk_rows: int,
     reducer: Reducer,
     record: RowRecord | None = None,
 ) -> Run:
-    return lambda coef, grads: run_chunks(
-        hidden, weight, None, targets, coef, rows, math, chunk_rows, grads, reducer, record
-    )
+    """The chunk loop over the shard's rows (no bias), with ``run``'s coefficients."""
+    return lambda coef, grads: run_chunks(rows.with_coef(coef), scored, math, chunk_rows, grads, reducer, record)
 
 
 class ShardedLogitsCE(torch.autograd.Function):

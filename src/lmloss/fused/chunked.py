@@ -54,4 +54,4 @@ def chunked_linear_cross_entropy(
 def _runner(math: LossMath, chunk_rows: int, rows: Rows, scored: torch.Tensor | None) -> Run:
     """The chunk loop with the one-process reducer."""
     reducer = LocalReducer(rows.weight.shape[0], rows.class_weights)
-    return lambda coef, grads: run_chunks(*rows.inputs, rows.targets, coef, scored, math, chunk_rows, grads, reducer)
+    return lambda coef, grads: run_chunks(rows.with_coef(coef), scored, math, chunk_rows, grads, reducer)

@@ -58,7 +58,7 @@ from lmloss._engine.chunks import (
     hidden_chunks,
 )
 from lmloss._engine.rowmath import LossMath
-from lmloss._spec import SPEC_OPTIONS, LossSpec, Normalize, Reduction
+from lmloss._spec import SPEC_OPTIONS
 from lmloss.fused.chunked import chunked_linear_cross_entropy
 from lmloss.fused.triton_launch import (
     contiguous_rows,
@@ -72,21 +72,7 @@ from lmloss.fused.triton_launch import (
 )
 from lmloss.fused.triton_lowmem import lowmem_rows_linear_cross_entropy
 
-# Re-exported for callers of the earlier single module: interpreting, kernels_for,
-# tiles_for, math_constexprs, grad_coefficients, row_classes, lowmem_rows_linear_cross_entropy.
-__all__ = [
-    "TRITON_BACKENDS",
-    "triton_linear_cross_entropy",
-    "triton_backend",
-    "triton_rows_linear_cross_entropy",
-    "lowmem_rows_linear_cross_entropy",
-    "interpreting",
-    "kernels_for",
-    "tiles_for",
-    "math_constexprs",
-    "grad_coefficients",
-    "row_classes",
-]
+__all__ = ["TRITON_BACKENDS", "triton_backend", "triton_rows_linear_cross_entropy"]
 
 TRITON_BACKENDS: tuple[str, ...] = ("triton", "triton-lowmem")
 # The LossSpec options the kernels compute (the others must be off; see _refuse_unsupported).
@@ -99,66 +85,11 @@ KERNEL_OPTIONS = (
 _HAS_OUT_DTYPE = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
 
 
-def triton_linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    chunk_size: int | None,
-    *,
-    lowmem: bool = False,
-    shift: bool,
-    ignore_index: int,
-    reduction: Reduction,
-    num_items_in_batch: torch.Tensor | int | float | None,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    token_weights: torch.Tensor | None,
-    normalize: Normalize,
-    **other_options: Any,
-) -> torch.Tensor:
-    """The ``"triton"`` (``lowmem=False``) or ``"triton-lowmem"`` backend on checked inputs.
-
-    Called by ``lmloss.linear_cross_entropy`` exactly like its chunked backend, after
-    it has checked shapes, dtypes and options (and turned autocast off).
-
-    Args:
-        hidden: ``[..., T, D]`` hidden states; weight: ``[V, D]``; bias: ``[V]`` or None.
-        labels: ``[..., T]`` integer labels.
-        chunk_size: tokens per chunk of the speed mode (default from a memory budget);
-            the memory mode has no chunks and ignores it.
-        lowmem: ``True`` for ``"triton-lowmem"``.
-        shift, ignore_index, reduction, num_items_in_batch, label_smoothing, z_loss,
-        softcap, token_weights, normalize: as in :func:`lmloss.causal_lm_loss`.
-        other_options: ``token_loss``, ``focal_gamma`` and ``class_weights`` (as in
-            :func:`lmloss.causal_lm_loss`), and options newer than these backends,
-            accepted only at a value that turns them off (False, 0 or None).
-
-    Returns:
-        A float32 scalar, or ``[..., T]`` aligned with ``labels`` for ``reduction="none"``
-        (float64 for float64 inputs).
-    """
-    token_loss, focal_gamma = other_options.pop("token_loss", "ce"), other_options.pop("focal_gamma", None)
-    class_weights = other_options.pop("class_weights", None)
-    spec = LossSpec(
-        shift=shift,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        normalize=normalize,
-        token_loss=token_loss,
-        focal_gamma=focal_gamma,
-    )
-    _refuse_unsupported(other_options)
-    call = LinearCall(hidden, weight, bias, labels, spec, token_weights, num_items_in_batch, chunk_size, class_weights)
-    return triton_backend(call, lowmem=lowmem)
-
-
 def triton_backend(call: LinearCall, *, lowmem: bool) -> torch.Tensor:
-    """The backend as ``lmloss.linear_cross_entropy`` calls it: one checked call."""
+    """The ``"triton"`` (``lowmem=False``) or ``"triton-lowmem"`` backend, as
+    ``lmloss.linear_cross_entropy`` calls it: one call whose shapes, dtypes and options
+    it has checked (autocast off). Returns the loss of ``call.spec``'s reduction: a float32
+    scalar, or ``[..., T]`` aligned with the labels (float64 for float64 inputs)."""
     # Every spec option the kernels do not compute must be off (a new option is refused
     # here until the kernels learn it, instead of being silently ignored).
     _refuse_unsupported({name: getattr(call.spec, name) for name in SPEC_OPTIONS if name not in KERNEL_OPTIONS})

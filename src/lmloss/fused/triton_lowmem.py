@@ -11,14 +11,16 @@ and the rest of the contract: :mod:`lmloss.fused.triton`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import triton
 
-from lmloss._engine.chunks import Grads, Rows, needs_grad, scored_rows
+from lmloss._engine.autograd import apply_rows, save_rows, saved_rows
+from lmloss._engine.chunks import Grads, Rows
 from lmloss._engine.guard import refuse_create_graph
-from lmloss._engine.rowmath import LossMath, Terms
+from lmloss._engine.rowmath import LossMath, RowClasses, Terms
 from lmloss.fused.triton_launch import (
     Tile,
     contiguous_rows,
@@ -40,61 +42,68 @@ def lowmem_rows_linear_cross_entropy(rows: Rows, *, math: LossMath, reduce_sum: 
     Arguments as :func:`triton_rows_linear_cross_entropy` (no chunks). The gradients
     are made in backward by recomputing the logits tiles.
     """
-    rows = contiguous_rows(rows)
-    needs = needs_grad(*rows.inputs)
-    return _LowMem.apply(*rows.inputs, rows.targets, rows.coef, rows.class_weights, math, reduce_sum, needs)
+    return apply_rows(contiguous_rows(rows), _LowMem(math, reduce_sum))
 
 
-class _LowMem(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        coef: torch.Tensor,
-        class_weights: torch.Tensor | None,
-        math: LossMath,
-        reduce_sum: bool,
-        needs: tuple[bool, bool, bool],
-    ) -> torch.Tensor:
-        rows = scored_rows(coef)
-        y, a = (targets, coef) if rows is None else (targets[rows], coef[rows])
-        lse, terms = _lowmem_forward(hidden, weight, bias, rows, y, math, class_weights)
+@dataclass(frozen=True)
+class _Scored:
+    """The rows as the kernels read them: the inputs, the ``[n]`` indices of the scored
+    rows (None: every row, ``n = N``) and the ``[n]`` targets ``y`` and coefficients ``a``
+    of those rows, in that compact order."""
+
+    rows: Rows
+    index: torch.Tensor | None
+    y: torch.Tensor
+    a: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: Rows, index: torch.Tensor | None) -> _Scored:
+        if index is None:
+            return cls(rows, None, rows.targets, rows.coef)
+        return cls(rows, index, rows.targets[index], rows.coef[index])
+
+    def classes(self) -> RowClasses | None:
+        return row_classes(self.rows.class_weights, self.y)
+
+
+@dataclass(frozen=True)
+class _LowMem:
+    """The :class:`~lmloss._engine.autograd.RowsMethod` of the memory mode: forward keeps
+    each row's log-sum-exp, backward recomputes the tiles (and may run more than once)."""
+
+    math: LossMath
+    reduce_sum: bool
+
+    def forward(self, ctx: Any, rows: Rows, scored: torch.Tensor | None) -> torch.Tensor:
+        kept = _Scored.of(rows, scored)
+        lse, terms = _lowmem_forward(kept, self.math)
+        a = kept.a
         weighted = torch.where(a != 0, terms.loss * a, torch.zeros_like(terms.loss))
-        losses = weighted if rows is None else weighted.new_zeros(hidden.shape[0]).index_copy_(0, rows, weighted)
-        ctx.math, ctx.reduce_sum, ctx.needs = math, reduce_sum, needs
+        losses = weighted
+        if scored is not None:  # back to every row's place
+            losses = weighted.new_zeros(rows.hidden.shape[0]).index_copy_(0, scored, weighted)
         # The DFT/focal weight and its term are the row's, whatever the upstream gradient.
-        ctx.save_for_backward(hidden, weight, bias, rows, y, a, lse, terms.w, terms.k, class_weights)
-        return losses.sum() if reduce_sum else losses
+        save_rows(ctx, rows, scored, kept.y, a, lse, terms.w, terms.k)
+        return losses.sum() if self.reduce_sum else losses
 
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor):
+    def backward(self, ctx: Any, grad_output: torch.Tensor) -> Grads:
         refuse_create_graph("linear_cross_entropy (triton-lowmem)", "use backend='reference'")
-        hidden, weight, bias, rows, y, a, lse, w, k, class_weights = ctx.saved_tensors
-        grads = Grads.allocate(hidden, weight, bias, ctx.needs, zero_weight=True)
+        rows, (scored, y, a, lse, w, k) = saved_rows(ctx)
+        kept = _Scored(rows, scored, y, a)
+        grads = Grads.allocate(*rows.inputs, ctx.needs, zero_weight=True)
         if any(ctx.needs) and y.numel() > 0:
             upstream = grad_output.to(torch.float32)
-            if not ctx.reduce_sum and rows is not None:
-                upstream = upstream[rows]
+            if not self.reduce_sum and scored is not None:
+                upstream = upstream[scored]
             g = a * upstream  # each scored row's factor of d(loss)
-            coef = grad_coefficients(g, w, k, ctx.math, weight.shape[0], row_classes(class_weights, y))
-            _lowmem_backward(hidden, weight, bias, rows, y, coef, lse, ctx.math, grads, class_weights)
-        grads.finished()
-        return grads.hidden, grads.weight, grads.bias, None, None, None, None, None, None
+            coef = grad_coefficients(g, w, k, self.math, rows.weight.shape[0], kept.classes())
+            _lowmem_backward(kept, coef, lse, self.math, grads)
+        return grads.finished()
 
 
-def _lowmem_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    y: torch.Tensor,
-    math: LossMath,
-    class_weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, Terms]:
-    """``[n]`` log-sum-exp and the row math's terms (unweighted loss) of the ``n`` rows (compact order)."""
+def _lowmem_forward(kept: _Scored, math: LossMath) -> tuple[torch.Tensor, Terms]:
+    """``[n]`` log-sum-exp and the row math's terms (unweighted loss) of the ``n`` scored rows (compact order)."""
+    (hidden, weight, bias), class_weights, index, y = kept.rows.inputs, kept.rows.class_weights, kept.index, kept.y
     n, vocab = y.numel(), weight.shape[0]
     tile = tiles_for(vocab, interpreting()).forward
     splits, per_split = _vocab_splits(hidden.device, n, vocab, tile)
@@ -102,10 +111,10 @@ def _lowmem_forward(
     if n > 0:
         kernels_for(hidden.device).lowmem_forward_kernel[(triton.cdiv(n, tile.block_m), splits)](
             hidden, weight, hidden if bias is None else bias, part if class_weights is None else class_weights,
-            y if rows is None else rows, y, part[0], part[1], part[2], part[3],
+            y if index is None else index, y, part[0], part[1], part[2], part[3],
             n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
             1.0 if math.softcap is None else math.softcap, per_split,
-            **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=rows is not None,
+            **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=index is not None,
             **tile.constexprs(hidden.dtype), **tile.launch(),
         )  # fmt: skip
     # Merge the splits: every split saw at least one column, so each max is finite.
@@ -116,7 +125,7 @@ def _lowmem_forward(
     # (p = exp(-nll) near 1 keeps its precision, which focal weights depend on).
     nll = (top - part[2].sum(dim=0)) + log_s
     total = part[3].sum(dim=0) if math.label_smoothing > 0 else None
-    return lse, terms_of_stats(lse, nll, total, vocab, math, row_classes(class_weights, y))
+    return lse, terms_of_stats(lse, nll, total, vocab, math, kept.classes())
 
 
 def _vocab_splits(device: torch.device, n: int, vocab: int, tile: Tile) -> tuple[int, int]:
@@ -132,20 +141,10 @@ def _vocab_splits(device: torch.device, n: int, vocab: int, tile: Tile) -> tuple
     return splits, triton.cdiv(blocks, splits)
 
 
-def _lowmem_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: torch.Tensor | None,
-    y: torch.Tensor,
-    coef: torch.Tensor,
-    lse: torch.Tensor,
-    math: LossMath,
-    grads: Grads,
-    class_weights: torch.Tensor | None,
-) -> None:
+def _lowmem_backward(kept: _Scored, coef: torch.Tensor, lse: torch.Tensor, math: LossMath, grads: Grads) -> None:
     """Add the gradients of ``sum(g * loss)`` into ``grads`` (float32, atomically), with the
-    ``[4, n]`` coefficients of ``g`` (:func:`grad_coefficients`)."""
+    ``[4, n]`` coefficients of ``g`` (:func:`grad_coefficients`) and the ``[n]`` log-sum-exps."""
+    (hidden, weight, bias), class_weights, index, y = kept.rows.inputs, kept.rows.class_weights, kept.index, kept.y
     n, vocab = y.numel(), weight.shape[0]
     tile = tiles_for(vocab, interpreting()).backward
     dummy = lse  # any float32 tensor stands in for an absent gradient buffer
@@ -153,12 +152,12 @@ def _lowmem_backward(
     grid = (triton.cdiv(n, tile.block_m), triton.cdiv(vocab, tile.block_v))
     kernels_for(hidden.device).lowmem_backward_kernel[grid](
         hidden, weight, hidden if bias is None else bias, lse if class_weights is None else class_weights,
-        y if rows is None else rows, y, coef, lse,
+        y if index is None else index, y, coef, lse,
         dummy if dh is None else dh, dummy if dw is None else dw, dummy if db is None else db,
         n, vocab, hidden.shape[1], hidden.stride(0), weight.stride(0),
         0 if dh is None else dh.stride(0), 0 if dw is None else dw.stride(0),
         1.0 if math.softcap is None else math.softcap,
-        **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=rows is not None,
+        **math_constexprs(math, bias is not None, class_weights is not None), HAS_ROWS=index is not None,
         NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
         **tile.constexprs(hidden.dtype), **tile.launch(),
     )  # fmt: skip
