@@ -144,8 +144,8 @@ def test_chunked_rows_and_low_precision(monkeypatch):
     assert whole.dtype == torch.float32
     truth = direct_kd(student, teacher, labels, temperature=2.0, alpha=0.7)
     torch.testing.assert_close(whole.double(), truth, rtol=1e-6, atol=1e-6)
-    monkeypatch.setattr(distill, "_CHUNK_BYTES", 8 * 2 * 32 * 4)  # 8 rows per chunk, recomputed in backward
-    assert distill._CHUNK_BYTES != reference._CHUNK_BYTES
+    monkeypatch.setattr(distill, "LOGITS_CHUNK_BYTES", 8 * 2 * 32 * 4)  # 8 rows per chunk, recomputed in backward
+    assert distill.LOGITS_CHUNK_BYTES != reference.LOGITS_CHUNK_BYTES
     chunked = distillation_loss(student, teacher, labels, temperature=2.0, alpha=0.7)
     (g_chunked,) = torch.autograd.grad(chunked, student)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)

@@ -226,7 +226,7 @@ def test_chunked_path_matches_and_saves_no_float32_copy(monkeypatch):
     whole, whole_bytes = saved_bytes(lambda: causal_lm_loss(logits, labels, label_smoothing=0.1, z_loss=1e-3))
     (g_whole,) = torch.autograd.grad(whole, logits)
 
-    monkeypatch.setattr(reference, "_CHUNK_BYTES", 16 * 64 * 4)  # 16 rows per chunk: 8 chunks
+    monkeypatch.setattr(reference, "LOGITS_CHUNK_BYTES", 16 * 64 * 4)  # 16 rows per chunk: 8 chunks
     chunked, chunked_bytes = saved_bytes(lambda: causal_lm_loss(logits, labels, label_smoothing=0.1, z_loss=1e-3))
     (g_chunked,) = torch.autograd.grad(chunked, logits)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)

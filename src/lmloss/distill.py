@@ -43,7 +43,7 @@ from lmloss._engine.chunks import (
     hidden_chunks,
     logits_into,
 )
-from lmloss._engine.logits_rows import scored_row_losses
+from lmloss._engine.logits_rows import LOGITS_CHUNK_BYTES, scored_row_losses
 from lmloss._engine.plan import compute_dtype, finish, prepare
 from lmloss._spec import LossSpec, Normalize, Reduction, check_loss_options
 from lmloss._validation import (
@@ -55,10 +55,6 @@ from lmloss._validation import (
 from lmloss.fused import check_backend_options, check_linear
 
 __all__ = ["distillation_loss", "linear_distillation_loss", "check_distill_options"]
-
-# Upper bound on the bytes of the float32 chunks of logits on the logits path (student
-# and teacher together), as the reference's: the chunk loop costs nothing measurable.
-_CHUNK_BYTES = 256 * 2**20
 
 
 def distillation_loss(
@@ -108,7 +104,7 @@ def distillation_loss(
         plan.targets.reshape(-1),
         (plan.coef != 0).reshape(-1),
         dtype,
-        _CHUNK_BYTES,
+        LOGITS_CHUNK_BYTES,  # student and teacher chunks together
     ).view(labels.shape)
     weighted = per_token * plan.coef
     return finish(weighted if reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)

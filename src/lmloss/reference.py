@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from lmloss._engine.logits_rows import scored_row_losses
+from lmloss._engine.logits_rows import LOGITS_CHUNK_BYTES, scored_row_losses
 
 # TargetPlan, plan_targets, to_label_alignment, mean_over_items: re-exported for older imports from here.
 from lmloss._engine.plan import TargetPlan as TargetPlan
@@ -40,11 +40,6 @@ from lmloss._spec import LossSpec, Normalize, Reduction, TokenLoss
 from lmloss._validation import check_labels_on, check_logits
 
 __all__ = ["causal_lm_loss"]
-
-# Upper bound on the bytes of one float32 chunk of logits. Large enough that the
-# chunk loop costs nothing measurable, small enough that a 150k-vocabulary batch
-# never holds a second full-size copy of its logits.
-_CHUNK_BYTES = 256 * 2**20
 
 
 def causal_lm_loss(
@@ -149,7 +144,7 @@ def causal_lm_loss(
     # Rows are upcast chunk by chunk (only the scored ones); the per-row math is _row_losses.
     row_losses = partial(_row_losses, spec=spec, class_weights=plan.class_weights)
     per_token = scored_row_losses(
-        row_losses, (logits.reshape(-1, vocab_size),), plan.targets.reshape(-1), scored, dtype, _CHUNK_BYTES
+        row_losses, (logits.reshape(-1, vocab_size),), plan.targets.reshape(-1), scored, dtype, LOGITS_CHUNK_BYTES
     )
     weighted = per_token * plan.coef.reshape(-1)
     return finish(weighted if spec.reduction == "none" else weighted.sum(), plan, labels.shape, spec, num_items)

@@ -18,7 +18,12 @@ from torch.utils.checkpoint import checkpoint
 
 from lmloss._validation import value_checks_enabled
 
-__all__ = ["RowLosses", "scored_row_losses"]
+__all__ = ["LOGITS_CHUNK_BYTES", "RowLosses", "scored_row_losses"]
+
+# Upper bound on the bytes of the float32 chunks of logits (all matrices of a chunk
+# together). Large enough that the chunk loop costs nothing measurable, small enough
+# that a 150k-vocabulary batch never holds a second full-size copy of its logits.
+LOGITS_CHUNK_BYTES = 256 * 2**20
 
 # row_losses(z_1, ..., z_k, y): the [n] losses of k [n, V] logit matrices (already in the
 # compute dtype) and their [n] targets.
