@@ -531,3 +531,26 @@ def test_fuzz_padded_and_packed_losses_equal_the_samples_alone(case, reduction):
         loss = causal_lm_loss(logits, batch["labels"], reduction=reduction)
         assert torch.isfinite(loss)
         torch.testing.assert_close(loss.double(), truth, rtol=1e-5, atol=1e-5)
+
+
+def test_reprs_name_the_options_in_argument_order():
+    assert repr(PaddingCollator(3, padding_side="left", pad_to_multiple_of=8, max_length=64, truncation=True)) == (
+        "PaddingCollator(pad_token_id=3, padding_side='left', pad_to_multiple_of=8, max_length=64, "
+        "truncation=True, ignore_index=-100)"
+    )
+    assert repr(PackingCollator(16, 2, strategy="first_fit_decreasing", ignore_index=-7)) == (
+        "PackingCollator(max_length=16, pad_token_id=2, strategy='first_fit_decreasing', truncation=False, "
+        "pad_to_multiple_of=None, ignore_index=-7)"
+    )
+
+
+@pytest.mark.parametrize(
+    "make", [lambda **kw: PaddingCollator(0, max_length=8, **kw), lambda **kw: PackingCollator(8, 0, **kw)]
+)
+def test_shared_options_are_checked_alike(make):
+    with pytest.raises(ValueError, match="max_length=8 is not a multiple of pad_to_multiple_of=3"):
+        make(pad_to_multiple_of=3)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+        make(pad_to_multiple_of=0)
+    with pytest.raises(TypeError, match="truncation must be a bool"):
+        make(truncation=1)

@@ -369,3 +369,29 @@ def test_mode_all_trains_a_prompt_completion_pair_as_train_does(tmp_path, chatml
         ours = audit(read_jsonl_records(data), chatml_tokenizer, mode=mode).fractions
         assert ours == _train_fractions(data, chatml_tokenizer, masking=mode)
     assert audit(read_jsonl_records(data), chatml_tokenizer, mode="all").fractions[0] < 0.5
+
+
+def test_label_issue_messages(chatml_tokenizer):
+    image = chatml_tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    im_end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # One sample with all three label issues: one issue per kind, in this order.
+    sample = {"input_ids": [5, 6, 7, im_end, image, 9], "labels": [-100, 7, 7, -100, image, -100]}
+    report = audit([sample], chatml_tokenizer, ignore_token_ids=[image])
+    assert [(i.severity, i.kind) for i in report.issues] == [
+        ("error", "eos_masked"),
+        ("error", "placeholder_target"),
+        ("warning", "label_mismatch"),
+    ]
+    eos, placeholder, mismatch = (i.message for i in report.issues)
+    assert eos == (
+        f"EOS/end-of-turn token {im_end} at position 3 follows a trained span but is not a target; 1 such "
+        "position(s). The model would never learn to stop: label it"
+    )
+    assert placeholder == (
+        f"placeholder token {image} is a target at position 4 (1 position(s)); set those labels to -100 "
+        "(lmloss.mask_token_ids)"
+    )
+    assert mismatch == (
+        "1 label(s) differ from their input id (first at position 1); labels must be unshifted (the loss shifts "
+        "them): were they shifted already?"
+    )

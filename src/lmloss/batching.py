@@ -42,7 +42,7 @@ import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -76,7 +76,44 @@ class _Sample:
 # --------------------------------------------------------------------------------------
 
 
-class PaddingCollator:
+class _Collator:
+    """What both collators share: the options that read samples and fill padding,
+    checked alike, and the reading of a batch with them."""
+
+    pad_token_id: int
+    max_length: int | None
+    pad_to_multiple_of: int | None
+    truncation: bool
+    ignore_index: int
+    # The options ``repr`` shows, in the order of the constructor's arguments.
+    _repr_options: ClassVar[tuple[str, ...]]
+
+    def _set_shared_options(
+        self,
+        pad_token_id: object,
+        max_length: object,
+        pad_to_multiple_of: object,
+        truncation: object,
+        ignore_index: object,
+    ) -> None:
+        self.pad_token_id = _check_token_id("pad_token_id", pad_token_id)
+        self.max_length = _check_optional_positive("max_length", max_length)
+        self.pad_to_multiple_of = _check_optional_positive("pad_to_multiple_of", pad_to_multiple_of)
+        _check_multiple(self.max_length, self.pad_to_multiple_of)
+        self.truncation = _check_bool("truncation", truncation)
+        self.ignore_index = check_int("ignore_index", ignore_index)
+
+    def _read_batch(self, samples: object) -> list[_Sample]:
+        return _normalize_batch(
+            samples, ignore_index=self.ignore_index, max_length=self.max_length, truncation=self.truncation
+        )
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._repr_options)
+        return f"{type(self).__name__}({options})"
+
+
+class PaddingCollator(_Collator):
     """Pad a list of samples to one rectangle ``[batch, seq_len]``.
 
     Args:
@@ -107,6 +144,8 @@ class PaddingCollator:
     - every extra per-token key: ``[B, L]``, 0 in padding.
     """
 
+    _repr_options = ("pad_token_id", "padding_side", "pad_to_multiple_of", "max_length", "truncation", "ignore_index")
+
     def __init__(
         self,
         pad_token_id: int,
@@ -118,23 +157,16 @@ class PaddingCollator:
         ignore_index: int = -100,
         return_position_ids: bool = True,
     ) -> None:
-        self.pad_token_id = _check_token_id("pad_token_id", pad_token_id)
+        self._set_shared_options(pad_token_id, max_length, pad_to_multiple_of, truncation, ignore_index)
         check_choice("padding_side", padding_side, ("right", "left"))
         self.padding_side = padding_side
-        self.max_length = _check_optional_positive("max_length", max_length)
-        self.pad_to_multiple_of = _check_optional_positive("pad_to_multiple_of", pad_to_multiple_of)
-        _check_multiple(self.max_length, self.pad_to_multiple_of)
-        self.truncation = _check_bool("truncation", truncation)
         if self.truncation and self.max_length is None:
             raise ValueError("truncation=True needs max_length: set the length to truncate to")
-        self.ignore_index = check_int("ignore_index", ignore_index)
         self.return_position_ids = _check_bool("return_position_ids", return_position_ids)
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad ``samples`` into ``[batch, seq_len]`` tensors (see the class docstring)."""
-        batch = _normalize_batch(
-            samples, ignore_index=self.ignore_index, max_length=self.max_length, truncation=self.truncation
-        )
+        batch = self._read_batch(samples)
         seq_len = _round_up(max(len(s) for s in batch), self.pad_to_multiple_of)
         out = _allocate(batch, (len(batch), seq_len), self.pad_token_id, self.ignore_index)
         for row, sample in enumerate(batch):
@@ -148,15 +180,8 @@ class PaddingCollator:
             del out["position_ids"]
         return out
 
-    def __repr__(self) -> str:
-        return (
-            f"PaddingCollator(pad_token_id={self.pad_token_id}, padding_side={self.padding_side!r}, "
-            f"pad_to_multiple_of={self.pad_to_multiple_of}, max_length={self.max_length}, "
-            f"truncation={self.truncation}, ignore_index={self.ignore_index})"
-        )
 
-
-class PackingCollator:
+class PackingCollator(_Collator):
     """Pack samples into rows of at most ``max_length`` tokens each.
 
     Attention must not cross samples inside a row. Give the model ``position_ids``
@@ -209,6 +234,9 @@ class PackingCollator:
     ``max_seqlen = 4``.
     """
 
+    max_length: int  # never None here: the row capacity
+    _repr_options = ("max_length", "pad_token_id", "strategy", "truncation", "pad_to_multiple_of", "ignore_index")
+
     def __init__(
         self,
         max_length: int,
@@ -221,14 +249,11 @@ class PackingCollator:
         return_attention_mask: bool = False,
         return_seq_idx: bool = False,
     ) -> None:
+        # Required here (it is the row capacity); optional for padding.
         self.max_length = _check_positive("max_length", max_length)
-        self.pad_token_id = _check_token_id("pad_token_id", pad_token_id)
+        self._set_shared_options(pad_token_id, self.max_length, pad_to_multiple_of, truncation, ignore_index)
         check_choice("strategy", strategy, ("next_fit", "first_fit_decreasing"))
         self.strategy = strategy
-        self.truncation = _check_bool("truncation", truncation)
-        self.pad_to_multiple_of = _check_optional_positive("pad_to_multiple_of", pad_to_multiple_of)
-        _check_multiple(self.max_length, self.pad_to_multiple_of)
-        self.ignore_index = check_int("ignore_index", ignore_index)
         self.return_attention_mask = _check_bool("return_attention_mask", return_attention_mask)
         self.return_seq_idx = _check_bool("return_seq_idx", return_seq_idx)
 
@@ -248,9 +273,7 @@ class PackingCollator:
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor | int]:
         """Pack ``samples`` into ``[rows, row_len]`` tensors (see the class docstring)."""
-        batch = _normalize_batch(
-            samples, ignore_index=self.ignore_index, max_length=self.max_length, truncation=self.truncation
-        )
+        batch = self._read_batch(samples)
         rows = self.plan([len(s) for s in batch])
         row_len = _round_up(max(sum(len(batch[i]) for i in row) for row in rows), self.pad_to_multiple_of)
         out: dict[str, Any] = _allocate(batch, (len(rows), row_len), self.pad_token_id, self.ignore_index)
@@ -276,13 +299,6 @@ class PackingCollator:
         if not self.return_attention_mask:
             del out["attention_mask"]
         return out
-
-    def __repr__(self) -> str:
-        return (
-            f"PackingCollator(max_length={self.max_length}, pad_token_id={self.pad_token_id}, "
-            f"strategy={self.strategy!r}, truncation={self.truncation}, "
-            f"pad_to_multiple_of={self.pad_to_multiple_of}, ignore_index={self.ignore_index})"
-        )
 
 
 # --------------------------------------------------------------------------------------

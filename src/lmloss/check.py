@@ -362,12 +362,17 @@ class _SampleChecker:
                 f"answer cut by truncation: {least}{before - after} of {least}{before} targets beyond "
                 f"max_length={max_length} (length {least}{len(encoded.ids)})",
             ))  # fmt: skip
-        issues += self._eos_issues(where, kept_ids, kept_labels)
-        issues += self._placeholder_issues(where, kept_labels)
-        issues += self._mismatch_issues(where, kept_ids, kept_labels)
+        # One issue per kind at most, naming the first position and the count.
+        findings: tuple[tuple[Severity, str, str | None], ...] = (
+            ("error", "eos_masked", self._masked_eos(kept_ids, kept_labels)),
+            ("error", "placeholder_target", self._placeholder_targets(kept_labels)),
+            ("warning", "label_mismatch", self._label_mismatch(kept_ids, kept_labels)),
+        )
+        issues += [Issue(severity, kind, where, message) for severity, kind, message in findings if message]
         return issues
 
-    def _eos_issues(self, where: str, ids: list[int], labels: list[int]) -> list[Issue]:
+    def _masked_eos(self, ids: list[int], labels: list[int]) -> str | None:
+        """What is wrong when an EOS right after a trained span is not a target; ``None``: nothing."""
         # Look only right after a trained span: an EOS inside a prompt is rightly
         # masked, but the one that ends a trained answer is what teaches stopping.
         # A span that already ends with a trained EOS is fine: what follows it is
@@ -378,35 +383,34 @@ class _SampleChecker:
             if labels[t - 1] != ignore and ids[t - 1] not in eos and labels[t] == ignore and ids[t] in eos
         ]  # fmt: skip
         if not masked:
-            return []
+            return None
         hint = " (pad_token_id == eos_token_id: was it masked as padding?)" if self.pad_is_eos else ""
-        return [Issue(
-            "error", "eos_masked", where,
+        return (
             f"EOS/end-of-turn token {ids[masked[0]]} at position {masked[0]} follows a trained span but is not a "
-            f"target{hint}; {len(masked)} such position(s). The model would never learn to stop: label it",
-        )]  # fmt: skip
+            f"target{hint}; {len(masked)} such position(s). The model would never learn to stop: label it"
+        )
 
-    def _placeholder_issues(self, where: str, labels: list[int]) -> list[Issue]:
+    def _placeholder_targets(self, labels: list[int]) -> str | None:
+        """What is wrong when placeholder tokens are targets; ``None``: nothing."""
         hits = [t for t in range(1, len(labels)) if labels[t] in self.placeholders]
-        if not hits:
-            return []
-        return [Issue(
-            "error", "placeholder_target", where,
+        return (
             f"placeholder token {labels[hits[0]]} is a target at position {hits[0]} ({len(hits)} position(s)); "
-            f"set those labels to {self.ignore_index} (lmloss.mask_token_ids)",
-        )]  # fmt: skip
+            f"set those labels to {self.ignore_index} (lmloss.mask_token_ids)"
+            if hits
+            else None
+        )
 
-    def _mismatch_issues(self, where: str, ids: list[int], labels: list[int]) -> list[Issue]:
+    def _label_mismatch(self, ids: list[int], labels: list[int]) -> str | None:
+        """What is wrong when trained labels differ from their input ids; ``None``: nothing."""
         # Labels are unshifted: a trained label equals its input id. Labels that
         # differ were most likely shifted already, and the loss would shift twice.
         bad = [t for t, (i, lab) in enumerate(zip(ids, labels)) if lab != self.ignore_index and lab != i]
-        if not bad:
-            return []
-        return [Issue(
-            "warning", "label_mismatch", where,
+        return (
             f"{len(bad)} label(s) differ from their input id (first at position {bad[0]}); labels must be "
-            f"unshifted (the loss shifts them): were they shifted already?",
-        )]  # fmt: skip
+            f"unshifted (the loss shifts them): were they shifted already?"
+            if bad
+            else None
+        )
 
 
 # ------------------------------------------------------------------------- output

@@ -134,3 +134,20 @@ def test_atomic_write_gives_usual_permissions_and_leaves_nothing_on_error(tmp_pa
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, fail)
     assert target.read_bytes() == b"png" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_a_panel_draws_and_finishes_only_with_data():
+    from matplotlib.figure import Figure
+
+    from lmloss.monitor.plot import PANELS, RunData
+
+    empty = Figure().add_subplot()
+    assert PANELS["accuracy"](empty, RunData()) is False
+    assert empty.get_title(loc="left") == "" and not empty.get_lines()
+    ax = Figure().add_subplot()
+    data = RunData(series={"eval/accuracy": ([10, 20], [0.25, 0.5])}, name="run")
+    assert PANELS["accuracy"](ax, data) is True
+    assert ax.get_title(loc="left") == "Token accuracy" and ax.get_title(loc="right") == "run"
+    assert ax.get_ylabel() == "next-token accuracy (%)"
+    (line,) = ax.get_lines()  # eval only: no train curve
+    assert list(line.get_ydata()) == [25.0, 50.0] and line.get_label() == "eval"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -179,22 +180,26 @@ def _pred_boxes(z: torch.Tensor, targets: BoxTargets, temperature: float, straig
     return z.new_zeros(targets.num_boxes * 4).index_add(0, slots, contrib).view(-1, 4)
 
 
-def _box_terms(
-    z: torch.Tensor,
-    targets: BoxTargets,
-    *,
-    l1_weight: float,
-    giou_weight: float,
-    temperature: float,
-    straight_through: bool,
-    num_boxes: int | float | torch.Tensor | None,
-    eps: float,
-) -> dict[str, torch.Tensor]:
-    pred = _pred_boxes(z, targets, temperature, straight_through)
-    target = targets.target_boxes.to(device=z.device, dtype=z.dtype)
-    l1 = l1_box_loss(pred, target, num_boxes=num_boxes)
-    g = giou_loss(pred, target, num_boxes=num_boxes, eps=eps)
-    return {"loss": float(l1_weight) * l1 + float(giou_weight) * g, "l1": l1, "giou": g}
+@dataclass(frozen=True)
+class _BoxTerms:
+    """The box-loss options of :func:`box_loss`, :func:`box_loss_from_logits` and
+    :func:`grounding_loss` (documented there), built once per call and applied to the
+    value logits however those were computed."""
+
+    l1_weight: float
+    giou_weight: float
+    temperature: float
+    straight_through: bool
+    num_boxes: int | float | torch.Tensor | None
+    eps: float = DEFAULT_EPS
+
+    def of(self, z: torch.Tensor, targets: BoxTargets) -> dict[str, torch.Tensor]:
+        """``{"loss", "l1", "giou"}`` from the ``[K, n_values]`` value logits ``z``."""
+        pred = _pred_boxes(z, targets, self.temperature, self.straight_through)
+        target = targets.target_boxes.to(device=z.device, dtype=z.dtype)
+        l1 = l1_box_loss(pred, target, num_boxes=self.num_boxes)
+        g = giou_loss(pred, target, num_boxes=self.num_boxes, eps=self.eps)
+        return {"loss": float(self.l1_weight) * l1 + float(self.giou_weight) * g, "l1": l1, "giou": g}
 
 
 def box_loss(
@@ -236,17 +241,8 @@ def box_loss(
         the summed coordinate errors in normalized units, ``giou`` the mean of
         ``1 - GIoU``. With no box every term is an exact 0 attached to the graph.
     """
-    z = _gather_value_logits(hidden, weight, bias, targets)
-    return _box_terms(
-        z,
-        targets,
-        l1_weight=l1_weight,
-        giou_weight=giou_weight,
-        temperature=temperature,
-        straight_through=straight_through,
-        num_boxes=num_boxes,
-        eps=eps,
-    )
+    options = _BoxTerms(l1_weight, giou_weight, temperature, straight_through, num_boxes, eps)
+    return options.of(_gather_value_logits(hidden, weight, bias, targets), targets)
 
 
 def box_loss_from_logits(
@@ -264,17 +260,8 @@ def box_loss_from_logits(
     logits = check_tensor("logits", logits)
     _check_targets(targets, logits.shape[:-1], "logits")
     rows = logits.reshape(-1, logits.shape[-1]).index_select(0, targets.positions.to(logits.device))
-    z = _value_logits(rows, targets.tokens.value_ids)
-    return _box_terms(
-        z,
-        targets,
-        l1_weight=l1_weight,
-        giou_weight=giou_weight,
-        temperature=temperature,
-        straight_through=straight_through,
-        num_boxes=num_boxes,
-        eps=eps,
-    )
+    options = _BoxTerms(l1_weight, giou_weight, temperature, straight_through, num_boxes, eps)
+    return options.of(_value_logits(rows, targets.tokens.value_ids), targets)
 
 
 def expected_boxes(
@@ -331,15 +318,6 @@ def grounding_loss(
     if shift != targets.shift:
         raise ValueError(f"shift={shift} but the box targets were found with shift={targets.shift}")
     ce = linear_cross_entropy(hidden, weight, labels, bias=bias, shift=shift, **ce_options)
-    terms = box_loss(
-        hidden,
-        weight,
-        targets,
-        bias=bias,
-        l1_weight=l1_weight,
-        giou_weight=giou_weight,
-        temperature=temperature,
-        straight_through=straight_through,
-        num_boxes=num_boxes,
-    )
+    options = _BoxTerms(l1_weight, giou_weight, temperature, straight_through, num_boxes)
+    terms = options.of(_gather_value_logits(hidden, weight, bias, targets), targets)
     return {"loss": ce + terms["loss"], "ce": ce, "l1": terms["l1"], "giou": terms["giou"]}

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeGuard
 
 from lmloss.monitor.events import Event
@@ -219,6 +219,26 @@ class ConvergedRule:
 
 # --- detectors (state) ------------------------------------------------------------------
 
+# How a saved scalar is read back, by the annotation of its field.
+_SCALAR_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool}
+
+
+@dataclass(eq=False)
+class _ScalarStateDetector:
+    """A detector whose state is its dataclass fields after ``rule``: plain floats, ints
+    and bools, saved as they are and read back through their annotated type.
+
+    ``eq=False``: detectors compare (and hash) by identity, as plain objects do.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rule"}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for f in fields(self):
+            if f.name != "rule":
+                setattr(self, f.name, _SCALAR_TYPES[str(f.type)](state[f.name]))
+
 
 class WindowSpikeDetector:
     """``SpikeRule`` on one series."""
@@ -251,13 +271,13 @@ class WindowSpikeDetector:
         self.history = deque((float(x) for x in state["history"]), maxlen=self.rule.window)
 
 
-class MaxRatioDetector:
+@dataclass(eq=False)
+class MaxRatioDetector(_ScalarStateDetector):
     """``MaxRatioRule`` on one series."""
 
-    def __init__(self, rule: MaxRatioRule) -> None:
-        self.rule = rule
-        self.count = 0
-        self.max = -math.inf
+    rule: MaxRatioRule
+    count: int = 0
+    max: float = -math.inf
 
     def check(self, step: int, metric: str, value: float) -> Event | None:
         event = None
@@ -273,21 +293,15 @@ class MaxRatioDetector:
         self.max = max(self.max, value)
         return event
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "max": self.max}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.count, self.max = int(state["count"]), float(state["max"])
-
-
-class DivergenceDetector:
+@dataclass(eq=False)
+class DivergenceDetector(_ScalarStateDetector):
     """``DivergenceRule`` on the training loss."""
 
-    def __init__(self, rule: DivergenceRule) -> None:
-        self.rule = rule
-        self.min = math.inf
-        self.min_step = -1
-        self.active = False
+    rule: DivergenceRule
+    min: float = math.inf
+    min_step: int = -1
+    active: bool = False
 
     def check(self, step: int, metric: str, value: float) -> Event | None:
         event = None
@@ -306,22 +320,16 @@ class DivergenceDetector:
             self.min, self.min_step = value, step
         return event
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"min": self.min, "min_step": self.min_step, "active": self.active}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.min, self.min_step, self.active = float(state["min"]), int(state["min_step"]), bool(state["active"])
-
-
-class PlateauDetector:
+@dataclass(eq=False)
+class PlateauDetector(_ScalarStateDetector):
     """``PlateauRule`` on one series of checks (evaluations, or sampled train losses)."""
 
-    def __init__(self, rule: PlateauRule) -> None:
-        self.rule = rule
-        self.best = math.inf
-        self.best_step = -1
-        self.bad = 0
-        self.fired = False
+    rule: PlateauRule
+    best: float = math.inf
+    best_step: int = -1
+    bad: int = 0
+    fired: bool = False
 
     def improves(self, value: float) -> bool:
         if not math.isfinite(self.best):
@@ -345,25 +353,18 @@ class PlateauDetector:
         )
         return Event(step, "plateau", message, metric.split("/")[0], metric, value, self.best)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "fired": self.fired}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best, self.best_step = float(state["best"]), int(state["best_step"])
-        self.bad, self.fired = int(state["bad"]), bool(state["fired"])
-
-
-class OverfittingDetector:
+@dataclass(eq=False)
+class OverfittingDetector(_ScalarStateDetector):
     """``OverfittingRule`` on evaluations."""
 
-    def __init__(self, rule: OverfittingRule) -> None:
-        self.rule = rule
-        self.best = math.inf
-        self.best_step = -1
-        self.train_at_best = math.nan
-        self.gap_at_best = math.nan
-        self.count = 0
-        self.fired = False
+    rule: OverfittingRule
+    best: float = math.inf
+    best_step: int = -1
+    train_at_best: float = math.nan
+    gap_at_best: float = math.nan
+    count: int = 0
+    fired: bool = False
 
     def check(self, step: int, value: float, train: float) -> Event | None:
         gap = value - train
@@ -383,22 +384,13 @@ class OverfittingDetector:
         )
         return Event(step, "overfitting", message, "eval", "eval/loss", value, self.best)
 
-    def state_dict(self) -> dict[str, Any]:
-        keys = ("best", "best_step", "train_at_best", "gap_at_best", "count", "fired")
-        return {key: getattr(self, key) for key in keys}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.best, self.best_step = float(state["best"]), int(state["best_step"])
-        self.train_at_best, self.gap_at_best = float(state["train_at_best"]), float(state["gap_at_best"])
-        self.count, self.fired = int(state["count"]), bool(state["fired"])
-
-
-class ConvergedDetector:
+@dataclass(eq=False)
+class ConvergedDetector(_ScalarStateDetector):
     """``ConvergedRule`` on one series."""
 
-    def __init__(self, rule: ConvergedRule) -> None:
-        self.rule = rule
-        self.fired = False
+    rule: ConvergedRule
+    fired: bool = False
 
     def check(self, step: int, metric: str, value: float) -> Event | None:
         if self.fired or value > self.rule.target_loss:
@@ -406,12 +398,6 @@ class ConvergedDetector:
         self.fired = True
         message = f"step {step}: {metric} reached {value:.4g}, at or below the target {self.rule.target_loss:g}"
         return Event(step, "converged", message, metric.split("/")[0], metric, value, self.rule.target_loss)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"fired": self.fired}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.fired = bool(state["fired"])
 
 
 # --- argument checks --------------------------------------------------------------------

@@ -160,53 +160,79 @@ def ema(values: Sequence[float], weight: float) -> list[float]:
 
 # --- panels --------------------------------------------------------------------------------
 
+_Panel = Callable[[Any, RunData], bool]
 
-def _panel_loss(ax: Any, data: RunData) -> bool:
-    if not (data.has("train/loss") or data.has("eval/loss")):
-        return False
+
+def _panel(
+    title: str, ylabel: str, *, shown: Callable[[RunData], bool], legend: bool = True
+) -> Callable[[Callable[[Any, RunData], None]], _Panel]:
+    """Make a function that draws into ``ax`` a panel: ``panel(ax, data)`` draws nothing
+    and returns ``False`` unless ``shown(data)``; else it draws, gives the axes their
+    title, labels and legend, and returns ``True``."""
+
+    def make(draw: Callable[[Any, RunData], None]) -> _Panel:
+        def panel(ax: Any, data: RunData) -> bool:
+            if not shown(data):
+                return False
+            draw(ax, data)
+            _finish(ax, title, ylabel, data, legend=legend)
+            return True
+
+        return panel
+
+    return make
+
+
+def _any_of(*keys: str) -> Callable[[RunData], bool]:
+    """``shown`` of a panel that has data when any of ``keys`` has."""
+    return lambda data: any(data.has(key) for key in keys)
+
+
+def _plot_eval(ax: Any, data: RunData, key: str, *, scale: float = 1.0) -> None:
+    """The evaluation series ``key`` (times ``scale``) as markers, if there is one."""
+    if data.has(key):
+        steps, values = data.get(key)
+        ax.plot(steps, [scale * v for v in values], **_EVAL)
+
+
+@_panel("Loss", "loss (nats / token)", shown=_any_of("train/loss", "eval/loss"))
+def _panel_loss(ax: Any, data: RunData) -> None:
     if data.has("train/loss"):
         steps, raw = data.get("train/loss")
         # Few points: mark each one, or a value between two NaNs would not show at all.
         ax.plot(steps, raw, **_TRAIN_RAW, marker="o" if len(steps) <= 60 else None, markersize=3)
         ax.plot(*data.get("train/loss_smoothed"), **_TRAIN_SMOOTHED)
-    if data.has("eval/loss"):
-        ax.plot(*data.get("eval/loss"), **_EVAL)
+    _plot_eval(ax, data, "eval/loss")
     _auto_log_scale(ax, data.get("train/loss")[1] + data.get("eval/loss")[1])
     _mark_events(ax, data, "train/loss")
-    _finish(ax, "Loss", "loss (nats / token)", data)
-    return True
 
 
-def _panel_perplexity(ax: Any, data: RunData) -> bool:
-    if not (data.has("train/loss_smoothed") or data.has("eval/ppl")):
-        return False
+@_panel("Perplexity", "perplexity = exp(loss)", shown=_any_of("train/loss_smoothed", "eval/ppl"))
+def _panel_perplexity(ax: Any, data: RunData) -> None:
     if data.has("train/loss_smoothed"):
         steps, smoothed = data.get("train/loss_smoothed")
         ax.plot(steps, [_exp(x) for x in smoothed], **_TRAIN_SMOOTHED)
-    if data.has("eval/ppl"):
-        ax.plot(*data.get("eval/ppl"), **_EVAL)
+    _plot_eval(ax, data, "eval/ppl")
     _log_scale(ax)
-    _finish(ax, "Perplexity", "perplexity = exp(loss)", data)
-    return True
 
 
-def _panel_lr(ax: Any, data: RunData) -> bool:
-    if not data.has("train/lr"):
-        return False
+@_panel("Learning rate", "learning rate", shown=_any_of("train/lr"), legend=False)
+def _panel_lr(ax: Any, data: RunData) -> None:
     ax.plot(*data.get("train/lr"), color=GREEN, linewidth=1.8, label="learning rate")
     from matplotlib.ticker import FuncFormatter
 
     # "3e-04"-style ticks: an offset text ("1e-4" above the axis) would collide with the title.
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
     ax.set_ylim(bottom=0)
-    _finish(ax, "Learning rate", "learning rate", data, legend=False)
-    return True
 
 
-def _panel_terms(ax: Any, data: RunData) -> bool:
-    names = sorted({k.split("/", 2)[2] for k in data.keys("train/term/") + data.keys("eval/term/")})
-    if not names:
-        return False
+def _term_names(data: RunData) -> list[str]:
+    return sorted({k.split("/", 2)[2] for k in data.keys("train/term/") + data.keys("eval/term/")})
+
+
+@_panel("Loss terms", "loss (nats / token)", shown=lambda data: bool(_term_names(data)))
+def _panel_terms(ax: Any, data: RunData) -> None:
+    names = _term_names(data)
     values: list[float] = []
     for name, color in zip(names, _cycle(TERM_COLORS, len(names))):
         if data.has(f"train/term/{name}"):
@@ -225,47 +251,34 @@ def _panel_terms(ax: Any, data: RunData) -> bool:
             )
             values += data.get(f"eval/term/{name}")[1]
     _auto_log_scale(ax, values)
-    _finish(ax, "Loss terms", "loss (nats / token)", data)
-    return True
 
 
-def _panel_grad_norm(ax: Any, data: RunData) -> bool:
-    if not data.has("train/grad_norm"):
-        return False
+@_panel("Gradient norm", "gradient norm (L2, before clipping)", shown=_any_of("train/grad_norm"))
+def _panel_grad_norm(ax: Any, data: RunData) -> None:
     ax.plot(*data.get("train/grad_norm"), color=PURPLE, linewidth=1.0, label="gradient norm")
     _auto_log_scale(ax, data.get("train/grad_norm")[1])
     _mark_events(ax, data, "train/grad_norm", lines=False)
-    _finish(ax, "Gradient norm", "gradient norm (L2, before clipping)", data)
-    return True
 
 
-def _panel_throughput(ax: Any, data: RunData) -> bool:
-    if not data.has("throughput/tokens_per_s"):
-        return False
+@_panel("Throughput", "tokens / s", shown=_any_of("throughput/tokens_per_s"), legend=False)
+def _panel_throughput(ax: Any, data: RunData) -> None:
     from matplotlib.ticker import EngFormatter
 
     ax.plot(*data.get("throughput/tokens_per_s"), color=SKY, linewidth=1.4, label="tokens / s")
     ax.yaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_ylim(bottom=0)
-    _finish(ax, "Throughput", "tokens / s", data, legend=False)
-    return True
 
 
-def _panel_accuracy(ax: Any, data: RunData) -> bool:
-    if not (data.has("train/accuracy") or data.has("eval/accuracy")):
-        return False
+@_panel("Token accuracy", "next-token accuracy (%)", shown=_any_of("train/accuracy", "eval/accuracy"))
+def _panel_accuracy(ax: Any, data: RunData) -> None:
     if data.has("train/accuracy"):
         steps, acc = data.get("train/accuracy")
         ax.plot(steps, [100 * a for a in acc], **_TRAIN_RAW)
         ax.plot(steps, [100 * a for a in ema(acc, DEFAULT_SMOOTHING)], **_TRAIN_SMOOTHED)
-    if data.has("eval/accuracy"):
-        steps, acc = data.get("eval/accuracy")
-        ax.plot(steps, [100 * a for a in acc], **_EVAL)
-    _finish(ax, "Token accuracy", "next-token accuracy (%)", data)
-    return True
+    _plot_eval(ax, data, "eval/accuracy", scale=100.0)
 
 
-PANELS: dict[str, Callable[[Any, RunData], bool]] = {
+PANELS: dict[str, _Panel] = {
     "loss": _panel_loss,
     "perplexity": _panel_perplexity,
     "lr": _panel_lr,

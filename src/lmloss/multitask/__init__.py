@@ -12,44 +12,12 @@
   seed and the step, so a resumed run draws what the first one would have.
 """
 
-from lmloss.multitask.composite import CompositeLoss, CompositeResult, Term
-from lmloss.multitask.curriculum import (
-    ConstantSchedule,
-    CosineSchedule,
-    LinearSchedule,
-    MixtureIterator,
-    MixtureSampler,
-    MixtureSchedule,
-    PiecewiseLinearSchedule,
-    Schedule,
-    StepSchedule,
-    schedule_from_state,
-)
-from lmloss.multitask.weighting import (
-    DynamicWeightAverage,
-    FixedWeights,
-    GradNorm,
-    UncertaintyWeighting,
-    WeightingStrategy,
-)
+# Each module's __all__ is the one list of its public names; the package exports them all.
+# Star imports bind exactly those names (and type checkers follow them, unlike
+# `__all__ += module.__all__` after explicit imports).
+from lmloss.multitask import composite, curriculum, weighting
+from lmloss.multitask.composite import *  # noqa: F403
+from lmloss.multitask.curriculum import *  # noqa: F403
+from lmloss.multitask.weighting import *  # noqa: F403
 
-__all__ = [
-    "CompositeLoss",
-    "CompositeResult",
-    "ConstantSchedule",
-    "CosineSchedule",
-    "DynamicWeightAverage",
-    "FixedWeights",
-    "GradNorm",
-    "LinearSchedule",
-    "MixtureIterator",
-    "MixtureSampler",
-    "MixtureSchedule",
-    "PiecewiseLinearSchedule",
-    "Schedule",
-    "StepSchedule",
-    "Term",
-    "UncertaintyWeighting",
-    "WeightingStrategy",
-    "schedule_from_state",
-]
+__all__ = composite.__all__ + curriculum.__all__ + weighting.__all__
