@@ -283,3 +283,31 @@ def test_z_loss_term_is_logged_as_its_own_metric(tokenizer):
     without = _trainer(LMLossSFTTrainer, copy.deepcopy(plain), tokenizer, "assistant")
     without.compute_loss(without.model, dict(batch))
     assert "z_loss" not in without._metrics["train"]
+
+
+def test_ignored_token_ids_are_not_counted_in_the_step(tokenizer):
+    """Trainer counts num_items_in_batch from the collated labels: ids the loss never trains
+    (e.g. image placeholders appearing as targets) must not be counted there either, or the
+    mean would be over more targets than are trained."""
+    model = _qwen2(tokenizer)
+    plain = _trainer(SFTTrainer, copy.deepcopy(model), tokenizer, "chats")
+    features = [plain.train_dataset[i] for i in range(4)]
+    raw = plain.data_collator(features)["labels"]
+    values, counts = raw[raw != -100].unique(return_counts=True)
+    ids = tuple(int(v) for v in values[counts.argsort(descending=True)[:2]])  # two frequent targets
+    ours = _trainer(LMLossSFTTrainer, model, tokenizer, "chats", ignore_token_ids=ids)
+    hits = torch.isin(raw, torch.tensor(ids))
+    batch = ours.data_collator(features)
+    assert torch.equal(batch["labels"], raw.masked_fill(hits, -100))
+    loaded = next(iter(ours.get_train_dataloader()))["labels"]
+    assert not torch.isin(loaded, torch.tensor(ids)).any(), "the train loader's batches come masked"
+    _, num_items = ours.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+    trained = int((batch["labels"][..., 1:] != -100).sum())
+    assert int(num_items) == trained == int((raw[..., 1:] != -100).sum()) - int(hits[..., 1:].sum())
+    assert int(hits[..., 1:].sum()) > 0, "the chosen ids must be targets of the batch"
+    ours.model.train()
+    loss = ours.compute_loss(ours.model, dict(batch), num_items_in_batch=num_items)
+    with torch.no_grad():
+        logits = copy.deepcopy(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = lmloss.causal_lm_loss(logits, batch["labels"], reduction="sum") / trained
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)

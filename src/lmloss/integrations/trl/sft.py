@@ -32,7 +32,8 @@ targets); ``args.loss_type="dft"`` is ``token_loss="dft"`` and
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -65,6 +66,8 @@ class LMLossSFTTrainer(SFTTrainer):
             (Gemma 2/3), and giving a different one for such a model is an error.
         ignore_token_ids: token ids never trained; default the placeholder ids of the
             model's config (:func:`lmloss.integrations.transformers.placeholder_token_ids`).
+            They are masked in the collated labels, so ``num_items_in_batch`` does not
+            count them either (the mean is over the trained targets).
         backend, chunk_size: as in :func:`lmloss.linear_cross_entropy`.
         token_metrics: compute TRL's ``entropy`` and ``mean_token_accuracy``, and with
             ``z_loss`` the z-loss term's share of the loss as ``z_loss`` (one more pass
@@ -119,6 +122,10 @@ class LMLossSFTTrainer(SFTTrainer):
             if ignore_token_ids is None
             else tuple(sorted({int(i) for i in ignore_token_ids}))
         )
+        if self.lmloss_ignore_ids:
+            # Masked where the batches are made, so that Trainer's step count
+            # (num_items_in_batch, taken from the collated labels) counts only what is trained.
+            self.data_collator = _IgnoreIdsCollator(self.data_collator, self.lmloss_ignore_ids)
         self.lmloss_token_metrics = token_metrics
         if normalize == "sequence" and (self.padding_free or getattr(self.args, "packing", False)):
             raise ValueError("normalize='sequence' needs one sequence per row; packing and padding_free put several")
@@ -324,6 +331,22 @@ def _smoothing_of(args: Any, label_smoothing: float) -> float:
             f"args.label_smoothing_factor={factor} contradicts label_smoothing={label_smoothing}; set one of them"
         )
     return label_smoothing or factor
+
+
+@dataclass(frozen=True)
+class _IgnoreIdsCollator:
+    """The trainer's collator with ``ids`` masked (-100) in the ``[B, L]`` ``labels`` and
+    ``shift_labels`` it makes (module level: data loader workers pickle it)."""
+
+    collator: Callable[[list[Any]], dict[str, Any]]
+    ids: tuple[int, ...]
+
+    def __call__(self, features: list[Any]) -> dict[str, Any]:
+        batch = self.collator(features)
+        for key in ("labels", "shift_labels"):
+            if isinstance(batch.get(key), torch.Tensor):
+                batch[key] = _mask_ids(batch[key], self.ids)
+        return batch
 
 
 def _mask_ids(labels: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
