@@ -41,6 +41,10 @@ def trl_grpo_loss(
     sapo_temperature_neg: float = 1.05,
     accumulation_steps: int = 1,
     use_bias_correction_kl: bool = False,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, list[float]]]:
     """TRL's ``_compute_loss`` with ``logprobs`` ([B, T], differentiable) as the policy's log-probs."""
     from trl import GRPOTrainer
@@ -67,6 +71,10 @@ def trl_grpo_loss(
         sapo_temperature_pos=sapo_temperature_pos,
         sapo_temperature_neg=sapo_temperature_neg,
         steps_per_generation=accumulation_steps,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
     )
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     entropies = torch.zeros_like(logprobs.detach())

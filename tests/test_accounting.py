@@ -219,13 +219,14 @@ def test_validation_context_is_restored():
 
 def test_policy_loss_counts_tokens_or_every_sequence() -> None:
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
-    for loss_type in ("dapo", "cispo", "bnpo"):
+    for loss_type in ("dapo", "cispo", "bnpo", "vespo"):
         assert int(count_targets(mask, loss_type=loss_type)) == 3
         assert int(count_targets(mask.bool(), loss_type=loss_type)) == 3
     for loss_type in ("grpo", "sapo", "dr_grpo", "luspo"):
         assert int(count_targets(mask, loss_type=loss_type)) == 3  # the empty row counts: TRL averages over B
     steps = [mask, mask[:1]]
     assert [int(mb.num_items_in_batch) for mb in micro_batches(steps, loss_type="dapo")] == [5, 5]
+    assert [int(mb.num_items_in_batch) for mb in micro_batches(steps, loss_type="vespo")] == [5, 5]
     assert [int(mb.num_items_in_batch) for mb in micro_batches(steps, loss_type="grpo")] == [4, 4]
     with pytest.raises(ValueError, match="loss_type='ppo'"):
         count_targets(mask, loss_type="ppo")

@@ -78,6 +78,49 @@ def test_equals_trl_compute_loss(loss_type: str, level: str, extra: dict, token_
         assert ours.metrics["kl"].item() == pytest.approx(metrics["kl"][0], rel=1e-5)
 
 
+VESPO_GAMMA = {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 1.2}
+
+
+@pytest.mark.parametrize("extra", [{}, {"beta": 0.04}, {"beta": 0.1, "kl": True}, {"gamma": True}])
+@pytest.mark.parametrize("token_adv", [False, True])
+@pytest.mark.parametrize("wide", [False, True])
+def test_vespo_equals_trl_compute_loss(extra: dict, token_adv: bool, wide: bool) -> None:
+    """vespo (token level only) with both advantage signs. ``wide``: sequence log-ratios up to
+    about +-10 (phi near 0), and in row 0 one token at log r = 25, which only the per-token
+    clamp at 20 brings back to log w = 0 (phi = 1 with it, about 0 without)."""
+    batch = _batch(seed=11 + len(extra), token_adv=token_adv)
+    if wide:
+        g = torch.Generator().manual_seed(4)
+        batch["old"] = batch["logprobs"] + (torch.rand(B, T, generator=g) - 0.5) * 3.0
+        batch["old"][0] = batch["logprobs"][0] + 20.0 / (T - 1)
+        batch["old"][0, 0] = batch["logprobs"][0, 0] - 25.0
+    assert (batch["adv"] > 0).any() and (batch["adv"] < 0).any()
+    extra = dict(extra)
+    correction = extra.pop("kl", False)
+    gamma = VESPO_GAMMA if extra.pop("gamma", False) else {}
+    kw = dict(loss_type="vespo", **extra, **gamma)
+    lp_ours = batch["logprobs"].clone().requires_grad_()
+    lp_trl = batch["logprobs"].clone().requires_grad_()
+    ours = _ours(batch, lp_ours, kl_importance_correction=correction, **kw)
+    theirs, metrics = _trl(batch, lp_trl, use_bias_correction_kl=correction, **kw)
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-5, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours.loss, lp_ours)
+    (g_trl,) = torch.autograd.grad(theirs, lp_trl)
+    torch.testing.assert_close(g_ours, g_trl, rtol=1e-5, atol=1e-7)
+    assert ours.metrics["vespo/phi_seq_mean"].item() == pytest.approx(metrics["vespo/phi_seq_mean"][0], rel=1e-5)
+    if "beta" in extra:
+        assert ours.metrics["kl"].item() == pytest.approx(metrics["kl"][0], rel=1e-5)
+
+
+def test_vespo_weights_are_not_trivial() -> None:
+    """The batches above give phi away from 1 on both sides (else k/lambda would go untested)."""
+    batch = _batch(seed=11)
+    phi = _ours(batch, batch["logprobs"], loss_type="vespo").metrics["vespo/phi_seq_mean"].item()
+    assert abs(phi - 1.0) > 1e-2
+    other = _ours(batch, batch["logprobs"], loss_type="vespo", **VESPO_GAMMA).metrics["vespo/phi_seq_mean"].item()
+    assert abs(other - phi) > 1e-2
+
+
 def test_clipping_is_exercised() -> None:
     """The batches above clip on both sides, so the min/clamp branches are really compared."""
     batch = _batch()
@@ -108,7 +151,9 @@ def _split_loss(batch: dict, rows: list[slice], loss_type: str, **kw: object) ->
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_uneven_micro_batches_equal_the_big_batch(loss_type: str) -> None:
     batch = _batch(seed=3, b=7)
-    kw = {"max_completion_length": T} if loss_type == "dr_grpo" else {}
+    kw: dict = {"max_completion_length": T} if loss_type == "dr_grpo" else {}
+    if loss_type == "vespo":
+        kw = dict(VESPO_GAMMA)
     rows = [slice(0, 1), slice(1, 5), slice(5, 7)]
     total, grad = _split_loss(batch, rows, loss_type, **kw)
     lp = batch["logprobs"].clone().requires_grad_()
@@ -232,6 +277,11 @@ def test_masked_positions_may_hold_garbage() -> None:
         ({"advantages": torch.tensor([0.0, 1.0, float("nan"), 0.0, 0.0])}, r"advantages\[2\]"),
         ({"importance_sampling_level": "batch"}, "importance_sampling_level"),
         ({"num_items_in_batch": float("inf")}, "num_items_in_batch"),
+        ({"loss_type": "vespo", "importance_sampling_level": "sequence"}, "importance_sampling_level='token'"),
+        ({"vespo_k_pos": -1.0}, "vespo_k_pos"),
+        ({"vespo_k_neg": float("inf")}, "vespo_k_neg"),
+        ({"vespo_lambda_pos": 0.0}, "vespo_lambda_pos"),
+        ({"vespo_lambda_neg": float("nan")}, "vespo_lambda_neg"),
     ],
 )
 def test_bad_input_names_the_problem(kwargs: dict, message: str) -> None:
@@ -258,6 +308,8 @@ def test_any_split_into_micro_batches_sums_to_the_big_batch(
 ) -> None:
     batch = _batch(seed=seed, b=9)
     batch["mask"][seed % 9] = 0  # an empty sequence, sometimes inside a micro-batch of its own
+    if loss_type == "vespo":
+        level = "token"  # vespo forms its own sequence weight
     bounds = [0, *sorted(cuts), 9]
     rows = [slice(a, b) for a, b in itertools.pairwise(bounds)]
     kw = {"max_completion_length": T, "importance_sampling_level": level, "beta": 0.05}

@@ -82,7 +82,7 @@ def count_targets(
             policy loss's ``[B, T]`` completion ``mask`` (bool or 0/1, already aligned;
             ``shift``, ``ignore_index``, ``token_weights`` and ``normalize`` do not apply)
             and the count is what that type divides by: the scored tokens (``dapo``,
-            ``cispo``, ``bnpo``) or the sequences, every row (``grpo``, ``sapo``,
+            ``cispo``, ``bnpo``, ``vespo``) or the sequences, every row (``grpo``, ``sapo``,
             ``dr_grpo``, ``luspo``).
         class_weights: ``[V]`` class weights as passed to the loss: each target then
             counts its class weight (torch's weighted mean divides by their sum).

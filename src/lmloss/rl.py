@@ -14,13 +14,18 @@ sequence ``i`` and completion token ``t`` (``m`` the mask, ``A`` the advantage):
     cispo:  l_it = -min(r, epsilon_high).detach() * A * logprobs_it        (MiniMax-M1)
     sapo:   l_it = -(4 / tau) * sigmoid(tau * (r - 1)) * A,  tau = sapo_temperature_pos if A > 0
                                                                  else sapo_temperature_neg
+    vespo:  l_it = -phi_i.detach() * A * logprobs_it,   phi_i = w_i^k * exp(lambda * (1 - w_i))
+            log w_i = clamp(sum_t m_it clamp(log r_it, -20, 20), log 1e-8, 20)   (token level only)
+            k, lambda = vespo_k_pos, vespo_lambda_pos if A >= 0 else vespo_k_neg, vespo_lambda_neg
+            (lambda at least 1e-4; a phi that overflows counts 0, as in TRL's ``get_gamma_weights``)
     beta > 0 adds  beta * k3_it,  k3_it = exp(ref_it - logprobs_it) - (ref_it - logprobs_it) - 1
                    (times r with kl_importance_correction, TRL's use_bias_correction_kl).
 
 Normalizers (what ``num_items_in_batch`` counts, and the per-batch definition used
 without it)::
 
-    dapo, cispo, bnpo:  sum_it m_it l_it / N_tokens          (per batch: max(sum_it m_it, 1))
+    dapo, cispo, bnpo,
+    vespo:              sum_it m_it l_it / N_tokens          (per batch: max(sum_it m_it, 1))
     grpo, sapo:         sum_i (sum_t m_it l_it / max(sum_t m_it, 1)) / N_sequences   (per batch: B)
     dr_grpo:            sum_it m_it l_it / (N_sequences * max_completion_length)    (per batch: B)
     luspo:              sum_i sum_t m_it l_it / N_sequences                          (per batch: B)
@@ -29,7 +34,8 @@ TRL divides the per-batch grpo/bnpo/dr_grpo/sapo/luspo loss by the accumulation 
 which equals the big batch only when every micro-batch is the same size; here, with
 ``num_items_in_batch`` the step's count (:func:`lmloss.count_targets` with
 ``loss_type=``, summed over micro-batches and ranks), the micro-batch losses sum to
-the big batch's loss exactly. TRL's ``vespo`` and its off-policy/entropy masks are not
+the big batch's loss exactly. TRL's off-policy/entropy masks and its vLLM importance-sampling
+correction (the ``importance_sampling_ratio`` input, also folded into vespo's ``w_i``) are not
 implemented.
 """
 
@@ -51,13 +57,16 @@ __all__ = [
     "policy_loss",
 ]
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 # What each loss type divides by: target tokens or sequences.
-TOKEN_LOSS_TYPES: tuple[str, ...] = ("dapo", "cispo", "bnpo")
+TOKEN_LOSS_TYPES: tuple[str, ...] = ("dapo", "cispo", "bnpo", "vespo")
 SEQUENCE_LOSS_TYPES: tuple[str, ...] = ("grpo", "sapo", "dr_grpo", "luspo")
 LOSS_TYPES: tuple[str, ...] = TOKEN_LOSS_TYPES + SEQUENCE_LOSS_TYPES
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 _PPO_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# VESPO's clamps on the sequence's log-ratio (TRL: log 1e-8 stands for a ratio floor of 1e-8).
+_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX = math.log(1e-8), 20.0
+_VESPO_LAMBDA_MIN = 1e-4
 
 
 class PolicyLossResult(NamedTuple):
@@ -65,10 +74,12 @@ class PolicyLossResult(NamedTuple):
     float32 tensors (no host synchronisation): ``clip_ratio/low``, ``clip_ratio/high``,
     ``clip_ratio/region`` (fractions of scored tokens, or of sequences at sequence level,
     whose ratio is clipped where it matters for the sign of the advantage; for cispo
-    ``high`` is the fraction with ``r > epsilon_high`` and ``A > 0``), ``ratio/mean``
+    ``high`` is the fraction with ``r > epsilon_high`` and ``A > 0``; sapo and vespo, which
+    do not clip, report PPO's region ``[1 - epsilon, 1 + epsilon_high]``), ``ratio/mean``
     (mean importance ratio), ``approx_kl`` (mean k3 estimate of KL(pi_old || pi),
     ``r - 1 - log r``, over the same items) and ``kl`` (mean k3 to the reference,
-    over scored tokens, only when ``ref_logprobs`` is given)."""
+    over scored tokens, only when ``ref_logprobs`` is given); for vespo also
+    ``vespo/phi_seq_mean`` (mean gamma weight over the sequences, TRL's metric)."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
@@ -92,6 +103,10 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     kl_importance_correction: bool = False,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> PolicyLossResult:
     """The GRPO-family policy loss of one (micro-)batch; formulas in the module docstring.
 
@@ -102,19 +117,23 @@ def policy_loss(
             ``logprobs.detach()`` (one update per generation, as TRL does).
         advantages: ``[B]`` or ``[B, T]``, finite.
         mask: ``[B, T]`` bool or 0/1: the completion tokens that are scored.
-        loss_type: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo`` or ``luspo``.
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``, ``luspo`` or ``vespo``.
         epsilon: lower clip range, in ``[0, 1)``.
         epsilon_high: upper clip range (default ``epsilon``); for ``cispo`` the cap on
             the ratio itself, as in TRL.
         delta: upper bound on the unclipped ratio (two-sided clipping), ``> 1``.
         beta: coefficient of the k3 KL to ``ref_logprobs`` (``[B, T]``, needed when ``beta != 0``).
-        importance_sampling_level: ``token`` or ``sequence`` (GSPO).
+        importance_sampling_level: ``token`` or ``sequence`` (GSPO); ``vespo`` takes only
+            ``token`` (it forms its own sequence-level weight).
         max_completion_length: the ``dr_grpo`` constant divisor per sequence.
         num_items_in_batch: the step's count of what ``loss_type`` divides by (tokens or
             sequences, see the module docstring), summed over micro-batches and ranks.
         sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures (``> 0``).
         kl_importance_correction: multiply the k3 term by the importance ratio ``r``
             (TRL's ``use_bias_correction_kl``, on by default in TRL 1.16's config).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma-weight
+            exponent ``k`` (``>= 0``) and decay ``lambda`` (``> 0``) for sequences with
+            advantage ``>= 0`` and ``< 0``; TRL's defaults.
 
     Returns:
         :class:`PolicyLossResult` with ``.loss`` and ``.metrics``. Nothing scored: loss 0.
@@ -124,6 +143,9 @@ def policy_loss(
     eps_low, eps_high = _check_clip(loss_type, epsilon, epsilon_high, delta)
     _check_positive("sapo_temperature_pos", sapo_temperature_pos)
     _check_positive("sapo_temperature_neg", sapo_temperature_neg)
+    gamma = _check_vespo(
+        loss_type, importance_sampling_level, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
+    )
     if not isinstance(kl_importance_correction, bool):
         raise TypeError(f"kl_importance_correction must be True or False, got {kl_importance_correction!r}")
     logprobs, old, adv, m, ref = _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, beta)
@@ -135,11 +157,15 @@ def policy_loss(
     if importance_sampling_level == "sequence":
         log_ratio = (log_ratio.sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # [B, 1]
     ratio = torch.exp(log_ratio)
+    phi = None
     if loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logprobs
     elif loss_type == "sapo":
         tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
         per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    elif loss_type == "vespo":
+        phi = _gamma_weights(log_ratio, adv, *gamma)
+        per_token = -phi * adv * logprobs
     else:
         clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
         unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
@@ -155,7 +181,28 @@ def policy_loss(
     per_token = torch.where(m > 0, per_token.expand_as(m), 0.0)
     loss = _normalize(per_token, m, loss_type, num_items, max_completion_length)
     metrics = _metrics(ratio, delta, adv, m, kl, loss_type, eps_low, eps_high)
+    if phi is not None:
+        metrics["vespo/phi_seq_mean"] = _masked_mean(phi, m)
     return PolicyLossResult(loss, metrics)
+
+
+@torch.no_grad()
+def _gamma_weights(
+    log_ratio: torch.Tensor, adv: torch.Tensor, k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float
+) -> torch.Tensor:
+    """VESPO's sequence weight ``phi(w) = w^k exp(lambda (1 - w))`` (so ``phi(1) = 1``), detached.
+
+    ``log_ratio``: ``[B, T]`` token log-ratios, 0 where unscored; ``adv``: ``[B, 1]`` or ``[B, T]``.
+    Returns ``phi`` shaped like ``adv`` broadcast with ``[B, 1]``. Computed in log space: the
+    sequence's ratio ``w`` is a product over its tokens and overflows long before ``phi`` does.
+    """
+    log_w = log_ratio.clamp(-20.0, 20.0).sum(-1, keepdim=True).clamp(_VESPO_LOG_W_MIN, _VESPO_LOG_W_MAX)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=_VESPO_LAMBDA_MIN)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    # An overflowing weight (huge k) counts 0, as in TRL, rather than poisoning the loss.
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _normalize(
@@ -236,6 +283,24 @@ def _check_clip(loss_type: str, epsilon: object, epsilon_high: object, delta: ob
     return eps, high
 
 
+def _check_vespo(
+    loss_type: str, level: str, k_pos: object, lambda_pos: object, k_neg: object, lambda_neg: object
+) -> tuple[float, float, float, float]:
+    """VESPO's exponents (``>= 0``) and decays (``> 0``); vespo is token-level only."""
+    if loss_type == "vespo" and level != "token":
+        raise ValueError(
+            f"loss_type='vespo' forms its own sequence-level weight from the token ratios; "
+            f"importance_sampling_level={level!r} does not apply to it: use importance_sampling_level='token'"
+        )
+    exp_pos, exp_neg = _check_finite("vespo_k_pos", k_pos), _check_finite("vespo_k_neg", k_neg)
+    for name, value in (("vespo_k_pos", exp_pos), ("vespo_k_neg", exp_neg)):
+        if value < 0.0:
+            raise ValueError(f"{name} is the gamma weight's exponent and must be >= 0, got {value}")
+    lam_pos = _check_positive("vespo_lambda_pos", lambda_pos)
+    lam_neg = _check_positive("vespo_lambda_neg", lambda_neg)
+    return exp_pos, lam_pos, exp_neg, lam_neg
+
+
 def _check_inputs(
     logprobs: object,
     old_logprobs: object,
@@ -294,6 +359,8 @@ def _check_finite(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_positive(name: str, value: object) -> None:
-    if _check_finite(name, value) <= 0.0:
+def _check_positive(name: str, value: object) -> float:
+    number = _check_finite(name, value)
+    if number <= 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    return number

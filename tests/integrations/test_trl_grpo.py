@@ -115,6 +115,48 @@ def test_same_batch_gives_trls_loss(setup: dict, loss_type: str, level: str, bet
     assert setup["ours"]._metrics["train"]["entropy"], "metrics are logged under TRL's names"
 
 
+VESPO_GAMMA = {"vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 4.0, "vespo_lambda_neg": 1.2}
+
+
+@pytest.mark.parametrize("gamma", [{}, VESPO_GAMMA])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+@pytest.mark.parametrize("correction", [False, True])
+def test_vespo_gives_trls_loss(setup: dict, gamma: dict, beta: float, correction: bool, lmloss_calls: list) -> None:
+    """TRL's vespo, with its defaults and other k/lambda, both advantage signs in the batch."""
+    assert (setup["inputs"]["advantages"] > 0).any() and (setup["inputs"]["advantages"] < 0).any()
+    saved = {name: getattr(setup["ours"].args, name) for name in [*VESPO_GAMMA, "use_bias_correction_kl"]}
+    try:
+        for trainer in (setup["theirs"], setup["ours"]):
+            trainer.loss_type, trainer.importance_sampling_level, trainer.beta = "vespo", "token", beta
+            trainer.args.use_bias_correction_kl = correction
+            for name, value in gamma.items():
+                setattr(trainer.args, name, value)
+            trainer._metrics["train"].clear()
+        loss_t, grad_t = _loss_and_grad(setup["theirs"], setup["inputs"])
+        loss_o, grad_o = _loss_and_grad(setup["ours"], setup["inputs"])
+    finally:
+        for trainer in (setup["theirs"], setup["ours"]):
+            for name, value in saved.items():
+                setattr(trainer.args, name, value)
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_o, grad_t, rtol=1e-4, atol=1e-6)
+    assert lmloss_calls == ["vespo"]
+    phi_t, phi_o = (t._metrics["train"]["vespo/phi_seq_mean"] for t in (setup["theirs"], setup["ours"]))
+    assert phi_o == pytest.approx(phi_t, rel=1e-5) and phi_t[0] != pytest.approx(1.0, abs=1e-3)
+
+
+def test_vespo_at_sequence_level_falls_back_to_trl(setup: dict, lmloss_calls: list) -> None:
+    """TRL only warns about vespo with importance_sampling_level='sequence'; lmloss refuses it,
+    so the trainer leaves that combination to TRL's loss (same result, no lmloss call)."""
+    for trainer in (setup["theirs"], setup["ours"]):
+        trainer.loss_type, trainer.importance_sampling_level, trainer.beta = "vespo", "sequence", 0.05
+    loss_t, grad_t = _loss_and_grad(setup["theirs"], setup["inputs"])
+    loss_o, grad_o = _loss_and_grad(setup["ours"], setup["inputs"])
+    torch.testing.assert_close(loss_o, loss_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_o, grad_t, rtol=1e-4, atol=1e-6)
+    assert lmloss_calls == []
+
+
 def test_bnpo_is_exact_over_uneven_micro_batches_where_trl_is_not(setup: dict, lmloss_calls: list) -> None:
     """Two micro-batches with different token counts: lmloss sums to the big batch's token mean."""
     ours, theirs, inputs = setup["ours"], setup["theirs"], setup["inputs"]

@@ -8,14 +8,16 @@ Usage: replace ``GRPOTrainer`` by ``LMLossGRPOTrainer``; the arguments are TRL's
   in the build (before that, its reference backend).
 - The loss is :func:`lmloss.rl.policy_loss` with ``num_items_in_batch`` the exact count
   of the accumulation window (over its micro-batches and ranks) of what the loss type
-  divides by. For ``grpo``, ``sapo``, ``dr_grpo``, ``luspo``, ``dapo`` and ``cispo`` this is
-  TRL's own loss (GRPO micro-batches hold equally many sequences, and TRL's token count
-  spans the generation batch); for ``bnpo`` it differs where it should: TRL divides each
-  micro-batch's token mean by the accumulation count, which is not the window's token
-  mean when micro-batches hold different numbers of tokens; here it is.
+  divides by. For ``grpo``, ``sapo``, ``dr_grpo``, ``luspo``, ``dapo``, ``cispo`` and
+  ``vespo`` this is TRL's own loss (GRPO micro-batches hold equally many sequences, and
+  TRL's token count spans the generation batch); for ``bnpo`` it differs where it
+  should: TRL divides each micro-batch's token mean by the accumulation count, which is
+  not the window's token mean when micro-batches hold different numbers of tokens; here
+  it is.
 - Options lmloss's loss does not implement (entropy bonus or mask, off-policy mask, vLLM
-  importance-sampling correction, MoE aux loss, ``vespo``, tool masks) fall back
-  to TRL's loss computation, still on lmloss's log-probs.
+  importance-sampling correction, MoE aux loss, tool masks, and ``vespo`` with
+  ``importance_sampling_level='sequence'``, which TRL only warns about) fall back to TRL's
+  loss computation, still on lmloss's log-probs.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class LMLossGRPOTrainer(GRPOTrainer):
     def _lmloss_supported(self, inputs: dict[str, Any]) -> bool:
         return (
             self.loss_type in LOSS_TYPES
+            and not (self.loss_type == "vespo" and self.importance_sampling_level != "token")
             and self.top_entropy_quantile >= 1.0
             and self.off_policy_mask_threshold is None
             and not (self.use_vllm and self.vllm_importance_sampling_correction)
@@ -128,6 +131,10 @@ class LMLossGRPOTrainer(GRPOTrainer):
             sapo_temperature_pos=config.sapo_temperature_pos,
             sapo_temperature_neg=config.sapo_temperature_neg,
             kl_importance_correction=bool(config.use_bias_correction_kl),
+            vespo_k_pos=config.vespo_k_pos,
+            vespo_lambda_pos=config.vespo_lambda_pos,
+            vespo_k_neg=config.vespo_k_neg,
+            vespo_lambda_neg=config.vespo_lambda_neg,
         )
         self._log_lmloss_metrics(out.metrics, entropies, mask, "train" if training else "eval")
         return out.loss
@@ -140,8 +147,9 @@ class LMLossGRPOTrainer(GRPOTrainer):
         if entropies is not None:
             totals = gather(torch.stack([(entropies.detach() * mask).sum(), mask.sum().float()]).unsqueeze(0))
             self._metrics[mode]["entropy"].append((totals[:, 0].sum() / totals[:, 1].sum().clamp(min=1)).item())
-        if "kl" in metrics:
-            self._metrics[mode]["kl"].append(gather(metrics["kl"].reshape(1)).mean().item())
+        for name in ("kl", "vespo/phi_seq_mean"):
+            if name in metrics:
+                self._metrics[mode][name].append(gather(metrics[name].reshape(1)).mean().item())
         for name in ("low", "high", "region"):
             value = gather(metrics[f"clip_ratio/{name}"].reshape(1)).mean().item()
             self._metrics[mode][f"clip_ratio/{name}_mean"].append(value)
