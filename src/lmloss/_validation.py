@@ -245,6 +245,23 @@ def check_real(name: str, value: object) -> float:
     return cast(float, value)
 
 
+def check_finite(name: str, value: object) -> float:
+    """``value`` is a finite real number (``TypeError`` otherwise, ``ValueError`` if not finite);
+    returns it as a float."""
+    number = check_real(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(number)
+
+
+def check_positive(name: str, value: object) -> float:
+    """``value`` is a finite real number ``> 0``; returns it as a float."""
+    number = check_finite(name, value)
+    if number <= 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return number
+
+
 def check_temperature(temperature: object) -> None:
     """``temperature``: a finite number ``> 0``, the divisor of the logits in ``softmax(z / tau)``."""
     temperature = check_real("temperature", temperature)

@@ -14,13 +14,12 @@ ORPOTrainer.odds_ratio_loss`` (orpo), ``KTOTrainer`` (kto, the ``loss_type="kto"
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from lmloss._validation import check_choice, check_tensor
+from lmloss._validation import check_choice, check_finite, check_positive, check_tensor
 from lmloss.logprobs import linear_token_logprobs, token_logprobs
 
 __all__ = [
@@ -159,8 +158,8 @@ def dpo_loss(
         :class:`PreferenceLoss` with rewards ``beta * (logps - ref_logps)``.
     """
     check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-    b = _positive("beta", beta)
-    ls = _real("label_smoothing", label_smoothing)
+    b = check_positive("beta", beta)
+    ls = check_finite("label_smoothing", label_smoothing)
     if not 0.0 <= ls < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {ls}")
     if ls and loss_type in ("hinge", "ipo"):
@@ -202,9 +201,9 @@ def simpo_loss(
     (the target reward margin). Rewards: ``beta * logps``. TRL's CPO adds
     ``cpo_alpha * NLL(chosen)`` on top (0 for pure SimPO).
     """
-    b = _positive("beta", beta)
-    g = _real("gamma", gamma)
-    ls = _real("label_smoothing", label_smoothing)
+    b = check_positive("beta", beta)
+    g = check_finite("gamma", gamma)
+    ls = check_finite("label_smoothing", label_smoothing)
     if not 0.0 <= ls < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {ls}")
     pc, pr = _pair_inputs(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
@@ -223,7 +222,7 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, *, beta:
     TRL's ORPO. The ORPO objective is ``NLL(chosen) + loss.mean()``; TRL returns the
     negative (``beta * logsigmoid``) and subtracts its mean. Rewards: ``beta * logps``.
     """
-    b = _positive("beta", beta)
+    b = check_positive("beta", beta)
     pc, pr = _pair_inputs(chosen_logps=chosen_logps, rejected_logps=rejected_logps)
     log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
     return PreferenceLoss(-b * F.logsigmoid(log_odds), b * pc.detach(), b * pr.detach())
@@ -250,13 +249,13 @@ def kto_loss(
     over mismatched prompt/completion pairs, averaged over ranks and clamped at 0
     (0 with ``calculate_KL=False``). ``losses`` is ``[chosen losses; rejected losses]``.
     """
-    b = _positive("beta", beta)
-    dw, uw = _real("desirable_weight", desirable_weight), _real("undesirable_weight", undesirable_weight)
+    b = check_positive("beta", beta)
+    dw, uw = check_finite("desirable_weight", desirable_weight), check_finite("undesirable_weight", undesirable_weight)
     if dw < 0 or uw < 0:
         raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {dw}, {uw}")
     pc, rc = _pair_inputs(chosen_logps=chosen_logps, ref_chosen_logps=ref_chosen_logps)
     pr, rr = _pair_inputs(rejected_logps=rejected_logps, ref_rejected_logps=ref_rejected_logps)
-    ref_point = kl.detach().float() if isinstance(kl, torch.Tensor) else _real("kl", kl)
+    ref_point = kl.detach().float() if isinstance(kl, torch.Tensor) else check_finite("kl", kl)
     chosen_ratio, rejected_ratio = pc - rc, pr - rr
     chosen_losses = 1 - torch.sigmoid(b * (chosen_ratio - ref_point))
     rejected_losses = 1 - torch.sigmoid(b * (ref_point - rejected_ratio))
@@ -282,16 +281,3 @@ def _pair_inputs(**tensors: object) -> list[torch.Tensor]:
         first = first or (name, t)
         out.append(t.float())
     return out
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value: object) -> float:
-    number = _real(name, value)
-    if number <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return number

@@ -42,12 +42,18 @@ implemented.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Literal, NamedTuple
 
 import torch
 
-from lmloss._validation import check_choice, check_num_items, check_tensor, value_checks_enabled
+from lmloss._validation import (
+    check_choice,
+    check_finite,
+    check_num_items,
+    check_positive,
+    check_tensor,
+    value_checks_enabled,
+)
 
 __all__ = [
     "LOSS_TYPES",
@@ -141,8 +147,8 @@ def policy_loss(
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
     eps_low, eps_high = _check_clip(loss_type, epsilon, epsilon_high, delta)
-    _check_positive("sapo_temperature_pos", sapo_temperature_pos)
-    _check_positive("sapo_temperature_neg", sapo_temperature_neg)
+    check_positive("sapo_temperature_pos", sapo_temperature_pos)
+    check_positive("sapo_temperature_neg", sapo_temperature_neg)
     gamma = _check_vespo(
         loss_type, importance_sampling_level, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg
     )
@@ -272,13 +278,13 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def _check_clip(loss_type: str, epsilon: object, epsilon_high: object, delta: object) -> tuple[float, float]:
-    eps = _check_finite("epsilon", epsilon)
+    eps = check_finite("epsilon", epsilon)
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"epsilon must be in [0, 1) (the ratio is clipped below at 1 - epsilon), got {eps}")
-    high = eps if epsilon_high is None else _check_finite("epsilon_high", epsilon_high)
+    high = eps if epsilon_high is None else check_finite("epsilon_high", epsilon_high)
     if high < 0.0 or (loss_type == "cispo" and high == 0.0):
         raise ValueError(f"epsilon_high must be >= 0 (> 0 for cispo, where it caps the ratio), got {high}")
-    if delta is not None and _check_finite("delta", delta) <= 1.0:
+    if delta is not None and check_finite("delta", delta) <= 1.0:
         raise ValueError(f"delta caps the ratio from above and must be > 1, got {delta}")
     return eps, high
 
@@ -292,12 +298,12 @@ def _check_vespo(
             f"loss_type='vespo' forms its own sequence-level weight from the token ratios; "
             f"importance_sampling_level={level!r} does not apply to it: use importance_sampling_level='token'"
         )
-    exp_pos, exp_neg = _check_finite("vespo_k_pos", k_pos), _check_finite("vespo_k_neg", k_neg)
+    exp_pos, exp_neg = check_finite("vespo_k_pos", k_pos), check_finite("vespo_k_neg", k_neg)
     for name, value in (("vespo_k_pos", exp_pos), ("vespo_k_neg", exp_neg)):
         if value < 0.0:
             raise ValueError(f"{name} is the gamma weight's exponent and must be >= 0, got {value}")
-    lam_pos = _check_positive("vespo_lambda_pos", lambda_pos)
-    lam_neg = _check_positive("vespo_lambda_neg", lambda_neg)
+    lam_pos = check_positive("vespo_lambda_pos", lambda_pos)
+    lam_neg = check_positive("vespo_lambda_neg", lambda_neg)
     return exp_pos, lam_pos, exp_neg, lam_neg
 
 
@@ -326,7 +332,7 @@ def _check_inputs(
     if value_checks_enabled() and not bool(torch.isfinite(adv).all()):
         bad = torch.nonzero(~torch.isfinite(adv))[0].tolist()
         raise ValueError(f"advantages must be finite; advantages{bad} = {adv[tuple(bad)].item()}")
-    b = _check_finite("beta", beta)
+    b = check_finite("beta", beta)
     ref = None if ref_logprobs is None else _same_shape("ref_logprobs", ref_logprobs, shape)
     if b != 0.0 and ref is None:
         raise ValueError(f"beta={b} needs ref_logprobs (the reference model's [B, T] log-probs); or set beta=0")
@@ -349,18 +355,3 @@ def _check_max_length(max_completion_length: object) -> None:
         raise TypeError(f"max_completion_length must be an int, got {max_completion_length!r}")
     if max_completion_length <= 0:
         raise ValueError(f"max_completion_length must be > 0, got {max_completion_length}")
-
-
-def _check_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _check_positive(name: str, value: object) -> float:
-    number = _check_finite(name, value)
-    if number <= 0.0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return number
