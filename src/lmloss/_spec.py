@@ -115,6 +115,10 @@ class LossSpec:
         return check_loss_options(**{name: arguments[name] for name in SPEC_OPTIONS if name in arguments})
 
 
+# The option names, in signature order (every entry point spells them this way).
+SPEC_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(LossSpec) if f.init)
+
+
 class LossKeywords(TypedDict, total=False):
     """The options of :class:`LossSpec` as keywords, for ``**options: Unpack[LossKeywords]``;
     an absent one takes the spec's default."""
@@ -135,10 +139,16 @@ def check_loss_options(**options: object) -> LossSpec:
     return LossSpec(**options)  # type: ignore[arg-type]  # keywords typed object; __post_init__ checks each
 
 
-def spec_from_keywords(where: str, options: Mapping[str, object]) -> LossSpec:
-    """The spec of the ``**options`` that the entry point ``where`` took; an unknown
-    keyword is a ``TypeError`` naming it."""
-    check_keywords(where, options, SPEC_OPTIONS)
+def spec_from_keywords(
+    where: str,
+    options: Mapping[str, object],
+    taken: tuple[str, ...] = SPEC_OPTIONS,
+    fixed: Mapping[str, str] | None = None,
+) -> LossSpec:
+    """The spec of the ``**options`` that the entry point ``where`` took (those in ``taken``;
+    the others keep their defaults); an unknown keyword is a ``TypeError`` naming it, with the
+    reason when it is one of ``fixed`` (name -> why the entry point fixes it)."""
+    check_keywords(where, options, taken, fixed)
     return check_loss_options(**options)
 
 
@@ -176,7 +186,3 @@ def resolve_focal_gamma(token_loss: object, focal_gamma: object) -> float:
     if not (math.isfinite(focal_gamma) and focal_gamma >= 0.0):
         raise ValueError(f"focal_gamma must be a finite number >= 0, got {focal_gamma}")
     return float(focal_gamma)
-
-
-# The option names, in signature order (every entry point spells them this way).
-SPEC_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(LossSpec) if f.init)

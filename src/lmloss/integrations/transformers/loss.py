@@ -13,8 +13,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from lmloss._spec import SPEC_OPTIONS, LossSpec, TokenLoss
-from lmloss._validation import check_keywords
+from lmloss._spec import SPEC_OPTIONS, LossSpec, TokenLoss, spec_from_keywords
 from lmloss.reference import causal_lm_loss
 
 __all__ = [
@@ -60,8 +59,7 @@ def loss_spec(where: str, options: Mapping[str, object]) -> LossSpec:
         TypeError: an option the integration does not take (a fixed one: with the reason).
         ValueError, TypeError: an option is bad (the message names it).
     """
-    check_keywords(where, options, SPEC_OPTIONS_TAKEN, SPEC_OPTIONS_FIXED)
-    spec = LossSpec(**options)  # type: ignore[arg-type]  # keywords typed object; __post_init__ checks each
+    spec = spec_from_keywords(where, options, SPEC_OPTIONS_TAKEN, SPEC_OPTIONS_FIXED)
     # Checked as given (an int coefficient is a real number); kept as floats, as the loss sees them.
     return dataclasses.replace(spec, label_smoothing=float(spec.label_smoothing), z_loss=float(spec.z_loss))
 

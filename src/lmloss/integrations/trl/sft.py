@@ -44,6 +44,7 @@ from lmloss._spec import LossSpec
 from lmloss._validation import check_bool
 from lmloss.fused import Backend, check_backend_options, linear_cross_entropy
 from lmloss.integrations.transformers import is_applied, placeholder_token_ids
+from lmloss.integrations.transformers.tokens import mask_token_ids
 from lmloss.reference import Normalize, TokenLoss
 
 __all__ = ["LMLossSFTTrainer"]
@@ -164,7 +165,9 @@ class LMLossSFTTrainer(SFTTrainer):
             raise ValueError("LMLossSFTTrainer: the batch has no 'labels'")
         forward_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
         targets = cast(torch.Tensor, shift_labels if shift_labels is not None else labels)
-        call = _HeadCall(self, _mask_ids(targets, self.lmloss_ignore_ids), shift_labels is None, num_items_in_batch)
+        # Batches from the trainer's collator come masked already; this covers batches made elsewhere.
+        targets = mask_token_ids(targets, self.lmloss_ignore_ids, -100)
+        call = _HeadCall(self, targets, shift_labels is None, num_items_in_batch)
         head = _inner_model(model).get_output_embeddings()
         handles = [
             head.register_forward_pre_hook(call.pre_hook, with_kwargs=True),
@@ -345,12 +348,5 @@ class _IgnoreIdsCollator:
         batch = self.collator(features)
         for key in ("labels", "shift_labels"):
             if isinstance(batch.get(key), torch.Tensor):
-                batch[key] = _mask_ids(batch[key], self.ids)
+                batch[key] = mask_token_ids(batch[key], self.ids, -100)
         return batch
-
-
-def _mask_ids(labels: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
-    if not ids:
-        return labels
-    hit = torch.isin(labels, torch.tensor(ids, device=labels.device, dtype=labels.dtype))
-    return labels.masked_fill(hit, -100)
